@@ -1,0 +1,5 @@
+"""`python -m agent` runs the `fedsite` command line."""
+
+from agent.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The REST control API (FastAPI): auth, routes, schemas."""

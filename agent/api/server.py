@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+serve_app = typer.Typer()

@@ -1,0 +1,1 @@
+"""The audit database: SQLAlchemy models, the hash-chained audit log, migrations."""

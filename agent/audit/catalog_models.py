@@ -1,0 +1,3 @@
+"""(being written)"""
+
+from agent.audit.db import Base  # noqa: F401

@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+certs_app = typer.Typer()

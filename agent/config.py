@@ -1,0 +1,290 @@
+"""The agent's YAML configuration as pydantic models.
+
+Every error names the file and the key path (``datasets[0].root``) so that a site's IT
+admin can fix a config without reading code. Environment variables override the file:
+``FEDSITE_API__PORT=9000`` sets ``api.port``; a double underscore separates levels and
+the value is parsed as YAML (``FEDSITE_DEVICE=cpu``, ``FEDSITE_EGRESS__CLIP_NORM=5``).
+Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "FEDSITE_"
+_SUBJECT = "{subject}"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class SiteConfig(_Strict):
+    id: str = Field(description="Short site identifier shown to the coordinator.")
+    name: str = ""
+    # Key for the subject pseudonyms (keyed hash of the patient ID). When neither is set the
+    # agent creates a random one in the work directory on first use.
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+
+class DatasetConfig(_Strict):
+    name: str
+    format: Literal["nifti", "dicom"]
+    root: Path
+    modalities: list[str] = Field(default_factory=lambda: ["flair"], min_length=1)
+    # Where each subject's image lies, relative to `root`; `{subject}` and `{modality}` are
+    # filled in. NIfTI: a file. DICOM: a folder holding that modality's series.
+    images: str = "{subject}/{modality}.nii.gz"
+    # Optional label mask (NIfTI for both formats), e.g. "{subject}/seg.nii.gz".
+    label: str | None = "{subject}/seg.nii.gz"
+    # Label values that make up the training target (whole tumour in BraTS: 1, 2 and 4).
+    target_labels: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("images")
+    @classmethod
+    def _images_pattern(cls, v: str) -> str:
+        if _SUBJECT not in v:
+            raise ValueError("pattern must contain {subject}")
+        return v
+
+    @field_validator("label")
+    @classmethod
+    def _label_pattern(cls, v: str | None) -> str | None:
+        if v is not None and _SUBJECT not in v:
+            raise ValueError("pattern must contain {subject}")
+        return v
+
+
+class TlsConfig(_Strict):
+    cert_file: Path
+    key_file: Path
+    # Mutual TLS: when set, clients must present a certificate signed by this CA...
+    client_ca_file: Path | None = None
+    # ...whose subject (RFC 4514 string, e.g. "CN=coordinator") is in this list (empty: any).
+    allowed_client_subjects: list[str] = Field(default_factory=list)
+
+
+class StaticToken(_Strict):
+    """A token fixed in the config (for read-only deployments); only its SHA-256 is stored."""
+
+    name: str
+    role: Literal["coordinator", "admin"]
+    sha256: str
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            raise ValueError("must be 64 lower-case hex digits (sha256 of the token)")
+        return v
+
+
+class ApiConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=1, le=65535)
+    max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    queue_size: int = Field(default=4, ge=1, le=1000)
+    # Serve /metrics on its own port without auth (e.g. for a local Prometheus); None: on
+    # the main port, admin token required.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    tls: TlsConfig | None = None
+    tokens: list[StaticToken] = Field(default_factory=list)
+
+
+class LimitsConfig(_Strict):
+    max_weights_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    max_plan_bytes: int = Field(default=64 * 1024, gt=0)
+    # Upper bound on one round's wall time; the worker is stopped past it.
+    max_round_seconds: int = Field(default=24 * 3600, gt=0)
+
+
+class ApprovalConfig(_Strict):
+    # auto: any plan whose model is in the registry runs; manual: only approved plan hashes.
+    policy: Literal["auto", "manual"] = "auto"
+
+
+class EgressConfig(_Strict):
+    # fnmatch patterns of parameter names that never leave the site (zeroed in diffs).
+    exclude_parameters: list[str] = Field(default_factory=list)
+    # Clip the update's L2 norm (of the difference to the global weights) to this value.
+    clip_norm: float | None = Field(default=None, gt=0)
+
+
+class AgentConfig(_Strict):
+    site: SiteConfig
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    work_dir: Path = Path("work")
+    # SQLAlchemy URL; default: SQLite (WAL) file in the work directory.
+    database_url: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+
+    # Set by load_config: the file this config came from (not a YAML key).
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_dataset_names(self) -> AgentConfig:
+        seen: set[str] = set()
+        for ds in self.datasets:
+            if ds.name in seen:
+                raise ValueError(f"dataset name {ds.name!r} appears twice")
+            seen.add(ds.name)
+        return self
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.work_dir / 'fedsite.db').as_posix()}"
+
+    def dataset(self, name: str) -> DatasetConfig:
+        for ds in self.datasets:
+            if ds.name == name:
+                return ds
+        raise KeyError(name)
+
+    def site_secret(self) -> bytes:
+        """The key for subject pseudonyms; created once in the work directory if not configured."""
+        if self.site.secret is not None:
+            return self.site.secret.get_secret_value().encode()
+        path = self.site.secret_file or (self.work_dir / "site.secret")
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(os.urandom(32).hex())
+        return path.read_text().strip().encode()
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not parts:
+            continue
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
+    def fix(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.work_dir = fix(cfg.work_dir)
+    if cfg.site.secret_file is not None:
+        cfg.site.secret_file = fix(cfg.site.secret_file)
+    for ds in cfg.datasets:
+        ds.root = fix(ds.root)
+    if cfg.api.tls is not None:
+        tls = cfg.api.tls
+        tls.cert_file = fix(tls.cert_file)
+        tls.key_file = fix(tls.key_file)
+        if tls.client_ca_file is not None:
+            tls.client_ca_file = fix(tls.client_ca_file)
+    if cfg.database_url and cfg.database_url.startswith("sqlite:///") and not cfg.database_url.startswith(
+        "sqlite:////"
+    ):
+        rel = cfg.database_url[len("sqlite:///") :]
+        if rel and rel != ":memory:":
+            cfg.database_url = f"sqlite:///{fix(Path(rel)).as_posix()}"
+
+
+def _check_paths(cfg: AgentConfig, where: str) -> None:
+    missing: list[str] = []
+    for i, ds in enumerate(cfg.datasets):
+        if not ds.root.is_dir():
+            missing.append(f"datasets[{i}].root: folder does not exist: {ds.root}")
+    if cfg.api.tls is not None:
+        tls = cfg.api.tls
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            value = getattr(tls, key)
+            if value is not None and not Path(value).is_file():
+                missing.append(f"api.tls.{key}: file does not exist: {value}")
+    if cfg.site.secret_file is not None and cfg.site.secret_file.exists() and cfg.site.secret_file.is_dir():
+        missing.append(f"site.secret_file: is a folder: {cfg.site.secret_file}")
+    if missing:
+        raise ConfigError(f"{where}: " + f"\n{where}: ".join(missing))
+
+
+def parse_config(
+    raw: Any, *, source: Path | None = None, environ: dict[str, str] | None = None, check_paths: bool = True
+) -> AgentConfig:
+    """Validate an already-parsed YAML document (plus environment overrides)."""
+    where = str(source) if source else "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    _apply_env(raw, dict(os.environ) if environ is None else environ)
+    try:
+        cfg = AgentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    cfg.source = source
+    _resolve_paths(cfg, source.parent.resolve() if source else Path.cwd())
+    if check_paths:
+        _check_paths(cfg, where)
+    return cfg
+
+
+def load_config(path: str | Path, *, environ: dict[str, str] | None = None, check_paths: bool = True) -> AgentConfig:
+    """Read, override from the environment, validate and resolve a config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, source=path, environ=environ, check_paths=check_paths)

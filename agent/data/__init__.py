@@ -1,0 +1,1 @@
+"""Local data: DICOM and NIfTI reading, the dataset catalog, loading for training, generated data."""

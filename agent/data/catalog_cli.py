@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+catalog_app = typer.Typer()

@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+demo_data_app = typer.Typer()

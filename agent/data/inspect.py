@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+inspect_app = typer.Typer()

@@ -1,0 +1,1 @@
+"""Weights in and out: the safetensors codec, the egress gate, privacy filters."""

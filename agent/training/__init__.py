@@ -1,0 +1,1 @@
+"""Training: plans, the model registry, local train and evaluate, the worker process."""

@@ -1,0 +1,1 @@
+"""Reference coordinator: drives site agents over HTTP only."""

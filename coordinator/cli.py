@@ -1,0 +1,5 @@
+"""(being written)"""
+
+import typer
+
+coordinator_app = typer.Typer()
