@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "FEDSITE_"
 _SUBJECT = "{subject}"
@@ -226,8 +234,10 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         tls.key_file = fix(tls.key_file)
         if tls.client_ca_file is not None:
             tls.client_ca_file = fix(tls.client_ca_file)
-    if cfg.database_url and cfg.database_url.startswith("sqlite:///") and not cfg.database_url.startswith(
-        "sqlite:////"
+    if (
+        cfg.database_url
+        and cfg.database_url.startswith("sqlite:///")
+        and not cfg.database_url.startswith("sqlite:////")
     ):
         rel = cfg.database_url[len("sqlite:///") :]
         if rel and rel != ":memory:":
@@ -278,7 +288,9 @@ def parse_config(
     return cfg
 
 
-def load_config(path: str | Path, *, environ: dict[str, str] | None = None, check_paths: bool = True) -> AgentConfig:
+def load_config(
+    path: str | Path, *, environ: dict[str, str] | None = None, check_paths: bool = True
+) -> AgentConfig:
     """Read, override from the environment, validate and resolve a config file."""
     path = Path(path)
     if not path.is_file():

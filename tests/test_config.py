@@ -1,0 +1,134 @@
+"""The config loader: every error names the file and the key; paths resolve; env overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from agent.cli import app
+from agent.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _base() -> dict:
+    return {
+        "site": {"id": "site-1"},
+        "datasets": [{"name": "brain", "format": "nifti", "root": "data"}],
+        "work_dir": "work",
+    }
+
+
+def test_valid_config_resolves_relative_paths(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, _base()), environ={})
+    assert cfg.datasets[0].root == (tmp_path / "data").resolve()
+    assert cfg.work_dir == (tmp_path / "work").resolve()
+    assert cfg.db_url == f"sqlite:///{(tmp_path / 'work' / 'fedsite.db').resolve().as_posix()}"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    doc = _base()
+    doc["api"] = {"prot": 8000}
+    path = _write(tmp_path, doc)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert f"{path}: api.prot: unknown key" in str(err.value)
+
+
+def test_wrong_type_is_named(tmp_path: Path) -> None:
+    doc = _base()
+    doc["datasets"][0]["val_fraction"] = "lots"
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.val_fraction"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_missing_dataset_root_is_named(tmp_path: Path) -> None:
+    doc = _base()
+    doc["datasets"][0]["root"] = "nowhere"
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.root: folder does not exist"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_missing_tls_file_is_named(tmp_path: Path) -> None:
+    doc = _base()
+    doc["api"] = {"tls": {"cert_file": "server.crt", "key_file": "server.key"}}
+    with pytest.raises(ConfigError, match=r"api\.tls\.cert_file: file does not exist"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    doc = _base()
+    del doc["site"]
+    with pytest.raises(ConfigError, match=r"site: Field required"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_duplicate_dataset_names(tmp_path: Path) -> None:
+    doc = _base()
+    doc["datasets"].append(dict(doc["datasets"][0]))
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_pattern_must_name_subject(tmp_path: Path) -> None:
+    doc = _base()
+    doc["datasets"][0]["images"] = "{modality}.nii.gz"
+    with pytest.raises(ConfigError, match=r"datasets\[0\]\.images: .*\{subject\}"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_environment_overrides(tmp_path: Path) -> None:
+    env = {"FEDSITE_API__PORT": "9443", "FEDSITE_DEVICE": "cpu", "FEDSITE_EGRESS__CLIP_NORM": "2.5"}
+    cfg = load_config(_write(tmp_path, _base()), environ=env)
+    assert cfg.api.port == 9443
+    assert cfg.device == "cpu"
+    assert cfg.egress.clip_norm == 2.5
+
+
+def test_bad_environment_override_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"api\.port"):
+        load_config(_write(tmp_path, _base()), environ={"FEDSITE_API__PORT": "not-a-port"})
+
+
+def test_not_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("site: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, environ={})
+
+
+def test_site_secret_is_created_once(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, _base()), environ={})
+    first = cfg.site_secret()
+    assert first == cfg.site_secret()
+    assert (cfg.work_dir / "site.secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_example_config_is_valid() -> None:
+    raw = yaml.safe_load((REPO / "config.example.yaml").read_text())
+    from agent.config import parse_config
+
+    cfg = parse_config(raw, environ={}, check_paths=False)
+    assert cfg.site.id == "site-1"
+
+
+def test_config_check_cli(tmp_path: Path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["config", "check", str(_write(tmp_path, _base()))])
+    assert ok.exit_code == 0, ok.output
+    assert "OK" in ok.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("site: {id: 'x'}\nbogus: 1\n")
+    res = runner.invoke(app, ["config", "check", str(bad)])
+    assert res.exit_code == 2
+    assert "bogus: unknown key" in res.output
