@@ -4,22 +4,67 @@ SQLite in WAL mode is the embedded default (one file in the work directory); any
 SQLAlchemy PostgreSQL URL works the same. All tables share one declarative `Base`; the
 models live in `agent.audit.models` (audit chain, tokens, plan approvals),
 `agent.audit.catalog_models` (dataset catalog) and `agent.audit.job_models` (rounds and
-evaluations).
+evaluations). The schema is owned by the Alembic migrations in `agent/audit/migrations`,
+which `open_database` applies on start; `create_all` is never used, so a database always
+carries a known revision.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import DateTime, Engine, create_engine, event, func, select
+from sqlalchemy.engine import Connection, Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.types import TypeDecorator
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 class Base(DeclarativeBase):
     pass
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be opened or migrated; the message names it (password hidden)."""
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that is always timezone-aware UTC in Python, on SQLite and PostgreSQL alike.
+
+    SQLite keeps no time zone, so a plain `DateTime(timezone=True)` would come back naive
+    there and aware on PostgreSQL; comparing the two raises. Naive values are refused on the
+    way in, because guessing their zone is how expiry dates end up an hour off.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given; pass a timezone-aware one")
+        value = value.astimezone(UTC)
+        # SQLite stores the text as given; without the offset every row is UTC by construction.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 def load_all_models() -> None:
@@ -27,6 +72,14 @@ def load_all_models() -> None:
     import agent.audit.catalog_models
     import agent.audit.job_models
     import agent.audit.models  # noqa: F401
+
+
+def safe_url(url: str) -> str:
+    """The URL as it may be shown to a person: any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -38,15 +91,30 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _sqlite_path(url: str) -> Path | None:
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        path = _sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        else:
+            # An in-memory database exists per connection: keep exactly one.
+            engine = create_engine(url, connect_args={"check_same_thread": False}, poolclass=StaticPool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit key for `pg_advisory_xact_lock`, derived from a lock name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
 class Database:
@@ -56,6 +124,9 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({safe_url(self.url)!r})"
 
     @property
     def is_sqlite(self) -> bool:
@@ -74,13 +145,126 @@ class Database:
         finally:
             s.close()
 
+    @contextmanager
+    def locked_connection(self, lock_name: str) -> Iterator[Connection]:
+        """A connection in a write transaction that no other process holds under the same name.
+
+        SQLite has one writer at a time, so the lock is the database's own write lock taken
+        up front (`BEGIN IMMEDIATE`; waits up to the busy timeout). The driver's default
+        would only take it at the first INSERT, after our reads, and two writers could then
+        both read the same chain head. PostgreSQL gets a transaction-scoped advisory lock
+        keyed by `lock_name`, released by the commit or rollback.
+
+        Do not call this while the same thread holds an open SQLite write transaction on
+        another connection: it would wait for itself until the busy timeout.
+        """
+        if self.is_sqlite:
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    # SQLite itself ends the transaction on some errors (disk full, I/O).
+                    if conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                        conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
+        else:
+            with self.engine.connect() as conn, conn.begin():
+                conn.execute(select(func.pg_advisory_xact_lock(advisory_key(lock_name))))
+                yield conn
+
+    @contextmanager
+    def locked_session(self, lock_name: str) -> Iterator[Session]:
+        """Like `locked_connection`, as an ORM session; commits on success, rolls back on error."""
+        with self.locked_connection(lock_name) as conn:
+            s = Session(bind=conn, expire_on_commit=False, join_transaction_mode="rollback_only")
+            try:
+                yield s
+                s.flush()
+            finally:
+                s.close()
+
     def dispose(self) -> None:
         self.engine.dispose()
 
 
+def alembic_config(url: str | None = None) -> Any:
+    """An Alembic `Config` built in code, pointing at the migrations shipped in this package."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # ConfigParser interpolation would choke on a '%' in a password.
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def _head_revisions() -> set[str]:
+    from alembic.script import ScriptDirectory
+
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def _upgrade(conn: Connection) -> None:
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    current = set(MigrationContext.configure(conn).get_current_heads())
+    if current == _head_revisions():
+        return
+    cfg = alembic_config()
+    cfg.attributes["connection"] = conn
+    command.upgrade(cfg, "head")
+
+
+@contextmanager
+def _sqlite_migration_lock(path: Path) -> Iterator[None]:
+    # Two agents (or the agent and a CLI command) starting at once on a fresh file would
+    # both see an empty schema and both try to create it; the second would fail.
+    lock = path.with_name(path.name + ".migrate-lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def migrate(db: Database) -> None:
+    """Bring the schema of `db` to the newest revision; safe when several processes start at once."""
+    if db.is_sqlite:
+        path = _sqlite_path(db.url)
+        if path is None:
+            with db.engine.begin() as conn:
+                _upgrade(conn)
+            return
+        with _sqlite_migration_lock(path), db.engine.begin() as conn:
+            _upgrade(conn)
+        return
+    with db.engine.connect() as conn:
+        # A session-level lock spans Alembic's own transactions on this connection.
+        key = advisory_key("fedsite.migrate")
+        conn.execute(select(func.pg_advisory_lock(key)))
+        conn.commit()
+        try:
+            with conn.begin():
+                _upgrade(conn)
+        finally:
+            conn.execute(select(func.pg_advisory_unlock(key)))
+            conn.commit()
+
+
 def open_database(url: str) -> Database:
-    """Open the database at URL and bring its schema up to date."""
+    """Open the database at URL and bring its schema up to date (Alembic `upgrade head`)."""
     load_all_models()
     db = Database(url)
-    Base.metadata.create_all(db.engine)
+    try:
+        migrate(db)
+    except Exception as exc:
+        db.dispose()
+        raise DatabaseError(f"cannot open database {safe_url(url)}: {type(exc).__name__}: {exc}") from exc
     return db

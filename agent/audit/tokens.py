@@ -1,0 +1,181 @@
+"""Bearer tokens of the REST API and their roles.
+
+A token is 32 random bytes (URL-safe base64, 43 characters), shown once when created; the
+database keeps only its SHA-256. Tokens may also be fixed in the config (`api.tokens`, by
+hash). Authentication compares the presented token's hash with every candidate in constant
+time, so the answer's timing says nothing about which token or how much of one matched.
+Nothing here logs or records a token, nor its hash in the audit log.
+
+Roles follow the API contract: `coordinator` for the training endpoints, `admin` for the
+audit endpoints and metrics. Neither includes the other: an admin token cannot start a
+round, and a coordinator token cannot read the audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from sqlalchemy import select
+
+from agent.audit.chain import AuditLog
+from agent.audit.db import Database, utcnow
+from agent.audit.models import ApiToken
+
+Role = Literal["coordinator", "admin"]
+ROLES: tuple[Role, ...] = ("coordinator", "admin")
+MAX_TOKEN_CHARS = 512
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+class TokenError(ValueError):
+    """A token operation that cannot be done (bad name or role, duplicate, unknown); names it."""
+
+
+class StaticTokenLike(Protocol):
+    """What `authenticate` needs of a token fixed in the config (`agent.config.StaticToken`)."""
+
+    name: str
+    role: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """Who presented a valid token: its name, role and where it is defined."""
+
+    name: str
+    role: str
+    source: Literal["database", "config"]
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A token as listed to an admin: never the token, never its hash."""
+
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str
+    revoked_at: datetime | None
+    revoked_by: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise TokenError(
+            f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_role(role: str) -> Role:
+    if role not in ROLES:
+        raise TokenError(f"role {role!r}: must be one of {', '.join(ROLES)}")
+    return role
+
+
+def has_role(info: TokenInfo | None, required: str) -> bool:
+    """Whether the authenticated caller may use an endpoint that needs `required`."""
+    check_role(required)
+    return info is not None and info.role == required
+
+
+def create_token(
+    db: Database,
+    audit: AuditLog,
+    name: str,
+    role: str,
+    actor: str,
+    *,
+    reserved_names: Iterable[str] = (),
+) -> str:
+    """Create a token, store its SHA-256 and audit `token.created`; return the token (show it once).
+
+    `reserved_names` are names taken elsewhere (the config's static tokens).
+    """
+    check_name(name)
+    check_role(role)
+    if name in set(reserved_names):
+        raise TokenError(f"token name {name!r} is already used by a token in the config (api.tokens)")
+    token = secrets.token_urlsafe(32)
+    with audit.transaction() as tx:
+        taken = tx.session.scalar(
+            select(ApiToken.id).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+        )
+        if taken is not None:
+            raise TokenError(f"an active token named {name!r} exists; revoke it first or choose another name")
+        tx.session.add(
+            ApiToken(
+                name=name,
+                role=role,
+                token_sha256=token_sha256(token),
+                created_at=utcnow(),
+                created_by=actor,
+            )
+        )
+        tx.record("token.created", actor=actor, details={"name": name, "role": role})
+    return token
+
+
+def revoke_token(db: Database, audit: AuditLog, name: str, actor: str) -> None:
+    """Revoke the active token called `name` and audit `token.revoked`; TokenError if there is none."""
+    with audit.transaction() as tx:
+        row = tx.session.scalar(select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None)))
+        if row is None:
+            raise TokenError(f"no active token named {name!r}")
+        row.revoked_at = utcnow()
+        row.revoked_by = actor
+        tx.record("token.revoked", actor=actor, details={"name": name, "role": row.role})
+
+
+def list_tokens(db: Database, *, include_revoked: bool = True) -> list[TokenRecord]:
+    """The database's tokens, oldest first (without hashes)."""
+    query = select(ApiToken).order_by(ApiToken.id)
+    if not include_revoked:
+        query = query.where(ApiToken.revoked_at.is_(None))
+    with db.session() as s:
+        return [
+            TokenRecord(r.name, r.role, r.created_at, r.created_by, r.revoked_at, r.revoked_by)
+            for r in s.scalars(query)
+        ]
+
+
+def authenticate(
+    db: Database, static_tokens: Iterable[StaticTokenLike], presented: str | None
+) -> TokenInfo | None:
+    """The token's owner if `presented` is a valid, unrevoked token; else None.
+
+    Every candidate is compared (no early exit) with `hmac.compare_digest`.
+    """
+    if not presented or len(presented) > MAX_TOKEN_CHARS:
+        return None
+    digest = token_sha256(presented).encode("ascii")
+    candidates: list[tuple[str, TokenInfo]] = [
+        (t.sha256, TokenInfo(t.name, t.role, "config")) for t in static_tokens
+    ]
+    with db.session() as s:
+        rows = s.execute(
+            select(ApiToken.name, ApiToken.role, ApiToken.token_sha256).where(ApiToken.revoked_at.is_(None))
+        ).all()
+    candidates.extend((r.token_sha256, TokenInfo(r.name, r.role, "database")) for r in rows)
+    found: TokenInfo | None = None
+    for stored, info in candidates:
+        if hmac.compare_digest(digest, stored.lower().encode("ascii")) and found is None:
+            found = info
+    return found
