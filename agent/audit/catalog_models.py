@@ -3,8 +3,9 @@
 Privacy rule: no patient identity and no DICOM header value is stored here. Subjects are
 known by a keyed hash (HMAC-SHA256 with the site secret) of the patient ID; the per-file
 state that makes re-scans incremental is keyed by a keyed hash of the file's relative path.
-The only paths kept are the item's local image/label paths, which training needs and which
-never leave the agent (the API reports counts and metrics only).
+Item paths, which training needs, usually contain the subject folder name (often the patient
+ID), so they are stored encrypted with a key kept in a file in the agent's work directory
+(`path_key_file`): a copy of the database alone reveals no patient identity.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from agent.audit.db import Base
+from agent.audit.db import Base, UTCDateTime
 
 
 class CatalogDataset(Base):
@@ -32,9 +33,11 @@ class CatalogDataset(Base):
     # Identifies the site secret the keys were made with (an HMAC of a constant, not the
     # secret): a new secret invalidates every stored key and cached hash.
     key_id: Mapped[str] = mapped_column(String(64))
+    # The file holding the key that encrypts the items' paths.
+    path_key_file: Mapped[str] = mapped_column(Text)
     # subjects, items, train/val counts, shape/spacing ranges, mean label fraction, skipped.
     stats: Mapped[dict[str, Any]] = mapped_column(JSON)
-    scanned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    scanned_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class CatalogItem(Base):
@@ -53,8 +56,9 @@ class CatalogItem(Base):
     subject_key: Mapped[str] = mapped_column(String(64), index=True)
     split: Mapped[str] = mapped_column(String(8))
     fmt: Mapped[str] = mapped_column(String(16))
-    # [[modality, absolute path], ...] in the dataset's modality order.
+    # [[modality, encrypted absolute path], ...] in the dataset's modality order.
     images: Mapped[list[list[str]]] = mapped_column(JSON)
+    # Encrypted absolute path of the label mask.
     label: Mapped[str | None] = mapped_column(Text, nullable=True)
     checksum: Mapped[str] = mapped_column(String(64))
     # In RAS order (the orientation training uses).

@@ -62,6 +62,7 @@ def upgrade() -> None:
     sa.Column('target_labels', sa.JSON(), nullable=False),
     sa.Column('val_fraction', sa.Float(), nullable=False),
     sa.Column('key_id', sa.String(length=64), nullable=False),
+    sa.Column('path_key_file', sa.Text(), nullable=False),
     sa.Column('stats', sa.JSON(), nullable=False),
     sa.Column('scanned_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('name')
