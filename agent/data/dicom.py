@@ -1,0 +1,893 @@
+"""DICOM discovery and series assembly: a folder of files in, oriented volumes out.
+
+How a folder is read:
+
+* Every regular file under the folder is looked at, whatever its name or extension. A file is DICOM
+  when it has the 128-byte preamble followed by ``DICM``; a file without preamble is accepted only when
+  it starts like a DICOM data set and parses into an image with SOP Class UID, Rows, Columns and pixel
+  data. Anything else is skipped with a reason.
+* Each file is read exactly once, in a pool of worker processes: header and pixel data together.
+  Uncompressed little-endian single-frame files (nearly all of a scanner's output) take a fast path that
+  parses only the elements the assembly needs; everything else (compressed transfer syntaxes through
+  the pylibjpeg plugins, big endian, multi-frame, files without meta header) goes through pydicom.
+* Non-image objects (structured reports, RT structure sets and plans, presentation states, DICOMDIR
+  files, ...) are counted by SOP class and skipped. Corrupt or truncated files are skipped with a reason;
+  the scan goes on.
+* Images are grouped by SeriesInstanceUID, and a series is split further when image orientation,
+  rows/columns or pixel spacing differ inside it (each part becomes its own volume, with a warning).
+* Slices are ordered by their position along the slice normal (ImagePositionPatient projected on the
+  cross product of the ImageOrientationPatient cosines). Only when positions are missing are they
+  ordered by InstanceNumber (then file name), with a warning; such a volume gets an assumed spacing.
+
+Documented behaviours for irregular series (all reported as warnings on the volume):
+
+* duplicate positions: a slice whose position and pixel data equal an earlier one is dropped; a slice at
+  the same position with different pixel data (a second echo, a repeated acquisition) is also dropped,
+  keeping the one with the lowest InstanceNumber, and the warning says so;
+* non-uniform spacing (a missing slice): the volume is kept as it is, and its affine uses the median
+  slice spacing, so voxels beyond the gap are displaced by the missing distance: check the warning;
+* sheared stacks (CT gantry tilt): the affine follows the actual slice positions, so it is not
+  orthogonal; the warning says so.
+
+The affine maps (column, row, slice) to RAS+ mm and matches what dcm2niix writes for the same series,
+once both are reoriented to the closest canonical (RAS) orientation.
+
+Volume warnings never contain file names or header values, so they are safe to show anywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from agent.data.volume import Volume
+
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+# Tags the assembly reads; the fast path skips every other element without decoding it.
+TAG_SOP_CLASS = 0x00080016
+TAG_MODALITY = 0x00080060
+TAG_SERIES_DESCRIPTION = 0x0008103E
+TAG_PATIENT_ID = 0x00100020
+TAG_SLICE_THICKNESS = 0x00180050
+TAG_SPACING_BETWEEN = 0x00180088
+TAG_SERIES_UID = 0x0020000E
+TAG_INSTANCE_NUMBER = 0x00200013
+TAG_IPP = 0x00200032
+TAG_IOP = 0x00200037
+TAG_SAMPLES = 0x00280002
+TAG_PHOTOMETRIC = 0x00280004
+TAG_NUMBER_OF_FRAMES = 0x00280008
+TAG_ROWS = 0x00280010
+TAG_COLUMNS = 0x00280011
+TAG_PIXEL_SPACING = 0x00280030
+TAG_BITS_ALLOCATED = 0x00280100
+TAG_BITS_STORED = 0x00280101
+TAG_PIXEL_REPRESENTATION = 0x00280103
+TAG_RESCALE_INTERCEPT = 0x00281052
+TAG_RESCALE_SLOPE = 0x00281053
+TAG_FLOAT_PIXEL_DATA = 0x7FE00008
+TAG_DOUBLE_PIXEL_DATA = 0x7FE00009
+TAG_PIXEL_DATA = 0x7FE00010
+FAST_TAGS = [
+    0x00020002,  # MediaStorageSOPClassUID
+    0x00020010,  # TransferSyntaxUID
+    TAG_SOP_CLASS,
+    TAG_MODALITY,
+    TAG_SERIES_DESCRIPTION,
+    TAG_PATIENT_ID,
+    TAG_SLICE_THICKNESS,
+    TAG_SPACING_BETWEEN,
+    TAG_SERIES_UID,
+    TAG_INSTANCE_NUMBER,
+    TAG_IPP,
+    TAG_IOP,
+    TAG_SAMPLES,
+    TAG_PHOTOMETRIC,
+    TAG_NUMBER_OF_FRAMES,
+    TAG_ROWS,
+    TAG_COLUMNS,
+    TAG_PIXEL_SPACING,
+    TAG_BITS_ALLOCATED,
+    TAG_BITS_STORED,
+    TAG_PIXEL_REPRESENTATION,
+    TAG_RESCALE_INTERCEPT,
+    TAG_RESCALE_SLOPE,
+    TAG_FLOAT_PIXEL_DATA,
+    TAG_DOUBLE_PIXEL_DATA,
+    TAG_PIXEL_DATA,
+]
+
+# Two positions closer than this along the normal are the same slice position.
+SAME_POSITION_MM = 0.01
+# Tolerances when deciding that two slices share orientation / pixel spacing.
+ORIENTATION_TOL = 1e-3
+PIXEL_SPACING_TOL = 1e-3
+# Below this many files the scan reads in-process: starting workers would cost more than it saves.
+MIN_FILES_FOR_POOL = 48
+
+
+class DicomError(ValueError):
+    """A folder does not hold what the caller asked for; the message names the folder or file."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file the scan did not use, and why."""
+
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass
+class DicomScan:
+    """What a folder scan found: assembled volumes, skipped files, and non-image objects by SOP class."""
+
+    volumes: list[Volume] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    non_image: dict[str, int] = field(default_factory=dict)
+    files_seen: int = 0
+
+    @property
+    def num_non_image(self) -> int:
+        return sum(self.non_image.values())
+
+
+@dataclass
+class _Frame:
+    """One 2D image: a single-frame file, or one frame of a multi-frame file."""
+
+    path: Path
+    frame: int
+    series_uid: str
+    modality: str
+    patient_id: str | None
+    description: str
+    rows: int
+    cols: int
+    iop: tuple[float, ...] | None
+    ipp: tuple[float, float, float] | None
+    pixel_spacing: tuple[float, float] | None
+    thickness: float | None
+    instance: int | None
+    slope: float
+    intercept: float
+    pixels: np.ndarray  # stored values, shape (rows, cols)
+
+
+@dataclass
+class _FileResult:
+    path: Path
+    frames: list[_Frame] = field(default_factory=list)
+    skip_reason: str | None = None
+    non_image: str | None = None
+
+
+class _Skip(Exception):
+    """Raised inside a worker to skip the current file with the given reason."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading one file (runs in worker processes)
+
+
+def _text(value: bytes | None) -> str:
+    if not value:
+        return ""
+    return value.decode("latin-1").strip(" \x00")
+
+
+def _floats(value: bytes | None, tag: int) -> list[float]:
+    text = _text(value)
+    if not text:
+        return []
+    try:
+        return [float(v) for v in text.split("\\")]
+    except ValueError:
+        raise _Skip(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) is not numeric: {text[:40]!r}") from None
+
+
+def _int_string(value: bytes | None) -> int | None:
+    text = _text(value)
+    if not text:
+        return None
+    try:
+        return int(float(text.split("\\")[0]))
+    except ValueError:
+        return None
+
+
+def _us(value: bytes | None) -> int | None:
+    if not value or len(value) < 2:
+        return None
+    return int(struct.unpack("<H", value[:2])[0])
+
+
+def _geometry_value(values: list[float], n: int, name: str) -> tuple[float, ...] | None:
+    if not values:
+        return None
+    if len(values) != n or not all(np.isfinite(values)):
+        raise _Skip(f"{name} has {len(values)} value(s), expected {n} finite numbers")
+    return tuple(values)
+
+
+def _sop_class_name(uid: str) -> str:
+    if not uid:
+        return "unknown SOP class"
+    name = UID(uid).name
+    return name if name != uid else f"SOP class {uid}"
+
+
+def _native_pixels(
+    raw: bytes | memoryview, rows: int, cols: int, bits_allocated: int, bits_stored: int, signed: bool
+) -> np.ndarray:
+    dtype = (
+        {8: "i1", 16: "<i2", 32: "<i4"}[bits_allocated]
+        if signed
+        else {8: "u1", 16: "<u2", 32: "<u4"}[bits_allocated]
+    )
+    count = rows * cols
+    need = count * bits_allocated // 8
+    if len(raw) < need:
+        raise _Skip(f"pixel data truncated: {len(raw)} bytes for {rows}x{cols} pixels ({need} needed)")
+    arr = np.frombuffer(raw, dtype=dtype, count=count).reshape(rows, cols)
+    if bits_stored < bits_allocated:
+        # Bits above BitsStored may hold overlays or garbage; sign-extend or mask them as pydicom does.
+        shift = bits_allocated - bits_stored
+        arr = (arr << shift) >> shift if signed else arr & ((1 << bits_stored) - 1)
+    return arr
+
+
+class _Fallback(Exception):
+    """The fast walker met an encoding it does not handle; pydicom reads the file instead."""
+
+
+_UNPACK_TAG = struct.Struct("<HH").unpack_from
+_UNPACK_U16 = struct.Struct("<H").unpack_from
+_UNPACK_U32 = struct.Struct("<I").unpack_from
+_LONG_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_FAST_TAG_SET = frozenset(FAST_TAGS)
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _walk(
+    data: bytes, pos: int, implicit: bool, out: dict[int, memoryview] | None, stop_group: int | None = None
+) -> tuple[int, bool]:
+    """Walk little-endian data elements from ``pos``, keeping the values of FAST_TAGS in ``out``.
+
+    Returns the position after the last element and whether an item delimiter ended the walk (inside a
+    sequence item). Sequences of undefined length are skipped item by item; ``stop_group`` ends the walk
+    at the first element of another group (for the file meta group).
+    """
+    end = len(data)
+    view = memoryview(data)
+    while pos + 8 <= end:
+        group, elem = _UNPACK_TAG(data, pos)
+        if stop_group is not None and group != stop_group:
+            return pos, False
+        tag = group << 16 | elem
+        if tag == 0xFFFEE00D:
+            return pos + 8, True
+        vr = b""
+        if implicit:
+            length = _UNPACK_U32(data, pos + 4)[0]
+            pos += 8
+        else:
+            vr = data[pos + 4 : pos + 6]
+            if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+                raise _Fallback
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    break
+                length = _UNPACK_U32(data, pos + 8)[0]
+                pos += 12
+            else:
+                length = _UNPACK_U16(data, pos + 6)[0]
+                pos += 8
+        if length == _UNDEFINED:
+            if tag in (TAG_PIXEL_DATA, TAG_FLOAT_PIXEL_DATA, TAG_DOUBLE_PIXEL_DATA):
+                raise _Fallback  # encapsulated pixel data in a native transfer syntax: let pydicom judge
+            pos = _skip_sequence(data, pos, implicit or vr == b"UN")
+            continue
+        if pos + length > end:
+            raise _Skip(
+                f"file truncated inside element ({group:04X},{elem:04X}): "
+                f"{end - pos} of {length} bytes present"
+            )
+        if out is not None and tag in _FAST_TAG_SET:
+            out[tag] = view[pos : pos + length]
+        pos += length
+    if pos != end:
+        raise _Skip(f"file truncated: {end - pos} trailing byte(s) do not form a data element")
+    return pos, False
+
+
+def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int:
+    end = len(data)
+    while True:
+        if pos + 8 > end:
+            raise _Skip("file truncated inside a sequence")
+        group, elem = _UNPACK_TAG(data, pos)
+        length = _UNPACK_U32(data, pos + 4)[0]
+        pos += 8
+        tag = group << 16 | elem
+        if tag == 0xFFFEE0DD:
+            return pos
+        if tag != 0xFFFEE000:
+            raise _Fallback
+        if length == _UNDEFINED:
+            pos, delimited = _walk(data, pos, implicit, None)
+            if not delimited:
+                raise _Skip("file truncated inside a sequence item")
+        else:
+            pos += length
+
+
+def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: str) -> _FileResult | None:
+    """Parse an uncompressed little-endian file; None when it needs the general path (multi-frame, ...)."""
+    raw: dict[int, memoryview] = {}
+    try:
+        _walk(data, pos, implicit, raw)
+    except _Fallback:
+        return None
+    elems: dict[int, bytes | None] = {tag: bytes(v) for tag, v in raw.items() if tag != TAG_PIXEL_DATA}
+    sop = _text(elems.get(TAG_SOP_CLASS)) or meta_sop
+    if TAG_PIXEL_DATA not in raw:
+        if TAG_FLOAT_PIXEL_DATA in raw or TAG_DOUBLE_PIXEL_DATA in raw:
+            return None
+        return _no_pixels(path, sop)
+    frames = _int_string(elems.get(TAG_NUMBER_OF_FRAMES))
+    samples = _us(elems.get(TAG_SAMPLES)) or 1
+    bits = _us(elems.get(TAG_BITS_ALLOCATED))
+    if (frames or 1) != 1 or samples != 1 or bits not in (8, 16, 32):
+        return None
+    rows, cols = _us(elems.get(TAG_ROWS)), _us(elems.get(TAG_COLUMNS))
+    if not rows or not cols:
+        raise _Skip("image without Rows/Columns")
+    assert bits is not None
+    bits_stored = _us(elems.get(TAG_BITS_STORED)) or bits
+    signed = (_us(elems.get(TAG_PIXEL_REPRESENTATION)) or 0) == 1
+    pixels = _native_pixels(raw[TAG_PIXEL_DATA], rows, cols, bits, bits_stored, signed)
+    spacing = _geometry_value(_floats(elems.get(TAG_PIXEL_SPACING), TAG_PIXEL_SPACING), 2, "PixelSpacing")
+    slope = _floats(elems.get(TAG_RESCALE_SLOPE), TAG_RESCALE_SLOPE)
+    intercept = _floats(elems.get(TAG_RESCALE_INTERCEPT), TAG_RESCALE_INTERCEPT)
+    thickness = _floats(elems.get(TAG_SPACING_BETWEEN), TAG_SPACING_BETWEEN) or _floats(
+        elems.get(TAG_SLICE_THICKNESS), TAG_SLICE_THICKNESS
+    )
+    ipp = _geometry_value(_floats(elems.get(TAG_IPP), TAG_IPP), 3, "ImagePositionPatient")
+    frame = _Frame(
+        path=path,
+        frame=0,
+        series_uid=_text(elems.get(TAG_SERIES_UID)),
+        modality=_text(elems.get(TAG_MODALITY)),
+        patient_id=_text(elems.get(TAG_PATIENT_ID)) or None,
+        description=_text(elems.get(TAG_SERIES_DESCRIPTION)),
+        rows=rows,
+        cols=cols,
+        iop=_geometry_value(_floats(elems.get(TAG_IOP), TAG_IOP), 6, "ImageOrientationPatient"),
+        ipp=(ipp[0], ipp[1], ipp[2]) if ipp else None,
+        pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+        thickness=thickness[0] if thickness else None,
+        instance=_int_string(elems.get(TAG_INSTANCE_NUMBER)),
+        slope=slope[0] if slope and slope[0] != 0 else 1.0,
+        intercept=intercept[0] if intercept else 0.0,
+        pixels=pixels,
+    )
+    return _FileResult(path, frames=[frame])
+
+
+def _no_pixels(path: Path, sop: str) -> _FileResult:
+    name = _sop_class_name(sop)
+    if "Image Storage" in name and "Presentation" not in name:
+        return _FileResult(path, skip_reason=f"{name} object without pixel data")
+    return _FileResult(path, non_image=name)
+
+
+def _item(ds: Any, sequence: str) -> Any:
+    seq = ds.get(sequence) if ds is not None else None
+    return seq[0] if seq else None
+
+
+def _functional(per_frame: Any, shared: Any, sequence: str, attribute: str) -> Any:
+    for group in (per_frame, shared):
+        item = _item(group, sequence)
+        if item is not None and attribute in item:
+            return item.get(attribute)
+    return None
+
+
+def _as_floats(value: Any) -> list[float]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, str | bytes | int | float) or not hasattr(value, "__iter__"):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResult:
+    """Frames from a fully parsed data set: compressed, big endian, multi-frame, no meta header."""
+    sop = str(ds.get("SOPClassUID", "") or meta_sop)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        return _no_pixels(path, sop)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        photometric = ds.get("PhotometricInterpretation", "")
+        raise _Skip(
+            f"colour image (SamplesPerPixel={samples}, {photometric}): only greyscale images form volumes"
+        )
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise _Skip("image without Rows/Columns")
+    syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = np.asarray(ds.pixel_array)
+    except Exception as exc:  # every decoder raises its own types
+        syntax_name = UID(str(syntax)).name if syntax else "unknown transfer syntax"
+        raise _Skip(f"pixel data cannot be decoded ({syntax_name}): {exc}") from None
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    if pixels.ndim != 3 or pixels.shape[0] != n_frames:
+        raise _Skip(f"pixel data of shape {pixels.shape} does not match NumberOfFrames={n_frames}")
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame_seq is not None and len(per_frame_seq) != n_frames:
+        raise _Skip(f"PerFrameFunctionalGroupsSequence has {len(per_frame_seq)} items for {n_frames} frames")
+    top_iop = _geometry_value(_as_floats(ds.get("ImageOrientationPatient")), 6, "ImageOrientationPatient")
+    top_ipp = _geometry_value(_as_floats(ds.get("ImagePositionPatient")), 3, "ImagePositionPatient")
+    top_spacing = _geometry_value(_as_floats(ds.get("PixelSpacing")), 2, "PixelSpacing")
+    top_thickness = _as_floats(ds.get("SpacingBetweenSlices")) or _as_floats(ds.get("SliceThickness"))
+    top_slope = _as_floats(ds.get("RescaleSlope")) or _as_floats(ds.get("DoseGridScaling")) or [1.0]
+    top_intercept = _as_floats(ds.get("RescaleIntercept")) or [0.0]
+    offsets = _as_floats(ds.get("GridFrameOffsetVector"))
+    instance = ds.get("InstanceNumber")
+    result = _FileResult(path)
+    for f in range(n_frames):
+        item = per_frame_seq[f] if per_frame_seq is not None else None
+        iop = _geometry_value(
+            _as_floats(_functional(item, shared, "PlaneOrientationSequence", "ImageOrientationPatient")),
+            6,
+            "ImageOrientationPatient",
+        )
+        iop = iop or top_iop
+        ipp = _geometry_value(
+            _as_floats(_functional(item, shared, "PlanePositionSequence", "ImagePositionPatient")),
+            3,
+            "ImagePositionPatient",
+        )
+        if ipp is None and top_ipp is not None:
+            if n_frames == 1:
+                ipp = top_ipp
+            elif len(offsets) == n_frames and iop is not None:
+                # RT dose and similar: frames lie along the normal at GridFrameOffsetVector offsets.
+                normal = np.cross(iop[:3], iop[3:])
+                ipp = tuple(np.asarray(top_ipp) + (offsets[f] - offsets[0]) * normal)
+        spacing = _geometry_value(
+            _as_floats(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing")), 2, "PixelSpacing"
+        )
+        spacing = spacing or top_spacing
+        thickness = _as_floats(
+            _functional(item, shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
+        ) or _as_floats(_functional(item, shared, "PixelMeasuresSequence", "SliceThickness"))
+        thickness = thickness or top_thickness
+        slope = _as_floats(_functional(item, shared, "PixelValueTransformationSequence", "RescaleSlope"))
+        intercept = _as_floats(
+            _functional(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+        )
+        slope_value = (slope or top_slope)[0]
+        result.frames.append(
+            _Frame(
+                path=path,
+                frame=f,
+                series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
+                modality=str(ds.get("Modality", "") or ""),
+                patient_id=str(ds.get("PatientID", "") or "") or None,
+                description=str(ds.get("SeriesDescription", "") or ""),
+                rows=int(ds.Rows),
+                cols=int(ds.Columns),
+                iop=iop,
+                ipp=(float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None else None,
+                pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+                thickness=thickness[0] if thickness else None,
+                instance=int(instance) if instance not in (None, "") else None,
+                slope=slope_value if slope_value != 0 else 1.0,
+                intercept=(intercept or top_intercept)[0],
+                pixels=pixels[f],
+            )
+        )
+    return result
+
+
+def _looks_like_dataset_start(head: bytes) -> bool:
+    """A file without preamble may still be DICOM: it then starts with a group 0002 or 0008 element."""
+    if len(head) < 8:
+        return False
+    group_le = head[0] | head[1] << 8
+    group_be = head[0] << 8 | head[1]
+    return group_le in (0x0002, 0x0008) or group_be in (0x0002, 0x0008)
+
+
+def _read_file(path: Path) -> _FileResult:
+    """Classify and read one file; never raises for a bad file (the result says why it was skipped)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+            has_marker = len(head) == 132 and head[128:132] == b"DICM"
+            if not has_marker and not _looks_like_dataset_start(head):
+                return _FileResult(path, skip_reason="not a DICOM file (no 'DICM' marker at byte 128)")
+            data = head + fh.read()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _parse(path, data, has_marker)
+    except _Skip as exc:
+        return _FileResult(path, skip_reason=str(exc))
+    except OSError as exc:
+        return _FileResult(path, skip_reason=f"cannot be read: {exc.strerror or exc}")
+    except Exception as exc:  # a corrupt file must never stop the scan
+        return _FileResult(path, skip_reason=f"cannot be parsed as DICOM: {type(exc).__name__}: {exc}")
+
+
+def _parse(path: Path, data: bytes, has_marker: bool) -> _FileResult:
+    meta_sop = ""
+    if has_marker:
+        meta: dict[int, memoryview] = {}
+        try:
+            pos, _ = _walk(data, 132, False, meta, stop_group=0x0002)
+        except _Fallback:
+            pos = -1
+        syntax = _text(bytes(meta.get(0x00020010, b"")))
+        meta_sop = _text(bytes(meta.get(0x00020002, b"")))
+        if meta_sop == DICOMDIR_SOP_CLASS:
+            return _FileResult(path, non_image=_sop_class_name(meta_sop))
+        if pos > 0 and syntax in (IMPLICIT_LE, EXPLICIT_LE):
+            fast = _fast_frames(path, data, pos, syntax == IMPLICIT_LE, meta_sop)
+            if fast is not None:
+                return fast
+        ds = pydicom.dcmread(io.BytesIO(data))
+        return _dataset_frames(path, ds, meta_sop)
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception:
+        raise _Skip(
+            "not a DICOM file (no 'DICM' marker, and it does not parse as a DICOM data set)"
+        ) from None
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if not sop or UID(sop).name == sop:
+        raise _Skip("not a DICOM file (no 'DICM' marker, and no known SOP Class UID)")
+    if "PixelData" not in ds:
+        return _no_pixels(path, sop)
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise _Skip("image without Rows/Columns")
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        raise _Skip("DICOM data set without meta header whose encoding cannot be determined")
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(
+        IMPLICIT_LE if implicit else EXPLICIT_LE if little else pydicom.uid.ExplicitVRBigEndian
+    )
+    return _dataset_frames(path, ds, "")
+
+
+def _read_chunk(paths: Sequence[Path]) -> list[_FileResult]:
+    return [_read_file(p) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discovery and parallel reading
+
+
+def _list_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if path.is_file():
+                found.append(path)
+    return found
+
+
+def _default_workers() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def read_files(paths: Sequence[Path], workers: int | None = None) -> list[_FileResult]:
+    """Read files in worker processes (in this process for few files), keeping the input order."""
+    workers = _default_workers() if workers is None else max(1, workers)
+    if workers == 1 or len(paths) < MIN_FILES_FOR_POOL:
+        return _read_chunk(paths)
+    # A few chunks per worker balance load without paying per-file inter-process overhead.
+    n_chunks = min(len(paths), workers * 4)
+    size = -(-len(paths) // n_chunks)
+    chunks = [paths[i : i + size] for i in range(0, len(paths), size)]
+    methods = multiprocessing.get_all_start_methods()
+    # fork starts workers in milliseconds with pydicom already imported; spawn is the portable fallback.
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    results: list[_FileResult] = []
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=context) as pool:
+        for chunk_result in pool.map(_read_chunk, chunks):
+            results.extend(chunk_result)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Series assembly
+
+
+@dataclass
+class _Group:
+    series_uid: str
+    rows: int
+    cols: int
+    iop: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    frames: list[_Frame] = field(default_factory=list)
+    note: str | None = None
+
+    def accepts(self, f: _Frame) -> bool:
+        if (f.series_uid, f.rows, f.cols) != (self.series_uid, self.rows, self.cols):
+            return False
+        return _close(f.iop, self.iop, ORIENTATION_TOL) and _close(
+            f.pixel_spacing, self.pixel_spacing, PIXEL_SPACING_TOL
+        )
+
+
+def _close(a: tuple[float, ...] | None, b: tuple[float, ...] | None, tol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) <= tol
+
+
+def _group_frames(frames: Iterable[_Frame]) -> list[_Group]:
+    groups: list[_Group] = []
+    by_series: dict[str, list[_Group]] = {}
+    for f in frames:
+        # Files without SeriesInstanceUID are grouped per folder rather than merged across the tree.
+        key = f.series_uid or f"folder:{f.path.parent}"
+        if not f.series_uid:
+            f.series_uid = key
+        candidates = by_series.setdefault(key, [])
+        for g in candidates:
+            if g.accepts(f):
+                g.frames.append(f)
+                break
+        else:
+            g = _Group(key, f.rows, f.cols, f.iop, f.pixel_spacing, [f])
+            candidates.append(g)
+            groups.append(g)
+    for parts in by_series.values():
+        if len(parts) > 1:
+            for n, g in enumerate(parts, start=1):
+                g.note = (
+                    f"series split into {len(parts)} volumes because orientation, rows/columns or pixel "
+                    f"spacing differ inside it; this is part {n}"
+                )
+    return groups
+
+
+def _orientation_vectors(iop: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row = np.asarray(iop[:3], dtype=np.float64)
+    col = np.asarray(iop[3:], dtype=np.float64)
+    normal = np.cross(row, col)
+    norm = np.linalg.norm(normal)
+    if norm < 1e-6:
+        raise DicomError("ImageOrientationPatient row and column cosines are parallel")
+    return row, col, normal / norm
+
+
+def _order_key(f: _Frame) -> tuple[int, str, int]:
+    return (f.instance if f.instance is not None else 1 << 30, str(f.path), f.frame)
+
+
+def _same_pixels(a: _Frame, b: _Frame) -> bool:
+    return a.slope == b.slope and a.intercept == b.intercept and np.array_equal(a.pixels, b.pixels)
+
+
+def _dedupe(frames: list[_Frame], dist: list[float], warns: list[str]) -> tuple[list[_Frame], list[float]]:
+    kept: list[_Frame] = []
+    kept_d: list[float] = []
+    exact = differing = 0
+    i = 0
+    while i < len(frames):
+        j = i + 1
+        while j < len(frames) and dist[j] - dist[i] < SAME_POSITION_MM:
+            j += 1
+        run = sorted(frames[i:j], key=_order_key)
+        first = run[0]
+        kept.append(first)
+        kept_d.append(dist[i])
+        for other in run[1:]:
+            if _same_pixels(first, other):
+                exact += 1
+            else:
+                differing += 1
+        i = j
+    if exact:
+        warns.append(
+            f"dropped {exact} duplicate slice(s): same position and same pixel data as another slice"
+        )
+    if differing:
+        warns.append(
+            f"dropped {differing} slice(s) at an already occupied position with different pixel data "
+            "(another echo, phase or repeat?); kept the one with the lowest InstanceNumber"
+        )
+    return kept, kept_d
+
+
+def _fallback_thickness(frames: list[_Frame]) -> float:
+    for f in frames:
+        if f.thickness and f.thickness > 0:
+            return float(f.thickness)
+    return 1.0
+
+
+def _assemble(group: _Group) -> Volume:
+    warns: list[str] = []
+    if group.note:
+        warns.append(group.note)
+    frames = group.frames
+    spacing = group.pixel_spacing
+    if spacing is None:
+        warns.append("PixelSpacing missing: 1 mm assumed in-plane")
+        spacing = (1.0, 1.0)
+    has_positions = group.iop is not None and all(f.ipp is not None for f in frames)
+    if group.iop is not None:
+        row, col, normal = _orientation_vectors(group.iop)
+    else:
+        row, col, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
+        warns.append("ImageOrientationPatient missing: axial orientation assumed")
+
+    if has_positions:
+        dist = [float(np.dot(f.ipp, normal)) for f in frames]  # type: ignore[arg-type]
+        order = sorted(range(len(frames)), key=lambda n: (dist[n], _order_key(frames[n])))
+        frames = [frames[n] for n in order]
+        dist = [dist[n] for n in order]
+        frames, dist = _dedupe(frames, dist, warns)
+        first = np.asarray(frames[0].ipp, dtype=np.float64)
+        if len(frames) > 1:
+            gaps = np.diff(dist)
+            step_mm = float(np.median(gaps))
+            irregular = np.abs(gaps - step_mm) > max(0.01 * step_mm, 1e-3)
+            if irregular.any():
+                largest = float(gaps.max())
+                missing = max(0, round(largest / step_mm) - 1)
+                warns.append(
+                    f"non-uniform slice spacing: {int(irregular.sum())} gap(s) differ from the median "
+                    f"{step_mm:.4g} mm (largest {largest:.4g} mm, about {missing} missing slice(s)); "
+                    "the volume is kept and its affine uses the median spacing"
+                )
+            last = np.asarray(frames[-1].ipp, dtype=np.float64)
+            travel = last - first
+            along = float(np.dot(travel, normal))
+            step = travel / along * step_mm
+            shear = travel - along * normal
+            if np.linalg.norm(shear) > 1e-3 * max(1.0, abs(along)):
+                warns.append(
+                    "slice positions are not along the slice normal (gantry tilt?): the affine follows "
+                    "the positions and is not orthogonal"
+                )
+        else:
+            step = normal * _fallback_thickness(frames)
+    else:
+        if group.iop is not None:
+            warns.append("ImagePositionPatient missing on some slices: slices ordered by InstanceNumber")
+        if any(f.instance is None for f in frames) and len(frames) > 1:
+            warns.append("InstanceNumber missing: slices ordered by file name and frame number")
+        frames = sorted(frames, key=_order_key)
+        if len(frames) > 1:
+            warns.append(
+                "slice spacing unknown without positions: SpacingBetweenSlices/SliceThickness assumed"
+            )
+        first = np.asarray(frames[0].ipp if frames[0].ipp is not None else (0.0, 0.0, 0.0), dtype=np.float64)
+        step = normal * _fallback_thickness(frames)
+
+    lps = np.eye(4)
+    lps[:3, 0] = row * spacing[1]
+    lps[:3, 1] = col * spacing[0]
+    lps[:3, 2] = step
+    lps[:3, 3] = first
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+    stack = np.empty((len(frames), group.rows, group.cols), dtype=np.float32)
+    for k, f in enumerate(frames):
+        if f.slope == 1.0 and f.intercept == 0.0:
+            stack[k] = f.pixels
+        else:
+            np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
+            stack[k] += np.float32(f.intercept)
+    files = list(dict.fromkeys(f.path for f in frames))
+    ref = frames[0]
+    return Volume(
+        array=stack.transpose(2, 1, 0),
+        affine=affine,
+        modality=ref.modality,
+        source="dicom",
+        files=files,
+        warnings=warns,
+        patient_id=ref.patient_id,
+        series_uid=None if ref.series_uid.startswith("folder:") else ref.series_uid,
+        description=ref.description,
+    )
+
+
+def assemble(results: Iterable[_FileResult]) -> DicomScan:
+    """Turn per-file read results into volumes, skipped entries and non-image counts."""
+    scan = DicomScan()
+    frames: list[_Frame] = []
+    non_image: Counter[str] = Counter()
+    for res in results:
+        scan.files_seen += 1
+        if res.skip_reason is not None:
+            scan.skipped.append(Skipped(res.path, res.skip_reason))
+        elif res.non_image is not None:
+            non_image[res.non_image] += 1
+        else:
+            frames.extend(res.frames)
+    scan.non_image = dict(sorted(non_image.items()))
+    for group in _group_frames(frames):
+        try:
+            scan.volumes.append(_assemble(group))
+        except DicomError as exc:
+            for path in dict.fromkeys(f.path for f in group.frames):
+                scan.skipped.append(Skipped(path, f"series cannot be assembled: {exc}"))
+    scan.volumes.sort(key=lambda v: str(v.files[0]))
+    return scan
+
+
+def scan_dicom_folder(root: Path, *, workers: int | None = None) -> DicomScan:
+    """Find and assemble every DICOM image series under ``root`` (a folder, or a single file).
+
+    ``workers`` is the number of reader processes (default: the CPUs available, at most 8; 1 reads in
+    this process).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DicomError(f"{root}: no such file or folder")
+    return assemble(read_files(_list_files(root), workers))
+
+
+def read_dicom_series(folder: Path, *, workers: int | None = None) -> Volume:
+    """Read the one image series in ``folder``; DicomError when there is none or more than one."""
+    scan = scan_dicom_folder(folder, workers=workers)
+    if not scan.volumes:
+        detail = f"; first skipped file: {scan.skipped[0]}" if scan.skipped else ""
+        raise DicomError(
+            f"{folder}: no DICOM image series found ({scan.files_seen} file(s), {len(scan.skipped)} skipped, "
+            f"{scan.num_non_image} non-image object(s)){detail}"
+        )
+    if len(scan.volumes) > 1:
+        shapes = ", ".join(str(v.shape) for v in scan.volumes)
+        raise DicomError(
+            f"{folder}: {len(scan.volumes)} image series found (shapes {shapes}); expected exactly one"
+        )
+    volume = scan.volumes[0]
+    if scan.skipped:
+        volume.warnings.append(f"{len(scan.skipped)} file(s) in the folder were skipped")
+    return volume

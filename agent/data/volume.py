@@ -1,0 +1,125 @@
+"""One 3D image as the agent sees it, whatever file format it came from.
+
+DICOM series and NIfTI files both become a :class:`Volume`: a float32 array indexed (I, J, K) and the
+NIfTI-convention affine that maps a voxel index to RAS+ millimetres. Everything downstream (catalog,
+loading for training, the admin tools) works on this one representation, so a DICOM series and the
+NIfTI file dcm2niix would make of it are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+
+
+class VolumeError(ValueError):
+    """A file cannot be read as a 3D volume; the message names the file and the problem."""
+
+
+@dataclass
+class Volume:
+    """A 3D image with its voxel-to-world geometry.
+
+    ``array`` is float32 with shape (I, J, K); for DICOM, I is the column index, J the row index and K
+    the slice index in increasing order along the slice normal. ``affine`` maps (i, j, k, 1) to RAS+ mm.
+    ``patient_id`` never leaves the site: it exists only to derive the keyed subject hash.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    modality: str
+    source: Literal["dicom", "nifti"]
+    files: list[Path]
+    warnings: list[str] = field(default_factory=list)
+    patient_id: str | None = None
+    series_uid: str | None = None
+    description: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        i, j, k = self.array.shape
+        return int(i), int(j), int(k)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along I, J, K (lengths of the affine's columns)."""
+        norms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(norms[0]), float(norms[1]), float(norms[2])
+
+    @property
+    def orientation(self) -> str:
+        """Closest anatomical axis codes of I, J, K, e.g. "LPS" for a plain DICOM axial series."""
+        return "".join(nib.orientations.aff2axcodes(self.affine))
+
+
+def _is_nifti_name(path: Path) -> bool:
+    name = path.name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def read_nifti_volume(path: Path, modality: str = "") -> Volume:
+    """Read a 3D NIfTI file, applying its scl_slope/scl_inter scaling.
+
+    The affine is the one nibabel reports (sform if set, else qform). A 4D file whose fourth dimension
+    is 1 is read as 3D; a 4D file with several volumes (a time series, a DWI) is refused with a
+    :class:`VolumeError`, because silently picking one of its volumes would hand training data that the
+    user never chose. A 2D image becomes a volume with one slice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"{path}: no such file")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several unrelated types for bad files
+        raise VolumeError(f"{path}: not a readable NIfTI file ({exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    elif len(shape) > 3:
+        raise VolumeError(
+            f"{path}: {len(shape)}D NIfTI of shape {tuple(shape)}; only 3D volumes are read "
+            "(split the series into 3D files first)"
+        )
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as exc:  # truncated or corrupt data block
+        raise VolumeError(f"{path}: cannot read the voxel data ({exc})") from exc
+    if data.ndim == 2:
+        data = data[:, :, np.newaxis]
+    data = data.reshape(tuple(int(s) for s in shape) + (1,) * (3 - len(shape)))
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{path}: the header's affine is not a valid voxel-to-world transform")
+    return Volume(
+        array=data,
+        affine=affine,
+        modality=modality,
+        source="nifti",
+        files=[path],
+    )
+
+
+def write_nifti(volume: Volume, path: Path) -> Path:
+    """Write ``volume`` as a NIfTI-1 file (gzip if the name ends in .gz) with sform and qform set.
+
+    The file carries only voxels and geometry: no description, no patient data.
+    """
+    path = Path(path)
+    if not _is_nifti_name(path):
+        raise VolumeError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.float32), volume.affine)
+    img.set_sform(volume.affine, code=1)
+    img.set_qform(volume.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    # Written to a sibling first and renamed, so a crash never leaves a half-written file behind.
+    tmp = path.with_name(f".{path.name}.partial{''.join(path.suffixes)}")
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+    return path
