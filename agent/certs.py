@@ -104,9 +104,12 @@ def load_private_key(path: Path) -> Any:
         raise TlsError(f"{path}: not a PEM private key: {exc}") from None
 
 
-def _public_bytes(key: Any) -> bytes:
+def _public_bytes(key_or_cert: Any) -> bytes:
+    """The DER public key of a private key or of a certificate (to check that they pair)."""
     return bytes(
-        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key_or_cert.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
 
 
@@ -191,10 +194,27 @@ def parse_subject(text: str) -> frozenset[tuple[str, str]]:
     if not text.strip():
         raise ValueError("empty subject")
     try:
-        name = x509.Name.from_rfc4514_string(text.strip())
+        name = x509.Name.from_rfc4514_string(_upper_attribute_types(text.strip()))
     except ValueError as exc:
         raise ValueError(f"not an RFC 4514 subject {text!r}: {exc}") from None
     return _name_pairs(name)
+
+
+def _upper_attribute_types(text: str) -> str:
+    """RFC 4514 attribute types are case-insensitive ("cn=x" is "CN=x"); the parser is not."""
+    out: list[str] = []
+    in_type, escaped = True, False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_type and ch == "=":
+            in_type = False
+        elif not in_type and ch in ",+":
+            in_type = True
+        out.append(ch.upper() if in_type else ch)
+    return "".join(out)
 
 
 def _name_pairs(name: x509.Name) -> frozenset[tuple[str, str]]:
