@@ -156,12 +156,12 @@ def test_check_tls_files_names_the_problem(pki: dict[str, Path], tmp_path: Path)
         check_tls_files(_tls(site, mutual=False))
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate")
-    with pytest.raises(TlsError, match="garbage.pem: not a PEM certificate"):
+    with pytest.raises(TlsError, match=r"garbage\.pem: not a PEM certificate"):
         check_tls_files(_tls(site).model_copy(update={"cert_file": garbage}))
-    with pytest.raises(TlsError, match="garbage.pem: not a PEM private key"):
+    with pytest.raises(TlsError, match=r"garbage\.pem: not a PEM private key"):
         check_tls_files(_tls(site).model_copy(update={"key_file": garbage}))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=900)
-    with pytest.raises(TlsError, match="server.crt: certificate expired on"):
+    with pytest.raises(TlsError, match=r"server\.crt: certificate expired on"):
         check_tls_files(_tls(site), now=later)
 
 
