@@ -1,5 +1,137 @@
-"""(being written)"""
+"""`fedsite coordinate` (drive a federation) and `fedsite demo` (a whole federation on this machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
 
-coordinator_app = typer.Typer()
+from coordinator.client import AgentError
+from coordinator.federation import FederationError, load_federation
+from coordinator.report import Reporter, dice_table
+from coordinator.runner import STRATEGIES, CoordinatorError, RoundFailed, RunOptions, RunResult, run_strategy
+
+coordinator_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def load_plan(path: Path) -> dict[str, Any]:
+    """Read and validate a plan file with the agents' own plan rules; errors name the file and key."""
+    from agent.training.plan import PlanError, parse_plan
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the plan: {exc}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        parse_plan(raw)
+    except PlanError as exc:
+        raise ValueError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
+    assert isinstance(raw, dict)
+    return raw
+
+
+def print_summary(console: Console, result: RunResult) -> None:
+    console.print(dice_table(result.rounds))
+    console.print(f"results:      {result.results_path}")
+    if result.plot_path is not None:
+        console.print(f"Dice plot:    {result.plot_path}")
+    console.print(f"final model:  {result.final_model_path}")
+
+
+@coordinator_app.command("coordinate")
+def coordinate(
+    federation: Path = typer.Option(..., "--federation", help="Federation file (agents, tokens, min_sites)."),
+    plan: Path = typer.Option(..., "--plan", help="Plan JSON sent to every site."),
+    out: Path = typer.Option(..., "--out", help="Folder for results.json, the models per round and the PNG."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg, iil or ciil."),
+    rounds: int = typer.Option(
+        3, "--rounds", min=1, help="FedAvg rounds, or CIIL cycles (IIL visits each site once)."
+    ),
+    order: str | None = typer.Option(
+        None, "--order", help="IIL/CIIL visiting order: comma-separated site names."
+    ),
+    patience: int = typer.Option(8, "--patience", min=1, help="IIL: epochs without validation improvement."),
+    max_epochs: int = typer.Option(50, "--max-epochs", min=1, help="IIL: most epochs at one site."),
+    init_weights: Path | None = typer.Option(
+        None, "--init-weights", help="Start from these weights (safetensors) instead of a fresh model."
+    ),
+    keep_updates: bool = typer.Option(
+        False, "--keep-updates", help="Keep each site's update under OUT/updates/."
+    ),
+    evaluate_every_visit: bool = typer.Option(
+        False, "--eval-every-visit", help="CIIL: evaluate after every visit."
+    ),
+    no_eval: bool = typer.Option(
+        False, "--no-eval", help="Skip the evaluation at every site after each round."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="No live progress; warnings and the summary only."),
+) -> None:
+    """Train a model across the federation's agents over HTTP (FedAvg, IIL or CIIL)."""
+    from coordinator.report import QuietReporter
+    from coordinator.weights import initial_weights, load_file
+
+    console = Console(stderr=True)
+    if strategy not in STRATEGIES:
+        console.print(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        raise typer.Exit(2)
+    try:
+        fed = load_federation(federation)
+        plan_doc = load_plan(plan)
+        start = load_file(init_weights) if init_weights is not None else initial_weights(plan_doc)
+    except (FederationError, ValueError) as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+    options = RunOptions(
+        strategy=strategy,
+        rounds=rounds,
+        order=[s.strip() for s in order.split(",") if s.strip()] if order else None,
+        patience=patience,
+        max_epochs=max_epochs,
+        evaluate=not no_eval,
+        evaluate_every_visit=evaluate_every_visit,
+        keep_updates=keep_updates,
+    )
+    reporter = QuietReporter(console) if quiet else Reporter(console)
+    try:
+        result = run_strategy(fed, plan_doc, out, options, initial_weights=start, reporter=reporter)
+    except (AgentError, CoordinatorError, RoundFailed) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"partial results: {out / 'results.json'}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; partial results in " + str(out / "results.json"))
+        raise typer.Exit(130) from None
+    print_summary(Console(), result)
+
+
+@coordinator_app.command("demo")
+def demo(
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="Folder for the generated sites and the results."
+    ),
+    sites: int = typer.Option(3, "--sites", min=1, max=10, help="Number of generated sites."),
+    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="FedAvg rounds."),
+    subjects: str | None = typer.Option(
+        None, "--subjects-per-site", help="Subjects per site, comma-separated (default: 8,6,4,...)."
+    ),
+    size: int = typer.Option(48, "--size", min=16, max=256, help="Generated volume size (voxels per side)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the generated data and the model."),
+) -> None:
+    """Generate sites, start their agents, run FedAvg through them, verify their audit logs."""
+    from coordinator.demo import DemoError, run_demo
+
+    try:
+        run_demo(out, sites=sites, rounds=rounds, subjects=subjects, size=size, seed=seed)
+    except DemoError as exc:
+        Console(stderr=True).print(f"[red]demo failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("demo interrupted; every agent it started has been stopped")
+        raise typer.Exit(130) from None

@@ -1,0 +1,219 @@
+"""The federation file: which agents the coordinator drives and how it reaches them.
+
+```yaml
+agents:
+  - name: site-1
+    url: http://127.0.0.1:8101
+    token: "..."              # or token_file: path (relative to this file)
+    ca_file: null             # CA bundle that signed the agent's TLS certificate (https)
+    client_cert: null         # optional client certificate + key for mutual TLS
+    client_key: null
+outside:                      # optional: sites that only evaluate (held-out test sites)
+  - name: site-4
+    url: http://127.0.0.1:8104
+    token_file: site-4/coordinator.token
+min_sites: 1
+timeouts: {connect: 5, read: 30, round: 3600, evaluation: 1800}
+retries: {attempts: 5, backoff: 0.5, max_backoff: 10}
+poll_interval: 1.0
+```
+
+Every error names the file and the key (``agents[1].token_file``) so that whoever runs the
+federation can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class FederationError(ValueError):
+    """A federation file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AgentEntry(_Strict):
+    name: str
+    url: str
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url_shape(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                "must be an http:// or https:// URL with a host, e.g. https://site-1.example:8443"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError("must not carry a query or fragment")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> AgentEntry:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("set exactly one of 'token' and 'token_file'")
+        if self.token is not None and not self.token.get_secret_value().strip():
+            raise ValueError("'token' is empty")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("'client_cert' and 'client_key' go together")
+        return self
+
+    def bearer_token(self) -> str:
+        """The token sent as ``Authorization: Bearer``; read from ``token_file`` when given."""
+        if self.token is not None:
+            return self.token.get_secret_value().strip()
+        assert self.token_file is not None
+        return self.token_file.read_text().strip()
+
+
+class Timeouts(_Strict):
+    connect: float = Field(default=5.0, gt=0)
+    read: float = Field(default=30.0, gt=0)
+    # Wall time one site may take for one round (or visit) before it is left out.
+    round: float = Field(default=3600.0, gt=0)
+    evaluation: float = Field(default=1800.0, gt=0)
+
+
+class Retries(_Strict):
+    # Attempts per request (1: no retry) on connection errors and 5xx answers; never on 4xx.
+    attempts: int = Field(default=5, ge=1, le=50)
+    backoff: float = Field(default=0.5, ge=0)
+    max_backoff: float = Field(default=10.0, ge=0)
+
+
+class Federation(_Strict):
+    agents: list[AgentEntry] = Field(min_length=1)
+    # Sites that never train: they only evaluate models (data the federation never saw).
+    outside: list[AgentEntry] = Field(default_factory=list)
+    min_sites: int = Field(default=1, ge=1)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: Retries = Field(default_factory=Retries)
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+
+    # Set by load_federation: the file this came from (not a YAML key).
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Federation:
+        seen: set[str] = set()
+        for agent in [*self.agents, *self.outside]:
+            if agent.name in seen:
+                raise ValueError(f"agent name {agent.name!r} appears twice")
+            seen.add(agent.name)
+        if self.min_sites > len(self.agents):
+            raise ValueError(f"min_sites is {self.min_sites} but only {len(self.agents)} agent(s) are listed")
+        return self
+
+    def agent(self, name: str) -> AgentEntry:
+        for entry in [*self.agents, *self.outside]:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.agents]
+
+    @property
+    def outside_names(self) -> list[str]:
+        return [a.name for a in self.outside]
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _resolve_and_check(fed: Federation, base: Path, where: str) -> None:
+    problems: list[str] = []
+
+    def fix(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    entries = [("agents", i, a) for i, a in enumerate(fed.agents)]
+    entries += [("outside", i, a) for i, a in enumerate(fed.outside)]
+    for group, i, agent in entries:
+        for key in ("token_file", "ca_file", "client_cert", "client_key"):
+            value = getattr(agent, key)
+            if value is None:
+                continue
+            path = fix(value)
+            setattr(agent, key, path)
+            if not path.is_file():
+                problems.append(f"{group}[{i}].{key}: file does not exist: {path}")
+            elif key == "token_file" and not path.read_text().strip():
+                problems.append(f"{group}[{i}].token_file: file is empty: {path}")
+    if problems:
+        raise FederationError(f"{where}: " + f"\n{where}: ".join(problems))
+
+
+def parse_federation(raw: Any, *, source: Path | None = None) -> Federation:
+    """Validate an already-parsed federation document; relative paths are resolved against SOURCE."""
+    where = str(source) if source else "federation"
+    if not isinstance(raw, dict):
+        got = "nothing" if raw is None else type(raw).__name__
+        raise FederationError(f"{where}: the top level must be a mapping with an 'agents' list, got {got}")
+    try:
+        fed = Federation.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
+        raise FederationError("\n".join(lines)) from None
+    fed.source = source
+    _resolve_and_check(fed, source.parent.resolve() if source else Path.cwd(), where)
+    return fed
+
+
+def load_federation(path: str | Path) -> Federation:
+    """Read and validate a federation file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FederationError(f"{path}: federation file does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise FederationError(f"{path}: not valid YAML: {exc}") from None
+    return parse_federation(raw, source=path)
+
+
+def write_federation(path: Path, agents: list[dict[str, Any]], *, min_sites: int = 1, **extra: Any) -> Path:
+    """Write a federation file (used by `fedsite demo` and the benchmarks); validated on the way."""
+    doc: dict[str, Any] = {"agents": agents, "min_sites": min_sites, **extra}
+    parse_federation(yaml.safe_load(yaml.safe_dump(doc)), source=path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path

@@ -1,0 +1,586 @@
+"""The three ways of collaborating from the reference study, driven over HTTP.
+
+- FedAvg (FL): every round, every site trains from the global model in parallel; the new
+  global model is the mean of the updates weighted by each site's training-sample count.
+  A site that fails, times out or sends an update that fails its hash check is left out of
+  that round (with a warning naming it); the round fails only when fewer than `min_sites`
+  updates arrive.
+- IIL: the model visits each site once, in order; each site trains until its own
+  validation Dice has not improved for `patience` epochs and passes on its best model.
+- CIIL: the model travels site to site with a fixed number of epochs at each, for a
+  number of cycles.
+
+After every round (a FedAvg round, an IIL visit, a CIIL cycle) the global model is evaluated
+at every site through /v1/evaluations and the sample-weighted mean Dice is recorded.
+The coordinator never sees data: it sends a plan and weights, and gets weights and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from coordinator.aggregate import AggregationError, SiteUpdate, UpdateKind, apply_update, fedavg
+from coordinator.client import AgentClient, AgentError, JobStatus, JobTimeout
+from coordinator.federation import Federation
+from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fraction, progress_text
+from coordinator.weights import decode, encode
+
+Strategy = Literal["fedavg", "iil", "ciil"]
+STRATEGIES: tuple[Strategy, ...] = ("fedavg", "iil", "ciil")
+
+
+class RoundFailed(RuntimeError):
+    """Too few sites delivered an update for a round to count."""
+
+
+class CoordinatorError(RuntimeError):
+    """The run cannot start or go on (bad plan, unusable federation); the message says why."""
+
+
+@dataclass
+class RunOptions:
+    strategy: Strategy = "fedavg"
+    # FedAvg: rounds; CIIL: cycles; IIL: ignored (one pass over the sites).
+    rounds: int = 1
+    # IIL / CIIL visiting order (site names); default: the federation file's order.
+    order: list[str] | None = None
+    # IIL: epochs without improvement of the site's validation Dice before it passes the model on.
+    patience: int = 8
+    # IIL: upper bound on epochs at one site.
+    max_epochs: int = 50
+    # Evaluate the global model at every site after every round (the study's metric).
+    evaluate: bool = True
+    # CIIL: also evaluate after every visit, not only after every cycle.
+    evaluate_every_visit: bool = False
+    # Keep each site's downloaded update under OUT/updates/ (for audits and tests).
+    keep_updates: bool = False
+    # Sites outside the federation (federation file's `outside`): evaluate the final model,
+    # the model of every round, or never.
+    evaluate_outside: Literal["final", "every", "never"] = "final"
+    run_id: str | None = None
+
+
+@dataclass
+class SiteResult:
+    site: str
+    round_id: str
+    tensors: dict[str, torch.Tensor]
+    num_samples: int
+    metrics: dict[str, Any]
+    update_sha256: str
+    bytes_sent: int
+    bytes_received: int
+    duration_s: float
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    results_path: Path
+    plot_path: Path | None
+    rounds: list[dict[str, Any]]
+    final_weights: dict[str, torch.Tensor]
+    final_model_path: Path
+    doc: dict[str, Any] = field(default_factory=dict)
+
+
+def new_run_id() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+class Coordinator:
+    """Drives one run of one strategy over the agents of a federation."""
+
+    def __init__(
+        self,
+        federation: Federation,
+        plan: dict[str, Any],
+        out_dir: Path,
+        options: RunOptions,
+        *,
+        initial_weights: dict[str, torch.Tensor],
+        clients: dict[str, AgentClient] | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        if options.strategy not in STRATEGIES:
+            raise CoordinatorError(
+                f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}"
+            )
+        if options.rounds < 1:
+            raise CoordinatorError(f"rounds must be at least 1, got {options.rounds}")
+        self.fed = federation
+        self.plan = dict(plan)
+        self.plan.pop("round_id", None)
+        self.out_dir = out_dir
+        self.opts = options
+        self.run_id = options.run_id or new_run_id()
+        self.kind: UpdateKind = "diff" if self.plan.get("send") == "diff" else "weights"
+        self.order = self._order(options.order)
+        self.outside = list(federation.outside_names)
+        self.global_weights = {k: v.detach().to(torch.float32).clone() for k, v in initial_weights.items()}
+        self._own_clients = clients is None
+        self.clients = clients if clients is not None else AgentClient.for_federation(federation)
+        self.reporter = reporter or QuietReporter()
+        self._stop = threading.Event()
+
+    # -- entry point -----------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        recorder = RunRecorder(self.out_dir, self._header())
+        label = {"fedavg": "FedAvg", "iil": "IIL", "ciil": "CIIL"}[self.opts.strategy]
+        self.reporter.start(f"{self.run_id}: {label} over {', '.join(self.order)}", self.order + self.outside)
+        try:
+            self.preflight(recorder)
+            rel, sha = recorder.save_model(0, encode(self.global_weights), "initial.safetensors")
+            recorder.doc["initial_model"] = {"path": rel, "sha256": sha}
+            if self.opts.strategy == "fedavg":
+                self._run_fedavg(recorder)
+            elif self.opts.strategy == "iil":
+                self._run_iil(recorder)
+            else:
+                self._run_ciil(recorder)
+            final = self._final(recorder)
+        except KeyboardInterrupt:
+            self._stop.set()
+            recorder.finish("interrupted", error="interrupted by the user")
+            raise
+        except Exception as exc:
+            self._stop.set()
+            recorder.finish("failed", error=str(exc))
+            raise
+        finally:
+            self.reporter.stop()
+            if self._own_clients:
+                for client in self.clients.values():
+                    client.close()
+        recorder.finish("completed", final=final)
+        return RunResult(
+            out_dir=self.out_dir,
+            results_path=recorder.results_path,
+            plot_path=recorder.plot_path if recorder.plot_path.exists() else None,
+            rounds=recorder.doc["rounds"],
+            final_weights=self.global_weights,
+            final_model_path=self.out_dir / final["model"],
+            doc=recorder.doc,
+        )
+
+    def _final(self, recorder: RunRecorder) -> dict[str, Any]:
+        """The final model, its Dice inside the federation and, if any, at the outside sites."""
+        data = encode(self.global_weights)
+        final_rel, final_sha = recorder.save_model(0, data, "final.safetensors")
+        final: dict[str, Any] = {"model": final_rel, "model_sha256": final_sha}
+        if recorder.doc["rounds"]:
+            last = recorder.doc["rounds"][-1]
+            final["weighted_dice"] = last.get("weighted_dice")
+            if "outside_evaluation" in last:
+                final["outside_evaluation"] = last["outside_evaluation"]
+                final["outside_weighted_dice"] = last["outside_weighted_dice"]
+        if self.outside and self.opts.evaluate_outside == "final":
+            out_eval, out_mean = self.evaluate_everywhere(data, "final", self.outside)
+            final["outside_evaluation"] = out_eval
+            final["outside_weighted_dice"] = out_mean
+        return final
+
+    def stop(self) -> None:
+        """Ask a running run to abandon its jobs (they are cancelled at the agents)."""
+        self._stop.set()
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _order(self, order: Sequence[str] | None) -> list[str]:
+        names = self.fed.names
+        if order is None:
+            return list(names)
+        unknown = [s for s in order if s not in names]
+        if unknown:
+            raise CoordinatorError(f"order names site(s) not in the federation: {', '.join(unknown)}")
+        dupes = sorted({s for s in order if list(order).count(s) > 1})
+        if dupes:
+            raise CoordinatorError(f"order lists site(s) twice: {', '.join(dupes)}")
+        return list(order)
+
+    def _header(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "strategy": self.opts.strategy,
+            "round_label": {"fedavg": "round", "iil": "visit", "ciil": "cycle"}[self.opts.strategy],
+            "sites": self.order,
+            "outside_sites": self.outside,
+            "min_sites": self.fed.min_sites,
+            "update_kind": self.kind,
+            "plan": self.plan,
+            "options": {
+                "rounds": self.opts.rounds,
+                "patience": self.opts.patience,
+                "max_epochs": self.opts.max_epochs,
+                "order": self.order,
+            },
+        }
+
+    def preflight(self, recorder: RunRecorder) -> None:
+        """Ask every agent for its info: a refused token or a missing dataset stops the run here."""
+        dataset = self.plan.get("dataset")
+        infos: dict[str, Any] = {}
+        unreachable: list[str] = []
+
+        def one(site: str) -> tuple[str, dict[str, Any] | None, AgentError | None]:
+            try:
+                return site, self.clients[site].info(), None
+            except AgentError as exc:
+                return site, None, exc
+
+        everyone = self.order + self.outside
+        with ThreadPoolExecutor(max_workers=len(everyone)) as pool:
+            answers = list(pool.map(one, everyone))
+        for site, info, err in answers:
+            if err is not None:
+                if err.status_code is not None and err.status_code < 500:
+                    raise err
+                if site in self.order:
+                    unreachable.append(site)
+                self.reporter.warning(
+                    f"{site} is not reachable now ({err}); it will be asked again each round"
+                )
+                continue
+            assert info is not None
+            names = [d.get("name") for d in info.get("datasets", []) if isinstance(d, dict)]
+            if dataset is not None and dataset not in names:
+                have = ", ".join(map(str, names)) or "none"
+                raise CoordinatorError(
+                    f"{site}: the plan's dataset {dataset!r} is not at this site (it has: {have})"
+                )
+            infos[site] = {k: info.get(k) for k in ("site_id", "version", "device", "datasets") if k in info}
+        if len(self.order) - len(unreachable) < self.fed.min_sites:
+            raise CoordinatorError(
+                f"only {len(self.order) - len(unreachable)} site(s) reachable, fewer than min_sites="
+                f"{self.fed.min_sites}; unreachable: {', '.join(unreachable)}"
+            )
+        recorder.doc["site_info"] = infos
+
+    # -- one site, one job -----------------------------------------------------------------
+
+    def _train_at(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
+        client = self.clients[site]
+        sent0, recv0 = client.transfer.snapshot()
+        t0 = time.monotonic()
+        self.reporter.site(site, "sending plan and weights", 0.0)
+        job = client.start_round({**plan, "round_id": round_id}, weights)
+
+        def show(status: JobStatus) -> None:
+            text = progress_text(status.progress)
+            self.reporter.site(site, f"{status.status} {text}".strip(), progress_fraction(status.progress))
+
+        try:
+            status = client.wait(
+                "round", job, timeout=self.fed.timeouts.round, on_status=show, should_stop=self._stop.is_set
+            )
+        except (JobTimeout, AgentError) as exc:
+            if isinstance(exc, JobTimeout) or self._stop.is_set():
+                self._cancel_quietly(client, job)
+            raise
+        if status.num_samples is None or status.num_samples <= 0:
+            raise AgentError(
+                site, f"round {job} completed without a positive num_samples ({status.num_samples})"
+            )
+        self.reporter.site(site, "downloading update", 1.0)
+        data = client.download_update(job, status.update_sha256)
+        try:
+            tensors = decode(data)
+        except ValueError as exc:
+            raise AgentError(site, f"update of round {job} is not usable: {exc}") from None
+        if self.opts.keep_updates:
+            folder = self.out_dir / "updates" / round_id.rsplit("-", 1)[0].removeprefix(f"{self.run_id}-")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{site}.safetensors").write_bytes(data)
+        sent1, recv1 = client.transfer.snapshot()
+        self.reporter.site(site, "update received", 1.0)
+        return SiteResult(
+            site=site,
+            round_id=job,
+            tensors=tensors,
+            num_samples=status.num_samples,
+            metrics=dict(status.metrics),
+            update_sha256=str(status.update_sha256),
+            bytes_sent=sent1 - sent0,
+            bytes_received=recv1 - recv0,
+            duration_s=round(time.monotonic() - t0, 3),
+        )
+
+    def _cancel_quietly(self, client: AgentClient, job: str) -> None:
+        try:
+            client.cancel_round(job)
+        except AgentError as exc:
+            self.reporter.warning(f"could not cancel round {job}: {exc}")
+
+    def _evaluate_at(self, site: str, weights: bytes, eval_id: str) -> dict[str, Any]:
+        client = self.clients[site]
+        sent0, recv0 = client.transfer.snapshot()
+        t0 = time.monotonic()
+        plan = {k: v for k, v in self.plan.items() if k != "early_stopping"}
+        self.reporter.site(site, "evaluating", None)
+        job = client.start_evaluation({**plan, "round_id": eval_id}, weights)
+        status = client.wait(
+            "evaluation", job, timeout=self.fed.timeouts.evaluation, should_stop=self._stop.is_set
+        )
+        sent1, recv1 = client.transfer.snapshot()
+        dice = status.metrics.get("dice")
+        if not isinstance(dice, int | float):
+            raise AgentError(site, f"evaluation {job} completed without a 'dice' metric")
+        self.reporter.site(site, f"Dice {float(dice):.3f}", 1.0)
+        return {
+            "evaluation_id": job,
+            "dice": float(dice),
+            "num_samples": status.num_samples or 0,
+            "metrics": dict(status.metrics),
+            "bytes_sent": sent1 - sent0,
+            "bytes_received": recv1 - recv0,
+            "duration_s": round(time.monotonic() - t0, 3),
+        }
+
+    def evaluate_everywhere(
+        self, weights: bytes, tag: str, sites: Sequence[str] | None = None
+    ) -> tuple[dict[str, dict[str, Any]], float | None]:
+        """Evaluate WEIGHTS at every site; returns per-site results and the sample-weighted mean Dice."""
+        results: dict[str, dict[str, Any]] = {}
+        sites = list(self.order if sites is None else sites)
+        if not sites:
+            return results, None
+
+        def one(site: str) -> tuple[str, dict[str, Any] | None, str | None]:
+            try:
+                return site, self._evaluate_at(site, weights, f"{self.run_id}-{tag}-eval-{site}"), None
+            except AgentError as exc:
+                return site, None, str(exc)
+
+        with ThreadPoolExecutor(max_workers=len(sites)) as pool:
+            for site, res, err in pool.map(one, sites):
+                if res is not None:
+                    results[site] = res
+                else:
+                    self.reporter.warning(f"evaluation at {site} failed, left out of the mean Dice: {err}")
+                    results[site] = {"error": err}
+        return results, weighted_dice(results)
+
+    # -- strategies ------------------------------------------------------------------------
+
+    def _finish_round(
+        self,
+        recorder: RunRecorder,
+        *,
+        index: int,
+        label: str,
+        trained: list[SiteResult],
+        left_out: list[dict[str, str]],
+        t0: float,
+        evaluate: bool = True,
+    ) -> dict[str, Any]:
+        data = encode(self.global_weights)
+        rel, sha = recorder.save_model(index, data)
+        evaluation: dict[str, dict[str, Any]] = {}
+        mean: float | None = None
+        outside: dict[str, Any] = {}
+        if self.opts.evaluate and evaluate:
+            evaluation, mean = self.evaluate_everywhere(data, f"r{index:03d}")
+            if self.opts.evaluate_outside == "every" and self.outside:
+                out_eval, out_mean = self.evaluate_everywhere(data, f"r{index:03d}", self.outside)
+                outside = {"outside_evaluation": out_eval, "outside_weighted_dice": out_mean}
+        training = {
+            r.site: {
+                "round_id": r.round_id,
+                "num_samples": r.num_samples,
+                "metrics": r.metrics,
+                "update_sha256": r.update_sha256,
+                "bytes_sent": r.bytes_sent,
+                "bytes_received": r.bytes_received,
+                "duration_s": r.duration_s,
+            }
+            for r in trained
+        }
+        record = {
+            "index": index,
+            "label": label,
+            "participants": [r.site for r in trained],
+            "left_out": left_out,
+            "training": training,
+            "evaluation": evaluation,
+            "weighted_dice": mean,
+            "bytes_sent": sum(r.bytes_sent for r in trained)
+            + sum(int(e.get("bytes_sent", 0)) for e in evaluation.values()),
+            "bytes_received": sum(r.bytes_received for r in trained)
+            + sum(int(e.get("bytes_received", 0)) for e in evaluation.values()),
+            "duration_s": round(time.monotonic() - t0, 3),
+            "model": rel,
+            "model_sha256": sha,
+            **outside,
+        }
+        recorder.add_round(record)
+        self.reporter.round_done(record)
+        return record
+
+    def _run_fedavg(self, recorder: RunRecorder) -> None:
+        for rnd in range(1, self.opts.rounds + 1):
+            t0 = time.monotonic()
+            weights = encode(self.global_weights)
+            tag = f"{self.run_id}-r{rnd:03d}"
+            trained: list[SiteResult] = []
+            left_out: list[dict[str, str]] = []
+
+            def one(
+                site: str, weights: bytes = weights, tag: str = tag
+            ) -> tuple[str, SiteResult | None, str | None]:
+                try:
+                    return site, self._train_at(site, self.plan, weights, f"{tag}-{site}"), None
+                except AgentError as exc:
+                    return site, None, str(exc)
+
+            with ThreadPoolExecutor(max_workers=len(self.order)) as pool:
+                for site, res, err in pool.map(one, self.order):
+                    if res is not None:
+                        trained.append(res)
+                    else:
+                        reason = err or "unknown error"
+                        left_out.append({"site": site, "reason": reason})
+                        self.reporter.warning(f"round {rnd}: {site} left out of this round: {reason}")
+                        self.reporter.site(site, "left out of this round", 0.0)
+            if len(trained) < self.fed.min_sites:
+                names = ", ".join(x["site"] for x in left_out)
+                record = {
+                    "index": rnd,
+                    "label": f"round {rnd}",
+                    "participants": [r.site for r in trained],
+                    "left_out": left_out,
+                    "failed": True,
+                    "duration_s": round(time.monotonic() - t0, 3),
+                }
+                recorder.add_round(record)
+                raise RoundFailed(
+                    f"round {rnd} failed: {len(trained)} update(s) arrived, fewer than min_sites="
+                    f"{self.fed.min_sites}; left out: {names}"
+                )
+            updates = [SiteUpdate(r.site, r.tensors, r.num_samples) for r in trained]
+            try:
+                self.global_weights = fedavg(self.global_weights, updates, self.kind)
+            except AggregationError as exc:
+                raise RoundFailed(f"round {rnd} failed: {exc}") from None
+            self._finish_round(
+                recorder, index=rnd, label=f"round {rnd}", trained=trained, left_out=left_out, t0=t0
+            )
+
+    def _visit(
+        self, site: str, plan: dict[str, Any], round_id: str, label: str
+    ) -> tuple[SiteResult | None, dict[str, str] | None]:
+        """One stop of the travelling model; a failed site passes the model on unchanged."""
+        weights = encode(self.global_weights)
+        try:
+            res = self._train_at(site, plan, weights, round_id)
+            self.global_weights = apply_update(self.global_weights, res.tensors, self.kind)
+            return res, None
+        except (AgentError, AggregationError) as exc:
+            self.reporter.warning(f"{label}: {site} skipped, the model goes on unchanged: {exc}")
+            self.reporter.site(site, "skipped", 0.0)
+            return None, {"site": site, "reason": str(exc)}
+
+    def _run_iil(self, recorder: RunRecorder) -> None:
+        plan = copy.deepcopy(self.plan)
+        plan["early_stopping"] = {"patience": self.opts.patience, "max_epochs": self.opts.max_epochs}
+        for i, site in enumerate(self.order, start=1):
+            t0 = time.monotonic()
+            label = f"visit {i} ({site})"
+            res, miss = self._visit(site, plan, f"{self.run_id}-v{i:03d}-{site}", label)
+            self._finish_round(
+                recorder,
+                index=i,
+                label=label,
+                trained=[res] if res else [],
+                left_out=[miss] if miss else [],
+                t0=t0,
+            )
+
+    def _run_ciil(self, recorder: RunRecorder) -> None:
+        plan = {k: v for k, v in self.plan.items() if k != "early_stopping"}
+        n = len(self.order)
+        for cycle in range(1, self.opts.rounds + 1):
+            t0 = time.monotonic()
+            trained: list[SiteResult] = []
+            left_out: list[dict[str, str]] = []
+            for j, site in enumerate(self.order, start=1):
+                tv = time.monotonic()
+                label = f"cycle {cycle} visit {j} ({site})"
+                res, miss = self._visit(site, plan, f"{self.run_id}-c{cycle:03d}v{j:03d}-{site}", label)
+                if res is not None:
+                    trained.append(res)
+                if miss is not None:
+                    left_out.append(miss)
+                if self.opts.evaluate_every_visit and j < n:
+                    rel, _ = recorder.save_model(
+                        0, encode(self.global_weights), f"cycle-{cycle:03d}-visit-{j:03d}.safetensors"
+                    )
+                    evaluation, mean = self.evaluate_everywhere(
+                        encode(self.global_weights), f"c{cycle:03d}v{j:03d}"
+                    )
+                    recorder.doc.setdefault("visits", []).append(
+                        {
+                            "cycle": cycle,
+                            "visit": j,
+                            "site": site,
+                            "evaluation": evaluation,
+                            "weighted_dice": mean,
+                            "model": rel,
+                            "duration_s": round(time.monotonic() - tv, 3),
+                        }
+                    )
+            self._finish_round(
+                recorder, index=cycle, label=f"cycle {cycle}", trained=trained, left_out=left_out, t0=t0
+            )
+
+
+def weighted_dice(results: dict[str, dict[str, Any]]) -> float | None:
+    """Sample-weighted mean Dice over the sites that answered (None when none did)."""
+    num = 0.0
+    den = 0
+    for r in results.values():
+        dice, n = r.get("dice"), r.get("num_samples")
+        if isinstance(dice, float) and isinstance(n, int) and n > 0:
+            num += dice * n
+            den += n
+    return num / den if den else None
+
+
+def run_strategy(
+    federation: Federation,
+    plan: dict[str, Any],
+    out_dir: Path,
+    options: RunOptions,
+    *,
+    initial_weights: dict[str, torch.Tensor],
+    reporter: Reporter | None = None,
+    on_client: Callable[[dict[str, AgentClient]], None] | None = None,
+) -> RunResult:
+    """Convenience wrapper: build clients, run, close."""
+    clients = AgentClient.for_federation(federation)
+    if on_client is not None:
+        on_client(clients)
+    try:
+        return Coordinator(
+            federation,
+            plan,
+            out_dir,
+            options,
+            initial_weights=initial_weights,
+            clients=clients,
+            reporter=reporter,
+        ).run()
+    finally:
+        for c in clients.values():
+            c.close()
