@@ -796,15 +796,17 @@ def _assemble(group: _Group) -> Volume:
         else:
             step = normal * _fallback_thickness(frames)
     else:
-        if group.iop is not None:
-            warns.append("ImagePositionPatient missing on some slices: slices ordered by InstanceNumber")
-        if any(f.instance is None for f in frames) and len(frames) > 1:
-            warns.append("InstanceNumber missing: slices ordered by file name and frame number")
-        frames = sorted(frames, key=_order_key)
         if len(frames) > 1:
+            if any(f.instance is None for f in frames):
+                warns.append(
+                    "slice positions and InstanceNumber missing: slices ordered by file name and frame number"
+                )
+            else:
+                warns.append("slice positions missing: slices ordered by InstanceNumber")
             warns.append(
                 "slice spacing unknown without positions: SpacingBetweenSlices/SliceThickness assumed"
             )
+        frames = sorted(frames, key=_order_key)
         first = np.asarray(frames[0].ipp if frames[0].ipp is not None else (0.0, 0.0, 0.0), dtype=np.float64)
         step = normal * _fallback_thickness(frames)
 
