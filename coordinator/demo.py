@@ -51,17 +51,23 @@ class DemoResult:
 
 def subject_counts(sites: int, subjects: str | None) -> list[int]:
     if subjects is None:
-        return [DEFAULT_SUBJECTS[i] if i < len(DEFAULT_SUBJECTS) else DEFAULT_SUBJECTS[-1] for i in range(sites)]
+        return [
+            DEFAULT_SUBJECTS[i] if i < len(DEFAULT_SUBJECTS) else DEFAULT_SUBJECTS[-1] for i in range(sites)
+        ]
     try:
         counts = [int(x) for x in subjects.split(",") if x.strip()]
     except ValueError:
-        raise DemoError(f"--subjects-per-site: {subjects!r} is not a comma-separated list of numbers") from None
+        raise DemoError(
+            f"--subjects-per-site: {subjects!r} is not a comma-separated list of numbers"
+        ) from None
     if len(counts) == 1:
         counts *= sites
     if len(counts) != sites:
         raise DemoError(f"--subjects-per-site lists {len(counts)} numbers for {sites} site(s)")
     if any(n < 2 for n in counts):
-        raise DemoError("--subjects-per-site: every site needs at least 2 subjects (one to train, one to validate)")
+        raise DemoError(
+            "--subjects-per-site: every site needs at least 2 subjects (one to train, one to validate)"
+        )
     return counts
 
 
@@ -71,7 +77,9 @@ def prepare_out(out: Path) -> None:
         raise DemoError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise DemoError(f"{out}: folder is not empty and was not written by `fedsite demo`; choose another --out")
+            raise DemoError(
+                f"{out}: folder is not empty and was not written by `fedsite demo`; choose another --out"
+            )
         for name in ("results", "logs"):
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +126,13 @@ def run_demo(
 def _generate(console: Console, out: Path, *, sites: int, counts: list[int], size: int, seed: int) -> Any:
     from agent.data.synthetic import SyntheticDataError, generate_federation
 
-    console.rule(f"[bold]1. Generating {sites} sites of made-up brain MRI ({', '.join(map(str, counts))} subjects)")
+    console.rule(
+        f"[bold]1. Generating {sites} sites of made-up brain MRI ({', '.join(map(str, counts))} subjects)"
+    )
     try:
-        layout = generate_federation(out, sites=sites, subjects_per_site=counts, size=size, seed=seed, force=True)
+        layout = generate_federation(
+            out, sites=sites, subjects_per_site=counts, size=size, seed=seed, force=True
+        )
     except SyntheticDataError as exc:
         raise DemoError(f"generating the data: {exc}") from None
     table = Table("site", "institution (made up)", "subjects", "data", box=None)
@@ -143,7 +155,9 @@ def _tokens(console: Console, layout: Any) -> None:
     except LocalAgentError as exc:
         raise DemoError(f"creating tokens: {exc}") from None
     for s in layout.sites:
-        console.print(f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)")
+        console.print(
+            f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)"
+        )
 
 
 def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], *, rounds: int) -> RunResult:
@@ -152,7 +166,10 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
     results = out / "results"
     fed_path = write_federation(
         results / "federation.yaml",
-        [{"name": s.site_id, "url": agents[s.site_id].url, "token_file": str(s.token_file)} for s in layout.sites],
+        [
+            {"name": s.site_id, "url": agents[s.site_id].url, "token_file": str(s.token_file)}
+            for s in layout.sites
+        ],
         min_sites=1,
         timeouts={"connect": 5, "read": 60, "round": 900, "evaluation": 600},
         retries={"attempts": 4, "backoff": 0.5, "max_backoff": 4},

@@ -60,6 +60,8 @@ class RunOptions:
     max_epochs: int = 50
     # Evaluate the global model at every site after every round (the study's metric).
     evaluate: bool = True
+    # With per-round evaluation off, still evaluate the final model at every site.
+    evaluate_final: bool = True
     # CIIL: also evaluate after every visit, not only after every cycle.
     evaluate_every_visit: bool = False
     # Keep each site's downloaded update under OUT/updates/ (for audits and tests).
@@ -183,11 +185,14 @@ class Coordinator:
         if recorder.doc["rounds"]:
             last = recorder.doc["rounds"][-1]
             final["weighted_dice"] = last.get("weighted_dice")
+            final["evaluation"] = last.get("evaluation", {})
             if "outside_evaluation" in last:
                 final["outside_evaluation"] = last["outside_evaluation"]
                 final["outside_weighted_dice"] = last["outside_weighted_dice"]
+        if not final.get("evaluation") and self.opts.evaluate_final:
+            final["evaluation"], final["weighted_dice"] = self.evaluate_everywhere(data, "final")
         if self.outside and self.opts.evaluate_outside == "final":
-            out_eval, out_mean = self.evaluate_everywhere(data, "final", self.outside)
+            out_eval, out_mean = self.evaluate_everywhere(data, "final-out", self.outside)
             final["outside_evaluation"] = out_eval
             final["outside_weighted_dice"] = out_mean
         return final

@@ -1,0 +1,1 @@
+"""Reproducible measurements; each prints JSON and writes a PNG where useful."""

@@ -1,0 +1,455 @@
+"""The reference study's comparison, end to end over HTTP: FL (FedAvg), CIIL, IIL against CDS.
+
+Generates the 10-site data set with the study's institutional split (70, 27, 17, 12, 11, 9,
+6, 6, 4, 3 patients; scaled down with --scale) plus two sites kept outside the federation,
+starts one real agent per site (a `fedsite serve` subprocess on a loopback port, each with
+its own SQLite database), and drives FL, CIIL and IIL through the coordinator. CDS (pooled
+data) trains in this process on the union of the sites' training splits. Every final model
+is evaluated by the agents (POST /v1/evaluations) on every federation site's validation
+split and on the outside sites. All methods share the model, the plan and the epoch budget:
+R rounds of E local epochs at every site (FL), R cycles of E epochs at each site (CIIL),
+R x E epochs over the pooled data (CDS); IIL trains at each site until the site's own
+validation Dice has not improved for `patience` epochs (at most R x E epochs per site).
+
+    python -m benchmarks.paper_reproduction --quick          # about 5 minutes on 2 cores
+    python -m benchmarks.paper_reproduction                  # the full run, under an hour
+
+Prints a table like the study's and a JSON summary; writes OUT/results.json and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks.pooled import site_splits, train_pooled
+from coordinator.client import AgentClient
+from coordinator.federation import Federation, load_federation, write_federation
+from coordinator.local import LocalFederation, create_token, terminate_on_sigterm, write_secret
+from coordinator.report import QuietReporter, Reporter, plot_dice_curves
+from coordinator.runner import Coordinator, RunOptions, run_strategy
+from coordinator.weights import encode, initial_weights
+
+# Dice of the reference study on its real 10-site split (Sheller et al. 2018/2020).
+STUDY = {"CDS": 0.862, "FL": 0.852, "CIIL": 0.82, "IIL": 0.803}
+
+
+@dataclass
+class Settings:
+    out: Path
+    quick: bool
+    scale: float
+    size: int
+    rounds: int
+    local_epochs: int
+    seeds: list[int]
+    patience: int
+    max_epochs: int
+    samples_per_subject: int
+    batch_size: int
+    lr: float
+    extra_sites: int
+    data_seed: int
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    quick = bool(args.quick)
+    base: dict[str, int] = (
+        {"size": 32, "rounds": 3, "seeds": 1, "patience": 2, "samples": 8}
+        if quick
+        else {"size": 48, "rounds": 8, "seeds": 3, "patience": 8, "samples": 8}
+    )
+    rounds = args.rounds or base["rounds"]
+    epochs = args.local_epochs
+    n_seeds = args.seeds or base["seeds"]
+    return Settings(
+        out=args.out or Path("bench-out/paper-quick" if quick else "bench-out/paper"),
+        quick=quick,
+        scale=args.scale or (0.2 if quick else 1.0),
+        size=args.size or base["size"],
+        rounds=rounds,
+        local_epochs=epochs,
+        seeds=list(range(n_seeds)),
+        patience=args.patience or base["patience"],
+        max_epochs=args.max_epochs or rounds * epochs,
+        samples_per_subject=args.samples_per_subject or base["samples"],
+        batch_size=args.batch_size,
+        lr=args.lr,
+        extra_sites=2,
+        data_seed=args.data_seed,
+    )
+
+
+def scaled_split(scale: float) -> list[int]:
+    from agent.data.synthetic import PAPER_SPLIT
+
+    # At least 3 subjects per site: two to train on (a CIIL/IIL visit) and one to validate.
+    return [max(3, round(n * scale)) for n in PAPER_SPLIT]
+
+
+def make_plan(s: Settings) -> dict[str, Any]:
+    from agent.data.synthetic import default_plan
+
+    plan = default_plan(size=s.size)
+    plan["local_epochs"] = s.local_epochs
+    plan["batch_size"] = s.batch_size
+    plan["optimizer"] = {"name": "adam", "lr": s.lr}
+    plan["data"]["samples_per_subject"] = s.samples_per_subject
+    return plan
+
+
+def _outside_sites_evaluate_everything(config: Path) -> None:
+    """Outside sites never train, so (nearly) all their subjects form the validation split."""
+    text = config.read_text()
+    if "val_fraction: 0.25" not in text:
+        raise RuntimeError(f"{config}: expected 'val_fraction: 0.25' in the generated config")
+    config.write_text(text.replace("val_fraction: 0.25", "val_fraction: 0.95"))
+
+
+def prepare(console: Console, s: Settings) -> Any:
+    from agent.data.synthetic import generate_federation
+
+    counts = scaled_split(s.scale)
+    console.rule(
+        f"[bold]Generating 10 sites ({', '.join(map(str, counts))} subjects) + {s.extra_sites} outside"
+    )
+    t0 = time.monotonic()
+    layout = generate_federation(
+        s.out / "data",
+        sites=10,
+        subjects_per_site=counts,
+        extra_sites=s.extra_sites,
+        size=s.size,
+        seed=s.data_seed,
+        force=True,
+    )
+    for site in layout.outside:
+        _outside_sites_evaluate_everything(site.config_path)
+    console.print(f"generated in {time.monotonic() - t0:.0f} s under {layout.root}")
+
+    def token(site: Any) -> None:
+        write_secret(site.token_file, create_token(site.config_path, site=site.site_id))
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(token, layout.all_sites))
+    console.print(f"coordinator tokens created in {time.monotonic() - t0:.0f} s")
+    return layout
+
+
+def federation_file(s: Settings, layout: Any, agents: dict[str, Any]) -> Federation:
+    def entry(site: Any) -> dict[str, Any]:
+        return {"name": site.site_id, "url": agents[site.site_id].url, "token_file": str(site.token_file)}
+
+    path = write_federation(
+        s.out / "federation.yaml",
+        [entry(x) for x in layout.sites],
+        min_sites=len(layout.sites),
+        outside=[entry(x) for x in layout.outside],
+        timeouts={"connect": 10, "read": 120, "round": 3600, "evaluation": 1800},
+        retries={"attempts": 5, "backoff": 1.0, "max_backoff": 8},
+        poll_interval=0.5,
+    )
+    return load_federation(path)
+
+
+def shuffled(names: Sequence[str], seed: int) -> list[str]:
+    order = list(names)
+    random.Random(1000 + seed).shuffle(order)
+    return order
+
+
+def summarise_run(doc: dict[str, Any]) -> dict[str, Any]:
+    final = doc.get("final", {})
+    curve = [
+        (r["index"], r["weighted_dice"]) for r in doc["rounds"] if isinstance(r.get("weighted_dice"), float)
+    ]
+    return {
+        "inside": final.get("weighted_dice"),
+        "outside": final.get("outside_weighted_dice"),
+        "per_site": {k: v.get("dice") for k, v in (final.get("evaluation") or {}).items()},
+        "outside_per_site": {k: v.get("dice") for k, v in (final.get("outside_evaluation") or {}).items()},
+        "curve": curve,
+        "duration_s": doc.get("duration_s"),
+        "bytes_sent": sum(int(r.get("bytes_sent", 0)) for r in doc["rounds"]),
+        "bytes_received": sum(int(r.get("bytes_received", 0)) for r in doc["rounds"]),
+        "left_out": [x for r in doc["rounds"] for x in r.get("left_out", [])],
+        "epochs_per_visit": [
+            t.get("metrics", {}).get("epochs_run")
+            for r in doc["rounds"]
+            for t in r.get("training", {}).values()
+        ],
+    }
+
+
+def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> dict[str, Any]:
+    plan = make_plan(s)
+    reporter: Reporter = QuietReporter(console) if s.quick else Reporter(console)
+    methods: dict[str, Any] = {}
+    inside = fed.names
+
+    console.rule(f"[bold]FL (FedAvg): {s.rounds} rounds x {s.local_epochs} local epoch(s) at every site")
+    fl = run_strategy(
+        fed,
+        plan,
+        s.out / "fl",
+        RunOptions(strategy="fedavg", rounds=s.rounds, run_id="fl"),
+        initial_weights=initial_weights(plan),
+        reporter=reporter,
+    )
+    methods["FL"] = [summarise_run(fl.doc)]
+    console.print(f"FL: Dice {methods['FL'][0]['inside']:.4f} ({fl.doc['duration_s']:.0f} s)")
+
+    for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
+        methods[name] = []
+        for seed in s.seeds:
+            seeded = {**plan, "seed": seed}
+            order = shuffled(inside, seed)
+            what = (
+                f"{s.rounds} cycles x {s.local_epochs} epoch(s) per visit"
+                if strategy == "ciil"
+                else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
+            )
+            console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
+            res = run_strategy(
+                fed,
+                seeded,
+                s.out / f"{strategy}-seed{seed}",
+                RunOptions(
+                    strategy=strategy,  # type: ignore[arg-type]
+                    rounds=s.rounds,
+                    order=order,
+                    patience=s.patience,
+                    max_epochs=s.max_epochs,
+                    # Per-visit evaluation of 10 sites is what makes IIL/CIIL slow; quick mode
+                    # evaluates the final model only.
+                    evaluate=not s.quick,
+                    run_id=f"{strategy}-s{seed}",
+                ),
+                initial_weights=initial_weights(seeded),
+                reporter=reporter,
+            )
+            summary = summarise_run(res.doc)
+            summary["seed"], summary["order"] = seed, order
+            methods[name].append(summary)
+            console.print(f"{name} seed {seed}: Dice {summary['inside']:.4f} ({res.doc['duration_s']:.0f} s)")
+
+    console.rule(
+        f"[bold]CDS: {s.rounds * s.local_epochs} epochs on the pooled training data, in this process"
+    )
+    splits = site_splits([x.config_path for x in layout.sites], plan["dataset"], s.out / "cds" / "catalog")
+    start = initial_weights(plan)
+    torch.set_num_threads(2)
+    weights, info = train_pooled(
+        plan,
+        splits,
+        epochs=s.rounds * s.local_epochs,
+        initial=start,
+        work_dir=s.out / "cds" / "work",
+        cache_dir=s.out / "cds" / "cache",
+        progress=not s.quick,
+    )
+    (s.out / "cds" / "cds.safetensors").write_bytes(encode(weights))
+    clients = AgentClient.for_federation(fed)
+    try:
+        judge = Coordinator(
+            fed, plan, s.out / "cds", RunOptions(run_id="cds"), initial_weights=weights, clients=clients
+        )
+        data = encode(weights)
+        per_site, inside_dice = judge.evaluate_everywhere(data, "final")
+        per_out, outside_dice = judge.evaluate_everywhere(data, "final-out", fed.outside_names)
+    finally:
+        for c in clients.values():
+            c.close()
+    methods["CDS"] = [
+        {
+            "inside": inside_dice,
+            "outside": outside_dice,
+            "per_site": {k: v.get("dice") for k, v in per_site.items()},
+            "outside_per_site": {k: v.get("dice") for k, v in per_out.items()},
+            **info,
+        }
+    ]
+    console.print(f"CDS: Dice {inside_dice:.4f} ({info['duration_s']:.0f} s training)")
+    return methods
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
+    xs = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+    if not xs:
+        return {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(xs),
+        "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "min": min(xs),
+        "max": max(xs),
+        "n": len(xs),
+    }
+
+
+def table_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
+    cds_in = _stats([r["inside"] for r in methods["CDS"]])["mean"]
+    cds_out = _stats([r["outside"] for r in methods["CDS"]])["mean"]
+    rows = []
+    for name in ("CDS", "FL", "CIIL", "IIL"):
+        runs = methods.get(name, [])
+        inside = _stats([r["inside"] for r in runs])
+        outside = _stats([r["outside"] for r in runs])
+        rows.append(
+            {
+                "method": name,
+                "inside": inside,
+                "outside": outside,
+                "inside_pct_of_cds": 100 * inside["mean"] / cds_in if inside["mean"] and cds_in else None,
+                "outside_pct_of_cds": 100 * outside["mean"] / cds_out
+                if outside["mean"] and cds_out
+                else None,
+                "study_dice": STUDY[name],
+                "study_pct_of_cds": round(100 * STUDY[name] / STUDY["CDS"], 1),
+            }
+        )
+    return rows
+
+
+def _fmt(stat: dict[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    if stat["n"] > 1:
+        return f"{stat['mean']:.4f} ± {stat['sd']:.4f} (n={stat['n']})"
+    return f"{stat['mean']:.4f}"
+
+
+def print_table(console: Console, rows: list[dict[str, Any]]) -> None:
+    table = Table(title="Validation Dice (sample-weighted over sites) and % of pooled data (CDS)")
+    for col in ("method", "Dice inside", "% of CDS", "Dice outside", "% of CDS", "study: Dice (% CDS)"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        pct_in = f"{r['inside_pct_of_cds']:.1f}%" if r["inside_pct_of_cds"] else "n/a"
+        pct_out = f"{r['outside_pct_of_cds']:.1f}%" if r["outside_pct_of_cds"] else "n/a"
+        table.add_row(
+            r["method"],
+            _fmt(r["inside"]),
+            pct_in,
+            _fmt(r["outside"]),
+            pct_out,
+            f"{r['study_dice']:.3f} ({r['study_pct_of_cds']}%)",
+        )
+    console.print(table)
+
+
+def plot(s: Settings, methods: dict[str, Any], rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {"FL (per round)": methods["FL"][0]["curve"]}
+    for name, label in (("CIIL", "CIIL seed {} (per cycle)"), ("IIL", "IIL seed {} (per visit)")):
+        for run in methods[name]:
+            if run["curve"]:
+                curves[label.format(run["seed"])] = run["curve"]
+    cds = rows[0]["inside"]["mean"]
+    curve_png = plot_dice_curves(
+        curves,
+        s.out / "dice_per_round.png",
+        title="Sample-weighted validation Dice inside the federation",
+        xlabel="round / cycle / visit",
+        reference={"CDS (final)": cds} if cds is not None else None,
+    )
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    names = [r["method"] for r in rows]
+    width = 0.38
+    for k, (key, label) in enumerate((("inside", "inside the federation"), ("outside", "outside sites"))):
+        means = [r[key]["mean"] or 0.0 for r in rows]
+        errs = [r[key]["sd"] or 0.0 for r in rows]
+        xs = [i + (k - 0.5) * width for i in range(len(rows))]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+    ax.set_xticks(range(len(rows)), names)
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("Final models: Dice by collaboration method")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    bars_png = s.out / "dice_by_method.png"
+    fig.savefig(bars_png)
+    plt.close(fig)
+    return [curve_png, bars_png]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Small setting: about 5 minutes on 2 CPU cores.")
+    ap.add_argument(
+        "--out", type=Path, help="Output folder (default bench-out/paper or bench-out/paper-quick)."
+    )
+    ap.add_argument("--seeds", type=int, help="Seeds for IIL and CIIL (their spread); default 3 (quick: 1).")
+    ap.add_argument("--rounds", type=int, help="FL rounds = CIIL cycles; CDS epochs = rounds x local epochs.")
+    ap.add_argument(
+        "--local-epochs", type=int, default=1, help="Epochs per site per round / visit (study: 1)."
+    )
+    ap.add_argument(
+        "--scale", type=float, help="Fraction of the study's patients per site (default 1; quick 0.2)."
+    )
+    ap.add_argument("--size", type=int, help="Volume size in voxels per side (multiple of 8).")
+    ap.add_argument("--patience", type=int, help="IIL patience in epochs (study: 8; quick: 2).")
+    ap.add_argument(
+        "--max-epochs", type=int, help="IIL: most epochs at one site (default rounds x local epochs)."
+    )
+    ap.add_argument("--samples-per-subject", type=int, help="2D slices drawn per subject per epoch.")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--data-seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    s = settings_from(parse_args(argv))
+    console = Console(stderr=True)
+    t0 = time.monotonic()
+    s.out.mkdir(parents=True, exist_ok=True)
+    with terminate_on_sigterm():
+        layout = prepare(console, s)
+        console.rule(f"[bold]Starting {len(layout.all_sites)} agents (one process each, one thread each)")
+        with LocalFederation(s.out / "logs") as local:
+            t1 = time.monotonic()
+            agents = local.start_many({x.site_id: x.config_path for x in layout.all_sites})
+            console.print(f"agents ready in {time.monotonic() - t1:.0f} s; logs under {s.out / 'logs'}")
+            fed = federation_file(s, layout, agents)
+            methods = run_methods(console, s, fed, layout)
+    rows = table_rows(methods)
+    print_table(console, rows)
+    pngs = plot(s, methods, rows)
+    fl_pct = rows[1]["inside_pct_of_cds"]
+    doc = {
+        "benchmark": "paper_reproduction",
+        "settings": {**asdict(s), "out": str(s.out), "subjects_per_site": scaled_split(s.scale)},
+        "table": rows,
+        "methods": methods,
+        "fl_reaches_99pct_of_cds": bool(fl_pct is not None and fl_pct >= 99.0),
+        "duration_s": round(time.monotonic() - t0, 1),
+        "pngs": [str(p) for p in pngs],
+    }
+    (s.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"results: {s.out / 'results.json'}; plots: {', '.join(map(str, pngs))}")
+    print(
+        json.dumps({k: doc[k] for k in ("table", "fl_reaches_99pct_of_cds", "duration_s", "pngs")}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

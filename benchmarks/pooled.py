@@ -1,0 +1,149 @@
+"""CDS (centralised / pooled data): the upper bound of the reference study.
+
+The same model, plan and epoch budget as the federated runs, trained in one process on the
+union of every site's training split, with the agent's own catalog, loading and engine
+code. Each site's configuration is scanned into a catalog database of this benchmark (not
+the agent's), with the site's own secret, so the train/validation split of every subject
+is exactly the one its agent uses.
+
+    python -m benchmarks.pooled --data bench-out/paper/data --epochs 10 --out bench-out/cds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from agent.audit.db import open_database
+from agent.config import load_config
+from agent.data.catalog import ItemRef, dataset_items, scan_datasets
+from agent.training.engine import EngineContext, evaluate, train_round
+from agent.training.plan import parse_plan
+
+
+@dataclass
+class SiteSplit:
+    site: str
+    train: list[ItemRef]
+    val: list[ItemRef]
+
+
+def site_splits(configs: Sequence[Path], dataset: str, db_dir: Path) -> list[SiteSplit]:
+    """Each site's train and validation items, scanned into DB_DIR/<site>.db."""
+    db_dir.mkdir(parents=True, exist_ok=True)
+    out: list[SiteSplit] = []
+    for path in configs:
+        cfg = load_config(path)
+        db = open_database(f"sqlite:///{(db_dir / f'{cfg.site.id}.db').as_posix()}")
+        try:
+            scan_datasets(cfg, db)
+            out.append(
+                SiteSplit(cfg.site.id, dataset_items(db, dataset, "train"), dataset_items(db, dataset, "val"))
+            )
+        finally:
+            db.dispose()
+    return out
+
+
+def train_pooled(
+    plan_doc: dict[str, Any],
+    splits: Sequence[SiteSplit],
+    *,
+    epochs: int,
+    initial: dict[str, torch.Tensor],
+    work_dir: Path,
+    cache_dir: Path,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Train the plan's model for EPOCHS epochs on the union of the sites' training items."""
+    plan = parse_plan({**plan_doc, "local_epochs": epochs, "send": "weights", "init": "global"})
+    train = [item for s in splits for item in s.train]
+    t0 = time.monotonic()
+
+    def show(p: dict[str, Any]) -> None:
+        if progress and p.get("step") == p.get("steps"):
+            print(
+                f"CDS epoch {p.get('epoch')}/{p.get('epochs')} loss {p.get('loss', float('nan')):.4f}",
+                file=sys.stderr,
+            )
+
+    ctx = EngineContext(device=device, work_dir=work_dir, cache_dir=cache_dir, progress=show)
+    result = train_round(plan, initial, train, [], ctx)
+    info = {
+        "epochs": epochs,
+        "num_train_subjects": len(train),
+        "train_loss": result.metrics.get("train_loss"),
+        "duration_s": round(time.monotonic() - t0, 3),
+    }
+    return result.update, info
+
+
+def evaluate_in_process(
+    plan_doc: dict[str, Any], weights: dict[str, torch.Tensor], splits: Sequence[SiteSplit], cache_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Dice of WEIGHTS on every site's validation split, in this process (for the standalone CLI)."""
+    plan = parse_plan(plan_doc)
+    out: dict[str, dict[str, Any]] = {}
+    for s in splits:
+        ctx = EngineContext(device="cpu", work_dir=cache_dir.parent / "eval", cache_dir=cache_dir)
+        res = evaluate(plan, weights, s.val, ctx)
+        out[s.site] = {"dice": res.metrics["dice"], "num_samples": res.num_samples}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from coordinator.report import plot_dice_curves
+    from coordinator.runner import weighted_dice
+    from coordinator.weights import encode, initial_weights
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="Folder written by `fedsite demo-data` (site-<k>/config.yaml).",
+    )
+    ap.add_argument("--plan", type=Path, help="Plan JSON (default: DATA/plan.json).")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("bench-out/cds"))
+    args = ap.parse_args(argv)
+    plan_doc = json.loads((args.plan or args.data / "plan.json").read_text())
+    configs = sorted(args.data.glob("site-*/config.yaml"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not configs:
+        print(f"{args.data}: no site-<k>/config.yaml found", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    splits = site_splits(configs, plan_doc["dataset"], args.out / "catalog")
+    weights, info = train_pooled(
+        plan_doc,
+        splits,
+        epochs=args.epochs,
+        initial=initial_weights(plan_doc),
+        work_dir=args.out / "work",
+        cache_dir=args.out / "cache",
+    )
+    (args.out / "cds.safetensors").write_bytes(encode(weights))
+    per_site = evaluate_in_process(plan_doc, weights, splits, args.out / "cache")
+    doc = {"benchmark": "pooled", **info, "per_site": per_site, "weighted_dice": weighted_dice(per_site)}
+    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plot_dice_curves(
+        {"CDS per site": [(i + 1, v["dice"]) for i, v in enumerate(per_site.values())]},
+        args.out / "cds_per_site.png",
+        title="CDS: validation Dice per site",
+        xlabel="site",
+    )
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
