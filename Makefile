@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit venv clean wheelhouse bench
+.PHONY: demo test lint typecheck unit venv clean wheelhouse bench e2e-docker
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=..."; exit 1; }
@@ -33,6 +33,15 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not docker" $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# Every wheel the image needs, for an offline `docker build` (TORCH_VARIANT=cpu|cuda).
+TORCH_VARIANT ?= cpu
+wheelhouse: $(STAMP)
+	PYTHON=$(PY) bash docker/wheelhouse.sh wheelhouse $(TORCH_VARIANT)
+
+# Engine, Debian base, image, three agents + coordinator over mutual TLS, audit checks, teardown.
+e2e-docker: $(STAMP)
+	PYTHON=$(PY) bash deploy/e2e-docker.sh
 
 clean:
 	rm -rf $(VENV) demo-out bench-out .pytest_cache .mypy_cache .ruff_cache
