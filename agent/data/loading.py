@@ -1,0 +1,458 @@
+"""From catalog items to training tensors: a MONAI pipeline with a persistent on-disk cache.
+
+Preprocessing is split in two, because the two halves have opposite costs:
+
+- The deterministic half (read, reorient to RAS, optional resampling, per-modality z-score
+  over the non-zero body mask, label map -> binary target) decodes DICOM/NIfTI and is slow.
+  Its result is cached as .npy under `cache_dir`, keyed by the item's content checksum and a
+  hash of exactly these settings, so the second epoch (and the next round) never decodes
+  again, and a changed file or setting can never be served a stale array.
+- The random half (which slices or patches, where to crop) is cheap and is drawn per sample
+  from a generator seeded by (seed, epoch, subject, sample): the same seed gives the same
+  batches, whatever the number of workers.
+
+Errors name the subject key and the modality, never a path: they may end up in a round's
+error message, which the coordinator can read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    NormalizeIntensity,
+    Orientation,
+    ResampleToMatch,
+    ResizeWithPadOrCrop,
+    Spacing,
+    SpatialPad,
+)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from agent.data.catalog import ItemRef
+from agent.data.volume import Volume, read_nifti_volume
+
+# Bump when the deterministic preprocessing changes, so that old cache entries are not reused.
+PREPROCESS_VERSION = 1
+# At most this many foreground voxels per subject are kept to centre 3D patches on.
+_MAX_FG_POINTS = 4096
+
+
+class DataLoadError(RuntimeError):
+    """An item cannot be loaded; the message names the subject key and what failed."""
+
+
+class DataSettings(BaseModel):
+    """The plan's optional "data" key: how subjects become training samples."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spatial_dims: Literal[2, 3] = 2
+    # 2D slice size (X, Y) or 3D patch size (X, Y, Z), in RAS voxels; images are cropped or
+    # zero-padded to it.
+    roi_size: list[int] = Field(default_factory=lambda: [128, 128])
+    # Channels in this order; default: the dataset's modalities in config order.
+    modalities: list[str] | None = None
+    # Resample to this voxel size (mm, RAS order) first; default: keep the native grid.
+    spacing: list[float] | None = None
+    # 2D: fraction of the sampled slices that contain label (the rest contain none, when the
+    # subject has such slices). 3D: fraction of patches centred on a label voxel.
+    label_slice_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # 2D slices / 3D patches drawn per subject per epoch.
+    samples_per_subject: int = Field(default=16, ge=1, le=100_000)
+
+    @field_validator("roi_size")
+    @classmethod
+    def _roi_positive(cls, v: list[int]) -> list[int]:
+        if any(n < 1 or n > 4096 for n in v):
+            raise ValueError("every roi_size value must be between 1 and 4096")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_shape(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) != 3 or any(not (0 < s < 100) for s in v)):
+            raise ValueError("spacing must be three voxel sizes in mm, each > 0 and < 100")
+        return v
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities_unique(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("modalities must be a non-empty list without repeats")
+        return v
+
+    @model_validator(mode="after")
+    def _roi_matches_dims(self) -> DataSettings:
+        if len(self.roi_size) != self.spatial_dims:
+            raise ValueError(
+                f"roi_size has {len(self.roi_size)} values but spatial_dims is {self.spatial_dims}"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- deterministic part
+
+
+def _modalities(item: ItemRef, settings: DataSettings) -> list[str]:
+    wanted = settings.modalities or list(item.images)
+    missing = [m for m in wanted if m not in item.images]
+    if missing:
+        raise DataLoadError(
+            f"subject {item.subject_key}: modality {missing[0]!r} is not in dataset {item.dataset!r} "
+            f"(it has {', '.join(item.images)})"
+        )
+    return wanted
+
+
+def preprocess_key(item: ItemRef, settings: DataSettings) -> str:
+    """Cache key: the item's content checksum plus every setting the cached arrays depend on."""
+    desc = {
+        "version": PREPROCESS_VERSION,
+        "checksum": item.checksum,
+        "orientation": "RAS",
+        "spacing": settings.spacing,
+        "normalisation": "zscore-nonzero-per-channel",
+        "modalities": _modalities(item, settings),
+        "target_labels": sorted(set(item.target_labels)),
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def _read(item: ItemRef, what: str, path: Path, dicom: bool) -> Volume:
+    try:
+        if dicom:
+            # Imported on use: a NIfTI-only site never loads the DICOM stack.
+            from agent.data.dicom import read_dicom_series
+
+            return read_dicom_series(path)
+        return read_nifti_volume(path, what)
+    except Exception as exc:  # the reader's message names the file: keep it out of ours
+        raise DataLoadError(
+            f"subject {item.subject_key} of dataset {item.dataset!r}: cannot read {what} "
+            f"({type(exc).__name__}); run `fedsite data scan` to re-check the dataset"
+        ) from exc
+
+
+def _meta(array: np.ndarray, affine: np.ndarray) -> MetaTensor:
+    return MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), affine=torch.from_numpy(affine)
+    )
+
+
+def _as_meta(x: Any) -> MetaTensor:
+    if not isinstance(x, MetaTensor):  # MONAI returns MetaTensor for MetaTensor input
+        raise TypeError(f"expected a MetaTensor from the transform, got {type(x).__name__}")
+    return x
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A plain contiguous tensor: batches carry no MONAI metadata."""
+    t = x.as_tensor() if isinstance(x, MetaTensor) else torch.as_tensor(x)
+    return t.contiguous()
+
+
+def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
+    return bool(a.shape[1:] == b.shape[1:] and np.allclose(a.affine.numpy(), b.affine.numpy(), atol=1e-3))
+
+
+def _preprocess(item: ItemRef, settings: DataSettings) -> tuple[np.ndarray, np.ndarray]:
+    if item.label is None:
+        raise DataLoadError(
+            f"subject {item.subject_key} of dataset {item.dataset!r} has no label mask; "
+            "training and validation need one (set the dataset's label pattern)"
+        )
+    orient = Orientation(axcodes="RAS", labels=None)
+    channels: list[MetaTensor] = []
+    for modality in _modalities(item, settings):
+        vol = _read(item, modality, item.images[modality], item.fmt == "dicom")
+        ch = _as_meta(orient(_meta(vol.array[None], vol.affine)))
+        if channels and not _same_grid(channels[0], ch):
+            # Co-registered modalities on slightly different grids: resample in world space.
+            ch = _as_meta(ResampleToMatch(mode="bilinear", padding_mode="zeros")(ch, channels[0]))
+        channels.append(ch)
+    image = MetaTensor(torch.cat([c.as_tensor() for c in channels], dim=0), affine=channels[0].affine)
+    lab = _read(item, "label", item.label, False)
+    target = np.isin(np.rint(lab.array), np.asarray(item.target_labels)).astype(np.float32)
+    label = _as_meta(orient(_meta(target[None], lab.affine)))
+    if settings.spacing is not None:
+        image = _as_meta(Spacing(pixdim=settings.spacing, mode="bilinear", padding_mode="zeros")(image))
+    if not _same_grid(image, label):
+        label = _as_meta(ResampleToMatch(mode="nearest", padding_mode="zeros")(label, image))
+    normalised = NormalizeIntensity(nonzero=True, channel_wise=True)(image)
+    img_np = np.ascontiguousarray(_plain(normalised).numpy(), dtype=np.float32)
+    lab_np = (_plain(label).numpy() > 0.5).astype(np.uint8)
+    if not np.all(np.isfinite(img_np)):
+        raise DataLoadError(
+            f"subject {item.subject_key} of dataset {item.dataset!r}: image has non-finite values"
+        )
+    return img_np, lab_np
+
+
+# ----------------------------------------------------------------------------- the on-disk cache
+
+
+def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
+    folder = Path(cache_dir) / key[:2]
+    return folder / f"{key}.image.npy", folder / f"{key}.label.npy"
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(cache_dir: Path, key: str, *, mmap: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    img_path, lab_path = _cache_paths(cache_dir, key)
+    if not (img_path.is_file() and lab_path.is_file()):
+        return None
+    mode: Literal["r"] | None = "r" if mmap else None
+    try:
+        image = np.load(img_path, mmap_mode=mode, allow_pickle=False)
+        label = np.load(lab_path, mmap_mode=mode, allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable entry (disk trouble, foreign file): rebuilt by the caller
+    if (
+        image.dtype != np.float32
+        or label.dtype != np.uint8
+        or image.ndim != 4
+        or label.shape != (1, *image.shape[1:])
+    ):
+        return None
+    return image, label
+
+
+def _ensure_cached(
+    item: ItemRef, settings: DataSettings, cache_dir: Path, *, mmap: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    key = preprocess_key(item, settings)
+    hit = _load_cached(cache_dir, key, mmap=mmap)
+    if hit is not None:
+        return hit
+    image, label = _preprocess(item, settings)
+    img_path, lab_path = _cache_paths(cache_dir, key)
+    # Label first, image last: a reader sees the pair only once the image is in place.
+    _save_atomic(lab_path, label)
+    _save_atomic(img_path, image)
+    if mmap:
+        hit = _load_cached(cache_dir, key, mmap=True)
+        if hit is not None:
+            return hit
+    return image, label
+
+
+def load_preprocessed(
+    item: ItemRef, settings: DataSettings, cache_dir: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The item's preprocessed image (C, X, Y, Z) float32 and binary label (1, X, Y, Z) uint8,
+    in RAS, from the cache when present (else computed and cached)."""
+    return _ensure_cached(item, settings, Path(cache_dir), mmap=False)
+
+
+# ----------------------------------------------------------------------------- random sampling
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    shape: tuple[int, ...]  # (C, X, Y, Z)
+    fg_slices: np.ndarray  # Z indices with label
+    bg_slices: np.ndarray  # Z indices without label
+    fg_points: np.ndarray  # (N, 3) sample of label voxels
+
+
+def _window(rng: np.random.Generator, dim: int, size: int, centre: int | None) -> tuple[int, int]:
+    """[start, end) in the original axis for a `size` window; when dim < size the whole axis
+    (zero-padded afterwards). With a centre, the window contains it."""
+    if dim <= size:
+        return 0, dim
+    if centre is None:
+        start = int(rng.integers(0, dim - size + 1))
+    else:
+        start = int(np.clip(centre - size // 2, 0, dim - size))
+    return start, start + size
+
+
+class TrainSamples(Dataset[dict[str, torch.Tensor]]):
+    """Slices (2D) or patches (3D) drawn from cached, preprocessed subjects.
+
+    Index = epoch * len(self) + position: the sampler carries the epoch, so that each
+    sample's randomness is a function of (seed, epoch, subject, sample) only.
+    """
+
+    def __init__(self, entries: list[_Entry], settings: DataSettings, cache_dir: Path, seed: int) -> None:
+        self.entries = entries
+        self.settings = settings
+        self.cache_dir = Path(cache_dir)
+        self.seed = seed
+        self.num_subjects = len(entries)
+        per = settings.samples_per_subject
+        self._num_pos = round(per * settings.label_slice_fraction)
+        self._pad = SpatialPad(spatial_size=list(settings.roi_size), method="symmetric", mode="constant")
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries) * self.settings.samples_per_subject
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}  # memory maps are reopened in each worker
+        return state
+
+    def _open(self, entry: _Entry) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._arrays.get(entry.key)
+        if arrays is None:
+            hit = _load_cached(self.cache_dir, entry.key, mmap=True)
+            if hit is None:
+                raise DataLoadError(f"preprocessed cache entry {entry.key} disappeared during training")
+            arrays = self._arrays[entry.key] = hit
+        return arrays
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        epoch, pos = divmod(int(index), len(self))
+        subject, sample = divmod(pos, self.settings.samples_per_subject)
+        entry = self.entries[subject]
+        rng = np.random.default_rng([self.seed, epoch, subject, sample])
+        positive = sample < self._num_pos and len(entry.fg_slices) > 0
+        image, label = self._open(entry)
+        roi = self.settings.roi_size
+        if self.settings.spatial_dims == 2:
+            if positive:
+                z = int(rng.choice(entry.fg_slices))
+            elif len(entry.bg_slices):
+                z = int(rng.choice(entry.bg_slices))
+            else:
+                z = int(rng.integers(entry.shape[3]))
+            lab_slice = np.asarray(label[0, :, :, z])
+            centre: list[int | None] = [None, None]
+            if positive:
+                pts = np.argwhere(lab_slice)
+                centre = [int(v) for v in pts[int(rng.integers(len(pts)))]]
+            (x0, x1), (y0, y1) = (_window(rng, entry.shape[1 + a], roi[a], centre[a]) for a in range(2))
+            img = np.array(image[:, x0:x1, y0:y1, z], dtype=np.float32)
+            lab = np.array(label[:, x0:x1, y0:y1, z], dtype=np.float32)
+        else:
+            centre3: list[int | None] = [None, None, None]
+            if positive and len(entry.fg_points):
+                centre3 = [int(v) for v in entry.fg_points[int(rng.integers(len(entry.fg_points)))]]
+            (x0, x1), (y0, y1), (z0, z1) = (
+                _window(rng, entry.shape[1 + a], roi[a], centre3[a]) for a in range(3)
+            )
+            img = np.array(image[:, x0:x1, y0:y1, z0:z1], dtype=np.float32)
+            lab = np.array(label[:, x0:x1, y0:y1, z0:z1], dtype=np.float32)
+        return {
+            "image": _plain(self._pad(torch.from_numpy(img))),
+            "label": _plain(self._pad(torch.from_numpy(lab))),
+        }
+
+
+class _EpochSampler(Sampler[int]):
+    """A fresh permutation per epoch, seeded by (seed, epoch); indices carry the epoch."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n = n
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        self.epoch += 1
+        order = np.random.default_rng([self.seed, epoch, 0x5A]).permutation(self.n)
+        base = epoch * self.n
+        return iter([base + int(i) for i in order])
+
+
+def _entry(item: ItemRef, settings: DataSettings, cache_dir: Path) -> _Entry:
+    image, label = _ensure_cached(item, settings, cache_dir, mmap=True)
+    lab = np.asarray(label[0])
+    has = lab.any(axis=(0, 1))
+    fg = np.argwhere(lab)
+    if len(fg) > _MAX_FG_POINTS:
+        # The subsample depends on the item's key only, so it is the same in every run.
+        pick = np.random.default_rng(int(item.checksum[:8], 16)).choice(
+            len(fg), _MAX_FG_POINTS, replace=False
+        )
+        fg = fg[np.sort(pick)]
+    return _Entry(
+        key=preprocess_key(item, settings),
+        shape=tuple(int(s) for s in image.shape),
+        fg_slices=np.flatnonzero(has),
+        bg_slices=np.flatnonzero(~has),
+        fg_points=fg.astype(np.int32),
+    )
+
+
+def build_train_loader(
+    items: Sequence[ItemRef],
+    settings: DataSettings,
+    *,
+    batch_size: int,
+    seed: int,
+    cache_dir: Path,
+    num_workers: int = 0,
+) -> DataLoader[dict[str, torch.Tensor]]:
+    """A loader of {"image": (B, C, *roi) float32, "label": (B, 1, *roi) float32 in {0, 1}}.
+
+    Every item is preprocessed (or found in the cache) here, before the first batch, so that a
+    broken subject fails the round at once and workers never decode the same volume twice.
+    Each iteration of the loader is one epoch with `samples_per_subject` samples per subject.
+    `loader.dataset.num_subjects` is the number of subjects (FedAvg's sample count).
+    """
+    if not items:
+        raise DataLoadError("no training subjects: the dataset's train split is empty")
+    if batch_size < 1:
+        raise DataLoadError(f"batch_size must be at least 1, not {batch_size}")
+    cache = Path(cache_dir)
+    entries = [_entry(item, settings, cache) for item in items]
+    channels = {e.shape[0] for e in entries}
+    if len(channels) > 1:
+        raise DataLoadError(f"subjects have different channel counts {sorted(channels)}")
+    dataset = TrainSamples(entries, settings, cache, seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_EpochSampler(len(dataset), seed),
+        num_workers=num_workers,
+        drop_last=False,
+    )
+
+
+def iter_val_volumes(
+    items: Sequence[ItemRef], settings: DataSettings, *, cache_dir: Path
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(subject key, image (C, X, Y, Z) float32, label (1, X, Y, Z) float32 in {0, 1}) per item.
+
+    Volumes are in RAS and normalised like the training data, centre-cropped / zero-padded to
+    roi_size: in-plane (X, Y) for 2D models, which then run slice by slice along Z, and in
+    all three axes for 3D models.
+    """
+    size = [*settings.roi_size, -1] if settings.spatial_dims == 2 else list(settings.roi_size)
+    fit = ResizeWithPadOrCrop(spatial_size=size, method="symmetric", mode="constant")
+    for item in items:
+        image, label = load_preprocessed(item, settings, Path(cache_dir))
+        img = _plain(fit(torch.from_numpy(image)))
+        lab = _plain(fit(torch.from_numpy(label.astype(np.float32))))
+        yield item.subject_key, img, lab
