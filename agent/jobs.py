@@ -1,0 +1,825 @@
+"""Round jobs: the persisted state machine, the scheduler, and the worker process.
+
+A job (a training round or an evaluation) moves through
+
+    queued -> running -> completed | failed | cancelled | interrupted
+    queued -> cancelled
+
+and every move is one conditional UPDATE of its `RoundJob` row followed by an audit
+event ("round.running", "evaluation.completed", ...). Because each move names the states
+it may come from, the API process and the worker process can race (a cancel against a
+completion, a restart against a late write) and exactly one of them wins.
+
+Training never runs in the API process: `JobRunner` starts one worker at a time with
+`python -m agent.jobs worker`, hands it the config and the job id on stdin (so that no
+secret shows in the process list), and watches it. The worker loads the plan and the
+weights from disk, trains on the local data, writes progress to the database, sends the
+update through the egress gate and records the result. A crash of the worker therefore
+fails one round and never the API; a dead agent takes its worker with it (parent-death
+signal plus a watchdog), and on restart a round left running becomes `interrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from agent.audit.db import Database, load_all_models
+from agent.audit.job_models import RoundJob, utcnow
+from agent.config import AgentConfig
+
+log = logging.getLogger("fedsite.jobs")
+
+QUEUED = "queued"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+INTERRUPTED = "interrupted"
+STATUSES = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, INTERRUPTED)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED})
+TRANSITIONS: dict[str, frozenset[str]] = {
+    QUEUED: frozenset({RUNNING, CANCELLED}),
+    RUNNING: frozenset({COMPLETED, FAILED, CANCELLED, INTERRUPTED}),
+}
+
+TRAIN = "train"
+EVALUATE = "evaluate"
+KINDS = (TRAIN, EVALUATE)
+
+# Training yields the CPU to the control API: a status poll must not wait behind a batch.
+WORKER_NICENESS = 5
+# How often the worker writes progress and looks at the cancel flag.
+PROGRESS_INTERVAL_S = 1.0
+STOP_CHECK_INTERVAL_S = 0.5
+MAX_ERROR_CHARS = 2000
+
+
+class AuditSink(Protocol):
+    """What the job store needs from the audit log (agent.audit.chain.AuditLog fits)."""
+
+    def append(self, action: str, *, actor: str, details: dict[str, Any]) -> Any: ...
+
+
+def audit_action(kind: str, status: str) -> str:
+    return f"{'round' if kind == TRAIN else 'evaluation'}.{status}"
+
+
+def sources_of(target: str) -> frozenset[str]:
+    return frozenset(src for src, targets in TRANSITIONS.items() if target in targets)
+
+
+def json_safe(value: Any) -> Any:
+    """Metrics and progress as strict JSON: NaN and infinities become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, int | str | bool) or value is None:
+        return value
+    try:
+        return json_safe(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(json_safe(value), sort_keys=True, allow_nan=False)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A detached snapshot of a job row (safe to use after its session closed)."""
+
+    id: int
+    round_id: str
+    kind: str
+    status: str
+    actor: str
+    dataset: str
+    plan_json: str
+    plan_hash: str
+    weights_sha256: str | None
+    weights_path: str | None
+    job_dir: str
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    num_samples: int | None
+    update_sha256: str | None
+    update_nbytes: int | None
+    error: str | None
+    worker_pid: int | None
+    cancel_requested: bool
+    created_at: Any
+    started_at: Any
+    finished_at: Any
+
+    @classmethod
+    def of(cls, row: RoundJob) -> JobView:
+        return cls(
+            id=row.id,
+            round_id=row.round_id,
+            kind=row.kind,
+            status=row.status,
+            actor=row.actor,
+            dataset=row.dataset,
+            plan_json=row.plan_json,
+            plan_hash=row.plan_hash,
+            weights_sha256=row.weights_sha256,
+            weights_path=row.weights_path,
+            job_dir=row.job_dir,
+            progress=json.loads(row.progress_json or "{}"),
+            metrics=json.loads(row.metrics_json or "{}"),
+            num_samples=row.num_samples,
+            update_sha256=row.update_sha256,
+            update_nbytes=row.update_nbytes,
+            error=row.error,
+            worker_pid=row.worker_pid,
+            cancel_requested=bool(row.cancel_requested),
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class JobStore:
+    """The job rows and their state machine; used by the API process and the worker alike."""
+
+    def __init__(self, db: Database, audit: AuditSink) -> None:
+        self.db = db
+        self.audit = audit
+
+    def create(
+        self,
+        *,
+        round_id: str,
+        kind: str,
+        actor: str,
+        dataset: str,
+        plan_json: str,
+        plan_hash: str,
+        weights_sha256: str | None,
+        weights_path: str | None,
+        job_dir: str,
+    ) -> JobView:
+        """Insert a queued job and audit it; raises IntegrityError if (kind, round_id) exists."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        with self.db.session() as s:
+            row = RoundJob(
+                round_id=round_id,
+                kind=kind,
+                status=QUEUED,
+                actor=actor,
+                dataset=dataset,
+                plan_json=plan_json,
+                plan_hash=plan_hash,
+                weights_sha256=weights_sha256,
+                weights_path=weights_path,
+                job_dir=job_dir,
+                progress_json="{}",
+                metrics_json="{}",
+                cancel_requested=False,
+            )
+            s.add(row)
+            s.flush()
+            view = JobView.of(row)
+        self.audit.append(
+            audit_action(kind, QUEUED),
+            actor=actor,
+            details={
+                "round_id": round_id,
+                "kind": kind,
+                "dataset": dataset,
+                "plan_hash": plan_hash,
+                "weights_sha256": weights_sha256,
+            },
+        )
+        return view
+
+    def get(self, kind: str, round_id: str) -> JobView | None:
+        with self.db.session() as s:
+            row = s.scalars(
+                select(RoundJob).where(RoundJob.kind == kind, RoundJob.round_id == round_id)
+            ).first()
+            return JobView.of(row) if row is not None else None
+
+    def get_by_id(self, job_id: int) -> JobView | None:
+        with self.db.session() as s:
+            row = s.get(RoundJob, job_id)
+            return JobView.of(row) if row is not None else None
+
+    def status_of(self, job_id: int) -> tuple[str, bool] | None:
+        """(status, cancel_requested) with one small query: what the pollers need."""
+        with self.db.session() as s:
+            got = s.execute(
+                select(RoundJob.status, RoundJob.cancel_requested).where(RoundJob.id == job_id)
+            ).first()
+            return (str(got[0]), bool(got[1])) if got is not None else None
+
+    def count(self, status: str) -> int:
+        with self.db.session() as s:
+            return int(
+                s.scalar(select(func.count()).select_from(RoundJob).where(RoundJob.status == status)) or 0
+            )
+
+    def jobs_with_status(self, status: str) -> list[JobView]:
+        with self.db.session() as s:
+            rows = s.scalars(select(RoundJob).where(RoundJob.status == status).order_by(RoundJob.id)).all()
+            return [JobView.of(r) for r in rows]
+
+    def transition(
+        self,
+        job_id: int,
+        target: str,
+        *,
+        actor: str,
+        fields: dict[str, Any] | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> bool:
+        """Move a job to `target` if its current state allows it; audit the move. False if not."""
+        allowed = sources_of(target)
+        values: dict[str, Any] = {"status": target, "updated_at": utcnow()}
+        if target == RUNNING:
+            values["started_at"] = utcnow()
+        if target in TERMINAL:
+            values["finished_at"] = utcnow()
+        values.update(fields or {})
+        # Read and write in separate transactions: a SQLite reader that later writes can be
+        # refused outright when another process committed in between; the conditional
+        # UPDATE below is what decides the race.
+        current = self.get_by_id(job_id)
+        if current is None or current.status not in allowed:
+            return False
+        kind, round_id, plan_hash = current.kind, current.round_id, current.plan_hash
+        with self.db.session() as s:
+            changed = s.execute(
+                update(RoundJob)
+                .where(RoundJob.id == job_id, RoundJob.status.in_(sorted(allowed)))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(changed, "rowcount", 0) != 1:
+                return False
+        event = {"round_id": round_id, "kind": kind, "plan_hash": plan_hash}
+        event.update(details or {})
+        if values.get("error"):
+            event.setdefault("error", values["error"])
+        self.audit.append(audit_action(kind, target), actor=actor, details=event)
+        log.info("%s %s -> %s", "round" if kind == TRAIN else "evaluation", round_id, target)
+        return True
+
+    def claim_next(self, *, actor: str) -> JobView | None:
+        """The oldest queued job, moved to running; None when the queue is empty."""
+        while True:
+            with self.db.session() as s:
+                job_id = s.scalar(
+                    select(RoundJob.id).where(RoundJob.status == QUEUED).order_by(RoundJob.id).limit(1)
+                )
+            if job_id is None:
+                return None
+            if self.transition(job_id, RUNNING, actor=actor):
+                return self.get_by_id(job_id)
+
+    def _set(self, job_id: int, *, only_if: str | None = None, **values: Any) -> bool:
+        stmt = update(RoundJob).where(RoundJob.id == job_id)
+        if only_if is not None:
+            stmt = stmt.where(RoundJob.status == only_if)
+        with self.db.session() as s:
+            res = s.execute(
+                stmt.values(updated_at=utcnow(), **values).execution_options(synchronize_session=False)
+            )
+            return getattr(res, "rowcount", 0) == 1
+
+    def set_worker_pid(self, job_id: int, pid: int | None) -> bool:
+        return self._set(job_id, worker_pid=pid)
+
+    def set_progress(self, job_id: int, progress: dict[str, Any]) -> bool:
+        return self._set(job_id, only_if=RUNNING, progress_json=dumps(progress))
+
+    def request_cancel(self, job_id: int) -> bool:
+        return self._set(job_id, only_if=RUNNING, cancel_requested=True)
+
+    def recover_after_restart(self, *, actor: str = "agent") -> list[str]:
+        """Rounds a dead agent left running become `interrupted`; queued ones stay queued."""
+        moved: list[str] = []
+        for job in self.jobs_with_status(RUNNING):
+            if self.transition(
+                job.id,
+                INTERRUPTED,
+                actor=actor,
+                fields={"error": "the agent stopped while this job was running; start a new round"},
+                details={"reason": "agent restarted"},
+            ):
+                moved.append(job.round_id)
+        return moved
+
+
+# --------------------------------------------------------------------------------------
+# Error messages that leave the site: no paths, no subject folder names.
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s'\"()<>\[\]{},:;|]+){2,}")
+
+
+class Redactor:
+    """Removes file paths and subject names from text that may be shown to the coordinator."""
+
+    def __init__(self, words: Iterable[str] = ()) -> None:
+        # Longest first, so that "PAT-0001-b" is not left as "<subject>-b".
+        self.words = sorted({w for w in words if len(w) >= 3}, key=len, reverse=True)
+
+    @classmethod
+    def for_items(cls, items: Iterable[Any], roots: Iterable[Path]) -> Redactor:
+        roots = [Path(r) for r in roots]
+        words: set[str] = set()
+        for item in items:
+            paths = [Path(p) for p in getattr(item, "images", {}).values()]
+            if getattr(item, "label", None) is not None:
+                paths.append(Path(item.label))
+            for path in paths:
+                for root in roots:
+                    with contextlib.suppress(ValueError):
+                        words.update(path.relative_to(root).parts[:-1])
+        return cls(words)
+
+    def __call__(self, text: str) -> str:
+        out = _PATH_RE.sub("<path>", text)
+        for word in self.words:
+            out = out.replace(word, "<subject>")
+        if len(out) > MAX_ERROR_CHARS:
+            out = out[: MAX_ERROR_CHARS - 3] + "..."
+        return out
+
+
+def public_error(exc: BaseException, redact: Callable[[str], str]) -> str:
+    message = str(exc).strip() or "no message"
+    return redact(f"{type(exc).__name__}: {message}")
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+# --------------------------------------------------------------------------------------
+# The scheduler, in the API process.
+
+
+def config_for_worker(cfg: AgentConfig) -> dict[str, Any]:
+    """The config as JSON for the worker's stdin, secrets included (never on the command line)."""
+    data = cfg.model_dump(mode="json")
+    if cfg.site.secret is not None:
+        data["site"]["secret"] = cfg.site.secret.get_secret_value()
+    return data
+
+
+class JobRunner:
+    """Runs queued jobs one at a time, each in its own worker process, and watches it."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: JobStore,
+        *,
+        cancel_grace_s: float = 5.0,
+        kill_grace_s: float = 3.0,
+        poll_s: float = 0.2,
+        worker_command: list[str] | None = None,
+        prestart_worker: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.cancel_grace_s = cancel_grace_s
+        self.kill_grace_s = kill_grace_s
+        self.poll_s = poll_s
+        self.worker_command = worker_command or [sys.executable, "-m", "agent.jobs", "worker"]
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: tuple[int, subprocess.Popen[bytes]] | None = None
+        self._standby: subprocess.Popen[bytes] | None = None
+        self.prestart_worker = prestart_worker
+
+    @property
+    def current_job_id(self) -> int | None:
+        cur = self._current
+        return cur[0] if cur is not None else None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="fedsite-jobs", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop scheduling; a running worker is stopped and its job marked interrupted."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("the job scheduler did not stop within %.0f s", timeout_s)
+            self._thread = None
+
+    def _loop(self) -> None:
+        self._prestart()
+        try:
+            self._schedule()
+        finally:
+            self._release_standby()
+
+    def _schedule(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.store.claim_next(actor="agent")
+            except SQLAlchemyError:
+                log.exception("could not read the job queue; retrying")
+                self._stopping.wait(2.0)
+                continue
+            if job is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+                if self._standby is None:
+                    self._prestart()
+            except Exception:
+                log.exception("the scheduler failed while running %s %s", job.kind, job.round_id)
+                with contextlib.suppress(Exception):
+                    self.store.transition(
+                        job.id, FAILED, actor="agent", fields={"error": "internal error in the job scheduler"}
+                    )
+
+    def _start_process(self) -> subprocess.Popen[bytes]:
+        # Own session: a Ctrl-C or a signal to the agent's process group is the agent's to
+        # handle; the worker is stopped by the runner (or dies with the agent).
+        return subprocess.Popen(self.worker_command, stdin=subprocess.PIPE, start_new_session=True)
+
+    def _prestart(self) -> None:
+        """Start the next worker ahead: it loads its libraries and then waits for a job."""
+        if not self.prestart_worker or self._stopping.is_set():
+            return
+        try:
+            self._standby = self._start_process()
+        except OSError:
+            log.exception("could not start a standby worker process")
+            self._standby = None
+
+    def _release_standby(self) -> None:
+        proc, self._standby = self._standby, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            if proc.stdin is not None:
+                proc.stdin.close()  # end of input without a job: the worker exits
+        try:
+            proc.wait(timeout=self.kill_grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _spawn(self, job: JobView) -> subprocess.Popen[bytes]:
+        spec = json.dumps(
+            {"config": config_for_worker(self.cfg), "job_id": job.id, "parent_pid": os.getpid()}
+        )
+        proc, self._standby = self._standby, None
+        for attempt in range(2):
+            if proc is None or proc.poll() is not None:
+                proc = self._start_process()
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(spec.encode())
+                proc.stdin.close()
+                return proc
+            except OSError:
+                if attempt == 1:
+                    raise
+                log.warning("the standby worker was gone; starting a new one")
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc = None
+        raise AssertionError("unreachable")
+
+    def _run(self, job: JobView) -> None:
+        try:
+            proc = self._spawn(job)
+        except OSError as exc:
+            self.store.transition(
+                job.id, FAILED, actor="agent", fields={"error": f"could not start the worker process: {exc}"}
+            )
+            return
+        self._current = (job.id, proc)
+        self.store.set_worker_pid(job.id, proc.pid)
+        started = time.monotonic()
+        reason: str | None = None
+        terminate_at = kill_at = math.inf
+        try:
+            while True:
+                try:
+                    code = proc.wait(timeout=self.poll_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                now = time.monotonic()
+                if reason is None:
+                    reason = self._stop_reason(job.id, now - started)
+                    if reason is not None:
+                        # A cancel first asks the worker to stop between steps; a shutdown
+                        # or an overrun stops it now.
+                        terminate_at = now + (self.cancel_grace_s if reason == "cancel" else 0.0)
+                        kill_at = terminate_at + self.kill_grace_s
+                if now >= kill_at:
+                    proc.kill()
+                elif now >= terminate_at and proc.returncode is None:
+                    proc.terminate()
+                    terminate_at = math.inf
+        finally:
+            self._current = None
+        self._finish(job, code, reason)
+
+    def _stop_reason(self, job_id: int, elapsed: float) -> str | None:
+        if self._stopping.is_set():
+            return "shutdown"
+        if elapsed > self.cfg.limits.max_round_seconds:
+            return "timeout"
+        state = self.store.status_of(job_id)
+        if state is not None and state[1]:
+            return "cancel"
+        return None
+
+    def _finish(self, job: JobView, code: int, reason: str | None) -> None:
+        state = self.store.status_of(job.id)
+        if state is not None and state[0] == RUNNING:
+            if reason == "cancel":
+                self.store.transition(
+                    job.id, CANCELLED, actor="agent", details={"reason": "cancel requested; worker stopped"}
+                )
+            elif reason == "timeout":
+                limit = self.cfg.limits.max_round_seconds
+                self.store.transition(
+                    job.id,
+                    FAILED,
+                    actor="agent",
+                    fields={
+                        "error": f"stopped after running longer than limits.max_round_seconds ({limit} s)"
+                    },
+                )
+            elif reason == "shutdown":
+                self.store.transition(
+                    job.id,
+                    INTERRUPTED,
+                    actor="agent",
+                    fields={"error": "the agent was shut down while this job was running; start a new round"},
+                    details={"reason": "agent shutdown"},
+                )
+            else:
+                self.store.transition(
+                    job.id,
+                    FAILED,
+                    actor="agent",
+                    fields={
+                        "error": f"the worker process ended unexpectedly ({describe_exit(code)}) "
+                        "before it recorded a result"
+                    },
+                )
+        final = self.store.get_by_id(job.id)
+        # The received weights are needed only while the job may still run.
+        if final is not None and final.status in (COMPLETED, FAILED, CANCELLED) and final.weights_path:
+            with contextlib.suppress(OSError):
+                Path(final.weights_path).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------
+# The worker process.
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """If the agent dies (even by kill -9), its worker must not go on writing to the DB."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class ProgressWriter:
+    """The engine's progress callback: writes to the job row, at most once per interval."""
+
+    def __init__(self, store: JobStore, job_id: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self.last: dict[str, Any] = {}
+        self._written_at = 0.0
+        self._epoch: Any = None
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        self.last = dict(progress)
+        now = time.monotonic()
+        epoch = progress.get("epoch")
+        if now - self._written_at >= self.interval_s or epoch != self._epoch:
+            self._written_at = now
+            self._epoch = epoch
+            self.store.set_progress(self.job_id, self.last)
+
+
+class StopCheck:
+    """The engine's should_stop: true once a cancel is requested or the job left `running`."""
+
+    def __init__(self, store: JobStore, job_id: int, interval_s: float = STOP_CHECK_INTERVAL_S) -> None:
+        self.store = store
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._checked_at = 0.0
+        self._stop = False
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._checked_at >= self.interval_s:
+            self._checked_at = now
+            state = self.store.status_of(self.job_id)
+            self._stop = state is None or state[0] != RUNNING or state[1]
+        return self._stop
+
+
+class JobInputError(Exception):
+    """The job cannot run as asked (no subjects, weights no longer valid, ...)."""
+
+
+def _load_weights(cfg: AgentConfig, job: JobView, plan: Any) -> Any:
+    from agent.exchange.codec import decode_weights
+    from agent.training.registry import expected_shapes
+
+    if not job.weights_path:
+        return None
+    data = Path(job.weights_path).read_bytes()
+    return decode_weights(data, expected=expected_shapes(plan), max_bytes=cfg.limits.max_weights_bytes)
+
+
+def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: Any, job: JobView) -> None:
+    """Train or evaluate one job and record its result; raises on failure."""
+    from agent.data.catalog import dataset_items
+    from agent.exchange.egress import EgressGate
+    from agent.training.engine import EngineContext, evaluate, train_round
+    from agent.training.plan import Plan
+
+    plan = Plan.model_validate_json(job.plan_json)
+    items = dataset_items(db, plan.dataset)
+    train = [i for i in items if i.split == "train"]
+    val = [i for i in items if i.split == "val"]
+    job_dir = Path(job.job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    progress = ProgressWriter(store, job.id)
+    ctx = EngineContext(
+        device=cfg.device,
+        work_dir=job_dir,
+        cache_dir=cfg.work_dir / "cache",
+        progress=progress,
+        should_stop=StopCheck(store, job.id),
+    )
+    weights = _load_weights(cfg, job, plan)
+    if job.kind == EVALUATE:
+        if weights is None:
+            raise JobInputError("an evaluation needs weights")
+        if not val:
+            raise JobInputError(f"dataset {plan.dataset!r} has no validation subjects")
+        ev = evaluate(plan, weights, val, ctx)
+        store.transition(
+            job.id,
+            COMPLETED,
+            actor="worker",
+            fields={
+                "metrics_json": dumps(ev.metrics),
+                "num_samples": int(ev.num_samples),
+                "progress_json": dumps(progress.last),
+            },
+            details={"num_samples": int(ev.num_samples), "metrics": json_safe(ev.metrics)},
+        )
+        return
+    if not train:
+        raise JobInputError(f"dataset {plan.dataset!r} has no training subjects")
+    result = train_round(plan, weights, train, val, ctx)
+    gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress)
+    base = result.global_weights if result.global_weights is not None else weights
+    released = gate.release(
+        round_id=job.round_id, plan=plan, update=result.update, global_weights=base, kind=plan.send
+    )
+    store.transition(
+        job.id,
+        COMPLETED,
+        actor="worker",
+        fields={
+            "metrics_json": dumps(result.metrics),
+            "num_samples": int(result.num_samples),
+            "update_sha256": released.sha256,
+            "update_nbytes": int(released.nbytes),
+            "progress_json": dumps(progress.last),
+        },
+        details={
+            "num_samples": int(result.num_samples),
+            "update_sha256": released.sha256,
+            "update_nbytes": int(released.nbytes),
+            "metrics": json_safe(result.metrics),
+        },
+    )
+
+
+def worker_main(spec: dict[str, Any]) -> int:
+    """Run the job of `spec` (written by `JobRunner._spawn`) in this worker process."""
+    if os.getppid() != int(spec["parent_pid"]):
+        return 3
+    cfg = AgentConfig.model_validate(spec["config"])
+    logging.basicConfig(
+        level=cfg.log_level,
+        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+    from agent.audit.chain import AuditLog
+    from agent.training.engine import Cancelled
+
+    load_all_models()
+    db = Database(cfg.db_url)
+    audit = AuditLog(db)
+    store = JobStore(db, audit)
+    job = store.get_by_id(int(spec["job_id"]))
+    if job is None or job.status != RUNNING:
+        log.warning("job %s is not running; nothing to do", spec["job_id"])
+        return 0
+    redact = Redactor()
+    try:
+        from agent.data.catalog import dataset_items
+
+        redact = Redactor.for_items(dataset_items(db, job.dataset), [d.root for d in cfg.datasets])
+    except Exception:
+        log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
+    try:
+        run_job(cfg, db, store, audit, job)
+    except Cancelled:
+        store.transition(job.id, CANCELLED, actor="worker", details={"reason": "cancel requested"})
+    except Exception as exc:
+        log.error("%s %s failed:\n%s", job.kind, job.round_id, redact(traceback.format_exc()))
+        store.transition(job.id, FAILED, actor="worker", fields={"error": public_error(exc, redact)})
+    finally:
+        db.dispose()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["worker"]:
+        sys.stderr.write("usage: python -m agent.jobs worker  (the job spec is read from stdin)\n")
+        return 2
+    _die_with_parent(os.getppid())
+    # Load the heavy libraries before waiting for a job, so that a standby worker starts
+    # its round at once.
+    import agent.data.catalog
+    import agent.exchange.egress
+    import agent.training.engine  # noqa: F401
+
+    raw = sys.stdin.read()
+    if not raw.strip():
+        return 0  # released without a job (agent shutting down)
+    return worker_main(json.loads(raw))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

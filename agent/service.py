@@ -1,0 +1,414 @@
+"""The site service: everything the coordinator can ask of a site, without any HTTP.
+
+The REST API is one transport in front of this object; an outbound-only transport (the
+agent polling the coordinator, as many hospital firewalls require) can drive the same
+methods unchanged. Errors are domain exceptions (`ServiceError` subclasses) carrying a
+message that names the offending input; the transport maps them to its own codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+
+from agent import __version__
+from agent.audit.approvals import PlanNotApproved as _ApprovalRefused
+from agent.audit.approvals import check_plan_allowed
+from agent.audit.chain import AuditLog
+from agent.audit.db import Database, open_database
+from agent.audit.tokens import TokenInfo, authenticate
+from agent.config import AgentConfig
+from agent.data.catalog import UnknownDataset, dataset_items, dataset_summaries, scan_datasets
+from agent.exchange.codec import WeightError, decode_weights
+from agent.exchange.egress import EgressError, EgressGate
+from agent.jobs import (
+    CANCELLED,
+    EVALUATE,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    TRAIN,
+    JobRunner,
+    JobStore,
+    JobView,
+)
+from agent.training.plan import Plan, PlanError, parse_plan, plan_hash
+from agent.training.registry import ModelError, expected_shapes
+
+log = logging.getLogger("fedsite.service")
+
+
+class ServiceError(Exception):
+    """A request the site refuses; `str(exc)` says why and names the input."""
+
+
+class InvalidRequest(ServiceError):
+    """The plan or the weights are malformed or do not fit the site (HTTP 422)."""
+
+
+class TooLarge(ServiceError):
+    """An input exceeds a configured size limit (HTTP 413)."""
+
+
+class PlanNotApproved(ServiceError):
+    """Manual approval policy and this plan hash is not approved (HTTP 403)."""
+
+    def __init__(self, plan_hash: str, message: str) -> None:
+        super().__init__(message)
+        self.plan_hash = plan_hash
+
+
+class NotFound(ServiceError):
+    """No round or evaluation with that id (HTTP 404)."""
+
+
+class Conflict(ServiceError):
+    """The request clashes with the job's state or an existing id (HTTP 409)."""
+
+
+class QueueFull(ServiceError):
+    """The job queue is at api.queue_size (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """What a caller may learn about a round or an evaluation: no paths, no data."""
+
+    round_id: str
+    kind: str
+    status: str
+    progress: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    num_samples: int | None = None
+    update_sha256: str | None = None
+    error: str | None = None
+    plan_hash: str = ""
+    created: bool = False
+
+    @classmethod
+    def of(cls, job: JobView, *, created: bool = False) -> JobStatus:
+        return cls(
+            round_id=job.round_id,
+            kind=job.kind,
+            status=job.status,
+            progress=job.progress,
+            metrics=job.metrics,
+            num_samples=job.num_samples,
+            update_sha256=job.update_sha256,
+            error=job.error,
+            plan_hash=job.plan_hash,
+            created=created,
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    round_id: str
+    data: bytes
+    sha256: str
+
+
+def _noun(kind: str) -> str:
+    return "round" if kind == TRAIN else "evaluation"
+
+
+class SiteService:
+    """Rounds, evaluations, site info and the audit log, for any transport."""
+
+    def __init__(
+        self, cfg: AgentConfig, db: Database, *, runner_options: dict[str, Any] | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.db = db
+        self.audit = AuditLog(db)
+        self.store = JobStore(db, self.audit)
+        self.runner = JobRunner(cfg, self.store, **(runner_options or {}))
+        self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
+        self._create_lock = threading.Lock()
+        self._device: str | None = None
+
+    @classmethod
+    def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
+        """Open (and migrate) the configured database and build the service on it."""
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        return cls(cfg, open_database(cfg.db_url), **kwargs)
+
+    # ---- life cycle ---------------------------------------------------------------
+
+    def start(self, *, scan: bool = True) -> None:
+        """Recover from a previous run, index the datasets, and start running jobs."""
+        interrupted = self.store.recover_after_restart()
+        if interrupted:
+            log.warning("marked %d job(s) interrupted after a restart: %s", len(interrupted), interrupted)
+        if scan and self.cfg.datasets:
+            self.scan()
+        self.runner.start()
+        self.runner.wake()
+
+    def scan(self) -> None:
+        report = scan_datasets(self.cfg, self.db, audit=self.audit, actor="agent")
+        for ds in report.datasets:
+            if ds.error:
+                log.error("dataset %s: %s", ds.name, ds.error)
+            else:
+                log.info(
+                    "dataset %s: %d training and %d validation subjects", ds.name, ds.num_train, ds.num_val
+                )
+
+    def close(self) -> None:
+        """Stop the scheduler (a running job becomes interrupted) and release the database."""
+        self.runner.stop()
+        self.db.dispose()
+
+    # ---- identity and auth -----------------------------------------------------------
+
+    def authenticate(self, presented: str | None) -> TokenInfo | None:
+        # StaticToken's role is a Literal; the protocol's plain `str` attribute is what it reads.
+        static: list[Any] = list(self.cfg.api.tokens)
+        return authenticate(self.db, static, presented)
+
+    def device(self) -> str:
+        if self._device is None:
+            if self.cfg.device == "auto":
+                import torch
+
+                self._device = "cuda" if torch.cuda.is_available() else "cpu"
+            else:
+                self._device = self.cfg.device
+        return self._device
+
+    def info(self) -> dict[str, Any]:
+        configured = [ds.name for ds in self.cfg.datasets]
+        scanned = {s.name: s.public() for s in dataset_summaries(self.db)}
+        datasets = []
+        for ds in self.cfg.datasets:
+            entry = scanned.get(ds.name) or {
+                "name": ds.name,
+                "format": ds.format,
+                "num_train": 0,
+                "num_val": 0,
+                "modalities": list(ds.modalities),
+            }
+            datasets.append(entry)
+        return {
+            "site_id": self.cfg.site.id,
+            "site_name": self.cfg.site.name,
+            "agent_version": __version__,
+            "device": self.device(),
+            "approval_policy": self.cfg.approval.policy,
+            "datasets": [d for d in datasets if d["name"] in configured],
+        }
+
+    # ---- rounds and evaluations --------------------------------------------------------
+
+    def start_round(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+        """Validate and queue a training round; an identical resend returns the existing one."""
+        return self._submit(TRAIN, plan_text, weights, actor)
+
+    def start_evaluation(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+        """Validate and queue an evaluation of `weights` on the local validation split."""
+        return self._submit(EVALUATE, plan_text, weights, actor)
+
+    def get_round(self, round_id: str) -> JobStatus:
+        return JobStatus.of(self._job(TRAIN, round_id))
+
+    def get_evaluation(self, evaluation_id: str) -> JobStatus:
+        return JobStatus.of(self._job(EVALUATE, evaluation_id))
+
+    def cancel_round(self, round_id: str, actor: str, *, wait_s: float = 10.0) -> JobStatus:
+        return self._cancel(TRAIN, round_id, actor, wait_s)
+
+    def cancel_evaluation(self, evaluation_id: str, actor: str, *, wait_s: float = 10.0) -> JobStatus:
+        return self._cancel(EVALUATE, evaluation_id, actor, wait_s)
+
+    def get_update(self, round_id: str, actor: str) -> Update:
+        """The released update of a completed round, as recorded by the egress gate."""
+        job = self._job(TRAIN, round_id)
+        if job.status != "completed":
+            raise Conflict(f"round {round_id} is {job.status}; its update is available once it is completed")
+        try:
+            data = self.gate.read_released(round_id)
+        except EgressError as exc:
+            log.error("update of round %s refused: %s", round_id, exc)
+            self.audit.append(
+                "egress.refused", actor=actor, details={"round_id": round_id, "reason": str(exc)}
+            )
+            raise Conflict(f"the update of round {round_id} cannot be sent: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append(
+            "egress.sent", actor=actor, details={"round_id": round_id, "sha256": digest, "bytes": len(data)}
+        )
+        return Update(round_id=round_id, data=data, sha256=digest)
+
+    # ---- audit -----------------------------------------------------------------------
+
+    def audit_events(
+        self, *, since_id: int = 0, limit: int = 100, action: str | None = None
+    ) -> list[dict[str, Any]]:
+        return self.audit.events(since_id=since_id, limit=limit, action=action)
+
+    def verify_audit(self) -> dict[str, Any]:
+        report = self.audit.verify()
+        return {
+            "ok": report.ok,
+            "count": report.count,
+            "first_bad_id": report.first_bad_id,
+            "reason": report.reason,
+        }
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _job(self, kind: str, round_id: str) -> JobView:
+        job = self.store.get(kind, round_id)
+        if job is None:
+            raise NotFound(f"no {_noun(kind)} with id {round_id!r}")
+        return job
+
+    def _parse_plan(self, plan_text: str | bytes) -> Plan:
+        size = len(plan_text.encode() if isinstance(plan_text, str) else plan_text)
+        if size > self.cfg.limits.max_plan_bytes:
+            raise TooLarge(
+                f"plan: {size} bytes exceeds limits.max_plan_bytes ({self.cfg.limits.max_plan_bytes})"
+            )
+        try:
+            return parse_plan(plan_text)
+        except PlanError as exc:
+            lines = [ln if ln.startswith("plan") else f"plan.{ln}" for ln in str(exc).splitlines()]
+            raise InvalidRequest("; ".join(lines)) from None
+
+    def _check_dataset(self, plan: Plan) -> None:
+        names = [ds.name for ds in self.cfg.datasets]
+        if plan.dataset not in names:
+            have = ", ".join(repr(n) for n in names) or "none"
+            raise InvalidRequest(f"plan.dataset: unknown dataset {plan.dataset!r}; this site has: {have}")
+        if not self._items(plan.dataset):
+            # First use after a fresh install or new data: index before refusing.
+            self.scan()
+            if not self._items(plan.dataset):
+                raise InvalidRequest(
+                    f"plan.dataset: dataset {plan.dataset!r} has no usable subjects at this site"
+                )
+
+    def _items(self, dataset: str) -> list[Any]:
+        try:
+            return dataset_items(self.db, dataset)
+        except UnknownDataset:
+            return []
+
+    def _decode(self, plan: Plan, weights: bytes) -> None:
+        limit = self.cfg.limits.max_weights_bytes
+        if len(weights) > limit:
+            raise TooLarge(f"weights: {len(weights)} bytes exceeds limits.max_weights_bytes ({limit})")
+        try:
+            decode_weights(weights, expected=expected_shapes(plan), max_bytes=limit)
+        except (WeightError, ModelError) as exc:
+            raise InvalidRequest(f"weights: {exc}") from None
+
+    def _submit(self, kind: str, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+        plan = self._parse_plan(plan_text)
+        self._check_dataset(plan)
+        digest = plan_hash(plan)
+        try:
+            check_plan_allowed(self.cfg.approval, self.db, digest)
+        except _ApprovalRefused as exc:
+            raise PlanNotApproved(digest, str(exc)) from None
+        if weights is not None and len(weights) == 0:
+            weights = None
+        if weights is None and (kind == EVALUATE or plan.init != "random"):
+            need = (
+                "an evaluation needs the weights to evaluate"
+                if kind == EVALUATE
+                else ("required unless the plan's init is 'random'")
+            )
+            raise InvalidRequest(f"weights: missing; {need}")
+        weights_sha = hashlib.sha256(weights).hexdigest() if weights is not None else None
+        round_id = plan.round_id
+        if round_id is not None:
+            existing = self.store.get(kind, round_id)
+            if existing is not None:
+                return self._same_or_conflict(existing, digest, weights_sha)
+        if weights is not None:
+            self._decode(plan, weights)
+        round_id = round_id or uuid.uuid4().hex
+        stored = plan.model_copy(update={"round_id": round_id})
+        job_dir = self.cfg.work_dir / "jobs" / uuid.uuid4().hex
+        job_dir.mkdir(parents=True)
+        weights_path: Path | None = None
+        try:
+            if weights is not None:
+                weights_path = job_dir / "weights.safetensors"
+                weights_path.write_bytes(weights)
+            with self._create_lock:
+                queued = self.store.count(QUEUED)
+                if queued >= self.cfg.api.queue_size:
+                    raise QueueFull(
+                        f"the job queue is full ({queued} waiting, "
+                        f"api.queue_size {self.cfg.api.queue_size}); retry later"
+                    )
+                job = self.store.create(
+                    round_id=round_id,
+                    kind=kind,
+                    actor=actor,
+                    dataset=plan.dataset,
+                    plan_json=stored.model_dump_json(),
+                    plan_hash=digest,
+                    weights_sha256=weights_sha,
+                    weights_path=str(weights_path) if weights_path else None,
+                    job_dir=str(job_dir),
+                )
+        except IntegrityError:
+            # The same id arrived twice at once; the first one is the round.
+            shutil.rmtree(job_dir, ignore_errors=True)
+            existing = self.store.get(kind, round_id)
+            if existing is None:
+                raise
+            return self._same_or_conflict(existing, digest, weights_sha)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self.runner.wake()
+        return JobStatus.of(job, created=True)
+
+    @staticmethod
+    def _same_or_conflict(existing: JobView, digest: str, weights_sha: str | None) -> JobStatus:
+        noun = _noun(existing.kind)
+        if existing.plan_hash != digest:
+            raise Conflict(
+                f"{noun} {existing.round_id} already exists with a different plan "
+                f"(plan hash {existing.plan_hash}, this one {digest})"
+            )
+        if existing.weights_sha256 != weights_sha:
+            raise Conflict(f"{noun} {existing.round_id} already exists with different weights")
+        return JobStatus.of(existing)
+
+    def _cancel(self, kind: str, round_id: str, actor: str, wait_s: float) -> JobStatus:
+        job = self._job(kind, round_id)
+        if job.status == CANCELLED:
+            return JobStatus.of(job)
+        if job.status in TERMINAL:
+            raise Conflict(f"{_noun(kind)} {round_id} is already {job.status}")
+        if job.status == QUEUED and self.store.transition(
+            job.id, CANCELLED, actor=actor, details={"reason": "cancelled while queued"}
+        ):
+            return JobStatus.of(self._job(kind, round_id))
+        if self.store.request_cancel(job.id):
+            self.audit.append(
+                f"{_noun(kind)}.cancel_requested", actor=actor, details={"round_id": round_id, "kind": kind}
+            )
+        self.runner.wake()
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            state = self.store.status_of(job.id)
+            if state is None or state[0] not in (QUEUED, RUNNING):
+                break
+            time.sleep(0.1)
+        return JobStatus.of(self._job(kind, round_id))
