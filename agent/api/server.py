@@ -8,13 +8,13 @@ and its round marked `interrupted`, and the database is closed.
 from __future__ import annotations
 
 import logging
-import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from agent.certs import AuditSink, TlsError, check_tls_files, uvicorn_ssl_kwargs
 from agent.config import AgentConfig, ConfigError, load_config
 
 serve_app = typer.Typer(add_completion=False)
@@ -23,16 +23,11 @@ log = logging.getLogger("fedsite.serve")
 GRACEFUL_SHUTDOWN_S = 10
 
 
-def tls_options(cfg: AgentConfig) -> dict[str, Any]:
-    """uvicorn's ssl_* options from `api.tls` (empty without TLS)."""
-    tls = cfg.api.tls
-    if tls is None:
-        return {}
-    options: dict[str, Any] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
-    if tls.client_ca_file is not None:
-        options["ssl_ca_certs"] = str(tls.client_ca_file)
-        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-    return options
+def tls_options(cfg: AgentConfig, audit: AuditSink | None = None) -> dict[str, Any]:
+    """uvicorn's TLS options from `api.tls` (empty without TLS). With `client_ca_file`, mutual
+    TLS: requests without an allowed client certificate get 403 and an `api.refused` event in
+    AUDIT (see agent.certs for why this is enforced per request, not in the handshake)."""
+    return uvicorn_ssl_kwargs(cfg.api.tls, audit)
 
 
 def configure_logging(level: str) -> None:
@@ -59,8 +54,10 @@ def serve(
 
     try:
         cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
+        if cfg.api.tls is not None:
+            check_tls_files(cfg.api.tls)
+    except (ConfigError, TlsError) as exc:
+        typer.echo(f"{config}: {exc}" if isinstance(exc, TlsError) else str(exc), err=True)
         raise typer.Exit(2) from None
     if host is not None:
         cfg.api.host = host
@@ -78,5 +75,5 @@ def serve(
         log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        **tls_options(cfg),
+        **tls_options(cfg, service.audit),
     )
