@@ -262,11 +262,14 @@ def assign_splits(dataset: str, subject_keys: Iterable[str], val_fraction: float
     split does not depend on the other subjects. With two or more subjects and a fraction above
     zero, at least one subject is in validation and at least one in training: when the hash
     gives none, the subject with the lowest (for validation) or highest (for training) hash is
-    moved.
+    moved. A dataset of one subject trains on it.
     """
     keys = sorted(set(subject_keys))
     u = {k: _unit_interval(dataset, k) for k in keys}
     splits: dict[str, Split] = {k: ("val" if u[k] < val_fraction else "train") for k in keys}
+    if len(keys) == 1:
+        # One subject cannot be both trained on and validated on; training needs it more.
+        splits[keys[0]] = "train"
     if len(keys) >= 2 and val_fraction > 0:
         if all(s == "train" for s in splits.values()):
             splits[min(keys, key=lambda k: u[k])] = "val"
