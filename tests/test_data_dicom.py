@@ -303,12 +303,14 @@ def test_parallel_reading_gives_the_same_result(tmp_path: Path) -> None:
     truth = write_series(tmp_path / "s", n_slices=56, rows=16, cols=16, seed=16)
     (tmp_path / "s" / "junk").write_text("x")
     serial = scan_dicom_folder(tmp_path, workers=1)
-    parallel = scan_dicom_folder(tmp_path, workers=2)
-    assert len(parallel.volumes) == 1
-    _assert_truth(parallel.volumes[0], truth.array, truth.affine)
-    np.testing.assert_array_equal(parallel.volumes[0].array, serial.volumes[0].array)
-    assert parallel.skipped == serial.skipped
-    assert parallel.files_seen == serial.files_seen == 57
+    for processes in (False, True):
+        parallel = scan_dicom_folder(tmp_path, workers=2, processes=processes)
+        assert len(parallel.volumes) == 1
+        _assert_truth(parallel.volumes[0], truth.array, truth.affine)
+        np.testing.assert_array_equal(parallel.volumes[0].array, serial.volumes[0].array)
+        assert parallel.volumes[0].files == serial.volumes[0].files
+        assert parallel.skipped == serial.skipped
+        assert parallel.files_seen == serial.files_seen == 57
 
 
 def test_warnings_never_carry_identity_or_paths(tmp_path: Path) -> None:

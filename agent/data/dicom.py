@@ -3,13 +3,15 @@
 How a folder is read:
 
 * Every regular file under the folder is looked at, whatever its name or extension. A file is DICOM
-  when it has the 128-byte preamble followed by ``DICM``; a file without preamble is accepted only when
-  it starts like a DICOM data set and parses into an image with SOP Class UID, Rows, Columns and pixel
-  data. Anything else is skipped with a reason.
-* Each file is read exactly once, in a pool of worker processes: header and pixel data together.
-  Uncompressed little-endian single-frame files (nearly all of a scanner's output) take a fast path that
-  parses only the elements the assembly needs; everything else (compressed transfer syntaxes through
-  the pylibjpeg plugins, big endian, multi-frame, files without meta header) goes through pydicom.
+  when it has the 128-byte preamble followed by ``DICM``. A file without preamble is accepted only when
+  it starts like a DICOM data set (a group 0002 or 0008 element) and pydicom parses it into a data set
+  with a known SOP Class UID; images among those also need Rows, Columns and pixel data. Anything else
+  is skipped with a reason.
+* Each file is opened and parsed exactly once, header and pixel data together, by a pool of reader
+  threads (or processes, on request). Uncompressed little-endian single-frame files (nearly all of a
+  scanner's output) take a fast path that walks the data elements and keeps only those the assembly
+  needs; everything else (compressed transfer syntaxes through the pylibjpeg plugins, big endian,
+  multi-frame, files without meta header) goes through pydicom.
 * Non-image objects (structured reports, RT structure sets and plans, presentation states, DICOMDIR
   files, ...) are counted by SOP class and skipped. Corrupt or truncated files are skipped with a reason;
   the scan goes on.
@@ -44,7 +46,7 @@ import struct
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +121,7 @@ SAME_POSITION_MM = 0.01
 ORIENTATION_TOL = 1e-3
 PIXEL_SPACING_TOL = 1e-3
 # Below this many files the scan reads in-process: starting workers would cost more than it saves.
-MIN_FILES_FOR_POOL = 48
+MIN_FILES_FOR_POOL = 16
 
 
 class DicomError(ValueError):
@@ -615,14 +617,26 @@ def _default_workers() -> int:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus, 8))
+    # Threads mostly overlap file reads, so a few more than the CPUs pay off even on small machines.
+    return max(4, min(cpus, 8))
 
 
-def read_files(paths: Sequence[Path], workers: int | None = None) -> list[_FileResult]:
-    """Read files in worker processes (in this process for few files), keeping the input order."""
+def read_files(
+    paths: Sequence[Path], workers: int | None = None, *, processes: bool = False
+) -> list[_FileResult]:
+    """Read files in parallel (in this process for few files), keeping the input order.
+
+    Threads are the default: they overlap the file reads, share the decoded pixels without copying and
+    start instantly. ``processes=True`` parses in worker processes instead, which pays off for large
+    folders of compressed images on an otherwise idle many-core machine (decoding runs truly in
+    parallel), at the price of pickling every decoded frame back to this process.
+    """
     workers = _default_workers() if workers is None else max(1, workers)
     if workers == 1 or len(paths) < MIN_FILES_FOR_POOL:
         return _read_chunk(paths)
+    if not processes:
+        with ThreadPoolExecutor(max_workers=workers) as threads:
+            return list(threads.map(_read_file, paths))
     # A few chunks per worker balance load without paying per-file inter-process overhead.
     n_chunks = min(len(paths), workers * 4)
     size = -(-len(paths) // n_chunks)
@@ -863,16 +877,17 @@ def assemble(results: Iterable[_FileResult]) -> DicomScan:
     return scan
 
 
-def scan_dicom_folder(root: Path, *, workers: int | None = None) -> DicomScan:
+def scan_dicom_folder(root: Path, *, workers: int | None = None, processes: bool = False) -> DicomScan:
     """Find and assemble every DICOM image series under ``root`` (a folder, or a single file).
 
-    ``workers`` is the number of reader processes (default: the CPUs available, at most 8; 1 reads in
-    this process).
+    ``workers`` is the number of parallel readers (default: the CPUs available, between 4 and 8; 1 reads
+    everything in the calling thread); ``processes`` reads in worker processes rather than threads (see
+    :func:`read_files`).
     """
     root = Path(root)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder")
-    return assemble(read_files(_list_files(root), workers))
+    return assemble(read_files(_list_files(root), workers, processes=processes))
 
 
 def read_dicom_series(folder: Path, *, workers: int | None = None) -> Volume:

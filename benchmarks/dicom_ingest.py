@@ -1,0 +1,205 @@
+"""DICOM ingest speed: our series assembly versus dcm2niix on the same generated files.
+
+For each series size, the script writes one single-frame MR series, then times (median of --repeats
+runs, after one untimed warm-up of each so both read from the page cache):
+
+* ``ours_scan``: ``scan_dicom_folder`` -> volumes in memory (what the agent's catalog and loaders use);
+* ``ours_nifti``: the same plus writing the volume as uncompressed NIfTI (like for like with dcm2niix);
+* ``dcm2niix``: ``dcm2niix -z n`` writing uncompressed NIfTI, as a subprocess.
+
+Wall-clock ratios are the target; CPU-second ratios are reported too, because on a shared machine the
+wall clock mostly measures the other processes.
+
+It prints JSON with per-size times and the ratios ours/dcm2niix (target: at most 2.0) and writes a bar
+chart ``dicom_ingest.png`` to --out.
+
+    .venv/bin/python benchmarks/dicom_ingest.py --out bench-out/dicom_ingest [--quick] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the DICOM series writer shared with the tests
+
+from dicom_fixtures import write_series  # noqa: E402
+
+from agent.data.dicom import scan_dicom_folder  # noqa: E402
+from agent.data.volume import write_nifti  # noqa: E402
+
+FULL_SIZES = [(1000, 64, 64), (200, 256, 256), (300, 512, 512)]
+QUICK_SIZES = [(200, 64, 64), (60, 256, 256), (30, 512, 512)]
+TARGET_RATIO = 2.0
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall-clock and median CPU seconds (this process, its threads and its children)."""
+    fn()  # warm-up: page cache, imports
+    walls, cpus = [], []
+    for _ in range(repeats):
+        cpu0, start = _cpu_seconds(), time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+        cpus.append(_cpu_seconds() - cpu0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def _run_dcm2niix(folder: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    proc = subprocess.run(
+        ["dcm2niix", "-z", "n", "-x", "n", "-f", "%s", "-o", str(out), str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0 or not list(out.glob("*.nii")):
+        raise RuntimeError(f"dcm2niix failed on {folder}: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+
+
+def _ours_scan(folder: Path, workers: int | None) -> None:
+    scan = scan_dicom_folder(folder, workers=workers)
+    if len(scan.volumes) != 1:
+        raise RuntimeError(f"{folder}: expected one volume, found {len(scan.volumes)}")
+
+
+def _ours_nifti(folder: Path, out: Path, workers: int | None) -> None:
+    scan = scan_dicom_folder(folder, workers=workers)
+    out.mkdir(parents=True, exist_ok=True)
+    for n, volume in enumerate(scan.volumes):
+        write_nifti(volume, out / f"{n:03d}.nii")
+
+
+def _chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["name"] for r in results]
+    series = [
+        ("ours: to volumes", "ours_scan_s"),
+        ("ours: to NIfTI", "ours_nifti_s"),
+        ("dcm2niix -z n", "dcm2niix_s"),
+    ]
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for n, (label, key) in enumerate(series):
+        xs = [i + (n - 1) * width for i in range(len(results))]
+        bars = ax.bar(xs, [r[key] for r in results], width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(results)), labels)
+    ax.set_ylabel("seconds (median)")
+    ax.set_title("DICOM series ingest: fedsite vs dcm2niix")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-out/dicom_ingest"), help="folder for the PNG and JSON"
+    )
+    parser.add_argument("--quick", action="store_true", help="small series, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="reader processes (default: CPUs, at most 8)"
+    )
+    parser.add_argument(
+        "--data", type=Path, default=None, help="where to write the series (default: a temp dir)"
+    )
+    args = parser.parse_args(argv)
+    if shutil.which("dcm2niix") is None:
+        print("dcm2niix is not installed (Debian package dcm2niix)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    data_root = args.data or Path(tempfile.mkdtemp(prefix="fedsite-dicom-bench-"))
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    results: list[dict[str, Any]] = []
+    try:
+        for slices, rows, cols in sizes:
+            name = f"{slices}x{rows}x{cols}"
+            folder = data_root / name / "series"
+            if not folder.exists():
+                write_series(
+                    folder, n_slices=slices, rows=rows, cols=cols, slice_spacing=1.0, seed=slices, smooth=True
+                )
+            scratch = data_root / name / "out"
+            ours_scan, ours_scan_cpu = _median_time(partial(_ours_scan, folder, args.workers), args.repeats)
+            ours_nifti, ours_nifti_cpu = _median_time(
+                partial(_ours_nifti, folder, scratch / "ours", args.workers), args.repeats
+            )
+            theirs, theirs_cpu = _median_time(
+                partial(_run_dcm2niix, folder, scratch / "dcm2niix"), args.repeats
+            )
+            size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
+            results.append(
+                {
+                    "name": name,
+                    "slices": slices,
+                    "rows": rows,
+                    "cols": cols,
+                    "megabytes": round(size_mb, 1),
+                    "ours_scan_s": round(ours_scan, 4),
+                    "ours_nifti_s": round(ours_nifti, 4),
+                    "dcm2niix_s": round(theirs, 4),
+                    "ratio_scan": round(ours_scan / theirs, 3),
+                    "ratio_nifti": round(ours_nifti / theirs, 3),
+                    "ours_scan_cpu_s": round(ours_scan_cpu, 4),
+                    "ours_nifti_cpu_s": round(ours_nifti_cpu, 4),
+                    "dcm2niix_cpu_s": round(theirs_cpu, 4),
+                    "ratio_nifti_cpu": round(ours_nifti_cpu / max(theirs_cpu, 1e-9), 3),
+                }
+            )
+            print(
+                f"{name}: ours {ours_scan:.3f}s / {ours_nifti:.3f}s (NIfTI), dcm2niix {theirs:.3f}s",
+                file=sys.stderr,
+            )
+    finally:
+        if args.data is None:
+            shutil.rmtree(data_root, ignore_errors=True)
+    worst = max(r["ratio_nifti"] for r in results)
+    worst_cpu = max(r["ratio_nifti_cpu"] for r in results)
+    report = {
+        "benchmark": "dicom_ingest",
+        "repeats": args.repeats,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "target_ratio": TARGET_RATIO,
+        "worst_ratio_nifti": worst,
+        "worst_ratio_nifti_cpu": worst_cpu,
+        "meets_target": worst <= TARGET_RATIO,
+        "sizes": results,
+    }
+    _chart(results, args.out / "dicom_ingest.png")
+    (args.out / "dicom_ingest.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
