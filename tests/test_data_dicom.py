@@ -344,6 +344,7 @@ def test_nifti_scaling_and_round_trip(tmp_path: Path) -> None:
     out = write_nifti(vol, tmp_path / "out" / "copy.nii.gz")
     again = read_nifti_volume(out)
     np.testing.assert_array_equal(again.array, vol.array)
+    assert nib.load(out).get_data_dtype() == np.float32  # half-integral values stay float
     np.testing.assert_allclose(again.affine, vol.affine, atol=1e-5)
     assert not list((tmp_path / "out").glob(".*"))  # no partial file left behind
 

@@ -105,16 +105,29 @@ def read_nifti_volume(path: Path, modality: str = "") -> Volume:
     )
 
 
+def _compact(array: np.ndarray) -> np.ndarray:
+    """The array as int16 when that is exact (most CT and MR data), else unchanged float32."""
+    if array.size == 0:
+        return array
+    low, high = float(array.min()), float(array.max())
+    if not (low >= -32768.0 and high <= 32767.0):
+        return array
+    as_int = array.astype(np.int16)
+    return as_int if np.array_equal(as_int, array) else array
+
+
 def write_nifti(volume: Volume, path: Path) -> Path:
     """Write ``volume`` as a NIfTI-1 file (gzip if the name ends in .gz) with sform and qform set.
 
-    The file carries only voxels and geometry: no description, no patient data.
+    Voxels are stored as int16 when that represents every value exactly (half the size of float32, as
+    dcm2niix does), else as float32. The file carries only voxels and geometry: no description, no
+    patient data.
     """
     path = Path(path)
     if not _is_nifti_name(path):
         raise VolumeError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(np.asarray(volume.array, dtype=np.float32), volume.affine)
+    img = nib.Nifti1Image(_compact(np.asarray(volume.array, dtype=np.float32)), volume.affine)
     img.set_sform(volume.affine, code=1)
     img.set_qform(volume.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
