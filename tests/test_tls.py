@@ -371,3 +371,87 @@ def test_generated_keys_are_p256(pki: dict[str, Path]) -> None:
     key = cert.public_key()
     assert isinstance(key, ec.EllipticCurvePublicKey)
     assert key.curve.name == "secp256r1"
+
+
+# ------------------------------------------------------------------ `fedsite serve`
+
+
+def test_fedsite_serve_enforces_mutual_tls_and_audits(pki: dict[str, Path], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    site = pki["site"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "site: {id: site-1}\n"
+        f"work_dir: {tmp_path / 'work'}\n"
+        "device: cpu\n"
+        f"api:\n  host: 127.0.0.1\n  port: {port}\n  tls:\n"
+        f"    cert_file: {site / 'agent' / 'server.crt'}\n    key_file: {site / 'agent' / 'server.key'}\n"
+        f"    client_ca_file: {site / 'agent' / 'ca.crt'}\n"
+        '    allowed_client_subjects: ["CN=coordinator"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDSITE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent", "serve", "--config", str(config), "--no-scan"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        ca_only = client_ssl_context(site / "ca.crt")
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                with httpx.Client(verify=ca_only, timeout=5) as client:
+                    if client.get(f"https://localhost:{port}/v1/health").status_code == 200:
+                        break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "fedsite serve did not answer over HTTPS"
+            time.sleep(0.5)
+        with httpx.Client(verify=ca_only, timeout=10) as client:
+            refused = client.get(f"https://localhost:{port}/v1/info")
+        assert refused.status_code == 403
+        assert refused.json() == {"detail": "client certificate required"}
+        coordinator = client_ssl_context(
+            site / "ca.crt", site / "clients" / "coordinator.crt", site / "clients" / "coordinator.key"
+        )
+        with httpx.Client(verify=coordinator, timeout=10) as client:
+            # Past the certificate gate, the API's own token check answers.
+            assert client.get(f"https://localhost:{port}/v1/info").status_code == 401
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    audit = AuditLog(open_database(f"sqlite:///{tmp_path / 'work' / 'fedsite.db'}"))
+    events = audit.find("api.refused")
+    reasons = [e["details"].get("reason") for e in events]
+    # The certificate gate's refusal; the token check audits the second request itself.
+    assert reasons.count("no client certificate") == 1
+    assert "client certificate subject not allowed" not in reasons
+    assert audit.verify().ok
+
+
+def test_fedsite_serve_names_bad_tls_material(pki: dict[str, Path], tmp_path: Path) -> None:
+    site = pki["site"]
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "site: {id: site-1}\n"
+        f"work_dir: {tmp_path / 'work'}\n"
+        f"api:\n  tls:\n    cert_file: {site / 'agent' / 'server.crt'}\n"
+        f"    key_file: {site / 'clients' / 'coordinator.key'}\n"
+    )
+    result = runner.invoke(cli_app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "is not the key of api.tls.cert_file" in result.output
+    assert not (tmp_path / "work" / "fedsite.db").exists()
