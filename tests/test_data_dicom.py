@@ -365,3 +365,31 @@ def test_nifti_shapes_and_errors(tmp_path: Path) -> None:
     vol = read_nifti_volume(tmp_path / "one.nii")
     with pytest.raises(VolumeError, match="must end in"):
         write_nifti(vol, tmp_path / "x.img")
+
+
+def test_a_slice_without_preamble_or_meta_header_is_still_read(tmp_path: Path) -> None:
+    truth = write_series(tmp_path / "s", seed=19)
+    victim = truth.files[7]
+    data = victim.read_bytes()
+    # Drop the preamble, "DICM" and the whole file meta group (its length is in (0002,0000)).
+    meta_length = int.from_bytes(data[140:144], "little")
+    victim.write_bytes(data[144 + meta_length :])
+    assert victim.read_bytes()[:2] == b"\x08\x00"
+    vol = _only(tmp_path / "s")
+    _assert_truth(vol, truth.array, truth.affine)
+
+
+def test_gantry_tilt_gives_a_sheared_affine_that_follows_the_positions(tmp_path: Path) -> None:
+    truth = write_series(tmp_path / "s", n_slices=16, seed=20)
+    for path in truth.files:
+        ds = pydicom.dcmread(path)
+        k = int(ds.InstanceNumber) - 1
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [f"{x:.6f}", f"{y + 0.4 * k:.6f}", f"{z:.6f}"]
+        ds.save_as(path)
+    vol = _only(tmp_path / "s")
+    np.testing.assert_array_equal(vol.array, truth.array)
+    expected = truth.affine.copy()
+    expected[1, 2] = -0.4  # LPS y shift per slice, in RAS
+    np.testing.assert_allclose(vol.affine, expected, atol=1e-4)
+    assert any("gantry tilt" in w for w in vol.warnings)
