@@ -40,6 +40,7 @@ Volume warnings never contain file names or header values, so they are safe to s
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing
 import os
 import struct
@@ -188,7 +189,7 @@ class _Skip(Exception):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading one file (runs in worker processes)
+# Reading one file (runs in reader threads or worker processes)
 
 
 def _text(value: bytes | None) -> str:
@@ -226,7 +227,7 @@ def _us(value: bytes | None) -> int | None:
 def _geometry_value(values: list[float], n: int, name: str) -> tuple[float, ...] | None:
     if not values:
         return None
-    if len(values) != n or not all(np.isfinite(values)):
+    if len(values) != n or not all(math.isfinite(v) for v in values):
         raise _Skip(f"{name} has {len(values)} value(s), expected {n} finite numbers")
     return tuple(values)
 
