@@ -393,3 +393,14 @@ def test_gantry_tilt_gives_a_sheared_affine_that_follows_the_positions(tmp_path:
     expected[1, 2] = -0.4  # LPS y shift per slice, in RAS
     np.testing.assert_allclose(vol.affine, expected, atol=1e-4)
     assert any("gantry tilt" in w for w in vol.warnings)
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+def test_a_compressed_series_assembles_like_the_uncompressed_one(tmp_path: Path, syntax: str) -> None:
+    truth = write_series(tmp_path / "s", n_slices=16, seed=24, slope=1.5, intercept=-20.0)
+    for path in truth.files:
+        ds = pydicom.dcmread(path)
+        ds.compress(syntax)
+        ds.save_as(path)
+    assert pydicom.dcmread(truth.files[0]).file_meta.TransferSyntaxUID == syntax
+    _assert_truth(_only(tmp_path / "s"), truth.array, truth.affine)
