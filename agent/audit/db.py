@@ -12,6 +12,7 @@ carries a known revision.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import os
 from collections.abc import Iterator
@@ -202,10 +203,11 @@ def alembic_config(url: str | None = None) -> Any:
     return cfg
 
 
-def _head_revisions() -> set[str]:
+@functools.cache
+def _head_revisions() -> frozenset[str]:
     from alembic.script import ScriptDirectory
 
-    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
 def _upgrade(conn: Connection) -> None:
