@@ -35,7 +35,6 @@ from monai.transforms import (
     ResampleToMatch,
     ResizeWithPadOrCrop,
     Spacing,
-    SpatialPad,
 )
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -281,6 +280,20 @@ class _Entry:
     fg_points: np.ndarray  # (N, 3) sample of label voxels
 
 
+def _pad_to(array: np.ndarray, roi: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the spatial axes symmetrically up to `roi` (same placement as MONAI's
+    SpatialPad(method="symmetric")). Done by hand: it runs once per sample, where MONAI's
+    metadata tracking costs more than the copy itself."""
+    spatial = array.shape[1:]
+    if tuple(spatial) == tuple(roi):
+        return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy, never the memory map
+    out = np.zeros((array.shape[0], *roi), dtype=np.float32)
+    offsets = [(r - n) // 2 for n, r in zip(spatial, roi, strict=True)]
+    region = tuple(slice(o, o + n) for o, n in zip(offsets, spatial, strict=True))
+    out[(slice(None), *region)] = array
+    return torch.from_numpy(out)
+
+
 def _window(rng: np.random.Generator, dim: int, size: int, centre: int | None) -> tuple[int, int]:
     """[start, end) in the original axis for a `size` window; when dim < size the whole axis
     (zero-padded afterwards). With a centre, the window contains it."""
@@ -308,7 +321,6 @@ class TrainSamples(Dataset[dict[str, torch.Tensor]]):
         self.num_subjects = len(entries)
         per = settings.samples_per_subject
         self._num_pos = round(per * settings.label_slice_fraction)
-        self._pad = SpatialPad(spatial_size=list(settings.roi_size), method="symmetric", mode="constant")
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -349,8 +361,8 @@ class TrainSamples(Dataset[dict[str, torch.Tensor]]):
                 pts = np.argwhere(lab_slice)
                 centre = [int(v) for v in pts[int(rng.integers(len(pts)))]]
             (x0, x1), (y0, y1) = (_window(rng, entry.shape[1 + a], roi[a], centre[a]) for a in range(2))
-            img = np.array(image[:, x0:x1, y0:y1, z], dtype=np.float32)
-            lab = np.array(label[:, x0:x1, y0:y1, z], dtype=np.float32)
+            img = image[:, x0:x1, y0:y1, z]
+            lab = label[:, x0:x1, y0:y1, z]
         else:
             centre3: list[int | None] = [None, None, None]
             if positive and len(entry.fg_points):
@@ -358,11 +370,11 @@ class TrainSamples(Dataset[dict[str, torch.Tensor]]):
             (x0, x1), (y0, y1), (z0, z1) = (
                 _window(rng, entry.shape[1 + a], roi[a], centre3[a]) for a in range(3)
             )
-            img = np.array(image[:, x0:x1, y0:y1, z0:z1], dtype=np.float32)
-            lab = np.array(label[:, x0:x1, y0:y1, z0:z1], dtype=np.float32)
+            img = image[:, x0:x1, y0:y1, z0:z1]
+            lab = label[:, x0:x1, y0:y1, z0:z1]
         return {
-            "image": _plain(self._pad(torch.from_numpy(img))),
-            "label": _plain(self._pad(torch.from_numpy(lab))),
+            "image": _pad_to(img, roi),
+            "label": _pad_to(lab, roi),
         }
 
 
@@ -389,7 +401,8 @@ def _entry(item: ItemRef, settings: DataSettings, cache_dir: Path) -> _Entry:
     image, label = _ensure_cached(item, settings, cache_dir, mmap=True)
     lab = np.asarray(label[0])
     has = lab.any(axis=(0, 1))
-    fg = np.argwhere(lab)
+    # Patch centres are needed in 3D only; 2D picks a label voxel of the chosen slice.
+    fg = np.argwhere(lab) if settings.spatial_dims == 3 else np.zeros((0, 3), dtype=np.int64)
     if len(fg) > _MAX_FG_POINTS:
         # The subsample depends on the item's key only, so it is the same in every run.
         pick = np.random.default_rng(int(item.checksum[:8], 16)).choice(
