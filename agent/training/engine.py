@@ -1,0 +1,564 @@
+"""Local training and evaluation for one round.
+
+``train_round`` takes a validated plan and the coordinator's global weights, trains on the
+site's training split and returns the update; ``evaluate`` scores given weights on the
+validation split. Both check the weights strictly before anything runs: every name of the
+plan's model, every shape, all finite.
+
+Decisions worth knowing:
+
+- Reproducibility: the RNGs (python, numpy, torch) are reseeded at the start of every
+  epoch from ``(plan.seed, epoch)`` and each epoch's data loader gets its own seed the
+  same way. So a round resumed from the checkpoint of epoch k continues exactly as the
+  uninterrupted round would have, and two runs with one seed give identical updates on
+  the CPU (where deterministic algorithms are switched on for the round).
+- Checkpoints: after every epoch ``work_dir/checkpoint.safetensors`` holds the full model
+  state, the optimizer state and the epoch (plus the best weights so far under early
+  stopping), written atomically. ``resume_from_checkpoint=True`` continues from it.
+- Optimizer state starts fresh each round. With ``optimizer.keep_state`` it is saved at
+  the end of a round to ``work_dir/../optimizer_state/<key>.safetensors`` (the key hashes
+  the dataset, the model and the optimizer name, so state never crosses models) and
+  restored at the start of the next round of the same kind, if the shapes still fit.
+- Mixed precision: on CUDA, float16 autocast with a gradient scaler; the losses compute
+  their sums in float32.
+- Evaluation: whole validation volumes. A 2D model predicts every axial slice (along the
+  volume's last axis) with a sliding window of the plan's ``roi_size`` and the slices are
+  stacked back into a volume; a 3D model uses a sliding window directly. Dice is computed
+  per subject on the thresholded prediction (an empty prediction of an empty mask counts
+  as 1), then averaged; quantiles describe the spread over subjects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from agent.data import loading
+from agent.exchange.codec import WeightError, check_names_and_shapes
+from agent.training.losses import make_loss
+from agent.training.plan import Plan, plan_hash
+from agent.training.registry import build_model, exchanged_state, expected_shapes
+
+if TYPE_CHECKING:
+    from agent.data.catalog import ItemRef
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+# Progress is reported at most this often (plus at every epoch's end); the consumer persists it.
+PROGRESS_INTERVAL_S = 1.0
+
+
+class EngineError(RuntimeError):
+    """A round or evaluation that cannot run as asked; the message says why."""
+
+
+class Cancelled(Exception):
+    """Raised between steps when ``ctx.should_stop()`` turns true."""
+
+
+def _no_progress(_: dict[str, Any]) -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass
+class EngineContext:
+    device: str
+    work_dir: Path
+    cache_dir: Path
+    progress: Callable[[dict[str, Any]], None] = _no_progress
+    should_stop: Callable[[], bool] = _never
+
+
+@dataclass
+class TrainResult:
+    update: dict[str, torch.Tensor]
+    num_samples: int
+    metrics: dict[str, float]
+    global_weights: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    num_samples: int
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint carries beyond model and optimizer."""
+
+    epoch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    best_epoch: int = 0
+    best_dice: float = -1.0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    since_best: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EngineError("device 'cuda' was asked for but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise EngineError(f"device {name!r} must be 'auto', 'cpu' or 'cuda'")
+    return torch.device(name)
+
+
+def check_weights(plan: Plan, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every name of the plan's model, every shape, floating point, finite; float32 CPU copies out."""
+    if not isinstance(weights, Mapping):
+        raise WeightError(f"weights must be a mapping of names to tensors, got {type(weights).__name__}")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise WeightError(f"tensor {name!r}: not a tensor but {type(tensor).__name__}")
+    check_names_and_shapes({n: tuple(t.shape) for n, t in weights.items()}, expected_shapes(plan))
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise WeightError(f"tensor {name!r}: dtype {tensor.dtype} is not floating point")
+        value = tensor.detach().to(device="cpu", dtype=torch.float32).clone()
+        if not bool(torch.isfinite(value).all()):
+            raise WeightError(f"tensor {name!r}: contains NaN or Inf values")
+        out[name] = value
+    return out
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**31 - 1)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels on the CPU for the duration of a round, then the previous setting."""
+    if device.type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+def _make_optimizer(plan: Plan, model: nn.Module) -> torch.optim.Optimizer:
+    spec = plan.optimizer
+    params = list(model.parameters())
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum or 0.0, weight_decay=spec.weight_decay)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed by parameter name (``<param>::<slot>``), so it survives reordering."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for p, slots in opt.state.items():
+        for slot, value in slots.items():
+            if value is None:
+                continue
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            out[f"{names[id(p)]}::{slot}"] = tensor.detach().cpu().clone()
+    return out
+
+
+def _restore_optimizer(
+    opt: torch.optim.Optimizer, model: nn.Module, tensors: Mapping[str, torch.Tensor]
+) -> bool:
+    """Load state saved by ``_optimizer_tensors``; False (nothing loaded) if it does not fit the model."""
+    params = dict(model.named_parameters())
+    index = {name: i for i, name in enumerate(params)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        pname, _, slot = key.rpartition("::")
+        if pname not in params:
+            return False
+        if slot != "step" and tuple(tensor.shape) != tuple(params[pname].shape):
+            return False
+        state.setdefault(index[pname], {})[slot] = tensor
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return True
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _weights_digest(weights: Mapping[str, torch.Tensor] | None) -> str:
+    if weights is None:
+        return "none"
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def _optimizer_state_path(plan: Plan, ctx: EngineContext) -> Path:
+    key = json.dumps(
+        {
+            "dataset": plan.dataset,
+            "model": plan.model.model_dump(mode="json"),
+            "optimizer": plan.optimizer.name,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    return ctx.work_dir.parent / "optimizer_state" / f"{digest}.safetensors"
+
+
+class _Trainer:
+    """One round's training loop; split out of ``train_round`` to keep each step short."""
+
+    def __init__(self, plan: Plan, ctx: EngineContext, device: torch.device) -> None:
+        self.plan = plan
+        self.ctx = ctx
+        self.device = device
+        self.amp = device.type == "cuda"
+        self.loss_fn = make_loss(plan.loss)
+        self.checkpoint = ctx.work_dir / CHECKPOINT_NAME
+        self.total_epochs = plan.early_stopping.max_epochs if plan.early_stopping else plan.local_epochs
+        self.last_report = 0.0
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
+
+    def save_checkpoint(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        run: _RunState,
+        tag: str,
+    ) -> None:
+        tensors = {f"model.{n}": t.detach().cpu().clone() for n, t in model.state_dict().items()}
+        tensors.update({f"optim.{k}": v for k, v in _optimizer_tensors(opt, model).items()})
+        if run.best_state is not None:
+            tensors.update({f"best.{n}": t for n, t in run.best_state.items()})
+        meta = {
+            "plan_hash": plan_hash(self.plan),
+            "global": tag,
+            "epoch": str(run.epoch),
+            "epoch_losses": json.dumps(run.epoch_losses),
+            "steps": str(run.steps),
+            "best_epoch": str(run.best_epoch),
+            "best_dice": repr(run.best_dice),
+            "best_metrics": json.dumps(run.best_metrics),
+            "since_best": str(run.since_best),
+            "scaler": json.dumps(scaler.state_dict() if self.amp else {}),
+        }
+        _atomic_save(tensors, self.checkpoint, meta)
+
+    def load_checkpoint(
+        self, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, tag: str
+    ) -> _RunState:
+        from safetensors import safe_open
+
+        with safe_open(str(self.checkpoint), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("plan_hash") != plan_hash(self.plan):
+            raise EngineError(f"checkpoint {self.checkpoint} belongs to another plan; not resuming from it")
+        if meta.get("global") != tag:
+            raise EngineError(f"checkpoint {self.checkpoint} started from other global weights; not resuming")
+        tensors = load_file(str(self.checkpoint))
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
+        if optim and not _restore_optimizer(opt, model, optim):
+            raise EngineError(f"checkpoint {self.checkpoint}: optimizer state does not fit the model")
+        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        scaler_state = json.loads(meta.get("scaler", "{}"))
+        if self.amp and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        return _RunState(
+            epoch=int(meta["epoch"]),
+            epoch_losses=json.loads(meta["epoch_losses"]),
+            steps=int(meta["steps"]),
+            best_epoch=int(meta["best_epoch"]),
+            best_dice=float(meta["best_dice"]),
+            best_metrics=json.loads(meta["best_metrics"]),
+            since_best=int(meta["since_best"]),
+            best_state=best or None,
+        )
+
+    def report(self, epoch: int, step: int, steps: int | None, loss: float, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_report < PROGRESS_INTERVAL_S:
+            return
+        self.last_report = now
+        self.ctx.progress(
+            {"epoch": epoch, "epochs": self.total_epochs, "step": step, "steps": steps or step, "loss": loss}
+        )
+
+    def run_epoch(
+        self,
+        epoch: int,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        items: Sequence[ItemRef],
+        prox: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[float, int]:
+        """Train one epoch (1-based); returns the epoch's mean loss and its step count."""
+        seed = _epoch_seed(self.plan.seed, epoch)
+        _seed_all(seed)
+        loader = loading.build_train_loader(
+            list(items),
+            self.plan.data,
+            batch_size=self.plan.batch_size,
+            seed=seed,
+            cache_dir=self.ctx.cache_dir,
+        )
+        try:
+            steps: int | None = len(loader)
+        except TypeError:
+            steps = None
+        in_channels = self.plan.model.argument("in_channels")
+        model.train()
+        total = torch.zeros((), device=self.device)
+        step = 0
+        for step, batch in enumerate(loader, 1):
+            if self.ctx.should_stop():
+                raise Cancelled(f"cancelled in epoch {epoch} at step {step}")
+            x = batch["image"].to(self.device, non_blocking=True)
+            y = batch["label"].to(self.device, non_blocking=True)
+            if x.shape[1] != in_channels:
+                raise EngineError(
+                    f"the data has {x.shape[1]} image channels (modalities) "
+                    f"but model.in_channels is {in_channels}"
+                )
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            if prox:
+                loss = loss + (self.plan.fedprox_mu / 2.0) * sum(((p - g) ** 2).sum() for p, g in prox)
+            if self.amp:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            total += loss.detach()
+            if time.monotonic() - self.last_report >= PROGRESS_INTERVAL_S:
+                self.report(epoch, step, steps, float(total) / step, force=True)
+        if step == 0:
+            raise EngineError("the training split gave no batches: no training subjects or samples")
+        mean = float(total) / step
+        self.report(epoch, step, steps, mean, force=True)
+        if not math.isfinite(mean):
+            raise EngineError(f"training diverged in epoch {epoch}: the loss is {mean}")
+        return mean, step
+
+
+def train_round(
+    plan: Plan,
+    global_weights: Mapping[str, torch.Tensor] | None,
+    train: Sequence[ItemRef],
+    val: Sequence[ItemRef],
+    ctx: EngineContext,
+    *,
+    resume_from_checkpoint: bool = False,
+) -> TrainResult:
+    """Train the plan's model from the global weights on ``train``; evaluate on ``val``."""
+    start = check_weights(plan, global_weights) if global_weights is not None else None
+    if plan.init == "global" and start is None:
+        raise WeightError("the plan starts from the global weights (init 'global') but none were given")
+    if not train:
+        raise EngineError(f"dataset {plan.dataset!r} has no training subjects")
+    if plan.early_stopping is not None and not val:
+        raise EngineError("early_stopping needs validation subjects, and the validation split is empty")
+    device = resolve_device(ctx.device)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(plan, ctx, device)
+    with _deterministic(device):
+        _seed_all(plan.seed)
+        model = build_model(plan)
+        if plan.init == "global":
+            assert start is not None
+            model.load_state_dict(start, strict=False)
+        else:
+            start = None
+        model.to(device)
+        opt = _make_optimizer(plan, model)
+        scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp)
+        tag = _weights_digest(start if plan.init == "global" else None)
+        run = _RunState()
+        restored_state = 0.0
+        if resume_from_checkpoint and trainer.checkpoint.exists():
+            run = trainer.load_checkpoint(model, opt, scaler, tag)
+        elif plan.optimizer.keep_state:
+            restored_state = float(_load_kept_state(plan, ctx, opt, model))
+        prox = []
+        if plan.fedprox_mu > 0 and start is not None:
+            prox = [(p, start[n].to(device)) for n, p in model.named_parameters()]
+        while run.epoch < trainer.total_epochs:
+            if run.since_best >= (plan.early_stopping.patience if plan.early_stopping else math.inf):
+                break
+            epoch = run.epoch + 1
+            mean, steps = trainer.run_epoch(epoch, model, opt, scaler, train, prox)
+            run.epoch, run.steps = epoch, run.steps + steps
+            run.epoch_losses.append(mean)
+            if plan.early_stopping is not None:
+                metrics = _evaluate_model(plan, model, val, ctx, device).metrics
+                if metrics["dice"] > run.best_dice:
+                    run.best_dice, run.best_epoch, run.best_metrics = metrics["dice"], epoch, metrics
+                    run.best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+                    run.since_best = 0
+                else:
+                    run.since_best += 1
+            trainer.save_checkpoint(model, opt, scaler, run, tag)
+        if plan.optimizer.keep_state:
+            _save_kept_state(plan, ctx, opt, model)
+        if plan.early_stopping is not None and run.best_state is not None:
+            model.load_state_dict(run.best_state)
+            metrics = dict(run.best_metrics)
+            metrics["best_epoch"] = float(run.best_epoch)
+        elif val:
+            if ctx.should_stop():
+                raise Cancelled("cancelled before evaluation")
+            metrics = _evaluate_model(plan, model, val, ctx, device).metrics
+        else:
+            metrics = {}
+    metrics.update(
+        {
+            "train_loss": run.epoch_losses[-1] if run.epoch_losses else float("nan"),
+            "epochs_run": float(run.epoch),
+            "steps": float(run.steps),
+        }
+    )
+    if plan.optimizer.keep_state:
+        metrics["optimizer_state_restored"] = restored_state
+    final = exchanged_state(model)
+    if plan.send == "diff":
+        assert start is not None
+        update = {n: final[n] - start[n] for n in final}
+    else:
+        update = final
+    return TrainResult(update=update, num_samples=len(train), metrics=metrics, global_weights=start)
+
+
+def _load_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> bool:
+    path = _optimizer_state_path(plan, ctx)
+    if not path.exists():
+        return False
+    return _restore_optimizer(opt, model, load_file(str(path)))
+
+
+def _save_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> None:
+    _atomic_save(
+        _optimizer_tensors(opt, model), _optimizer_state_path(plan, ctx), {"plan_hash": plan_hash(plan)}
+    )
+
+
+def evaluate(
+    plan: Plan, weights: Mapping[str, torch.Tensor], val: Sequence[ItemRef], ctx: EngineContext
+) -> EvalResult:
+    """Mean Dice (and quantiles over subjects) of ``weights`` on the validation split."""
+    state = check_weights(plan, weights)
+    if not val:
+        raise EngineError(f"dataset {plan.dataset!r} has no validation subjects")
+    device = resolve_device(ctx.device)
+    torch.manual_seed(plan.seed)
+    model = build_model(plan)
+    model.load_state_dict(state, strict=False)
+    model.to(device)
+    return _evaluate_model(plan, model, val, ctx, device)
+
+
+def _predict(plan: Plan, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Logits (1, *spatial) for one volume (C, X, Y, Z)."""
+    roi = list(plan.data.roi_size)
+    batch = max(1, plan.batch_size)
+    amp = device.type == "cuda"
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        if plan.data.spatial_dims == 3:
+            out = sliding_window_inference(
+                image[None].to(device), roi_size=roi, sw_batch_size=batch, predictor=model, overlap=0.25
+            )
+            return torch.as_tensor(out)[0].float()
+        slices = image.permute(3, 0, 1, 2)  # (Z, C, X, Y)
+        chunks = []
+        for i in range(0, slices.shape[0], batch):
+            part = slices[i : i + batch].to(device)
+            chunks.append(
+                torch.as_tensor(
+                    sliding_window_inference(part, roi_size=roi, sw_batch_size=batch, predictor=model)
+                ).float()
+            )
+        return torch.cat(chunks).permute(1, 2, 3, 0)  # (1, X, Y, Z)
+
+
+def _dice(logits: torch.Tensor, label: torch.Tensor) -> float:
+    pred = logits > 0
+    target = label > 0.5
+    denom = int(pred.sum()) + int(target.sum())
+    if denom == 0:
+        return 1.0
+    return 2.0 * int((pred & target).sum()) / denom
+
+
+def _evaluate_model(
+    plan: Plan, model: nn.Module, val: Sequence[ItemRef], ctx: EngineContext, device: torch.device
+) -> EvalResult:
+    model.eval()
+    scores: list[float] = []
+    with torch.inference_mode():
+        for _key, image, label in loading.iter_val_volumes(list(val), plan.data, cache_dir=ctx.cache_dir):
+            if ctx.should_stop():
+                raise Cancelled("cancelled during evaluation")
+            logits = _predict(plan, model, image, device)
+            scores.append(_dice(logits, label.to(logits.device)))
+    if not scores:
+        raise EngineError("the validation split gave no volumes to evaluate")
+    arr = np.asarray(scores, dtype=np.float64)
+    p25, median, p75 = np.percentile(arr, [25, 50, 75])
+    return EvalResult(
+        metrics={
+            "dice": float(arr.mean()),
+            "dice_p25": float(p25),
+            "dice_median": float(median),
+            "dice_p75": float(p75),
+        },
+        num_samples=len(scores),
+    )

@@ -1,0 +1,189 @@
+"""Training plans: the data a coordinator sends to say what to train, never code.
+
+A plan is JSON (see the design's API contract). Every key is validated here; unknown keys
+are refused, and every error names the key (``optimizer.lr``, ``model.channels``) so that
+a coordinator's operator can fix the plan without reading our code. The model section is
+checked against the model registry: exactly the MONAI constructor's arguments, and a
+model that can actually process the plan's patch size.
+
+The plan hash (what a site approves under ``approval.policy: manual``) is SHA-256 of the
+canonical JSON of the validated plan, defaults filled in, without ``round_id``: two plans
+that train the same thing have the same hash whatever their round and key order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.data.loading import DataSettings
+from agent.training.registry import check_arguments, model_entry, validate_model
+
+ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; one line per problem, each naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(BaseModel):
+    """``name`` plus exactly the keyword arguments of the named MONAI class."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+
+    def arguments(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def argument(self, key: str) -> Any:
+        """The given value, else the constructor's default (None when it has none)."""
+        args = self.arguments()
+        if key in args:
+            return args[key]
+        param = inspect.signature(model_entry(self.name).cls.__init__).parameters.get(key)
+        if param is None or param.default is inspect.Parameter.empty:
+            return None
+        return param.default
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adam", "adamw", "sgd"]
+    lr: float = Field(gt=0, le=10)
+    # SGD only; defaults to 0.9 there ("SGD with momentum").
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    # Carry the optimizer's state (Adam moments, SGD momentum) from round to round at this
+    # site instead of starting fresh each round.
+    keep_state: bool = False
+
+    @model_validator(mode="after")
+    def _momentum(self) -> OptimizerSpec:
+        if self.name == "sgd" and self.momentum is None:
+            self.momentum = 0.9
+        if self.name != "sgd" and self.momentum is not None:
+            raise ValueError(f"momentum applies to sgd only, not {self.name}")
+        return self
+
+
+class PrivacySpec(_Strict):
+    """Filters a coordinator asks for on top of the site's own egress settings.
+
+    The site's configuration always applies; these can only make the update more private
+    (more excluded parameters, a smaller clipping norm), never less.
+    """
+
+    exclude_parameters: list[str] = Field(default_factory=list)
+    clip_norm: float | None = Field(default=None, gt=0)
+
+
+class EarlyStopping(_Strict):
+    """Train epoch by epoch up to ``max_epochs``, evaluating on the validation split after each,
+    stop after ``patience`` epochs without improvement, and return the best epoch's weights
+    (institutional incremental learning). ``local_epochs`` is then not used."""
+
+    patience: int = Field(ge=1, le=1000)
+    max_epochs: int = Field(ge=1, le=10000)
+
+
+class Plan(_Strict):
+    dataset: str = Field(min_length=1, max_length=64)
+    model: ModelSpec
+    local_epochs: int = Field(ge=1, le=10000)
+    batch_size: int = Field(ge=1, le=4096)
+    optimizer: OptimizerSpec
+    loss: Literal["dice", "dice_ce", "log_dice"]
+    round_id: str | None = Field(default=None, pattern=ROUND_ID_PATTERN)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    init: Literal["global", "random"] = "global"
+    fedprox_mu: float = Field(default=0.0, ge=0)
+    send: Literal["weights", "diff"] = "weights"
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    transfer_dtype: Literal["float32", "float16"] = "float32"
+    data: DataSettings = Field(default_factory=DataSettings)
+    early_stopping: EarlyStopping | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, spec: ModelSpec) -> ModelSpec:
+        check_arguments(spec.name, spec.arguments())
+        return spec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        spec = self.model
+        dims = spec.argument("spatial_dims")
+        if dims != self.data.spatial_dims:
+            raise ValueError(
+                f"model.spatial_dims is {dims} but data.spatial_dims is {self.data.spatial_dims}"
+            )
+        if len(self.data.roi_size) != dims:
+            raise ValueError(f"data.roi_size {self.data.roi_size} must have {dims} entries")
+        if spec.argument("out_channels") != 1:
+            raise ValueError(
+                "model.out_channels must be 1: the target is binary (one sigmoid output channel)"
+            )
+        in_channels = spec.argument("in_channels")
+        if self.data.modalities is not None and len(self.data.modalities) != in_channels:
+            raise ValueError(
+                f"model.in_channels is {in_channels} but data.modalities lists {len(self.data.modalities)}"
+            )
+        if self.send == "diff" and self.init == "random":
+            raise ValueError("send 'diff' needs init 'global': a difference to random weights means nothing")
+        # Two samples: batch-norm refuses a batch of one sample with one voxel per channel in
+        # training, which a real batch would pass.
+        batch = min(self.batch_size, 2)
+        validate_model(spec.name, spec.arguments(), (batch, in_channels, *self.data.roi_size))
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "plan"
+
+
+def parse_plan(raw: Any) -> Plan:
+    """Validate a plan given as JSON text, bytes or an already-parsed mapping."""
+    if isinstance(raw, bytes | bytearray):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PlanError("plan: not UTF-8 text") from None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan: not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"plan: must be a JSON object, got {type(raw).__name__}")
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"{_loc(tuple(err['loc']))}: {msg}")
+        raise PlanError("\n".join(lines)) from None
+
+
+def canonical_json(plan: Plan) -> str:
+    body = plan.model_dump(mode="json", exclude={"round_id"})
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def plan_hash(plan: Plan) -> str:
+    return hashlib.sha256(canonical_json(plan).encode()).hexdigest()
