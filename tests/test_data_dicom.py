@@ -404,3 +404,19 @@ def test_a_compressed_series_assembles_like_the_uncompressed_one(tmp_path: Path,
         ds.save_as(path)
     assert pydicom.dcmread(truth.files[0]).file_meta.TransferSyntaxUID == syntax
     _assert_truth(_only(tmp_path / "s"), truth.array, truth.affine)
+
+
+def test_links_and_special_files_are_reported_not_opened(tmp_path: Path) -> None:
+    import os
+
+    truth = write_series(tmp_path / "s", n_slices=16, seed=25)
+    (tmp_path / "s" / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "s" / "good-link").symlink_to(truth.files[0])
+    os.mkfifo(tmp_path / "s" / "pipe")  # reading it would block forever
+    scan = scan_dicom_folder(tmp_path, workers=1)
+    reasons = {s.path.name: s.reason for s in scan.skipped}
+    assert reasons == {"dangling": "broken symbolic link", "pipe": "not a regular file"}
+    vol = scan.volumes[0]
+    _assert_truth(vol, truth.array, truth.affine)
+    assert any("dropped 1 duplicate slice" in w for w in vol.warnings)  # the link is the same slice
+    assert scan.files_seen == 19

@@ -600,17 +600,30 @@ def _read_chunk(paths: Sequence[Path]) -> list[_FileResult]:
 # Discovery and parallel reading
 
 
-def _list_files(root: Path) -> list[Path]:
+def _list_files(root: Path) -> tuple[list[Path], list[Skipped]]:
+    """Regular files under ``root`` in a stable order, and what could not be listed or is not a file."""
     if root.is_file():
-        return [root]
+        return [root], []
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    problems: list[Skipped] = []
+
+    def unreadable(exc: OSError) -> None:
+        problems.append(
+            Skipped(Path(exc.filename or root), f"folder cannot be listed: {exc.strerror or exc}")
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
             if path.is_file():
                 found.append(path)
-    return found
+            elif not path.exists():
+                problems.append(Skipped(path, "broken symbolic link"))
+            else:
+                # FIFOs, sockets and devices: opening one could block the scan forever.
+                problems.append(Skipped(path, "not a regular file"))
+    return found, problems
 
 
 def _default_workers() -> int:
@@ -888,7 +901,11 @@ def scan_dicom_folder(root: Path, *, workers: int | None = None, processes: bool
     root = Path(root)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder")
-    return assemble(read_files(_list_files(root), workers, processes=processes))
+    files, problems = _list_files(root)
+    scan = assemble(read_files(files, workers, processes=processes))
+    scan.skipped = problems + scan.skipped
+    scan.files_seen += sum(1 for p in problems if not p.reason.startswith("folder cannot be listed"))
+    return scan
 
 
 def read_dicom_series(folder: Path, *, workers: int | None = None) -> Volume:
