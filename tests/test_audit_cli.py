@@ -103,3 +103,13 @@ def test_empty_log(config: Path) -> None:
 def test_bad_anchor_is_a_usage_error(config: Path) -> None:
     code, out = run("audit", "verify", "--anchor", "nonsense", "--config", str(config))
     assert code == 2 and "anchor" in out
+
+
+def test_audit_commands_refuse_a_missing_sqlite_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "fedsite.db"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"site": {"id": "s1"}, "database_url": f"sqlite:///{missing}"}))
+    for command in (["audit", "verify"], ["audit", "export"], ["audit", "tail"]):
+        code, out = run(*command, "--config", str(path))
+        assert code == 2 and str(missing) in out and "does not exist" in out
+    assert not missing.exists()

@@ -31,7 +31,7 @@ from agent.audit.approvals import (
     revoke_approval,
 )
 from agent.audit.chain import AuditLog, parse_anchor
-from agent.audit.db import Database, DatabaseError, open_database
+from agent.audit.db import Database, DatabaseError, open_database, sqlite_file
 from agent.audit.tokens import ROLES, TokenError, create_token, list_tokens, revoke_token
 from agent.config import AgentConfig, ConfigError, load_config
 
@@ -67,7 +67,13 @@ def _load(config: Path) -> AgentConfig:
 
 
 @contextmanager
-def _database(cfg: AgentConfig) -> Iterator[Database]:
+def _database(cfg: AgentConfig, *, must_exist: bool = False) -> Iterator[Database]:
+    if must_exist:
+        path = sqlite_file(cfg.db_url)
+        if path is not None and not path.exists():
+            # Opening would create an empty log that then "verifies": a typo in the config
+            # must not look like a clean audit.
+            _fail(f"error: the audit database {path} does not exist (database_url in {cfg.source})", 2)
     try:
         db = open_database(cfg.db_url)
     except DatabaseError as exc:
@@ -299,7 +305,7 @@ def audit_verify(
         expected = parse_anchor(anchor) if anchor is not None else None
     except ValueError as exc:
         _fail(f"error: {exc}", 2)
-    with _database(cfg) as db:
+    with _database(cfg, must_exist=True) as db:
         report = AuditLog(db).verify(anchor=expected)
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -327,7 +333,7 @@ def audit_export(
     if fmt != "jsonl":
         _fail(f"error: --format {fmt!r}: only 'jsonl' is supported", 2)
     cfg = _load(config)
-    with _database(cfg) as db:
+    with _database(cfg, must_exist=True) as db:
         events = AuditLog(db).iter_all(since_id=since_id)
         if out is None:
             n = _write_jsonl(events, sys.stdout)
@@ -375,7 +381,7 @@ def audit_tail(
 ) -> None:
     """Print the newest events; with --follow, keep printing new ones as they are recorded."""
     cfg = _load(config)
-    with _database(cfg) as db:
+    with _database(cfg, must_exist=True) as db:
         log = AuditLog(db)
         last = 0
         for ev in log.tail(n):

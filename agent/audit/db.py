@@ -99,6 +99,11 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    return _sqlite_path(url) if url.startswith("sqlite") else None
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
