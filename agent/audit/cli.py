@@ -39,9 +39,8 @@ tokens_app = typer.Typer(help="Manage the REST API's bearer tokens.", no_args_is
 plans_app = typer.Typer(help="Manage the plan allow-list (approval policy 'manual').", no_args_is_help=True)
 audit_app = typer.Typer(help="Verify, export and follow the hash-chained audit log.", no_args_is_help=True)
 
-ConfigOption = typer.Option(
-    ..., "--config", "-c", envvar="FEDSITE_CONFIG", help="Path to the agent's config.yaml."
-)
+# No environment fallback: every FEDSITE_* variable is read as a config override.
+ConfigOption = typer.Option(..., "--config", "-c", help="Path to the agent's config.yaml.")
 
 
 def _fail(message: str, code: int) -> NoReturn:
