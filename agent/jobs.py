@@ -66,7 +66,7 @@ EVALUATE = "evaluate"
 KINDS = (TRAIN, EVALUATE)
 
 # Training yields the CPU to the control API: a status poll must not wait behind a batch.
-WORKER_NICENESS = 5
+WORKER_NICENESS = 10
 # How often the worker writes progress and looks at the cancel flag.
 PROGRESS_INTERVAL_S = 1.0
 STOP_CHECK_INTERVAL_S = 0.5
@@ -772,8 +772,6 @@ def worker_main(spec: dict[str, Any]) -> int:
         format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
     from agent.audit.chain import AuditLog
     from agent.training.engine import Cancelled
 
@@ -809,6 +807,8 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: python -m agent.jobs worker  (the job spec is read from stdin)\n")
         return 2
     _die_with_parent(os.getppid())
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
     # Load the heavy libraries before waiting for a job, so that a standby worker starts
     # its round at once.
     import agent.data.catalog

@@ -201,7 +201,6 @@ class SiteService:
             datasets.append(entry)
         return {
             "site_id": self.cfg.site.id,
-            "site_name": self.cfg.site.name,
             "agent_version": __version__,
             "device": self.device(),
             "approval_policy": self.cfg.approval.policy,

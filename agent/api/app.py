@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -52,7 +53,8 @@ class BodyTooLarge(Exception):
 
 class BodyLimitMiddleware:
     """Refuses bodies over `max_bytes`: by Content-Length up front, and by counting the stream
-    (chunked uploads, or a Content-Length that lies). Also counts answers for the metrics."""
+    (chunked uploads, or a Content-Length that lies). Also counts answers for the metrics and
+    adds a Server-Timing header with the agent's own time."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, metrics: AgentMetrics) -> None:
         self.app = app
@@ -64,10 +66,18 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         method = str(scope.get("method", ""))
+        started = time.perf_counter()
 
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(method=method, code=str(message["status"])).inc()
+                # Server-Timing: how long the agent itself took, for operators and latency probes.
+                took = (time.perf_counter() - started) * 1000.0
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"server-timing", f"app;dur={took:.2f}".encode()),
+                ]
             await send(message)
 
         length = None

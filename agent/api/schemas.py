@@ -33,7 +33,6 @@ class DatasetOut(BaseModel):
 
 class InfoOut(BaseModel):
     site_id: str
-    site_name: str
     agent_version: str
     device: str
     approval_policy: str
