@@ -11,7 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from db_fixtures import fixture_blank_db_url  # noqa: F401
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from agent.audit.chain import AuditLog
 from agent.audit.db import Base, DatabaseError, alembic_config, load_all_models, open_database
@@ -97,3 +97,13 @@ def test_unreachable_database_is_named_without_its_password() -> None:
         open_database("postgresql+psycopg://fedsite:s3cretpw@127.0.0.1:1/fedsite?connect_timeout=2")
     message = str(err.value)
     assert "127.0.0.1:1/fedsite" in message and "s3cretpw" not in message
+
+
+def test_database_from_a_newer_version_is_refused_clearly(blank_db_url: str) -> None:
+    open_database(blank_db_url).dispose()
+    db = open_database(blank_db_url)
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'f00dface'"))
+    db.dispose()
+    with pytest.raises(DatabaseError, match="f00dface is unknown to this fedsite version"):
+        open_database(blank_db_url)

@@ -209,10 +209,12 @@ def alembic_config(url: str | None = None) -> Any:
 
 
 @functools.cache
-def _head_revisions() -> frozenset[str]:
+def _revisions() -> tuple[frozenset[str], frozenset[str]]:
+    """(head revisions, all known revisions) of the migrations shipped with this version."""
     from alembic.script import ScriptDirectory
 
-    return frozenset(ScriptDirectory.from_config(alembic_config()).get_heads())
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(script.get_heads()), frozenset(r.revision for r in script.walk_revisions())
 
 
 def _upgrade(conn: Connection) -> None:
@@ -220,8 +222,15 @@ def _upgrade(conn: Connection) -> None:
     from alembic.runtime.migration import MigrationContext
 
     current = set(MigrationContext.configure(conn).get_current_heads())
-    if current == _head_revisions():
+    heads, known = _revisions()
+    if current == heads:
         return
+    unknown = sorted(current - known)
+    if unknown:
+        raise DatabaseError(
+            f"the database's schema revision {', '.join(unknown)} is unknown to this fedsite version "
+            "(written by a newer version?); upgrade fedsite instead of opening it with this one"
+        )
     cfg = alembic_config()
     cfg.attributes["connection"] = conn
     command.upgrade(cfg, "head")
@@ -273,5 +282,6 @@ def open_database(url: str) -> Database:
         migrate(db)
     except Exception as exc:
         db.dispose()
-        raise DatabaseError(f"cannot open database {safe_url(url)}: {type(exc).__name__}: {exc}") from exc
+        why = str(exc) if isinstance(exc, DatabaseError) else f"{type(exc).__name__}: {exc}"
+        raise DatabaseError(f"cannot open database {safe_url(url)}: {why}") from exc
     return db
