@@ -1,0 +1,225 @@
+"""The egress gate: the single code path by which bytes derived from local data leave the site.
+
+``EgressGate.release`` takes a trained update and, in this order:
+
+1. checks that the tensors are exactly the plan's model tensors (every name, every shape,
+   float32, finite) — anything else is a bug or tampering and nothing is released;
+2. applies the site's filters, joined with any the plan asks for (a plan can only add):
+   ``exclude_parameters`` (fnmatch patterns on tensor names): in a ``diff`` update the
+   matching tensors are zeroed; in a ``weights`` update they are replaced by the global
+   weights' values, so that the coordinator learns nothing about them while a weighted
+   average stays unchanged for those tensors. ``clip_norm``: the L2 norm of the difference
+   to the global weights (over all tensors) is scaled down to at most this value;
+3. encodes with the safetensors codec in the plan's transfer dtype and hashes the bytes;
+4. records an ``egress.update`` audit event (round, plan hash, tensor count, bytes,
+   SHA-256, filters) — if this fails, nothing is written;
+5. writes the bytes atomically to ``outbox/<round_id>.safetensors``.
+
+``read_released`` is what the update endpoint serves from: it returns a file's bytes only
+when their SHA-256 equals the hash recorded for that round in the audit log, whose hash
+chain makes the record itself tamper-evident. A file dropped into the outbox by anything
+else, or changed after release, is refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import torch
+
+from agent.config import EgressConfig
+from agent.exchange.codec import WeightError, check_names_and_shapes, encode_weights
+from agent.training.plan import ROUND_ID_PATTERN, plan_hash
+from agent.training.registry import expected_shapes
+
+if TYPE_CHECKING:
+    from agent.training.plan import Plan
+
+EGRESS_ACTION = "egress.update"
+ACTOR = "egress-gate"
+_ROUND_ID = re.compile(ROUND_ID_PATTERN)
+
+
+class EgressError(RuntimeError):
+    """An update that must not leave, or a released file that no longer matches its record."""
+
+
+class AuditSink(Protocol):
+    """What the gate needs of the audit log (agent.audit.chain.AuditLog satisfies it)."""
+
+    def append(self, action: str, *, actor: str, details: dict[str, Any]) -> Any: ...
+
+    def find(self, action: str, **match: Any) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class Released:
+    sha256: str
+    nbytes: int
+    path: Path
+    filters: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_round_id(round_id: str) -> None:
+    # The id becomes a file name: refuse anything that could leave the outbox folder.
+    if not isinstance(round_id, str) or not _ROUND_ID.fullmatch(round_id):
+        raise EgressError(f"round id {round_id!r} is not valid (letters, digits, '.', '_', '-')")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class EgressGate:
+    def __init__(self, audit: AuditSink, outbox: Path, config: EgressConfig | None = None) -> None:
+        self.audit = audit
+        self.outbox = Path(outbox)
+        self.config = config or EgressConfig()
+
+    def path_for(self, round_id: str) -> Path:
+        _check_round_id(round_id)
+        return self.outbox / f"{round_id}.safetensors"
+
+    def _check_update(
+        self,
+        plan: Plan,
+        update: Mapping[str, torch.Tensor],
+        global_weights: Mapping[str, torch.Tensor] | None,
+    ) -> dict[str, tuple[int, ...]]:
+        expected = expected_shapes(plan)
+        try:
+            check_names_and_shapes({n: tuple(t.shape) for n, t in update.items()}, expected)
+            if global_weights is not None:
+                check_names_and_shapes({n: tuple(t.shape) for n, t in global_weights.items()}, expected)
+        except WeightError as exc:
+            raise EgressError(f"update refused: {exc}") from None
+        for name, tensor in update.items():
+            if tensor.dtype != torch.float32:
+                raise EgressError(
+                    f"update refused: tensor {name!r} has dtype {tensor.dtype}, expected float32"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise EgressError(f"update refused: tensor {name!r} contains NaN or Inf values")
+        return expected
+
+    def release(
+        self,
+        *,
+        round_id: str,
+        plan: Plan,
+        update: Mapping[str, torch.Tensor],
+        global_weights: Mapping[str, torch.Tensor] | None,
+        kind: Literal["weights", "diff"],
+    ) -> Released:
+        """Check, filter, encode, hash, audit, then write the update for ``round_id``."""
+        path = self.path_for(round_id)
+        if kind not in ("weights", "diff"):
+            raise EgressError(f"update kind {kind!r} must be 'weights' or 'diff'")
+        self._check_update(plan, update, global_weights)
+        filtered, filters = self._apply_filters(plan, update, global_weights, kind)
+        try:
+            data = encode_weights(filtered, plan.transfer_dtype)
+        except WeightError as exc:
+            raise EgressError(f"update refused: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append(
+            EGRESS_ACTION,
+            actor=ACTOR,
+            details={
+                "round_id": round_id,
+                "plan_hash": plan_hash(plan),
+                "kind": kind,
+                "tensors": len(filtered),
+                "bytes": len(data),
+                "sha256": digest,
+                "transfer_dtype": plan.transfer_dtype,
+                "filters": filters,
+            },
+        )
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, data)
+        return Released(sha256=digest, nbytes=len(data), path=path, filters=filters)
+
+    def _apply_filters(
+        self,
+        plan: Plan,
+        update: Mapping[str, torch.Tensor],
+        global_weights: Mapping[str, torch.Tensor] | None,
+        kind: str,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        patterns = list(dict.fromkeys([*self.config.exclude_parameters, *plan.privacy.exclude_parameters]))
+        norms = [n for n in (self.config.clip_norm, plan.privacy.clip_norm) if n is not None]
+        clip = min(norms) if norms else None
+        filters: dict[str, Any] = {}
+        if not patterns and clip is None:
+            return {n: t.detach().cpu().clone() for n, t in update.items()}, filters
+        if kind == "weights" and global_weights is None:
+            raise EgressError(
+                "egress filters (exclude_parameters / clip_norm) on a 'weights' update need the global "
+                "weights; this round has none (init 'random')"
+            )
+        # Work on the difference to the global weights: both filters are defined on it.
+        if kind == "diff":
+            diff = {n: t.detach().cpu().clone() for n, t in update.items()}
+        else:
+            assert global_weights is not None
+            diff = {n: update[n].detach().cpu() - global_weights[n].detach().cpu() for n in update}
+        if patterns:
+            excluded = sorted(n for n in diff if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+            for name in excluded:
+                diff[name].zero_()
+            filters["exclude_parameters"] = {"patterns": patterns, "excluded_tensors": len(excluded)}
+        if clip is not None:
+            norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in diff.values()))
+            scale = min(1.0, clip / norm) if norm > 0 else 1.0
+            if scale < 1.0:
+                for t in diff.values():
+                    t.mul_(scale)
+            filters["clip_norm"] = {"max_norm": clip, "norm": norm, "clipped": scale < 1.0}
+        if kind == "diff":
+            return diff, filters
+        assert global_weights is not None
+        return {n: global_weights[n].detach().cpu().float() + diff[n] for n in diff}, filters
+
+    def recorded_sha256(self, round_id: str) -> str:
+        """The hash recorded by the most recent release for ``round_id``."""
+        _check_round_id(round_id)
+        events = self.audit.find(EGRESS_ACTION, round_id=round_id)
+        if not events:
+            raise EgressError(f"round {round_id}: no update was released through the egress gate")
+        sha = events[-1].get("details", {}).get("sha256")
+        if not isinstance(sha, str):
+            raise EgressError(f"round {round_id}: the release record carries no hash")
+        return sha
+
+    def read_released(self, round_id: str) -> bytes:
+        """The released update's bytes, only if they are exactly what the gate recorded."""
+        path = self.path_for(round_id)
+        sha = self.recorded_sha256(round_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise EgressError(f"round {round_id}: the released update file is missing") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise EgressError(
+                f"round {round_id}: the outbox file does not match the hash recorded at release; refused"
+            )
+        return data
