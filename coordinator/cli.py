@@ -121,7 +121,7 @@ def demo(
     subjects: str | None = typer.Option(
         None, "--subjects-per-site", help="Subjects per site, comma-separated (default: 8,6,4,...)."
     ),
-    size: int = typer.Option(48, "--size", min=16, max=256, help="Generated volume size (voxels per side)."),
+    size: int = typer.Option(32, "--size", min=16, max=256, help="Generated volume size (voxels per side)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the generated data and the model."),
 ) -> None:
     """Generate sites, start their agents, run FedAvg through them, verify their audit logs."""

@@ -34,6 +34,11 @@ from coordinator.runner import CoordinatorError, RoundFailed, RunOptions, RunRes
 
 MARKER = ".fedsite-demo"
 DEFAULT_SUBJECTS = (8, 6, 4)
+DEMO_PLAN_OVERRIDES: dict[str, Any] = {
+    "local_epochs": 2,
+    "batch_size": 8,
+    "optimizer": {"name": "adam", "lr": 0.01},
+}
 
 
 class DemoError(RuntimeError):
@@ -92,7 +97,7 @@ def run_demo(
     sites: int = 3,
     rounds: int = 3,
     subjects: str | None = None,
-    size: int = 48,
+    size: int = 32,
     seed: int = 0,
     console: Console | None = None,
 ) -> DemoResult:
@@ -176,8 +181,13 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
         poll_interval=0.5,
     )
     plan = json.loads(Path(layout.plan_path).read_text())
+    # A few rounds on a few subjects: a higher learning rate and two epochs per round let the
+    # Dice climb visibly within the demo's budget.
+    plan.update(DEMO_PLAN_OVERRIDES)
+    plan["data"] = {**plan.get("data", {}), "samples_per_subject": 16}
     console.rule(f"[bold]4. FedAvg: {rounds} round(s) over {len(layout.sites)} sites")
-    console.print(f"federation file: {fed_path}\nplan: {layout.plan_path}")
+    console.print(f"federation file: {fed_path}")
+    console.print(f"plan: {layout.plan_path} with {json.dumps(DEMO_PLAN_OVERRIDES)}", highlight=False)
     try:
         fed = load_federation(fed_path)
         return run_strategy(
