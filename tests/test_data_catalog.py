@@ -290,6 +290,12 @@ def test_splits_are_stable_disjoint_and_never_empty(tmp_path: Path) -> None:
     assert sorted(assign_splits("brain", keys[:2], 0.01).values()) == ["train", "val"]
     assert sorted(assign_splits("brain", keys[:2], 0.99).values()) == ["train", "val"]
     assert list(assign_splits("brain", keys[:1], 0.5).values()) == ["train"]
+    # Validation never takes more than half of a small dataset (the hash alone often would).
+    for n in (3, 4, 5, 6):
+        counts = {
+            sum(v == "val" for v in assign_splits(f"ds{d}", keys[:n], 0.25).values()) for d in range(200)
+        }
+        assert min(counts) == 1 and max(counts) == n // 2
     assert set(assign_splits("brain", keys, 0.0).values()) == {"train"}
 
     # End to end: adding and removing subjects on disk keeps everyone else's split.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -259,22 +260,29 @@ def assign_splits(dataset: str, subject_keys: Iterable[str], val_fraction: float
     """Train/validation split per subject key.
 
     A subject is in validation when a hash of (dataset, key) falls below `val_fraction`, so its
-    split does not depend on the other subjects. With two or more subjects and a fraction above
-    zero, at least one subject is in validation and at least one in training: when the hash
-    gives none, the subject with the lowest (for validation) or highest (for training) hash is
-    moved. A dataset of one subject trains on it.
+    split does not depend on the other subjects. Small datasets are where chance hurts, so three
+    corrections apply, each moving the fewest subjects in hash order: with two or more subjects
+    and a fraction above zero, at least one subject is in validation; validation never holds more
+    than half the subjects (or the requested fraction, rounded up, if that is more), so training
+    always keeps at least as many; and a dataset of one subject trains on it. On large datasets
+    the corrections practically never apply, and adding or removing subjects moves no one else.
     """
     keys = sorted(set(subject_keys))
+    n = len(keys)
     u = {k: _unit_interval(dataset, k) for k in keys}
+    by_hash = sorted(keys, key=lambda k: u[k])
     splits: dict[str, Split] = {k: ("val" if u[k] < val_fraction else "train") for k in keys}
-    if len(keys) == 1:
+    if n == 1:
         # One subject cannot be both trained on and validated on; training needs it more.
         splits[keys[0]] = "train"
-    if len(keys) >= 2 and val_fraction > 0:
-        if all(s == "train" for s in splits.values()):
-            splits[min(keys, key=lambda k: u[k])] = "val"
-        if all(s == "val" for s in splits.values()):
-            splits[max(keys, key=lambda k: u[k])] = "train"
+    elif n >= 2 and val_fraction > 0:
+        val = [k for k in by_hash if splits[k] == "val"]
+        cap = max(1, math.ceil(n * val_fraction - 1e-9), n // 2)
+        cap = min(cap, n - 1)
+        for k in val[cap:]:
+            splits[k] = "train"
+        if not val:
+            splits[by_hash[0]] = "val"
     return splits
 
 
