@@ -181,6 +181,43 @@ def test_concurrent_appends_from_several_processes_keep_the_chain_valid(db_url: 
         db.dispose()
 
 
+def _steady_appender(url: str, n: int, start: Any) -> None:
+    db = open_database(url)
+    log = AuditLog(db)
+    start.set()
+    for i in range(n):
+        log.append("test.steady", actor="proc:appender", details={"i": i})
+    db.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_verify_while_another_process_appends_reports_no_false_damage(db_url: str) -> None:
+    db = open_database(db_url)
+    log = AuditLog(db)
+    for i in range(5):
+        log.append("test.before", actor="me", details={"i": i})
+    ctx = mp.get_context("fork")
+    started = ctx.Event()
+    proc = ctx.Process(target=_steady_appender, args=(db_url, 60, started))
+    proc.start()
+    try:
+        assert started.wait(timeout=60)
+        reports = []
+        while proc.is_alive() and len(reports) < 200:
+            reports.append(log.verify(batch=7))  # small batches: several queries per verify
+            exported = list(log.iter_all(batch=7))
+            assert [e["id"] for e in exported] == list(range(1, len(exported) + 1))
+        proc.join(timeout=100)
+        assert proc.exitcode == 0
+        bad = [r for r in reports if not r.ok]
+        assert not bad, bad[0].reason
+        assert log.verify().count == 65
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        db.dispose()
+
+
 def test_event_hash_is_the_documented_formula() -> None:
     import hashlib
 

@@ -44,6 +44,15 @@ MAX_LIMIT = 10_000
 _ACTION = re.compile(r"[a-z][a-z0-9_]*(\.[a-z0-9_]+)*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEAD_ROW = 1
+_EVENT_COLUMNS = (
+    AuditEvent.id,
+    AuditEvent.ts,
+    AuditEvent.actor,
+    AuditEvent.action,
+    AuditEvent.details,
+    AuditEvent.prev_hash,
+    AuditEvent.hash,
+)
 
 
 class AuditError(ValueError):
@@ -243,14 +252,17 @@ class AuditLog:
         return [_row_dict(row) for row in reversed(rows)]
 
     def iter_all(self, *, since_id: int = 0, batch: int = 1000) -> Iterator[dict[str, Any]]:
-        """Every event with id > since_id, oldest first, read in batches (for export)."""
-        last = since_id
-        while True:
-            chunk = self.events(since_id=last, limit=batch)
-            yield from chunk
-            if len(chunk) < batch:
-                return
-            last = chunk[-1]["id"]
+        """Every event with id > since_id, oldest first, from one consistent snapshot (for export)."""
+        with self.db.read_snapshot() as conn:
+            last = since_id
+            while True:
+                rows = conn.execute(
+                    select(*_EVENT_COLUMNS).where(AuditEvent.id > last).order_by(AuditEvent.id).limit(batch)
+                ).all()
+                yield from (_row_dict(row) for row in rows)
+                if len(rows) < batch:
+                    return
+                last = rows[-1].id
 
     def find(self, action: str, **match: Any) -> list[dict[str, Any]]:
         """Events of `action` whose details contain every `key=value` of `match`, oldest first."""
@@ -290,17 +302,15 @@ class AuditLog:
         def bad(event_id: int | None, reason: str) -> ChainReport:
             return ChainReport(False, count, event_id, reason, expected_id - 1, prev_hash)
 
-        with self.db.session() as s:
+        with self.db.read_snapshot() as conn:
             last_seen = 0
             while True:
-                rows = list(
-                    s.scalars(
-                        select(AuditEvent)
-                        .where(AuditEvent.id > last_seen)
-                        .order_by(AuditEvent.id)
-                        .limit(batch)
-                    )
-                )
+                rows = conn.execute(
+                    select(*_EVENT_COLUMNS)
+                    .where(AuditEvent.id > last_seen)
+                    .order_by(AuditEvent.id)
+                    .limit(batch)
+                ).all()
                 for row in rows:
                     if row.id != expected_id:
                         if row.id < expected_id:
@@ -326,7 +336,9 @@ class AuditLog:
                 if len(rows) < batch:
                     break
                 last_seen = rows[-1].id
-            head = s.get(AuditChainHead, _HEAD_ROW)
+            head = conn.execute(
+                select(AuditChainHead.last_id, AuditChainHead.last_hash).where(AuditChainHead.id == _HEAD_ROW)
+            ).first()
 
         last_id = expected_id - 1
         if head is None:
@@ -365,7 +377,7 @@ class AuditLog:
         return ChainReport(True, count, None, "", last_id, prev_hash)
 
     @staticmethod
-    def _check_row(row: AuditEvent, prev_hash: str) -> str:
+    def _check_row(row: Any, prev_hash: str) -> str:
         try:
             details = json.loads(row.details)
         except ValueError:

@@ -182,6 +182,30 @@ class Database:
                 yield conn
 
     @contextmanager
+    def read_snapshot(self) -> Iterator[Connection]:
+        """A read-only connection that sees one consistent state of the database throughout.
+
+        Several queries through it agree with each other even while other processes commit
+        (SQLite: one deferred read transaction in WAL mode; PostgreSQL: REPEATABLE READ).
+        The driver's default on SQLite runs each SELECT on its own, newest state.
+        """
+        if self.is_sqlite:
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    yield conn
+                finally:
+                    if conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+                        conn.exec_driver_sql("ROLLBACK")
+        else:
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(isolation_level="REPEATABLE READ")
+                with conn.begin() as tx:
+                    yield conn
+                    tx.rollback()
+
+    @contextmanager
     def locked_session(self, lock_name: str) -> Iterator[Session]:
         """Like `locked_connection`, as an ORM session; commits on success, rolls back on error."""
         with self.locked_connection(lock_name) as conn:
