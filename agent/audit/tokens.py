@@ -41,9 +41,13 @@ class TokenError(ValueError):
 class StaticTokenLike(Protocol):
     """What `authenticate` needs of a token fixed in the config (`agent.config.StaticToken`)."""
 
-    name: str
-    role: str
-    sha256: str
+    # Read-only, so that a narrower type (StaticToken.role is a Literal) fits.
+    @property
+    def name(self) -> str: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
 
 
 @dataclass(frozen=True)
