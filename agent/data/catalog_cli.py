@@ -129,8 +129,10 @@ def list_(
     json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON (for scripts)."),
     dataset: str | None = typer.Option(None, "--dataset", "-d", help="Only this dataset."),
 ) -> None:
-    """Print the catalog: datasets with their statistics, and each item's key, split, shape,
-    spacing, label fraction and local paths."""
+    """Print the catalog: each dataset's statistics and items (key, split, shape, spacing, label).
+
+    Local paths are shown too: this is the site admin's view, never sent anywhere.
+    """
     cfg = _load(config)
     db = _open(cfg)
     try:
