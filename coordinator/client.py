@@ -220,6 +220,9 @@ class AgentClient:
     def cancel_round(self, round_id: str) -> None:
         self.request("POST", f"/v1/rounds/{round_id}/cancel", what="cancel round")
 
+    def cancel_evaluation(self, evaluation_id: str) -> None:
+        self.request("POST", f"/v1/evaluations/{evaluation_id}/cancel", what="cancel evaluation")
+
     def download_update(self, round_id: str, expected_sha256: str | None) -> bytes:
         """The round's update; refused unless its hash equals both the header and the status's hash."""
         resp = self.request("GET", f"/v1/rounds/{round_id}/update", what="download update")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fr
 from coordinator.weights import decode, encode
 
 Strategy = Literal["fedavg", "iil", "ciil"]
+_T = TypeVar("_T")
 STRATEGIES: tuple[Strategy, ...] = ("fedavg", "iil", "ciil")
 
 
@@ -197,6 +198,15 @@ class Coordinator:
             final["outside_weighted_dice"] = out_mean
         return final
 
+    def _parallel(self, fn: Callable[[str], _T], sites: Sequence[str]) -> list[_T]:
+        """FN for every site at once; on Ctrl-C the other sites' jobs are abandoned and cancelled."""
+        with ThreadPoolExecutor(max_workers=max(1, len(sites))) as pool:
+            try:
+                return list(pool.map(fn, sites))
+            except BaseException:
+                self._stop.set()
+                raise
+
     def stop(self) -> None:
         """Ask a running run to abandon its jobs (they are cancelled at the agents)."""
         self._stop.set()
@@ -246,8 +256,7 @@ class Coordinator:
                 return site, None, exc
 
         everyone = self.order + self.outside
-        with ThreadPoolExecutor(max_workers=len(everyone)) as pool:
-            answers = list(pool.map(one, everyone))
+        answers = self._parallel(one, everyone)
         for site, info, err in answers:
             if err is not None:
                 if err.status_code is not None and err.status_code < 500:
@@ -290,7 +299,7 @@ class Coordinator:
             status = client.wait(
                 "round", job, timeout=self.fed.timeouts.round, on_status=show, should_stop=self._stop.is_set
             )
-        except (JobTimeout, AgentError) as exc:
+        except AgentError as exc:
             if isinstance(exc, JobTimeout) or self._stop.is_set():
                 self._cancel_quietly(client, job)
             raise
@@ -305,9 +314,9 @@ class Coordinator:
         except ValueError as exc:
             raise AgentError(site, f"update of round {job} is not usable: {exc}") from None
         if self.opts.keep_updates:
-            folder = self.out_dir / "updates" / round_id.rsplit("-", 1)[0].removeprefix(f"{self.run_id}-")
+            folder = self.out_dir / "updates"
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{site}.safetensors").write_bytes(data)
+            (folder / f"{round_id}.safetensors").write_bytes(data)
         sent1, recv1 = client.transfer.snapshot()
         self.reporter.site(site, "update received", 1.0)
         return SiteResult(
@@ -368,13 +377,12 @@ class Coordinator:
             except AgentError as exc:
                 return site, None, str(exc)
 
-        with ThreadPoolExecutor(max_workers=len(sites)) as pool:
-            for site, res, err in pool.map(one, sites):
-                if res is not None:
-                    results[site] = res
-                else:
-                    self.reporter.warning(f"evaluation at {site} failed, left out of the mean Dice: {err}")
-                    results[site] = {"error": err}
+        for site, res, err in self._parallel(one, sites):
+            if res is not None:
+                results[site] = res
+            else:
+                self.reporter.warning(f"evaluation at {site} failed, left out of the mean Dice: {err}")
+                results[site] = {"error": err}
         return results, weighted_dice(results)
 
     # -- strategies ------------------------------------------------------------------------
@@ -449,15 +457,14 @@ class Coordinator:
                 except AgentError as exc:
                     return site, None, str(exc)
 
-            with ThreadPoolExecutor(max_workers=len(self.order)) as pool:
-                for site, res, err in pool.map(one, self.order):
-                    if res is not None:
-                        trained.append(res)
-                    else:
-                        reason = err or "unknown error"
-                        left_out.append({"site": site, "reason": reason})
-                        self.reporter.warning(f"round {rnd}: {site} left out of this round: {reason}")
-                        self.reporter.site(site, "left out of this round", 0.0)
+            for site, res, err in self._parallel(one, self.order):
+                if res is not None:
+                    trained.append(res)
+                else:
+                    reason = err or "unknown error"
+                    left_out.append({"site": site, "reason": reason})
+                    self.reporter.warning(f"round {rnd}: {site} left out of this round: {reason}")
+                    self.reporter.site(site, "left out of this round", 0.0)
             if len(trained) < self.fed.min_sites:
                 names = ", ".join(x["site"] for x in left_out)
                 record = {
