@@ -7,10 +7,11 @@ client address); the presented token itself is never stored or logged.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 
 from agent.api.metrics import AgentMetrics
 from agent.service import SiteService
@@ -73,28 +74,37 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-def require_role(*roles: str) -> Callable[[Request], Caller]:
-    """A dependency that admits callers whose token has one of `roles`."""
+def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
+    """A dependency that admits callers whose token has one of `roles`.
 
-    def dependency(request: Request) -> Caller:
+    The token check is one small indexed read and runs on the event loop: status polls are
+    the hot path, and a hop to the thread pool and back costs more than the read itself
+    on a busy machine. A refusal writes an audit event, which may wait for the database's
+    write lock, so that path runs in the thread pool.
+    """
+
+    async def dependency(request: Request) -> Caller:
         header = request.headers.get("authorization")
         token = bearer_token(request)
         if token is None:
             reason = "missing token" if header is None else "malformed authorization header"
-            raise _refuse(
-                request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
+            raise await run_in_threadpool(
+                _refuse, request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
             )
         info = get_service(request).authenticate(token)
         if info is None:
-            raise _refuse(request, 401, "unknown or revoked token", "invalid or revoked token")
+            raise await run_in_threadpool(
+                _refuse, request, 401, "unknown or revoked token", "invalid or revoked token"
+            )
         if info.role not in roles:
-            raise _refuse(
+            raise await run_in_threadpool(
+                _refuse,
                 request,
                 403,
                 "wrong role",
                 f"this endpoint needs the role {' or '.join(roles)}; "
                 f"token {info.name!r} has role {info.role}",
-                token_name=info.name,
+                info.name,
             )
         return Caller(name=info.name, role=info.role)
 

@@ -107,7 +107,7 @@ async def read_job_form(request: Request, service: SiteService) -> tuple[bytes, 
 
 
 @router.get("/v1/health", response_model=HealthOut, tags=["site"])
-def health() -> HealthOut:
+async def health() -> HealthOut:
     """Liveness: answers without a token."""
     return HealthOut()
 
@@ -135,10 +135,12 @@ async def create_round(request: Request, caller: Caller = Depends(require_coordi
 
 
 @router.get("/v1/rounds/{round_id}", response_model=RoundOut, responses=_STATUS_ERRORS, tags=["rounds"])
-def get_round(
+async def get_round(
     round_id: str, _: Caller = Depends(require_coordinator), service: SiteService = Depends(get_service)
 ) -> RoundOut:
     """A round's status, progress, metrics, sample count and update hash."""
+    # The hot path of a coordinator's polling: one indexed read (never blocked by the
+    # worker's writes: WAL / MVCC), served on the event loop without a thread-pool hop.
     return RoundOut.of(service.get_round(round_id))
 
 
@@ -208,7 +210,7 @@ async def create_evaluation(
     responses=_STATUS_ERRORS,
     tags=["evaluations"],
 )
-def get_evaluation(
+async def get_evaluation(
     evaluation_id: str, _: Caller = Depends(require_coordinator), service: SiteService = Depends(get_service)
 ) -> EvaluationOut:
     """An evaluation's status and, once completed, its metrics ("dice", ...) and subject count."""

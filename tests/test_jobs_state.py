@@ -1,0 +1,148 @@
+"""The job state machine on SQLite and PostgreSQL: allowed moves, races, audit, recovery."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
+
+from agent.audit.chain import AuditLog
+from agent.audit.db import Database
+from agent.jobs import (
+    CANCELLED,
+    COMPLETED,
+    EVALUATE,
+    FAILED,
+    INTERRUPTED,
+    QUEUED,
+    RUNNING,
+    TRAIN,
+    JobStore,
+    Redactor,
+    describe_exit,
+    dumps,
+    public_error,
+    sources_of,
+)
+
+
+def _store(db: Database) -> tuple[JobStore, AuditLog]:
+    audit = AuditLog(db)
+    return JobStore(db, audit), audit
+
+
+def _create(store: JobStore, round_id: str, kind: str = TRAIN) -> int:
+    return store.create(
+        round_id=round_id,
+        kind=kind,
+        actor="token:coord",
+        dataset="brain",
+        plan_json="{}",
+        plan_hash="a" * 64,
+        weights_sha256=None,
+        weights_path=None,
+        job_dir="/nowhere",
+    ).id
+
+
+def test_transitions_follow_the_state_machine(db: Database) -> None:
+    store, audit = _store(db)
+    job = _create(store, "r1")
+    assert store.get(TRAIN, "r1").status == QUEUED  # type: ignore[union-attr]
+    assert not store.transition(job, COMPLETED, actor="x")  # queued cannot complete
+    assert not store.transition(job, INTERRUPTED, actor="x")
+    assert store.transition(job, RUNNING, actor="agent")
+    assert not store.transition(job, RUNNING, actor="agent")  # a second claim loses
+    assert store.set_progress(job, {"epoch": 1, "loss": float("nan")})
+    assert store.transition(
+        job, COMPLETED, actor="worker", fields={"num_samples": 5, "metrics_json": dumps({"dice": 0.5})}
+    )
+    for target in (RUNNING, FAILED, CANCELLED, INTERRUPTED, COMPLETED):
+        assert not store.transition(job, target, actor="late")  # terminal means terminal
+    assert not store.set_progress(job, {"epoch": 2})  # no writes after the end
+    assert not store.request_cancel(job)
+    view = store.get_by_id(job)
+    assert view is not None
+    assert view.status == COMPLETED and view.num_samples == 5 and view.metrics == {"dice": 0.5}
+    assert view.progress == {"epoch": 1, "loss": None}
+    assert (
+        view.started_at is not None and view.finished_at is not None and view.finished_at >= view.started_at
+    )
+    actions = [(e["action"], e["actor"]) for e in audit.events(limit=100)]
+    assert actions == [
+        ("round.queued", "token:coord"),
+        ("round.running", "agent"),
+        ("round.completed", "worker"),
+    ]
+    assert audit.verify().ok
+
+
+def test_queue_order_cancel_and_evaluation_ids(db: Database) -> None:
+    store, audit = _store(db)
+    first = _create(store, "a")
+    second = _create(store, "b")
+    _create(store, "a", kind=EVALUATE)  # same id, other kind: its own job
+    assert store.count(QUEUED) == 3
+    assert store.transition(second, CANCELLED, actor="token:coord")
+    claimed = store.claim_next(actor="agent")
+    assert claimed is not None and claimed.id == first and claimed.status == RUNNING
+    claimed2 = store.claim_next(actor="agent")
+    assert claimed2 is not None and claimed2.kind == EVALUATE and claimed2.round_id == "a"
+    assert store.claim_next(actor="agent") is None
+    assert store.request_cancel(first)
+    assert store.status_of(first) == (RUNNING, True)
+    events = audit.events(limit=100)
+    assert "evaluation.running" in [e["action"] for e in events]
+    assert "round.cancelled" in [e["action"] for e in events]
+
+
+def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> None:
+    store, audit = _store(db)
+    running = _create(store, "run")
+    queued = _create(store, "wait")
+    assert store.claim_next(actor="agent") is not None
+    assert store.recover_after_restart() == ["run"]
+    run_view, wait_view = store.get_by_id(running), store.get_by_id(queued)
+    assert run_view is not None and wait_view is not None
+    assert run_view.status == INTERRUPTED and "agent stopped" in (run_view.error or "")
+    assert wait_view.status == QUEUED
+    # A worker that outlived its agent cannot overwrite the verdict.
+    assert not store.transition(running, COMPLETED, actor="worker")
+    assert not store.set_progress(running, {"epoch": 3})
+    last = audit.events(limit=100)[-1]
+    assert last["action"] == "round.interrupted" and last["details"]["reason"] == "agent restarted"
+    assert audit.verify().ok
+
+
+def test_every_state_but_queued_and_running_is_final() -> None:
+    assert sources_of(RUNNING) == {QUEUED}
+    assert sources_of(CANCELLED) == {QUEUED, RUNNING}
+    assert sources_of(INTERRUPTED) == {RUNNING}
+    assert sources_of(COMPLETED) == {RUNNING}
+    assert sources_of(QUEUED) == set()
+
+
+def test_metrics_json_is_strict() -> None:
+    text = dumps({"dice": math.nan, "loss": math.inf, "epochs": 3, "nested": [1.5, -math.inf]})
+    assert json.loads(text) == {"dice": None, "loss": None, "epochs": 3, "nested": [1.5, None]}
+
+
+def test_errors_shown_to_the_coordinator_carry_no_paths_or_subjects(tmp_path: Path) -> None:
+    class Item:
+        def __init__(self, subject: str) -> None:
+            self.images = {"flair": tmp_path / "data" / subject / "flair"}
+            self.label = tmp_path / "data" / subject / "seg.nii.gz"
+
+    redact = Redactor.for_items([Item("PAT-12345"), Item("PAT-777")], [tmp_path / "data"])
+    exc = FileNotFoundError(
+        f"[Errno 2] No such file: '{tmp_path}/data/PAT-12345/flair/IM0001' (subject PAT-777)"
+    )
+    text = public_error(exc, redact)
+    assert text.startswith("FileNotFoundError: ")
+    assert "PAT-" not in text and str(tmp_path) not in text
+    assert "<path>" in text and "<subject>" in text
+    assert len(public_error(RuntimeError("x" * 10_000), redact)) <= 2000
+    assert describe_exit(-9) == "killed by signal SIGKILL"
+    assert describe_exit(3) == "exit code 3"
