@@ -22,6 +22,11 @@ if [ -f "$demo/.ready" ]; then
   exit 0
 fi
 
+if [ -n "$(ls -A "$demo")" ]; then
+  echo "$demo holds an incomplete set-up (no .ready): remove the volumes (down -v) and retry" >&2
+  exit 1
+fi
+
 fedsite demo-data "$demo" --sites "$sites" --subjects-per-site "${DEMO_SUBJECTS:-6,5,4}" \
   --size "${DEMO_SIZE:-32}" --seed "${DEMO_SEED:-0}"
 
