@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,14 @@ def test_damaged_cache_entry_is_rebuilt(items: list[ItemRef], tmp_path: Path, re
     again, _ = load_preprocessed(items[0], settings, tmp_path)
     np.testing.assert_array_equal(first, again)
     assert len(reads) == 6
+    # A cache cleared while a loader exists: its subjects are preprocessed again, not lost.
+    small = DataSettings(roi_size=[16, 16], samples_per_subject=2)
+    loader = build_train_loader(items[:2], small, batch_size=4, seed=0, cache_dir=tmp_path / "c")
+    twin = build_train_loader(items[:2], small, batch_size=4, seed=0, cache_dir=tmp_path / "c")
+    expected = [b["image"] for b in loader]
+    shutil.rmtree(tmp_path / "c")
+    assert all(torch.equal(a, b["image"]) for a, b in zip(expected, twin, strict=True))
+    assert len(reads) == 6 + 2 * 2 * 3
 
 
 def test_2d_batches_shapes_and_label_fraction(items: list[ItemRef], tmp_path: Path) -> None:

@@ -273,6 +273,7 @@ def load_preprocessed(
 
 @dataclass(frozen=True)
 class _Entry:
+    item: ItemRef
     key: str
     shape: tuple[int, ...]  # (C, X, Y, Z)
     fg_slices: np.ndarray  # Z indices with label
@@ -334,10 +335,13 @@ class TrainSamples(Dataset[dict[str, torch.Tensor]]):
     def _open(self, entry: _Entry) -> tuple[np.ndarray, np.ndarray]:
         arrays = self._arrays.get(entry.key)
         if arrays is None:
-            hit = _load_cached(self.cache_dir, entry.key, mmap=True)
-            if hit is None:
-                raise DataLoadError(f"preprocessed cache entry {entry.key} disappeared during training")
-            arrays = self._arrays[entry.key] = hit
+            # Rebuilt here if the cache entry was removed or damaged since the loader was made.
+            arrays = _ensure_cached(entry.item, self.settings, self.cache_dir, mmap=True)
+            if tuple(arrays[0].shape) != entry.shape:
+                raise DataLoadError(
+                    f"subject {entry.item.subject_key}: preprocessed shape changed during training"
+                )
+            self._arrays[entry.key] = arrays
         return arrays
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -397,25 +401,39 @@ class _EpochSampler(Sampler[int]):
         return iter([base + int(i) for i in order])
 
 
+# Sampling facts per cached entry, kept per process: the engine builds a loader per epoch,
+# and computing them takes a full pass over each label volume.
+_ENTRIES: dict[tuple[str, str, int], _Entry] = {}
+_MAX_ENTRIES = 10_000
+
+
 def _entry(item: ItemRef, settings: DataSettings, cache_dir: Path) -> _Entry:
+    key = preprocess_key(item, settings)
+    memo = (str(cache_dir), key, settings.spatial_dims)
+    known = _ENTRIES.get(memo)
+    if known is not None and all(p.is_file() for p in _cache_paths(cache_dir, key)):
+        return known
     image, label = _ensure_cached(item, settings, cache_dir, mmap=True)
     lab = np.asarray(label[0])
     has = lab.any(axis=(0, 1))
     # Patch centres are needed in 3D only; 2D picks a label voxel of the chosen slice.
     fg = np.argwhere(lab) if settings.spatial_dims == 3 else np.zeros((0, 3), dtype=np.int64)
     if len(fg) > _MAX_FG_POINTS:
-        # The subsample depends on the item's key only, so it is the same in every run.
-        pick = np.random.default_rng(int(item.checksum[:8], 16)).choice(
-            len(fg), _MAX_FG_POINTS, replace=False
-        )
+        # The subsample depends on the cache key only, so it is the same in every run.
+        pick = np.random.default_rng(int(key[:8], 16)).choice(len(fg), _MAX_FG_POINTS, replace=False)
         fg = fg[np.sort(pick)]
-    return _Entry(
-        key=preprocess_key(item, settings),
+    entry = _Entry(
+        item=item,
+        key=key,
         shape=tuple(int(s) for s in image.shape),
         fg_slices=np.flatnonzero(has),
         bg_slices=np.flatnonzero(~has),
         fg_points=fg.astype(np.int32),
     )
+    if len(_ENTRIES) >= _MAX_ENTRIES:
+        _ENTRIES.clear()
+    _ENTRIES[memo] = entry
+    return entry
 
 
 def build_train_loader(
