@@ -138,3 +138,52 @@ def test_cli(tmp_path: Path, db_url: str) -> None:
         assert not is_approved(db, H1)
     finally:
         db.dispose()
+
+
+PLAN = {
+    "dataset": "brain",
+    "model": {
+        "name": "unet",
+        "spatial_dims": 2,
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": [8, 16],
+        "strides": [2],
+    },
+    "local_epochs": 1,
+    "batch_size": 4,
+    "optimizer": {"name": "adam", "lr": 0.001},
+    "loss": "dice",
+    "data": {"spatial_dims": 2, "roi_size": [32, 32]},
+}
+
+
+def test_cli_plans_hash(tmp_path: Path) -> None:
+    import json
+
+    from agent.training.plan import parse_plan, plan_hash
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump({"site": {"id": "s1"}, "work_dir": "w", "approval": {"policy": "manual"}})
+    )
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({**PLAN, "round_id": "r-1"}))
+    expected = plan_hash(parse_plan(json.dumps(PLAN)))  # round_id is not part of the hash
+    runner = CliRunner()
+
+    result = runner.invoke(app, ["plans", "hash", str(plan_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == expected
+
+    result = runner.invoke(app, ["plans", "hash", str(plan_file), "--config", str(config)])
+    assert "approved at this site: no (policy manual)" in result.output
+    assert runner.invoke(app, ["plans", "approve", expected, "--config", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["plans", "hash", str(plan_file), "--config", str(config)])
+    assert "approved at this site: yes" in result.output
+
+    plan_file.write_text(json.dumps({**PLAN, "optimizer": {"name": "adam", "lr": "fast"}}))
+    result = runner.invoke(app, ["plans", "hash", str(plan_file)])
+    assert result.exit_code == 1 and "optimizer.lr" in result.output
+    result = runner.invoke(app, ["plans", "hash", str(tmp_path / "nope.json")])
+    assert result.exit_code == 2 and "nope.json" in result.output

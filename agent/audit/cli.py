@@ -26,6 +26,7 @@ from agent.audit.approvals import (
     ApprovalError,
     approve_plan,
     check_plan_hash,
+    is_approved,
     list_approvals,
     parse_expiry,
     revoke_approval,
@@ -222,6 +223,34 @@ def plans_approve(
     typer.echo(f"Approved plan {record.plan_hash} {until}.")
     if cfg.approval.policy != "manual":
         typer.echo("note: this site's approval policy is 'auto'; approvals matter only under 'manual'.")
+
+
+@plans_app.command("hash")
+def plans_hash(
+    plan_file: Path = typer.Argument(
+        ..., metavar="PLAN", help="A plan as JSON (e.g. the coordinator's plan.json)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Also say whether this site has approved the plan."
+    ),
+) -> None:
+    """Validate a plan and print its hash (the last line), the value that `plans approve` takes."""
+    from agent.training.plan import PlanError, parse_plan, plan_hash
+
+    try:
+        plan = parse_plan(plan_file.read_bytes())
+    except OSError as exc:
+        _fail(f"error: cannot read plan {plan_file}: {exc.strerror or exc}", 2)
+    except PlanError as exc:
+        _fail(f"error: {plan_file}: invalid plan:\n{exc}", 1)
+    digest = plan_hash(plan)
+    typer.echo(f"plan: dataset {plan.dataset}, model {plan.model.name}, {plan.local_epochs} local epoch(s)")
+    if config is not None:
+        cfg = _load(config)
+        with _database(cfg) as db:
+            approved = is_approved(db, digest)
+        typer.echo(f"approved at this site: {'yes' if approved else 'no'} (policy {cfg.approval.policy})")
+    typer.echo(digest)
 
 
 @plans_app.command("list")
