@@ -126,9 +126,11 @@ def test_transaction_commits_state_and_event_together(db: Database, audit_log: A
             ApiToken(name="n", role="admin", token_sha256="0" * 64, created_at=utcnow(), created_by="me")
         )
         assert tx.record("token.created", actor="me", details={"name": "n"}) == 1
+        assert tx.record("token.revoked", actor="me", details={"name": "n"}) == 2
     with db.session() as s:
         assert s.query(ApiToken).count() == 1
-    assert audit_log.verify().ok
+    report = audit_log.verify()
+    assert report.ok and report.count == 2
 
 
 def test_parse_anchor() -> None:
