@@ -42,9 +42,11 @@ def run(*args: str) -> tuple[int, str]:
 
 def test_cli_round_trip(tmp_path: Path, db_url: str) -> None:
     config = _config(tmp_path, db_url)
-    code, out = run("tokens", "add", "coord-eu", "--role", "coordinator", "--config", str(config))
-    assert code == 0, out
-    token = out.strip().splitlines()[-1]
+    result = CliRunner().invoke(
+        app, ["tokens", "add", "coord-eu", "--role", "coordinator", "--config", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip().splitlines()[-1]  # the last line of standard output
     assert len(token) >= 40 and " " not in token
 
     code, out = run("tokens", "add", "coord-eu", "--role", "admin", "--config", str(config))
