@@ -37,11 +37,12 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent.audit.chain import AuditLog
 from agent.audit.db import Database, load_all_models
 from agent.audit.job_models import RoundJob, utcnow
 from agent.config import AgentConfig
@@ -71,12 +72,6 @@ WORKER_NICENESS = 10
 PROGRESS_INTERVAL_S = 1.0
 STOP_CHECK_INTERVAL_S = 0.5
 MAX_ERROR_CHARS = 2000
-
-
-class AuditSink(Protocol):
-    """What the job store needs from the audit log (agent.audit.chain.AuditLog fits)."""
-
-    def append(self, action: str, *, actor: str, details: dict[str, Any]) -> Any: ...
 
 
 def audit_action(kind: str, status: str) -> str:
@@ -165,7 +160,7 @@ class JobView:
 class JobStore:
     """The job rows and their state machine; used by the API process and the worker alike."""
 
-    def __init__(self, db: Database, audit: AuditSink) -> None:
+    def __init__(self, db: Database, audit: AuditLog) -> None:
         self.db = db
         self.audit = audit
 
@@ -185,7 +180,15 @@ class JobStore:
         """Insert a queued job and audit it; raises IntegrityError if (kind, round_id) exists."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
-        with self.db.session() as s:
+        details = {
+            "round_id": round_id,
+            "kind": kind,
+            "dataset": dataset,
+            "plan_hash": plan_hash,
+            "weights_sha256": weights_sha256,
+        }
+        # The row and its audit event commit together or not at all.
+        with self.audit.transaction() as tx:
             row = RoundJob(
                 round_id=round_id,
                 kind=kind,
@@ -201,20 +204,10 @@ class JobStore:
                 metrics_json="{}",
                 cancel_requested=False,
             )
-            s.add(row)
-            s.flush()
+            tx.session.add(row)
+            tx.session.flush()
             view = JobView.of(row)
-        self.audit.append(
-            audit_action(kind, QUEUED),
-            actor=actor,
-            details={
-                "round_id": round_id,
-                "kind": kind,
-                "dataset": dataset,
-                "plan_hash": plan_hash,
-                "weights_sha256": weights_sha256,
-            },
-        )
+            tx.record(audit_action(kind, QUEUED), actor=actor, details=details)
         return view
 
     def get(self, kind: str, round_id: str) -> JobView | None:
@@ -272,8 +265,13 @@ class JobStore:
         if current is None or current.status not in allowed:
             return False
         kind, round_id, plan_hash = current.kind, current.round_id, current.plan_hash
-        with self.db.session() as s:
-            changed = s.execute(
+        event = {"round_id": round_id, "kind": kind, "plan_hash": plan_hash}
+        event.update(details or {})
+        if values.get("error"):
+            event.setdefault("error", values["error"])
+        # The move and its audit event commit together: no state change goes unrecorded.
+        with self.audit.transaction() as tx:
+            changed = tx.session.execute(
                 update(RoundJob)
                 .where(RoundJob.id == job_id, RoundJob.status.in_(sorted(allowed)))
                 .values(**values)
@@ -281,11 +279,7 @@ class JobStore:
             )
             if getattr(changed, "rowcount", 0) != 1:
                 return False
-        event = {"round_id": round_id, "kind": kind, "plan_hash": plan_hash}
-        event.update(details or {})
-        if values.get("error"):
-            event.setdefault("error", values["error"])
-        self.audit.append(audit_action(kind, target), actor=actor, details=event)
+            tx.record(audit_action(kind, target), actor=actor, details=event)
         log.info("%s %s -> %s", "round" if kind == TRAIN else "evaluation", round_id, target)
         return True
 
@@ -772,7 +766,6 @@ def worker_main(spec: dict[str, Any]) -> int:
         format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from agent.audit.chain import AuditLog
     from agent.training.engine import Cancelled
 
     load_all_models()

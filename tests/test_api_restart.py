@@ -1,0 +1,147 @@
+"""An agent killed with -9 mid-round, and one stopped with SIGTERM mid-round.
+
+After kill -9 and a restart: the round is `interrupted`, the database is intact, the audit
+chain verifies, the worker died with the agent, and a new round runs. After SIGTERM: the
+agent exits on its own, the running round is `interrupted` and the chain verifies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from agent_fixtures import add_tokens, make_site, plan_text, start_agent, tiny_plan, wait_status
+
+from agent.config import load_config
+
+TERMINAL = ("completed", "failed", "cancelled", "interrupted")
+
+
+def _db_path(config_path: Path) -> Path:
+    return Path(load_config(config_path).db_url.removeprefix("sqlite:///"))
+
+
+def _worker_pid(db: Path, round_id: str) -> int:
+    with sqlite3.connect(db) as conn:
+        row = conn.execute("SELECT worker_pid FROM round_jobs WHERE round_id = ?", (round_id,)).fetchone()
+    assert row is not None and row[0], f"no worker recorded for {round_id}"
+    return int(row[0])
+
+
+def _gone(pid: int, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # A zombie (exited, not yet reaped by init) counts as gone.
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+                return True
+        except (FileNotFoundError, IndexError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _start_long_round(client: object, round_id: str) -> None:
+    import httpx
+
+    assert isinstance(client, httpx.Client)
+    plan = tiny_plan(init="random", round_id=round_id, local_epochs=5000)
+    r = client.post("/v1/rounds", files={"plan": (None, plan_text(plan))})
+    assert r.status_code == 202, r.text
+    wait_status(client, f"/v1/rounds/{round_id}", ("running",))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    generated = make_site(
+        tmp_path_factory.mktemp("restart") / "fed", subjects=4, fmt="nifti", overrides={"device": "cpu"}
+    )
+    tokens = add_tokens(generated.config_path, coordinator="coord", admin="admin")
+    return generated.config_path, tokens
+
+
+def test_kill_9_mid_round_then_restart(site: tuple[Path, dict[str, str]]) -> None:
+    config_path, tokens = site
+    db = _db_path(config_path)
+    agent = start_agent(config_path)
+    try:
+        with agent.client(tokens["coord"]) as c:
+            _start_long_round(c, "r-killed")
+        worker = _worker_pid(db, "r-killed")
+        agent.kill()
+        assert _gone(worker), "the worker outlived its agent"
+    finally:
+        agent.kill()
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT status FROM round_jobs WHERE round_id = 'r-killed'").fetchone() == (
+            "running",
+        )
+
+    agent = start_agent(config_path)
+    try:
+        with agent.client(tokens["coord"]) as c:
+            body = c.get("/v1/rounds/r-killed").json()
+            assert body["status"] == "interrupted", body
+            assert "agent stopped" in body["error"]
+            assert c.get("/v1/rounds/r-killed/update").status_code == 409
+
+            r = c.post(
+                "/v1/rounds", files={"plan": (None, plan_text(tiny_plan(init="random", round_id="r-after")))}
+            )
+            assert r.status_code == 202, r.text
+            done = wait_status(c, "/v1/rounds/r-after", TERMINAL)
+            assert done["status"] == "completed", done
+            assert c.get("/v1/rounds/r-after/update").status_code == 200
+        with agent.client(tokens["admin"]) as a:
+            verify = a.get("/v1/audit/verify").json()
+            assert verify["ok"] is True, verify
+            events = a.get("/v1/audit", params={"action": "round.interrupted"}).json()["events"]
+            assert [e["details"]["round_id"] for e in events] == ["r-killed"]
+            assert events[0]["details"]["reason"] == "agent restarted"
+    finally:
+        agent.stop()
+
+
+def test_sigterm_mid_round_shuts_down_gracefully(site: tuple[Path, dict[str, str]]) -> None:
+    config_path, tokens = site
+    db = _db_path(config_path)
+    agent = start_agent(config_path)
+    with agent.client(tokens["coord"]) as c:
+        _start_long_round(c, "r-term")
+    worker = _worker_pid(db, "r-term")
+    t0 = time.monotonic()
+    code = agent.stop(timeout=90)
+    took = time.monotonic() - t0
+    assert code in (0, -signal.SIGTERM), agent.log_text()[-3000:]
+    assert took < 60, f"shutdown took {took:.0f} s"
+    assert _gone(worker, timeout=5)
+    log = agent.log_text()
+    assert "Application shutdown complete" in log
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        status, error = conn.execute(
+            "SELECT status, error FROM round_jobs WHERE round_id = 'r-term'"
+        ).fetchone()
+    assert status == "interrupted" and "shut down" in error
+
+    from agent.audit.chain import AuditLog
+    from agent.audit.db import open_database
+
+    database = open_database(load_config(config_path).db_url)
+    try:
+        report = AuditLog(database).verify()
+        assert report.ok, report
+        last = AuditLog(database).find("round.interrupted", round_id="r-term")
+        assert last and last[-1]["details"]["reason"] == "agent shutdown"
+    finally:
+        database.dispose()
