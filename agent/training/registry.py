@@ -16,7 +16,9 @@ the norm has a momentum, and integers have no meaning in a weighted average.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -136,9 +138,17 @@ def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def expected_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the tensors exchanged for the plan's model (see the module docstring)."""
+@functools.lru_cache(maxsize=64)
+def _shapes(name: str, args_json: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     with torch.device("meta"):
-        model = _instantiate(plan.model.name, plan.model.arguments())
+        model = _instantiate(name, json.loads(args_json))
     state = model.state_dict()
-    return {name: tuple(state[name].shape) for name in exchanged_names(model)}
+    return tuple((n, tuple(state[n].shape)) for n in exchanged_names(model))
+
+
+def expected_shapes(plan: Plan) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors exchanged for the plan's model (see the module docstring).
+
+    Cached per model (name and arguments): a round asks several times (decode, engine, gate).
+    """
+    return dict(_shapes(plan.model.name, json.dumps(plan.model.arguments(), sort_keys=True)))
