@@ -326,7 +326,7 @@ def test_site_configs_load_and_point_at_the_data(which: str, request: pytest.Fix
 
 
 def test_federation_file_lists_inside_and_outside_sites(nifti_fed: FederationLayout) -> None:
-    from coordinator.federation import AgentEntry, parse_federation
+    from coordinator.federation import FederationError, load_federation
 
     doc = yaml.safe_load(nifti_fed.federation_path.read_text())
     assert [a["name"] for a in doc["agents"]] == ["site-1", "site-2"]
@@ -335,19 +335,20 @@ def test_federation_file_lists_inside_and_outside_sites(nifti_fed: FederationLay
         site = nifti_fed.site(entry["name"])
         assert entry["url"] == site.url == f"http://127.0.0.1:{site.port}"
         assert (nifti_fed.root / entry["token_file"]) == site.token_file
-        AgentEntry.model_validate(entry)
     assert nifti_fed.outside[0].outside and not nifti_fed.sites[0].outside
-    # Once the tokens exist, the coordinator accepts the agents part as it is.
-    for site in nifti_fed.sites:
+    # The tokens are created later, by whoever starts the agents; until then the coordinator
+    # says which file is missing.
+    with pytest.raises(FederationError, match=r"site-1/coordinator\.token"):
+        load_federation(nifti_fed.federation_path)
+    for site in nifti_fed.all_sites:
         site.token_file.write_text("token-" + site.site_id)
     try:
-        fed = parse_federation(
-            {k: v for k, v in doc.items() if k != "outside"}, source=nifti_fed.federation_path
-        )
+        fed = load_federation(nifti_fed.federation_path)
+        assert fed.names == ["site-1", "site-2"] and fed.outside_names == ["site-3"]
+        assert fed.agent("site-2").bearer_token() == "token-site-2"
     finally:
-        for site in nifti_fed.sites:
+        for site in nifti_fed.all_sites:
             site.token_file.unlink()
-    assert fed.names == ["site-1", "site-2"]
 
 
 def test_plan_is_the_default_fedavg_plan_and_valid(nifti_fed: FederationLayout) -> None:
