@@ -208,7 +208,7 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
         reporter=reporter,
     )
     methods["FL"] = [summarise_run(fl.doc)]
-    console.print(f"FL: Dice {methods['FL'][0]['inside']:.4f} ({fl.doc['duration_s']:.0f} s)")
+    console.print(f"FL: Dice {_d(methods['FL'][0]['inside'])} ({fl.doc['duration_s']:.0f} s)")
 
     for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
         methods[name] = []
@@ -242,7 +242,7 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             summary = summarise_run(res.doc)
             summary["seed"], summary["order"] = seed, order
             methods[name].append(summary)
-            console.print(f"{name} seed {seed}: Dice {summary['inside']:.4f} ({res.doc['duration_s']:.0f} s)")
+            console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s)")
 
     console.rule(
         f"[bold]CDS: {s.rounds * s.local_epochs} epochs on the pooled training data, in this process"
@@ -280,8 +280,12 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             **info,
         }
     ]
-    console.print(f"CDS: Dice {inside_dice:.4f} ({info['duration_s']:.0f} s training)")
+    console.print(f"CDS: Dice {_d(inside_dice)} ({info['duration_s']:.0f} s training)")
     return methods
+
+
+def _d(value: float | None) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
 
 def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
