@@ -199,6 +199,13 @@ def test_filters_on_weights_without_global_weights_are_refused(tmp_path: Path) -
         )
 
 
+def test_update_kind_must_match_the_plan(tmp_path: Path) -> None:
+    start, local = _trained()
+    gate = EgressGate(MemorySink(), tmp_path / "outbox")
+    with pytest.raises(EgressError, match="differs from the plan's send 'weights'"):
+        gate.release(round_id="r", plan=tiny_plan(), update=local, global_weights=start, kind="diff")
+
+
 def test_float16_transfer_halves_the_bytes(tmp_path: Path) -> None:
     start, local = _trained()
     gate = EgressGate(MemorySink(), tmp_path / "outbox")

@@ -133,6 +133,8 @@ class EgressGate:
         path = self.path_for(round_id)
         if kind not in ("weights", "diff"):
             raise EgressError(f"update kind {kind!r} must be 'weights' or 'diff'")
+        if kind != plan.send:
+            raise EgressError(f"update kind {kind!r} differs from the plan's send {plan.send!r}")
         self._check_update(plan, update, global_weights)
         filtered, filters = self._apply_filters(plan, update, global_weights, kind)
         try:
