@@ -1,0 +1,66 @@
+"""The paper-reproduction benchmark's bookkeeping; the run is `python -m benchmarks.paper_reproduction`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# The benchmarks are scripts next to the packages, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.paper_reproduction import (
+    _outside_sites_evaluate_everything,
+    parse_args,
+    scaled_split,
+    settings_from,
+    shuffled,
+    table_rows,
+)
+
+
+def test_scaled_split_keeps_every_site_trainable() -> None:
+    assert scaled_split(1.0) == [70, 27, 17, 12, 11, 9, 6, 6, 4, 3]
+    assert scaled_split(0.2) == [14, 5, 3, 3, 3, 3, 3, 3, 3, 3]
+
+
+def test_quick_settings_share_one_epoch_budget() -> None:
+    s = settings_from(parse_args(["--quick", "--out", "x"]))
+    assert s.quick and s.rounds == 3 and s.local_epochs == 1
+    assert s.max_epochs == s.rounds * s.local_epochs
+    full = settings_from(parse_args([]))
+    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0
+
+
+def test_orders_differ_by_seed_but_are_reproducible() -> None:
+    names = [f"site-{i}" for i in range(1, 11)]
+    assert shuffled(names, 0) == shuffled(names, 0)
+    assert shuffled(names, 0) != shuffled(names, 1)
+    assert sorted(shuffled(names, 2)) == sorted(names)
+
+
+def test_table_is_relative_to_cds_with_spread_over_seeds() -> None:
+    methods = {
+        "CDS": [{"inside": 0.80, "outside": 0.70}],
+        "FL": [{"inside": 0.796, "outside": 0.70}],
+        "CIIL": [{"inside": 0.70, "outside": 0.6}, {"inside": 0.74, "outside": 0.62}],
+        "IIL": [{"inside": 0.60, "outside": None}],
+    }
+    rows = {r["method"]: r for r in table_rows(methods)}
+    assert rows["CDS"]["inside_pct_of_cds"] == pytest.approx(100.0)
+    assert rows["FL"]["inside_pct_of_cds"] == pytest.approx(99.5)
+    assert rows["CIIL"]["inside"]["mean"] == pytest.approx(0.72)
+    assert rows["CIIL"]["inside"]["sd"] == pytest.approx(0.0282842712)
+    assert rows["CIIL"]["inside"]["n"] == 2
+    assert rows["IIL"]["outside"]["mean"] is None and rows["IIL"]["outside_pct_of_cds"] is None
+    assert rows["FL"]["study_pct_of_cds"] == 98.8
+
+
+def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("datasets:\n  - name: brain\n    val_fraction: 0.25\n")
+    _outside_sites_evaluate_everything(cfg)
+    assert "val_fraction: 0.95" in cfg.read_text()
+    with pytest.raises(RuntimeError, match=r"expected 'val_fraction: 0\.25'"):
+        _outside_sites_evaluate_everything(cfg)
