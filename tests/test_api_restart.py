@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from agent_fixtures import add_tokens, make_site, plan_text, start_agent, tiny_plan, wait_status
 
+from agent.audit.chain import AuditLog
+from agent.audit.db import open_database
 from agent.config import load_config
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
@@ -68,7 +70,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
     return generated.config_path, tokens
 
 
-def test_kill_9_mid_round_then_restart(site: tuple[Path, dict[str, str]]) -> None:
+def test_kill_9_mid_round_then_restart_then_sigterm(site: tuple[Path, dict[str, str]]) -> None:
     config_path, tokens = site
     db = _db_path(config_path)
     agent = start_agent(config_path)
@@ -83,10 +85,10 @@ def test_kill_9_mid_round_then_restart(site: tuple[Path, dict[str, str]]) -> Non
 
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert conn.execute("SELECT status FROM round_jobs WHERE round_id = 'r-killed'").fetchone() == (
-            "running",
-        )
+        row = conn.execute("SELECT status FROM round_jobs WHERE round_id = 'r-killed'").fetchone()
+        assert row == ("running",)
 
+    # Restart: the round left running is interrupted, the chain verifies, a new round runs.
     agent = start_agent(config_path)
     try:
         with agent.client(tokens["coord"]) as c:
@@ -95,9 +97,8 @@ def test_kill_9_mid_round_then_restart(site: tuple[Path, dict[str, str]]) -> Non
             assert "agent stopped" in body["error"]
             assert c.get("/v1/rounds/r-killed/update").status_code == 409
 
-            r = c.post(
-                "/v1/rounds", files={"plan": (None, plan_text(tiny_plan(init="random", round_id="r-after")))}
-            )
+            plan = tiny_plan(init="random", round_id="r-after")
+            r = c.post("/v1/rounds", files={"plan": (None, plan_text(plan))})
             assert r.status_code == 202, r.text
             done = wait_status(c, "/v1/rounds/r-after", TERMINAL)
             assert done["status"] == "completed", done
@@ -108,40 +109,32 @@ def test_kill_9_mid_round_then_restart(site: tuple[Path, dict[str, str]]) -> Non
             events = a.get("/v1/audit", params={"action": "round.interrupted"}).json()["events"]
             assert [e["details"]["round_id"] for e in events] == ["r-killed"]
             assert events[0]["details"]["reason"] == "agent restarted"
+
+        # SIGTERM mid-round: the agent stops on its own and the round is interrupted.
+        with agent.client(tokens["coord"]) as c:
+            _start_long_round(c, "r-term")
+        worker = _worker_pid(db, "r-term")
+        t0 = time.monotonic()
+        code = agent.stop(timeout=90)
+        took = time.monotonic() - t0
     finally:
-        agent.stop()
-
-
-def test_sigterm_mid_round_shuts_down_gracefully(site: tuple[Path, dict[str, str]]) -> None:
-    config_path, tokens = site
-    db = _db_path(config_path)
-    agent = start_agent(config_path)
-    with agent.client(tokens["coord"]) as c:
-        _start_long_round(c, "r-term")
-    worker = _worker_pid(db, "r-term")
-    t0 = time.monotonic()
-    code = agent.stop(timeout=90)
-    took = time.monotonic() - t0
+        agent.kill()
+    # uvicorn ends by re-raising the SIGTERM it handled, after its graceful shutdown.
     assert code in (0, -signal.SIGTERM), agent.log_text()[-3000:]
     assert took < 60, f"shutdown took {took:.0f} s"
     assert _gone(worker, timeout=5)
-    log = agent.log_text()
-    assert "Application shutdown complete" in log
+    assert "Application shutdown complete" in agent.log_text()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        status, error = conn.execute(
-            "SELECT status, error FROM round_jobs WHERE round_id = 'r-term'"
-        ).fetchone()
-    assert status == "interrupted" and "shut down" in error
-
-    from agent.audit.chain import AuditLog
-    from agent.audit.db import open_database
+        row = conn.execute("SELECT status, error FROM round_jobs WHERE round_id = 'r-term'").fetchone()
+    assert row[0] == "interrupted" and "shut down" in row[1]
 
     database = open_database(load_config(config_path).db_url)
     try:
-        report = AuditLog(database).verify()
+        log = AuditLog(database)
+        report = log.verify()
         assert report.ok, report
-        last = AuditLog(database).find("round.interrupted", round_id="r-term")
+        last = log.find("round.interrupted", round_id="r-term")
         assert last and last[-1]["details"]["reason"] == "agent shutdown"
     finally:
         database.dispose()

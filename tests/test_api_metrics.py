@@ -1,0 +1,89 @@
+"""Prometheus metrics from the job table (SQLite and PostgreSQL) and the unauthenticated side port."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import httpx
+from agent_fixtures import free_port
+from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
+
+from agent.api.metrics import AgentMetrics
+from agent.audit.chain import AuditLog
+from agent.audit.db import Database
+from agent.audit.job_models import RoundJob
+from agent.jobs import COMPLETED, FAILED, RUNNING, JobStore
+
+
+def _job(store: JobStore, round_id: str, kind: str = "train") -> int:
+    return store.create(
+        round_id=round_id,
+        kind=kind,
+        actor="t",
+        dataset="brain",
+        plan_json="{}",
+        plan_hash="b" * 64,
+        weights_sha256=None,
+        weights_path=None,
+        job_dir="/x",
+    ).id
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample `name` with exactly these labels, from Prometheus text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in:\n{text}")
+
+
+def test_job_metrics_come_from_the_database(db: Database) -> None:
+    store = JobStore(db, AuditLog(db))
+    done, slow, failed = _job(store, "a"), _job(store, "b"), _job(store, "c")
+    _job(store, "d")
+    _job(store, "e", kind="evaluate")
+    for job in (done, slow, failed):
+        assert store.transition(job, RUNNING, actor="t")
+    store.transition(done, COMPLETED, actor="t", fields={"update_nbytes": 1000})
+    store.transition(slow, COMPLETED, actor="t", fields={"update_nbytes": 234})
+    store.transition(failed, FAILED, actor="t", fields={"error": "boom"})
+    with db.session() as s:
+        started = s.get(RoundJob, slow).started_at  # type: ignore[union-attr]
+        s.execute(
+            update(RoundJob).where(RoundJob.id == slow).values(finished_at=started + timedelta(seconds=100))
+        )
+
+    metrics = AgentMetrics(db)
+    metrics.auth_failures.labels(reason="wrong role").inc()
+    text = metrics.render().decode()
+    assert value(text, "fedsite_jobs", kind="train", status="completed") == 2
+    assert value(text, "fedsite_jobs", kind="train", status="failed") == 1
+    assert value(text, "fedsite_jobs", kind="train", status="queued") == 1
+    assert value(text, "fedsite_jobs", kind="evaluate", status="queued") == 1
+    assert value(text, "fedsite_jobs", kind="train", status="interrupted") == 0
+    assert value(text, "fedsite_job_duration_seconds_count", kind="train", status="completed") == 2
+    assert (
+        value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="60.0") == 1
+    )
+    assert (
+        value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="120.0") == 2
+    )
+    assert value(text, "fedsite_job_duration_seconds_sum", kind="train", status="completed") >= 100
+    assert value(text, "fedsite_egress_released_bytes_total") == 1234
+    assert value(text, "fedsite_auth_failures_total", reason="wrong role") == 1
+
+
+def test_metrics_port_needs_no_token(db: Database) -> None:
+    metrics = AgentMetrics(db)
+    port = free_port()
+    server, thread = metrics.serve("127.0.0.1", port)
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert r.status_code == 200
+    assert "fedsite_jobs" in r.text and "fedsite_update_bytes_sent_total" in r.text
