@@ -82,16 +82,16 @@ def test_names_and_shapes_are_checked(mutate, message: str) -> None:
 def test_non_finite_values_are_refused(bad: float) -> None:
     state = _state()
     state["conv.weight"][0, 0, 1, 1] = bad
-    with pytest.raises(WeightError, match="tensor 'conv.weight': contains NaN or Inf"):
+    with pytest.raises(WeightError, match=r"tensor 'conv.weight': contains NaN or Inf"):
         decode_weights(st_save(state), expected=_expected(), max_bytes=LIMIT)
-    with pytest.raises(WeightError, match="conv.weight"):
+    with pytest.raises(WeightError, match=r"conv.weight"):
         encode_weights(state)
 
 
 def test_float16_overflow_is_refused_on_encode() -> None:
     state = _state()
     state["conv.bias"][0] = 1e6
-    with pytest.raises(WeightError, match="conv.bias.*overflow"):
+    with pytest.raises(WeightError, match=r"conv.bias.*overflow"):
         encode_weights(state, "float16")
 
 
@@ -99,45 +99,45 @@ def test_float16_overflow_is_refused_on_encode() -> None:
 def test_unexpected_dtypes_are_refused(dtype: torch.dtype) -> None:
     state = _state()
     state["conv.bias"] = state["conv.bias"].to(dtype)
-    with pytest.raises(WeightError, match="tensor 'conv.bias': dtype .* not allowed on the wire"):
+    with pytest.raises(WeightError, match=r"tensor 'conv.bias': dtype .* not allowed on the wire"):
         decode_weights(st_save(state), expected=_expected(), max_bytes=LIMIT)
 
 
 def test_torch_save_zip_archive_is_refused() -> None:
     buf = io.BytesIO()
     torch.save(_state(), buf)
-    with pytest.raises(WeightError, match="zip archive"):
+    with pytest.raises(WeightError, match=r"zip archive"):
         decode_weights(buf.getvalue(), expected=_expected(), max_bytes=LIMIT)
     other = io.BytesIO()
     with zipfile.ZipFile(other, "w") as zf:
         zf.writestr("model.safetensors", encode_weights(_state()))
-    with pytest.raises(WeightError, match="zip archive"):
+    with pytest.raises(WeightError, match=r"zip archive"):
         decode_weights(other.getvalue(), expected=_expected(), max_bytes=LIMIT)
 
 
 @pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_pickle_is_refused(protocol: int) -> None:
     data = pickle.dumps({n: t.tolist() for n, t in _state().items()}, protocol=protocol)
-    with pytest.raises(WeightError, match="pickle|not a safetensors file"):
+    with pytest.raises(WeightError, match=r"pickle|not a safetensors file"):
         decode_weights(data, expected=_expected(), max_bytes=LIMIT)
 
 
 def test_legacy_torch_save_is_refused() -> None:
     buf = io.BytesIO()
     torch.save(_state(), buf, _use_new_zipfile_serialization=False)
-    with pytest.raises(WeightError, match="pickle"):
+    with pytest.raises(WeightError, match=r"pickle"):
         decode_weights(buf.getvalue(), expected=_expected(), max_bytes=LIMIT)
 
 
 @pytest.mark.parametrize("cut", [0, 3, 7, 8, 20, -1, -17])
 def test_truncated_payloads_are_refused(cut: int) -> None:
     data = encode_weights(_state())
-    with pytest.raises(WeightError, match="truncated|empty|not a safetensors"):
+    with pytest.raises(WeightError, match=r"truncated|empty|not a safetensors"):
         decode_weights(data[:cut], expected=_expected(), max_bytes=LIMIT)
 
 
 def test_trailing_bytes_are_refused() -> None:
-    with pytest.raises(WeightError, match="trailing bytes"):
+    with pytest.raises(WeightError, match=r"trailing bytes"):
         decode_weights(encode_weights(_state()) + b"\0" * 8, expected=_expected(), max_bytes=LIMIT)
 
 
@@ -154,21 +154,21 @@ def _with_header(header: dict, body: bytes) -> bytes:
 
 def test_header_lies_are_refused_before_allocation() -> None:
     huge = {"w": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 16]}}
-    with pytest.raises(WeightError, match="tensor 'w': 16 data bytes for shape"):
+    with pytest.raises(WeightError, match=r"tensor 'w': 16 data bytes for shape"):
         parse_header(_with_header(huge, b"\0" * 16), max_bytes=LIMIT)
     overlap = {
         "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
     }
-    with pytest.raises(WeightError, match="overlap or leave a gap"):
+    with pytest.raises(WeightError, match=r"overlap or leave a gap"):
         parse_header(_with_header(overlap, b"\0" * 12), max_bytes=LIMIT)
-    with pytest.raises(WeightError, match="header length .* implausible"):
+    with pytest.raises(WeightError, match=r"header length .* implausible"):
         parse_header(struct.pack("<Q", 1 << 40) + b"{}", max_bytes=LIMIT)
-    with pytest.raises(WeightError, match="not valid JSON"):
+    with pytest.raises(WeightError, match=r"not valid JSON"):
         parse_header(struct.pack("<Q", 5) + b"{abc}", max_bytes=LIMIT)
-    with pytest.raises(WeightError, match="no tensors"):
+    with pytest.raises(WeightError, match=r"no tensors"):
         parse_header(_with_header({"__metadata__": {"a": "b"}}, b""), max_bytes=LIMIT)
-    with pytest.raises(WeightError, match="malformed shape"):
+    with pytest.raises(WeightError, match=r"malformed shape"):
         parse_header(
             _with_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
             max_bytes=LIMIT,

@@ -159,7 +159,8 @@ def check_names_and_shapes(
     for name in sorted(expected):
         if tuple(found[name]) != tuple(expected[name]):
             raise WeightError(
-                f"tensor {name!r}: shape {list(found[name])} does not match the model's {list(expected[name])}"
+                f"tensor {name!r}: shape {list(found[name])} does not match "
+                f"the model's {list(expected[name])}"
             )
 
 
