@@ -176,6 +176,43 @@ def test_coordinate_cli_wrong_token_exits_with_the_site_named(fed3: RealFederati
     assert "site-3" in result.output and "credentials" in result.output
 
 
+def test_ciil_and_iil_pass_the_model_from_site_to_site(fed3: RealFederation, tmp_path: Path) -> None:
+    plan = tiny_plan()
+    fed = fed3.federation()
+    ciil = Coordinator(
+        fed,
+        plan,
+        tmp_path / "ciil",
+        RunOptions(
+            strategy="ciil", rounds=1, order=["site-2", "site-1"], evaluate=False, evaluate_final=False
+        ),
+        initial_weights=initial_weights(plan),
+    ).run()
+    cycle = ciil.rounds[0]
+    assert cycle["label"] == "cycle 1" and cycle["participants"] == ["site-2", "site-1"]
+    # Weights mode: the model after the cycle is what the last site of the cycle sent back.
+    last, header = fed3.download_update("site-1", cycle["training"]["site-1"]["round_id"])
+    assert header == cycle["training"]["site-1"]["update_sha256"]
+    final = _load(tmp_path / "ciil" / cycle["model"])
+    for name, tensor in st_load(last).items():
+        assert torch.equal(final[name], tensor)
+
+    iil = Coordinator(
+        fed,
+        plan,
+        tmp_path / "iil",
+        RunOptions(
+            strategy="iil", order=["site-3"], patience=1, max_epochs=2, evaluate=False, evaluate_final=False
+        ),
+        initial_weights=initial_weights(plan),
+    ).run()
+    [visit] = iil.rounds
+    assert visit["label"] == "visit 1 (site-3)"
+    metrics = visit["training"]["site-3"]["metrics"]
+    assert 1 <= metrics["epochs_run"] <= 2 and 1 <= metrics["best_epoch"] <= metrics["epochs_run"]
+    assert results(tmp_path / "iil")["plan"].get("early_stopping") is None  # the run's base plan is unchanged
+
+
 def test_killed_agent_is_left_out_and_the_round_completes(fed3: RealFederation, tmp_path: Path) -> None:
     fed = fed3.federation(min_sites=2)
     clients = AgentClient.for_federation(fed)
