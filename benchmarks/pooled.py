@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from agent.audit.db import open_database
 from agent.config import load_config
@@ -100,6 +101,14 @@ def evaluate_in_process(
     return out
 
 
+def _outside_sites(federation: Path) -> set[str]:
+    """Names listed under `outside:` in a generated federation file (none if there is no file)."""
+    if not federation.is_file():
+        return set()
+    doc = yaml.safe_load(federation.read_text()) or {}
+    return {str(a["name"]) for a in doc.get("outside") or [] if isinstance(a, dict) and "name" in a}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from coordinator.report import plot_dice_curves
     from coordinator.runner import weighted_dice
@@ -121,8 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not configs:
         print(f"{args.data}: no site-<k>/config.yaml found", file=sys.stderr)
         return 2
+    outside = _outside_sites(args.data / "federation.yaml")
     args.out.mkdir(parents=True, exist_ok=True)
-    splits = site_splits(configs, plan_doc["dataset"], args.out / "catalog")
+    every = site_splits(configs, plan_doc["dataset"], args.out / "catalog")
+    # Sites outside the federation only test: their data never joins the pool.
+    splits = [s for s in every if s.site not in outside]
     weights, info = train_pooled(
         plan_doc,
         splits,
@@ -133,7 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     (args.out / "cds.safetensors").write_bytes(encode(weights))
     per_site = evaluate_in_process(plan_doc, weights, splits, args.out / "cache")
-    doc = {"benchmark": "pooled", **info, "per_site": per_site, "weighted_dice": weighted_dice(per_site)}
+    per_out = evaluate_in_process(
+        plan_doc, weights, [s for s in every if s.site in outside], args.out / "cache"
+    )
+    doc = {
+        "benchmark": "pooled",
+        **info,
+        "per_site": per_site,
+        "weighted_dice": weighted_dice(per_site),
+        "outside_per_site": per_out,
+        "outside_weighted_dice": weighted_dice(per_out),
+    }
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     plot_dice_curves(
         {"CDS per site": [(i + 1, v["dice"]) for i, v in enumerate(per_site.values())]},
