@@ -147,3 +147,45 @@ def test_batch_norm_buffers_are_exchanged_but_counters_are_not() -> None:
     shapes = expected_shapes(tiny_plan())
     assert any(n.endswith("running_mean") for n in shapes)
     assert not any(n.endswith("num_batches_tracked") for n in shapes)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {
+            "name": "unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [8, 16, 32],
+            "strides": [2, 2],
+            "num_res_units": 1,
+        },
+        {
+            "name": "unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [8, 16, 32],
+            "strides": [2, 2],
+            "num_res_units": 0,
+        },
+        {
+            "name": "basic_unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "features": [4, 4, 8, 8, 16, 4],
+        },
+        {"name": "segresnet", "spatial_dims": 2, "in_channels": 1, "out_channels": 1, "init_filters": 8},
+    ],
+    ids=["unet_res", "unet_plain", "basic_unet", "segresnet"],
+)
+def test_a_new_model_starts_by_predicting_background(model: dict) -> None:
+    # MONAI's own initialisation predicts about half of each image as foreground; a Dice
+    # loss then spends the first hundreds of steps moving the output bias.
+    torch.manual_seed(0)
+    net = build_model(tiny_plan(model=model, data={"spatial_dims": 2, "roi_size": [32, 32]}))
+    with torch.no_grad():
+        positive = (net(torch.randn(4, 1, 32, 32)) > 0).float().mean().item()
+    assert positive < 0.05
