@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from agent.audit.chain import AuditLog
 from agent.audit.db import open_database
@@ -192,6 +193,15 @@ def tiny_plan(size: int = 32, **overrides: Any) -> dict[str, Any]:
     plan["batch_size"] = 8
     plan.update(overrides)
     return plan
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The sample `name` with exactly these labels, from Prometheus text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    raise AssertionError(f"{name}{labels} not in:\n{text}")
 
 
 def plan_text(plan: dict[str, Any]) -> str:

@@ -26,12 +26,14 @@ from agent_fixtures import (
     add_tokens,
     agent_env,
     make_site,
+    metric_value,
     plan_text,
     revoke,
     start_agent,
     tiny_plan,
     wait_status,
 )
+from safetensors.torch import save as save_safetensors
 
 from agent.exchange.codec import decode_weights, encode_weights
 from agent.training.plan import parse_plan
@@ -378,10 +380,11 @@ def _wrong_model_weights() -> bytes:
 
 
 def _nan_weights() -> bytes:
-    state = build_model(parse_plan(tiny_plan())).state_dict()
+    # Written with safetensors directly: the agent's own encoder refuses non-finite values.
+    state = {k: v.contiguous() for k, v in build_model(parse_plan(tiny_plan())).state_dict().items()}
     name = next(iter(state))
     state[name] = torch.full_like(state[name], float("nan"))
-    return encode_weights(state)
+    return save_safetensors(state)
 
 
 def test_oversized_body_is_413_by_length_and_by_stream(env: Env) -> None:
@@ -503,20 +506,18 @@ def test_metrics_for_admin(env: Env) -> None:
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
 
-    def value(pattern: str) -> float:
-        m = re.search(r"^" + pattern + r" ([0-9.e+-]+)$", text, re.M)
-        assert m, pattern
-        return float(m.group(1))
-
-    assert value(r'fedsite_jobs\{kind="train",status="completed"\}') >= 2
-    assert value(r'fedsite_jobs\{kind="train",status="cancelled"\}') >= 3
-    assert value(r'fedsite_jobs\{kind="evaluate",status="completed"\}') >= 1
-    assert value(r'fedsite_job_duration_seconds_count\{kind="train",status="completed"\}') >= 2
-    assert value(r'fedsite_job_duration_seconds_bucket\{kind="train",status="completed",le="\+Inf"\}') >= 2
-    assert value(r"fedsite_egress_released_bytes_total") > 0
-    assert value(r"fedsite_update_bytes_sent_total") >= len(STATE["update"])
-    assert value(r'fedsite_auth_failures_total\{reason="wrong role"\}') >= 1
-    assert value(r'fedsite_auth_failures_total\{reason="missing token"\}') >= 1
+    assert metric_value(text, "fedsite_jobs", kind="train", status="completed") >= 2
+    assert metric_value(text, "fedsite_jobs", kind="train", status="cancelled") >= 3
+    assert metric_value(text, "fedsite_jobs", kind="evaluate", status="completed") >= 1
+    assert metric_value(text, "fedsite_job_duration_seconds_count", kind="train", status="completed") >= 2
+    assert (
+        metric_value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="+Inf")
+        >= 2
+    )
+    assert metric_value(text, "fedsite_egress_released_bytes_total") > 0
+    assert metric_value(text, "fedsite_update_bytes_sent_total") >= len(STATE["update"])
+    assert metric_value(text, "fedsite_auth_failures_total", reason="wrong role") >= 1
+    assert metric_value(text, "fedsite_auth_failures_total", reason="missing token") >= 1
 
 
 def test_audit_list_and_verify(env: Env) -> None:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import httpx
-from agent_fixtures import free_port
+from agent_fixtures import free_port, metric_value
 from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import update
 
 from agent.api.metrics import AgentMetrics
@@ -31,15 +30,6 @@ def _job(store: JobStore, round_id: str, kind: str = "train") -> int:
     ).id
 
 
-def value(text: str, name: str, **labels: str) -> float:
-    """The sample `name` with exactly these labels, from Prometheus text."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels} not in:\n{text}")
-
-
 def test_job_metrics_come_from_the_database(db: Database) -> None:
     store = JobStore(db, AuditLog(db))
     done, slow, failed = _job(store, "a"), _job(store, "b"), _job(store, "c")
@@ -59,21 +49,25 @@ def test_job_metrics_come_from_the_database(db: Database) -> None:
     metrics = AgentMetrics(db)
     metrics.auth_failures.labels(reason="wrong role").inc()
     text = metrics.render().decode()
-    assert value(text, "fedsite_jobs", kind="train", status="completed") == 2
-    assert value(text, "fedsite_jobs", kind="train", status="failed") == 1
-    assert value(text, "fedsite_jobs", kind="train", status="queued") == 1
-    assert value(text, "fedsite_jobs", kind="evaluate", status="queued") == 1
-    assert value(text, "fedsite_jobs", kind="train", status="interrupted") == 0
-    assert value(text, "fedsite_job_duration_seconds_count", kind="train", status="completed") == 2
+    assert metric_value(text, "fedsite_jobs", kind="train", status="completed") == 2
+    assert metric_value(text, "fedsite_jobs", kind="train", status="failed") == 1
+    assert metric_value(text, "fedsite_jobs", kind="train", status="queued") == 1
+    assert metric_value(text, "fedsite_jobs", kind="evaluate", status="queued") == 1
+    assert metric_value(text, "fedsite_jobs", kind="train", status="interrupted") == 0
+    assert metric_value(text, "fedsite_job_duration_seconds_count", kind="train", status="completed") == 2
     assert (
-        value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="60.0") == 1
+        metric_value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="60.0")
+        == 1
     )
     assert (
-        value(text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="120.0") == 2
+        metric_value(
+            text, "fedsite_job_duration_seconds_bucket", kind="train", status="completed", le="120.0"
+        )
+        == 2
     )
-    assert value(text, "fedsite_job_duration_seconds_sum", kind="train", status="completed") >= 100
-    assert value(text, "fedsite_egress_released_bytes_total") == 1234
-    assert value(text, "fedsite_auth_failures_total", reason="wrong role") == 1
+    assert metric_value(text, "fedsite_job_duration_seconds_sum", kind="train", status="completed") >= 100
+    assert metric_value(text, "fedsite_egress_released_bytes_total") == 1234
+    assert metric_value(text, "fedsite_auth_failures_total", reason="wrong role") == 1
 
 
 def test_metrics_port_needs_no_token(db: Database) -> None:

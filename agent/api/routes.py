@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent.api.deps import Caller, get_metrics, get_service, require_admin, require_coordinator
 from agent.api.metrics import CONTENT_TYPE, AgentMetrics
@@ -77,7 +78,7 @@ async def read_job_form(request: Request, service: SiteService) -> tuple[bytes, 
             max_fields=len(JOB_FIELDS) + 2,
             max_part_size=service.cfg.api.max_body_bytes,
         )
-    except HTTPException as exc:
+    except StarletteHTTPException as exc:  # how Starlette reports a broken multipart body
         raise HTTPException(400, f"malformed multipart body: {exc.detail}") from None
     try:
         unknown = sorted(set(form.keys()) - set(JOB_FIELDS))
