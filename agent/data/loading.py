@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agent.data.catalog import ItemRef
 from agent.data.volume import Volume, read_nifti_volume
+from agent.fileio import atomic_file
 
 # Bump when the deterministic preprocessing changes, so that old cache entries are not reused.
 PREPROCESS_VERSION = 1
@@ -208,17 +207,8 @@ def _cache_paths(cache_dir: Path, key: str) -> tuple[Path, Path]:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def _load_cached(cache_dir: Path, key: str, *, mmap: bool) -> tuple[np.ndarray, np.ndarray] | None:

@@ -26,9 +26,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 
 from agent.config import EgressConfig
 from agent.exchange.codec import WeightError, check_names_and_shapes, encode_weights
+from agent.fileio import atomic_write_bytes
 from agent.training.plan import ROUND_ID_PATTERN, plan_hash
 from agent.training.registry import expected_shapes
 
@@ -73,19 +72,6 @@ def _check_round_id(round_id: str) -> None:
     # The id becomes a file name: refuse anything that could leave the outbox folder.
     if not isinstance(round_id, str) or not _ROUND_ID.fullmatch(round_id):
         raise EgressError(f"round id {round_id!r} is not valid (letters, digits, '.', '_', '-')")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class EgressGate:
@@ -157,7 +143,7 @@ class EgressGate:
             },
         )
         self.outbox.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return Released(sha256=digest, nbytes=len(data), path=path, filters=filters)
 
     def _apply_filters(

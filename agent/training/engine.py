@@ -33,9 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,11 +44,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from agent.data import loading
 from agent.exchange.codec import WeightError, check_names_and_shapes
+from agent.fileio import atomic_write_bytes
 from agent.training.losses import make_loss
 from agent.training.plan import Plan, plan_hash
 from agent.training.registry import build_model, exchanged_state, expected_shapes
@@ -212,17 +211,7 @@ def _restore_optimizer(
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _weights_digest(weights: Mapping[str, torch.Tensor] | None) -> str:
