@@ -27,7 +27,8 @@ if [ -n "$(ls -A "$demo")" ]; then
   exit 1
 fi
 
-fedsite demo-data "$demo" --sites "$sites" --subjects-per-site "${DEMO_SUBJECTS:-6,5,4}" \
+# A sub-folder: demo-data stages next to its output, and only the volume is writable.
+fedsite demo-data "$demo/sites" --sites "$sites" --subjects-per-site "${DEMO_SUBJECTS:-6,5,4}" \
   --size "${DEMO_SIZE:-32}" --seed "${DEMO_SEED:-0}"
 
 mkdir -p "$demo/tokens"
@@ -41,7 +42,7 @@ for k in $(seq 1 "$sites"); do
     --client coordinator >/dev/null
   # The token goes straight from `tokens add` into a 0600 file; it is never printed.
   FEDSITE_WORK_DIR="/work/$site" fedsite tokens add coordinator --role coordinator \
-    --config "$demo/$site/config.yaml" | tail -n 1 >"$demo/tokens/$site.token"
+    --config "$demo/sites/$site/config.yaml" | tail -n 1 >"$demo/tokens/$site.token"
   [ -s "$demo/tokens/$site.token" ] || { echo "tokens add printed no token for $site" >&2; exit 1; }
   cat >>"$fed.tmp" <<YAML
   - name: $site

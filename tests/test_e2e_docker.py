@@ -127,7 +127,9 @@ def federation() -> Iterator[Compose]:
         pytest.skip("docker-compose is not installed")
     compose = Compose(f"fedsite-e2e-{uuid.uuid4().hex[:8]}")
     try:
-        compose("up", "-d", timeout=900)
+        up = compose("up", "-d", check=False, timeout=900)
+        if up.returncode != 0:
+            raise AssertionError(f"compose up failed:\n{up.stderr[-2000:]}\n{compose.logs()}")
         coordinator = compose.container("coordinator")
         waited = _run(["docker", "wait", coordinator], timeout=1800).stdout.strip()
         if waited != "0":
@@ -166,7 +168,7 @@ def test_federation_demo_runs_fedavg_rounds_over_mutual_tls(federation: Compose)
 def test_every_site_audit_chain_verifies_and_records_the_rounds(federation: Compose) -> None:
     for site in SITES:
         proc = federation(
-            "exec", "-T", site, "fedsite", "audit", "verify", "--config", f"/demo/{site}/config.yaml"
+            "exec", "-T", site, "fedsite", "audit", "verify", "--config", f"/demo/sites/{site}/config.yaml"
         )
         assert proc.returncode == 0
         script = (
@@ -174,7 +176,7 @@ def test_every_site_audit_chain_verifies_and_records_the_rounds(federation: Comp
             "from agent.audit.chain import AuditLog\n"
             "from agent.audit.db import open_database\n"
             "from agent.config import load_config\n"
-            f"cfg = load_config('/demo/{site}/config.yaml')\n"
+            f"cfg = load_config('/demo/sites/{site}/config.yaml')\n"
             "log = AuditLog(open_database(cfg.db_url))\n"
             "print(json.dumps(sorted({e['action'] for e in log.iter_all()})))\n"
         )
@@ -200,7 +202,7 @@ def test_agent_in_container_refuses_clients_without_the_coordinator_certificate(
         "from agent.audit.chain import AuditLog\n"
         "from agent.audit.db import open_database\n"
         "from agent.config import load_config\n"
-        "log = AuditLog(open_database(load_config('/demo/site-1/config.yaml').db_url))\n"
+        "log = AuditLog(open_database(load_config('/demo/sites/site-1/config.yaml').db_url))\n"
         "events = log.find('api.refused')\n"
         "print(events[-1]['details']['reason'] if events else 'none', log.verify().ok)\n"
     )
