@@ -450,7 +450,7 @@ def test_bad_weights_are_named(env: Env) -> None:
     cases = [
         (b"this is not safetensors", "weights:"),
         (_wrong_model_weights(), "model.0"),
-        (_nan_weights(), "finite"),
+        (_nan_weights(), "NaN"),
     ]
     with env.client() as c:
         for data, needle in cases:
