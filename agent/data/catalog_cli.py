@@ -20,9 +20,7 @@ from agent.data.catalog import CatalogError, dataset_summaries, item_details, sc
 
 catalog_app = typer.Typer()
 
-ConfigOption = typer.Option(
-    ..., "--config", "-c", envvar="FEDSITE_CONFIG", help="Path to the agent's config.yaml."
-)
+ConfigOption = typer.Option(..., "--config", "-c", help="Path to the agent's config.yaml.")
 
 
 def _fail(message: str, code: int) -> NoReturn:
