@@ -138,7 +138,7 @@ def test_federation_demo_three_sites_over_mutual_tls() -> None:
         assert mounts["/var/lib/fedsite"] == (f"site-{k}-work", False)
         assert site["command"] == ["serve", "--config", f"/demo/sites/site-{k}/config.yaml"]
         assert site["depends_on"]["setup"]["condition"] == "service_completed_successfully"
-        assert f"/demo/sites/site-{k}/config.yaml" in " ".join(site["healthcheck"]["test"])
+        assert f"/demo/pki/site-{k}/agent/ca.crt" in site["healthcheck"]["test"]
         assert site["read_only"] is True and site["mem_limit"]
         # The setup service writes this site's database through the same volume.
         assert _volumes(services["setup"])[f"/work/site-{k}"] == (f"site-{k}-work", False)
