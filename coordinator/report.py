@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+from agent.fileio import atomic_write_bytes
 
 
 def progress_fraction(progress: Any) -> float | None:
@@ -153,7 +148,7 @@ class RunRecorder:
     def save_model(self, index: int, data: bytes, name: str | None = None) -> tuple[str, str]:
         """Store one global model; returns (path relative to OUT, sha256)."""
         path = self.models_dir / (name or f"round-{index:03d}.safetensors")
-        _atomic_write(path, data)
+        atomic_write_bytes(path, data)
         return path.relative_to(self.out_dir).as_posix(), hashlib.sha256(data).hexdigest()
 
     def add_round(self, record: dict[str, Any]) -> None:
@@ -171,7 +166,9 @@ class RunRecorder:
         self.plot()
 
     def flush(self) -> None:
-        _atomic_write(self.results_path, (json.dumps(self.doc, indent=2, sort_keys=False) + "\n").encode())
+        atomic_write_bytes(
+            self.results_path, (json.dumps(self.doc, indent=2, sort_keys=False) + "\n").encode()
+        )
 
     def plot(self) -> Path | None:
         rounds = [r for r in self.doc["rounds"] if isinstance(r.get("weighted_dice"), float)]

@@ -12,7 +12,6 @@ import getpass
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from agent.audit.chain import AuditLog, parse_anchor
 from agent.audit.db import Database, DatabaseError, open_database, sqlite_file
 from agent.audit.tokens import ROLES, TokenError, create_token, list_tokens, revoke_token
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.fileio import atomic_file
 
 tokens_app = typer.Typer(help="Manage the REST API's bearer tokens.", no_args_is_help=True)
 plans_app = typer.Typer(help="Manage the plan allow-list (approval policy 'manual').", no_args_is_help=True)
@@ -381,18 +381,8 @@ def _write_jsonl(events: Iterator[dict[str, Any]], stream: Any) -> int:
 
 def _export_file(events: Iterator[dict[str, Any]], out: Path) -> int:
     # Written aside and renamed, so that a SIEM collector never picks up half a file.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            n = _write_jsonl(events, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
+    with atomic_file(out, "w") as fh:
+        return _write_jsonl(events, fh)
 
 
 def _format_event(ev: dict[str, Any]) -> str:
