@@ -29,6 +29,13 @@ ENV_PREFIX = "FEDSITE_"
 _SUBJECT = "{subject}"
 
 
+def check_name(v: str) -> str:
+    """Site, dataset and agent names: they appear in file names, URLs and audit events."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
+        raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return v
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
@@ -48,9 +55,7 @@ class SiteConfig(_Strict):
     @field_validator("id")
     @classmethod
     def _id_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
+        return check_name(v)
 
 
 class DatasetConfig(_Strict):
@@ -70,9 +75,7 @@ class DatasetConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v)
 
     @field_validator("images")
     @classmethod

@@ -24,7 +24,6 @@ federation can fix the file without reading code.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,6 +38,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from agent.config import check_name
 
 
 class FederationError(ValueError):
@@ -61,9 +62,7 @@ class AgentEntry(_Strict):
     @field_validator("name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
-            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-        return v
+        return check_name(v)
 
     @field_validator("url")
     @classmethod
