@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import resource
 import statistics
 import sys
 import time
@@ -35,13 +36,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.pooled import site_splits, train_pooled
+from benchmarks.pooled import SiteSplit, evaluate_in_process, site_splits, train_pooled
 from coordinator.client import AgentClient
 from coordinator.federation import Federation, load_federation, write_federation
 from coordinator.local import LocalFederation, add_static_token, terminate_on_sigterm, write_secret
 from coordinator.report import QuietReporter, Reporter, plot_dice_curves
-from coordinator.runner import Coordinator, RunOptions, run_strategy
-from coordinator.weights import encode, initial_weights
+from coordinator.runner import Coordinator, RunOptions, run_strategy, weighted_dice
+from coordinator.weights import encode, initial_weights, load_file
 
 # Dice of the reference study on its real 10-site split (Sheller et al. 2018/2020).
 STUDY = {"CDS": 0.862, "FL": 0.852, "CIIL": 0.82, "IIL": 0.803}
@@ -55,6 +56,7 @@ class Settings:
     size: int
     rounds: int
     local_epochs: int
+    ciil_epochs: int
     seeds: list[int]
     patience: int
     max_epochs: int
@@ -63,17 +65,53 @@ class Settings:
     lr: float
     extra_sites: int
     data_seed: int
+    eval_every_round: bool
+
+    @property
+    def epochs_per_site(self) -> int:
+        """The budget every method shares: epochs over each site's data (CDS: over the pool)."""
+        return self.rounds * self.local_epochs
+
+    @property
+    def ciil_cycles(self) -> int:
+        return self.epochs_per_site // self.ciil_epochs
+
+
+# Quick: every job is a worker process at an agent (a few CPU seconds of start-up each, 10
+# sites), so the number of rounds and visits drives the run time, not the epochs in them.
+# Quick mode therefore trains several local epochs per round (the study: 1) and CIIL a few
+# cycles of longer visits, with the same total of local epochs per site for every method.
+QUICK = {
+    "size": 32,
+    "rounds": 6,
+    "local_epochs": 10,
+    "ciil_epochs": 30,
+    "seeds": 1,
+    "patience": 8,
+    "samples": 8,
+}
+FULL = {
+    "size": 32,
+    "rounds": 20,
+    "local_epochs": 5,
+    "ciil_epochs": 25,
+    "seeds": 3,
+    "patience": 8,
+    "samples": 8,
+}
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
-    base: dict[str, int] = (
-        {"size": 32, "rounds": 3, "seeds": 1, "patience": 2, "samples": 8}
-        if quick
-        else {"size": 32, "rounds": 10, "seeds": 3, "patience": 8, "samples": 8}
-    )
+    base = QUICK if quick else FULL
     rounds = args.rounds or base["rounds"]
-    epochs = args.local_epochs
+    epochs = args.local_epochs or base["local_epochs"]
+    ciil_epochs = args.ciil_epochs or min(base["ciil_epochs"], rounds * epochs)
+    if (rounds * epochs) % ciil_epochs:
+        budget = rounds * epochs
+        raise SystemExit(
+            f"--ciil-epochs {ciil_epochs} must divide the epoch budget rounds x local epochs = {budget}"
+        )
     n_seeds = args.seeds or base["seeds"]
     return Settings(
         out=args.out or Path("bench-out/paper-quick" if quick else "bench-out/paper"),
@@ -82,6 +120,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         size=args.size or base["size"],
         rounds=rounds,
         local_epochs=epochs,
+        ciil_epochs=ciil_epochs,
         seeds=list(range(n_seeds)),
         patience=args.patience or base["patience"],
         max_epochs=args.max_epochs or rounds * epochs,
@@ -90,7 +129,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         lr=args.lr,
         extra_sites=2,
         data_seed=args.data_seed,
+        eval_every_round=args.eval_every_round if args.eval_every_round is not None else not quick,
     )
+
+
+def budget_lines(s: Settings) -> list[str]:
+    """The epoch budget of every method, printed before the run and kept in results.json."""
+    n = s.epochs_per_site
+    return [
+        f"FL:   {s.rounds} rounds x {s.local_epochs} local epoch(s) = {n} epochs at every site",
+        f"CIIL: {s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit = {n} epochs at every site",
+        f"CDS:  {n} epochs over the pooled training data (also trained for {n // 4} and {n // 2}: its curve)",
+        f"IIL:  one visit per site, until {s.patience} epochs without improvement, at most {s.max_epochs}",
+    ]
 
 
 def scaled_split(scale: float) -> list[int]:
@@ -192,31 +243,73 @@ def summarise_run(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def curve_in_process(
+    doc: dict[str, Any], run_dir: Path, plan: dict[str, Any], splits: Sequence[SiteSplit], cache: Path
+) -> list[tuple[int, float | None]]:
+    """Dice of every round's saved global model on the sites' validation splits, in this process.
+
+    With per-round evaluation at the agents off (quick mode: a worker process per site and
+    round), this still shows whether a run has converged. Same engine, same items: the
+    catalog is scanned with each site's secret, so each subject is in the split its agent uses.
+    """
+    out: list[tuple[int, float | None]] = []
+    for r in doc["rounds"]:
+        path = run_dir / str(r.get("model", ""))
+        if not r.get("model") or not path.is_file():
+            continue
+        per_site = evaluate_in_process(plan, load_file(path), splits, cache)
+        out.append((int(r["index"]), weighted_dice(per_site)))
+    return out
+
+
 def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> dict[str, Any]:
     plan = make_plan(s)
     reporter: Reporter = QuietReporter(console) if s.quick else Reporter(console)
     methods: dict[str, Any] = {}
     inside = fed.names
+    splits = site_splits([x.config_path for x in layout.sites], plan["dataset"], s.out / "cds" / "catalog")
+    curve_cache = s.out / "cds" / "cache"
+    for line in budget_lines(s):
+        console.print(line)
+
+    def finish(name: str, res: Any, summary: dict[str, Any]) -> None:
+        if not summary["curve"] and name != "IIL":
+            summary["curve"] = curve_in_process(res.doc, res.out_dir, plan, splits, curve_cache)
+            summary["curve_source"] = "in process, from the saved global model of every round"
+        elif summary["curve"]:
+            summary["curve_source"] = "agents (POST /v1/evaluations)"
 
     console.rule(f"[bold]FL (FedAvg): {s.rounds} rounds x {s.local_epochs} local epoch(s) at every site")
     fl = run_strategy(
         fed,
         plan,
         s.out / "fl",
-        RunOptions(strategy="fedavg", rounds=s.rounds, run_id="fl"),
+        RunOptions(
+            strategy="fedavg",
+            rounds=s.rounds,
+            evaluate=s.eval_every_round,
+            reseed_rounds=True,
+            run_id="fl",
+        ),
         initial_weights=initial_weights(plan),
         reporter=reporter,
     )
     methods["FL"] = [summarise_run(fl.doc)]
-    console.print(f"FL: Dice {_d(methods['FL'][0]['inside'])} ({fl.doc['duration_s']:.0f} s)")
+    finish("FL", fl, methods["FL"][0])
+    console.print(
+        f"FL: Dice {_d(methods['FL'][0]['inside'])} ({fl.doc['duration_s']:.0f} s); "
+        f"per round: {_curve(methods['FL'][0]['curve'])}"
+    )
 
     for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
         methods[name] = []
         for seed in s.seeds:
             seeded = {**plan, "seed": seed}
+            if strategy == "ciil":
+                seeded["local_epochs"] = s.ciil_epochs
             order = shuffled(inside, seed)
             what = (
-                f"{s.rounds} cycles x {s.local_epochs} epoch(s) per visit"
+                f"{s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit"
                 if strategy == "ciil"
                 else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
             )
@@ -227,13 +320,14 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
                 s.out / f"{strategy}-seed{seed}",
                 RunOptions(
                     strategy=strategy,  # type: ignore[arg-type]
-                    rounds=s.rounds,
+                    rounds=s.ciil_cycles,
                     order=order,
                     patience=s.patience,
                     max_epochs=s.max_epochs,
                     # Per-visit evaluation of 10 sites is what makes IIL/CIIL slow; quick mode
                     # evaluates the final model only.
-                    evaluate=not s.quick,
+                    evaluate=s.eval_every_round,
+                    reseed_rounds=True,
                     run_id=f"{strategy}-s{seed}",
                 ),
                 initial_weights=initial_weights(seeded),
@@ -241,24 +335,32 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             )
             summary = summarise_run(res.doc)
             summary["seed"], summary["order"] = seed, order
+            finish(name, res, summary)
             methods[name].append(summary)
             console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s)")
 
-    console.rule(
-        f"[bold]CDS: {s.rounds * s.local_epochs} epochs on the pooled training data, in this process"
-    )
-    splits = site_splits([x.config_path for x in layout.sites], plan["dataset"], s.out / "cds" / "catalog")
-    start = initial_weights(plan)
+    n = s.epochs_per_site
+    console.rule(f"[bold]CDS: {n} epochs on the pooled training data, in this process")
     torch.set_num_threads(2)
-    weights, info = train_pooled(
-        plan,
-        splits,
-        epochs=s.rounds * s.local_epochs,
-        initial=start,
-        work_dir=s.out / "cds" / "work",
-        cache_dir=s.out / "cds" / "cache",
-        progress=not s.quick,
-    )
+    cpu0 = time.process_time()
+    curve: list[tuple[int, float | None]] = []
+    weights: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {}
+    # Separate runs of N/4, N/2 and N epochs from the same start: the Dice curve that shows
+    # whether N epochs of pooled training have converged (each point a full CDS run).
+    for epochs in sorted({max(1, n // 4), max(1, n // 2), n}):
+        weights, info = train_pooled(
+            plan,
+            splits,
+            epochs=epochs,
+            initial=initial_weights(plan),
+            work_dir=s.out / "cds" / "work",
+            cache_dir=curve_cache,
+            progress=not s.quick,
+        )
+        dice = weighted_dice(evaluate_in_process(plan, weights, splits, curve_cache))
+        curve.append((epochs, dice))
+        console.print(f"CDS {epochs} epochs: Dice {_d(dice)} (in process, {info['duration_s']:.0f} s)")
     (s.out / "cds" / "cds.safetensors").write_bytes(encode(weights))
     clients = AgentClient.for_federation(fed)
     try:
@@ -277,11 +379,18 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             "outside": outside_dice,
             "per_site": {k: v.get("dice") for k, v in per_site.items()},
             "outside_per_site": {k: v.get("dice") for k, v in per_out.items()},
+            "curve": curve,
+            "curve_source": "in process: separate CDS runs of the given numbers of epochs",
+            "cpu_s": round(time.process_time() - cpu0, 1),
             **info,
         }
     ]
-    console.print(f"CDS: Dice {_d(inside_dice)} ({info['duration_s']:.0f} s training)")
+    console.print(f"CDS: Dice {_d(inside_dice)} (agents' evaluation); curve {_curve(curve)}")
     return methods
+
+
+def _curve(curve: Sequence[tuple[int, float | None]]) -> str:
+    return ", ".join(f"{i}: {_d(v)}" for i, v in curve) or "n/a"
 
 
 def _d(value: float | None) -> str:
@@ -357,17 +466,23 @@ def plot(s: Settings, methods: dict[str, Any], rows: list[dict[str, Any]]) -> li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {"FL (per round)": methods["FL"][0]["curve"]}
-    for name, label in (("CIIL", "CIIL seed {} (per cycle)"), ("IIL", "IIL seed {} (per visit)")):
-        for run in methods[name]:
-            if run["curve"]:
-                curves[label.format(run["seed"])] = run["curve"]
+    # One x axis for all: epochs over each site's data so far (CDS: over the pool).
+    def points(curve: Sequence[Sequence[Any]], per: int) -> list[tuple[float, float]]:
+        return [(float(i * per), float(v)) for i, v in curve if isinstance(v, float)]
+
+    curves: dict[str, Sequence[tuple[float, float]]] = {
+        "FL": points(methods["FL"][0]["curve"], s.local_epochs)
+    }
+    for run in methods["CIIL"]:
+        if run["curve"]:
+            curves[f"CIIL seed {run['seed']}"] = points(run["curve"], s.ciil_epochs)
+    curves["CDS"] = points(methods["CDS"][0].get("curve") or [], 1)
     cds = rows[0]["inside"]["mean"]
     curve_png = plot_dice_curves(
         curves,
         s.out / "dice_per_round.png",
         title="Sample-weighted validation Dice inside the federation",
-        xlabel="round / cycle / visit",
+        xlabel="epochs per site (CDS: epochs over the pooled data)",
         reference={"CDS (final)": cds} if cds is not None else None,
     )
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
@@ -390,6 +505,15 @@ def plot(s: Settings, methods: dict[str, Any], rows: list[dict[str, Any]]) -> li
     return [curve_png, bars_png]
 
 
+def _cpu_times() -> dict[str, float]:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "this_process": me.ru_utime + me.ru_stime,
+        "agents_and_workers": kids.ru_utime + kids.ru_stime,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="Small setting: about 5 minutes on 2 CPU cores.")
@@ -397,15 +521,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--out", type=Path, help="Output folder (default bench-out/paper or bench-out/paper-quick)."
     )
     ap.add_argument("--seeds", type=int, help="Seeds for IIL and CIIL (their spread); default 3 (quick: 1).")
-    ap.add_argument("--rounds", type=int, help="FL rounds = CIIL cycles; CDS epochs = rounds x local epochs.")
     ap.add_argument(
-        "--local-epochs", type=int, default=1, help="Epochs per site per round / visit (study: 1)."
+        "--rounds", type=int, help="FL rounds; the budget is rounds x local epochs per site (CDS: in all)."
+    )
+    ap.add_argument("--local-epochs", type=int, help="FL: epochs per site per round (study: 1; default 5).")
+    ap.add_argument(
+        "--ciil-epochs",
+        type=int,
+        help="CIIL: epochs per visit; cycles = budget / this (default: 20 quick, 25 full).",
+    )
+    ap.add_argument(
+        "--eval-every-round",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Evaluate FL/CIIL at every agent after every round (default: on; quick: off, the "
+        "curve then comes from the saved models, evaluated in this process).",
     )
     ap.add_argument(
         "--scale", type=float, help="Fraction of the study's patients per site (default 1; quick 0.2)."
     )
     ap.add_argument("--size", type=int, help="Volume size in voxels per side (multiple of 8).")
-    ap.add_argument("--patience", type=int, help="IIL patience in epochs (study: 8; quick: 2).")
+    ap.add_argument("--patience", type=int, help="IIL patience in epochs (study and default: 8).")
     ap.add_argument(
         "--max-epochs", type=int, help="IIL: most epochs at one site (default rounds x local epochs)."
     )
@@ -420,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = settings_from(parse_args(argv))
     console = Console(stderr=True)
     t0 = time.monotonic()
+    cpu0 = _cpu_times()
     s.out.mkdir(parents=True, exist_ok=True)
     with terminate_on_sigterm():
         layout = prepare(console, s)
@@ -430,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"agents ready in {time.monotonic() - t1:.0f} s; logs under {s.out / 'logs'}")
             fed = federation_file(s, layout, agents)
             methods = run_methods(console, s, fed, layout)
+    # After the agents have stopped: their CPU time (and their workers') is in the children's.
+    cpu1 = _cpu_times()
     rows = table_rows(methods)
     print_table(console, rows)
     pngs = plot(s, methods, rows)
@@ -440,14 +579,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "table": rows,
         "methods": methods,
         "fl_reaches_99pct_of_cds": bool(fl_pct is not None and fl_pct >= 99.0),
+        "budget": budget_lines(s),
         "duration_s": round(time.monotonic() - t0, 1),
+        "cpu_s": {k: round(cpu1[k] - cpu0[k], 1) for k in cpu0},
         "pngs": [str(p) for p in pngs],
     }
     (s.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    console.print(f"results: {s.out / 'results.json'}; plots: {', '.join(map(str, pngs))}")
-    print(
-        json.dumps({k: doc[k] for k in ("table", "fl_reaches_99pct_of_cds", "duration_s", "pngs")}, indent=2)
+    for line in budget_lines(s):
+        console.print(line)
+    cpu = {k: round(cpu1[k] - cpu0[k], 1) for k in cpu0}
+    console.print(
+        f"wall {doc['duration_s']:.0f} s; CPU {cpu['this_process']:.0f} s here, "
+        f"{cpu['agents_and_workers']:.0f} s in the agents and their workers"
     )
+    console.print(f"results: {s.out / 'results.json'}; plots: {', '.join(map(str, pngs))}")
+    keys = ("table", "fl_reaches_99pct_of_cds", "budget", "duration_s", "cpu_s", "pngs")
+    print(json.dumps({k: doc[k] for k in keys}, indent=2))
     return 0
 
 

@@ -70,6 +70,12 @@ class RunOptions:
     # Sites outside the federation (federation file's `outside`): evaluate the final model,
     # the model of every round, or never.
     evaluate_outside: Literal["final", "every", "never"] = "final"
+    # FedAvg round r / CIIL cycle r runs with seed `plan seed + r - 1`. Every job is one
+    # engine run whose sampling is seeded by (seed, epoch), so with one seed every round
+    # draws the same slices and augmentations at a site, where pooled training draws new
+    # ones every epoch. Off by default: the seed is part of the plan hash, and a site
+    # approving plans by hand approves one plan per seed.
+    reseed_rounds: bool = False
     run_id: str | None = None
 
 
@@ -240,6 +246,7 @@ class Coordinator:
                 "patience": self.opts.patience,
                 "max_epochs": self.opts.max_epochs,
                 "order": self.order,
+                "reseed_rounds": self.opts.reseed_rounds,
             },
         }
 
@@ -441,19 +448,26 @@ class Coordinator:
         self.reporter.round_done(record)
         return record
 
+    def _round_plan(self, plan: dict[str, Any], index: int) -> dict[str, Any]:
+        """PLAN for FedAvg round / CIIL cycle INDEX (1-based): its own seed when reseeding."""
+        if not self.opts.reseed_rounds:
+            return plan
+        return {**plan, "seed": int(plan.get("seed", 0)) + index - 1}
+
     def _run_fedavg(self, recorder: RunRecorder) -> None:
         for rnd in range(1, self.opts.rounds + 1):
             t0 = time.monotonic()
             weights = encode(self.global_weights)
+            plan = self._round_plan(self.plan, rnd)
             tag = f"{self.run_id}-r{rnd:03d}"
             trained: list[SiteResult] = []
             left_out: list[dict[str, str]] = []
 
             def one(
-                site: str, weights: bytes = weights, tag: str = tag
+                site: str, weights: bytes = weights, tag: str = tag, plan: dict[str, Any] = plan
             ) -> tuple[str, SiteResult | None, str | None]:
                 try:
-                    return site, self._train_at(site, self.plan, weights, f"{tag}-{site}"), None
+                    return site, self._train_at(site, plan, weights, f"{tag}-{site}"), None
                 except AgentError as exc:
                     return site, None, str(exc)
 
@@ -520,10 +534,11 @@ class Coordinator:
             )
 
     def _run_ciil(self, recorder: RunRecorder) -> None:
-        plan = {k: v for k, v in self.plan.items() if k != "early_stopping"}
+        base = {k: v for k, v in self.plan.items() if k != "early_stopping"}
         n = len(self.order)
         for cycle in range(1, self.opts.rounds + 1):
             t0 = time.monotonic()
+            plan = self._round_plan(base, cycle)
             trained: list[SiteResult] = []
             left_out: list[dict[str, str]] = []
             for j, site in enumerate(self.order, start=1):

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.paper_reproduction import (
     _outside_sites_evaluate_everything,
+    budget_lines,
     parse_args,
     scaled_split,
     settings_from,
@@ -27,10 +28,24 @@ def test_scaled_split_keeps_every_site_trainable() -> None:
 
 def test_quick_settings_share_one_epoch_budget() -> None:
     s = settings_from(parse_args(["--quick", "--out", "x"]))
-    assert s.quick and s.rounds == 3 and s.local_epochs == 1
-    assert s.max_epochs == s.rounds * s.local_epochs
+    assert s.quick and not s.eval_every_round
+    budget = s.rounds * s.local_epochs
+    assert s.epochs_per_site == budget == s.max_epochs
+    assert s.ciil_cycles * s.ciil_epochs == budget
+    lines = budget_lines(s)
+    assert f"= {budget} epochs at every site" in lines[0] and f"= {budget} epochs at every site" in lines[1]
+    assert f"CDS:  {budget} epochs" in lines[2]
     full = settings_from(parse_args([]))
-    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0
+    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0 and full.eval_every_round
+    assert full.ciil_cycles * full.ciil_epochs == full.epochs_per_site
+
+
+def test_budget_options_keep_methods_on_one_budget() -> None:
+    s = settings_from(parse_args(["--rounds", "4", "--local-epochs", "3", "--ciil-epochs", "6"]))
+    assert (s.epochs_per_site, s.ciil_cycles, s.max_epochs) == (12, 2, 12)
+    assert settings_from(parse_args(["--quick", "--eval-every-round"])).eval_every_round
+    with pytest.raises(SystemExit, match="--ciil-epochs 5 must divide"):
+        settings_from(parse_args(["--rounds", "4", "--local-epochs", "3", "--ciil-epochs", "5"]))
 
 
 def test_orders_differ_by_seed_but_are_reproducible() -> None:

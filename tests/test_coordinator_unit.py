@@ -14,7 +14,7 @@ from coordinator.aggregate import AggregationError, SiteUpdate, apply_update, fe
 from coordinator.client import AgentAuthError, AgentClient, AgentError, AgentUnreachable, IntegrityError
 from coordinator.federation import FederationError, Retries, load_federation, parse_federation
 from coordinator.report import progress_fraction
-from coordinator.runner import weighted_dice
+from coordinator.runner import Coordinator, RunOptions, weighted_dice
 
 # -- aggregation ---------------------------------------------------------------------------
 
@@ -107,6 +107,22 @@ def test_federation_file_loads_and_resolves_token_files(tmp_path: Path) -> None:
     assert fed.agents[1].token_file == (tmp_path / "tok").resolve()
     assert fed.agents[1].bearer_token() == "secret-2"
     assert fed.timeouts.round == 60 and fed.timeouts.evaluation == 1800
+
+
+def test_reseeded_rounds_draw_new_samples_and_keep_the_plan_otherwise(tmp_path: Path) -> None:
+    fed = load_federation(
+        _write(tmp_path, "agents:\n  - {name: site-1, url: 'http://127.0.0.1:8101', token: t}\n")
+    )
+    plan = {"dataset": "brain", "seed": 7, "local_epochs": 2}
+
+    def round_plan(reseed: bool, index: int) -> dict[str, object]:
+        opts = RunOptions(reseed_rounds=reseed)
+        coord = Coordinator(fed, plan, tmp_path / "out", opts, initial_weights={}, clients={})
+        return coord._round_plan(coord.plan, index)
+
+    assert [round_plan(True, i)["seed"] for i in (1, 2, 5)] == [7, 8, 11]
+    assert round_plan(True, 3) == {**plan, "seed": 9}
+    assert round_plan(False, 3) == plan
 
 
 @pytest.mark.parametrize(
