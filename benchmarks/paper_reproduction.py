@@ -6,13 +6,20 @@ starts one real agent per site (a `fedsite serve` subprocess on a loopback port,
 its own SQLite database), and drives FL, CIIL and IIL through the coordinator. CDS (pooled
 data) trains in this process on the union of the sites' training splits. Every final model
 is evaluated by the agents (POST /v1/evaluations) on every federation site's validation
-split and on the outside sites. All methods share the model, the plan and the epoch budget:
-R rounds of E local epochs at every site (FL), R cycles of E epochs at each site (CIIL),
-R x E epochs over the pooled data (CDS); IIL trains at each site until the site's own
-validation Dice has not improved for `patience` epochs (at most R x E epochs per site).
+split and on the outside sites. All methods share the model, the plan and the epoch budget
+N = R x E epochs over each site's data: R rounds of E local epochs (FL), N / C cycles of C
+epochs per visit (CIIL), N epochs over the pooled data (CDS); IIL trains at each site until
+the site's own validation Dice has not improved for `patience` epochs (at most N). N is
+chosen so that every method has converged: the CDS curve (separate runs of N/4, N/2 and N
+epochs) and the FL/CIIL curves per round are in results.json and the PNG.
 
-    python -m benchmarks.paper_reproduction --quick          # about 5 minutes on 2 cores
-    python -m benchmarks.paper_reproduction                  # the full run, under an hour
+Each round is a worker process at every agent (seconds of CPU start-up each), so run time
+grows with the number of rounds and visits, hardly with the epochs in them: quick mode
+takes E = 10 local epochs per round (the study: 1) and evaluates only the final models at
+the agents, the per-round curves being computed in this process from the saved models.
+
+    python -m benchmarks.paper_reproduction --quick   # 60 jobs of FL; ~15-25 min on 2 busy cores
+    python -m benchmarks.paper_reproduction           # the full split, 3 seeds
 
 Prints a table like the study's and a JSON summary; writes OUT/results.json and PNGs.
 """
@@ -296,48 +303,11 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
     )
     methods["FL"] = [summarise_run(fl.doc)]
     finish("FL", fl, methods["FL"][0])
+    save_partial(s, methods)
     console.print(
         f"FL: Dice {_d(methods['FL'][0]['inside'])} ({fl.doc['duration_s']:.0f} s); "
         f"per round: {_curve(methods['FL'][0]['curve'])}"
     )
-
-    for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
-        methods[name] = []
-        for seed in s.seeds:
-            seeded = {**plan, "seed": seed}
-            if strategy == "ciil":
-                seeded["local_epochs"] = s.ciil_epochs
-            order = shuffled(inside, seed)
-            what = (
-                f"{s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit"
-                if strategy == "ciil"
-                else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
-            )
-            console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
-            res = run_strategy(
-                fed,
-                seeded,
-                s.out / f"{strategy}-seed{seed}",
-                RunOptions(
-                    strategy=strategy,  # type: ignore[arg-type]
-                    rounds=s.ciil_cycles,
-                    order=order,
-                    patience=s.patience,
-                    max_epochs=s.max_epochs,
-                    # Per-visit evaluation of 10 sites is what makes IIL/CIIL slow; quick mode
-                    # evaluates the final model only.
-                    evaluate=s.eval_every_round,
-                    reseed_rounds=True,
-                    run_id=f"{strategy}-s{seed}",
-                ),
-                initial_weights=initial_weights(seeded),
-                reporter=reporter,
-            )
-            summary = summarise_run(res.doc)
-            summary["seed"], summary["order"] = seed, order
-            finish(name, res, summary)
-            methods[name].append(summary)
-            console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s)")
 
     n = s.epochs_per_site
     console.rule(f"[bold]CDS: {n} epochs on the pooled training data, in this process")
@@ -386,7 +356,53 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
         }
     ]
     console.print(f"CDS: Dice {_d(inside_dice)} (agents' evaluation); curve {_curve(curve)}")
+    save_partial(s, methods)
+
+    for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
+        methods[name] = []
+        for seed in s.seeds:
+            seeded = {**plan, "seed": seed}
+            if strategy == "ciil":
+                seeded["local_epochs"] = s.ciil_epochs
+            order = shuffled(inside, seed)
+            what = (
+                f"{s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit"
+                if strategy == "ciil"
+                else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
+            )
+            console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
+            res = run_strategy(
+                fed,
+                seeded,
+                s.out / f"{strategy}-seed{seed}",
+                RunOptions(
+                    strategy=strategy,  # type: ignore[arg-type]
+                    rounds=s.ciil_cycles,
+                    order=order,
+                    patience=s.patience,
+                    max_epochs=s.max_epochs,
+                    # Per-visit evaluation of 10 sites is what makes IIL/CIIL slow; quick mode
+                    # evaluates the final model only.
+                    evaluate=s.eval_every_round,
+                    reseed_rounds=True,
+                    run_id=f"{strategy}-s{seed}",
+                ),
+                initial_weights=initial_weights(seeded),
+                reporter=reporter,
+            )
+            summary = summarise_run(res.doc)
+            summary["seed"], summary["order"] = seed, order
+            finish(name, res, summary)
+            methods[name].append(summary)
+            save_partial(s, methods)
+            console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s)")
+
     return methods
+
+
+def save_partial(s: Settings, methods: dict[str, Any]) -> None:
+    """The methods finished so far, so that an interrupted run keeps what it measured."""
+    (s.out / "methods.partial.json").write_text(json.dumps(methods, indent=2) + "\n")
 
 
 def _curve(curve: Sequence[tuple[int, float | None]]) -> str:
