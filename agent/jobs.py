@@ -10,24 +10,27 @@ event ("round.running", "evaluation.completed", ...). Because each move names th
 it may come from, the API process and the worker process can race (a cancel against a
 completion, a restart against a late write) and exactly one of them wins.
 
-Training never runs in the API process: `JobRunner` starts one worker at a time with
-`python -m agent.jobs worker`, hands it the config and the job id on stdin (so that no
-secret shows in the process list), and watches it. The worker loads the plan and the
-weights from disk, trains on the local data, writes progress to the database, sends the
-update through the egress gate and records the result. A crash of the worker therefore
-fails one round and never the API; a dead agent takes its worker with it (parent-death
-signal plus a watchdog), and on restart a round left running becomes `interrupted`.
+Training never runs in the API process: `JobRunner` keeps one worker process
+(`python -m agent.jobs worker`), hands it one job at a time as a line on its stdin (config
+and job id, so that no secret shows in the process list) and watches it. The worker loads
+the plan and the weights from disk, trains on the local data, writes progress to the
+database, sends the update through the egress gate, records the result and answers with a
+line on its stdout. A crash of the worker therefore fails one round and never the API (the
+next job gets a fresh worker); a dead agent takes its worker with it (parent-death signal
+plus a watchdog), and on restart a round left running becomes `interrupted`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import json
 import logging
 import math
 import os
 import re
+import select as io_select
 import signal
 import subprocess
 import sys
@@ -37,7 +40,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -392,7 +395,16 @@ def config_for_worker(cfg: AgentConfig) -> dict[str, Any]:
 
 
 class JobRunner:
-    """Runs queued jobs one at a time, each in its own worker process, and watches it."""
+    """Runs queued jobs one at a time in a long-lived worker process, and watches it.
+
+    The worker is started ahead of the first job and then takes one job after another:
+    importing torch and MONAI costs seconds of CPU, which a federation of short rounds
+    (an evaluation every round) would otherwise pay per job. A worker that crashed, or had
+    to be stopped for a cancel that it did not honour, an overrun or a shutdown, is
+    replaced by a fresh one; after `max_jobs_per_worker` jobs it is retired as well, so
+    that whatever a long run accumulates in one process (allocator fragmentation, caches)
+    is bounded.
+    """
 
     def __init__(
         self,
@@ -404,19 +416,26 @@ class JobRunner:
         poll_s: float = 0.2,
         worker_command: list[str] | None = None,
         prestart_worker: bool = True,
+        max_jobs_per_worker: int = 50,
     ) -> None:
+        if max_jobs_per_worker < 1:
+            raise ValueError("max_jobs_per_worker must be at least 1")
         self.cfg = cfg
         self.store = store
         self.cancel_grace_s = cancel_grace_s
         self.kill_grace_s = kill_grace_s
         self.poll_s = poll_s
         self.worker_command = worker_command or [sys.executable, "-m", "agent.jobs", "worker"]
+        self.prestart_worker = prestart_worker
+        self.max_jobs_per_worker = max_jobs_per_worker
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: tuple[int, subprocess.Popen[bytes]] | None = None
-        self._standby: subprocess.Popen[bytes] | None = None
-        self.prestart_worker = prestart_worker
+        self._worker: subprocess.Popen[bytes] | None = None
+        self._worker_jobs = 0
+        self._replies = bytearray()  # what the worker wrote that is not yet read as a line
+        self.workers_started = 0
 
     @property
     def current_job_id(self) -> int | None:
@@ -443,11 +462,12 @@ class JobRunner:
             self._thread = None
 
     def _loop(self) -> None:
-        self._prestart()
+        if self.prestart_worker:
+            self._ensure_worker_quietly()
         try:
             self._schedule()
         finally:
-            self._release_standby()
+            self._retire_worker()
 
     def _schedule(self) -> None:
         while not self._stopping.is_set():
@@ -463,8 +483,10 @@ class JobRunner:
                 continue
             try:
                 self._run(job)
-                if self._standby is None:
-                    self._prestart()
+                if self._worker is not None and self._worker_jobs >= self.max_jobs_per_worker:
+                    self._retire_worker()
+                if self.prestart_worker:
+                    self._ensure_worker_quietly()
             except Exception:
                 log.exception("the scheduler failed while running %s %s", job.kind, job.round_id)
                 with contextlib.suppress(Exception):
@@ -472,59 +494,79 @@ class JobRunner:
                         job.id, FAILED, actor="agent", fields={"error": "internal error in the job scheduler"}
                     )
 
-    def _start_process(self) -> subprocess.Popen[bytes]:
+    def _ensure_worker(self) -> subprocess.Popen[bytes]:
+        proc = self._worker
+        if proc is not None and proc.poll() is None:
+            return proc
         # Own session: a Ctrl-C or a signal to the agent's process group is the agent's to
-        # handle; the worker is stopped by the runner (or dies with the agent).
-        return subprocess.Popen(self.worker_command, stdin=subprocess.PIPE, start_new_session=True)
+        # handle; the worker is stopped by the runner (or dies with the agent). Its stdout
+        # carries only the protocol (the worker moves its own prints to stderr).
+        proc = subprocess.Popen(
+            self.worker_command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+        )
+        self._worker, self._worker_jobs, self._replies = proc, 0, bytearray()
+        self.workers_started += 1
+        return proc
 
-    def _prestart(self) -> None:
-        """Start the next worker ahead: it loads its libraries and then waits for a job."""
-        if not self.prestart_worker or self._stopping.is_set():
+    def _ensure_worker_quietly(self) -> None:
+        if self._stopping.is_set():
             return
         try:
-            self._standby = self._start_process()
+            self._ensure_worker()
         except OSError:
-            log.exception("could not start a standby worker process")
-            self._standby = None
+            log.exception("could not start the worker process")
 
-    def _release_standby(self) -> None:
-        proc, self._standby = self._standby, None
+    def _retire_worker(self) -> None:
+        """End the idle worker: end of input tells it to exit; it is killed if it does not."""
+        proc, self._worker = self._worker, None
         if proc is None:
             return
         with contextlib.suppress(OSError):
             if proc.stdin is not None:
-                proc.stdin.close()  # end of input without a job: the worker exits
+                proc.stdin.close()
         try:
             proc.wait(timeout=self.kill_grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
-    def _spawn(self, job: JobView) -> subprocess.Popen[bytes]:
+    def _discard_worker(self, proc: subprocess.Popen[bytes]) -> int:
+        """Kill a worker whose state is unknown (crashed, stopped mid-job) and reap it."""
+        if self._worker is proc:
+            self._worker = None
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
+        return code
+
+    def _hand_over(self, job: JobView) -> subprocess.Popen[bytes]:
         spec = json.dumps(
             {"config": config_for_worker(self.cfg), "job_id": job.id, "parent_pid": os.getpid()}
         )
-        proc, self._standby = self._standby, None
         for attempt in range(2):
-            if proc is None or proc.poll() is not None:
-                proc = self._start_process()
+            proc = self._ensure_worker()
             try:
                 assert proc.stdin is not None
-                proc.stdin.write(spec.encode())
-                proc.stdin.close()
+                proc.stdin.write(spec.encode() + b"\n")
+                proc.stdin.flush()
+                self._worker_jobs += 1
                 return proc
             except OSError:
+                self._discard_worker(proc)
                 if attempt == 1:
                     raise
-                log.warning("the standby worker was gone; starting a new one")
-                with contextlib.suppress(OSError):
-                    proc.kill()
-                proc = None
+                log.warning("the worker process was gone; starting a new one")
         raise AssertionError("unreachable")
 
     def _run(self, job: JobView) -> None:
         try:
-            proc = self._spawn(job)
+            proc = self._hand_over(job)
         except OSError as exc:
             self.store.transition(
                 job.id, FAILED, actor="agent", fields={"error": f"could not start the worker process: {exc}"}
@@ -534,14 +576,15 @@ class JobRunner:
         self.store.set_worker_pid(job.id, proc.pid)
         started = time.monotonic()
         reason: str | None = None
+        code: int | None = None
         terminate_at = kill_at = math.inf
         try:
             while True:
-                try:
-                    code = proc.wait(timeout=self.poll_s)
+                if self._job_done(proc, job.id):
                     break
-                except subprocess.TimeoutExpired:
-                    pass
+                if proc.poll() is not None:
+                    code = self._discard_worker(proc)
+                    break
                 now = time.monotonic()
                 if reason is None:
                     reason = self._stop_reason(job.id, now - started)
@@ -559,6 +602,42 @@ class JobRunner:
             self._current = None
         self._finish(job, code, reason)
 
+    def _job_done(self, proc: subprocess.Popen[bytes], job_id: int) -> bool:
+        """True once the worker reports `job_id` finished; waits up to `poll_s` for it."""
+        line = self._read_reply(proc)
+        if line is None:
+            return False
+        try:
+            done = json.loads(line).get("done")
+        except (ValueError, AttributeError):
+            done = None
+        if done != job_id:
+            log.warning("unexpected message from the worker: %r", line[:200])
+            return False
+        return True
+
+    def _read_reply(self, proc: subprocess.Popen[bytes]) -> bytes | None:
+        """One line from the worker's stdout, or None if none came within `poll_s`.
+
+        Reads the pipe's file descriptor directly: a buffered reader could pull the
+        reply into its buffer behind another line, where `select` no longer sees it.
+        """
+        if b"\n" not in self._replies and proc.stdout is not None:
+            fd = proc.stdout.fileno()
+            ready, _, _ = io_select.select([fd], [], [], self.poll_s)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    # End of output: the worker is exiting; its exit status tells why.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=self.kill_grace_s)
+                self._replies += chunk
+        if b"\n" not in self._replies:
+            return None
+        line, _, rest = bytes(self._replies).partition(b"\n")
+        self._replies = bytearray(rest)
+        return line
+
     def _stop_reason(self, job_id: int, elapsed: float) -> str | None:
         if self._stopping.is_set():
             return "shutdown"
@@ -569,7 +648,8 @@ class JobRunner:
             return "cancel"
         return None
 
-    def _finish(self, job: JobView, code: int, reason: str | None) -> None:
+    def _finish(self, job: JobView, code: int | None, reason: str | None) -> None:
+        """Record what the worker did not: a stop, an overrun, a crash (`code` is its exit)."""
         state = self.store.status_of(job.id)
         if state is not None and state[0] == RUNNING:
             if reason == "cancel":
@@ -593,6 +673,13 @@ class JobRunner:
                     actor="agent",
                     fields={"error": "the agent was shut down while this job was running; start a new round"},
                     details={"reason": "agent shutdown"},
+                )
+            elif code is None:
+                self.store.transition(
+                    job.id,
+                    FAILED,
+                    actor="agent",
+                    fields={"error": "the worker process finished without recording a result"},
                 )
             else:
                 self.store.transition(
@@ -756,62 +843,114 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: Any, job: Jo
     )
 
 
-def worker_main(spec: dict[str, Any]) -> int:
-    """Run the job of `spec` (written by `JobRunner._spawn`) in this worker process."""
-    if os.getppid() != int(spec["parent_pid"]):
-        return 3
-    cfg = AgentConfig.model_validate(spec["config"])
-    logging.basicConfig(
-        level=cfg.log_level,
-        format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from agent.training.engine import Cancelled
+class Worker:
+    """The worker process's side: one job at a time, as the runner hands them over.
 
-    load_all_models()
-    db = Database(cfg.db_url)
-    audit = AuditLog(db)
-    store = JobStore(db, audit)
-    job = store.get_by_id(int(spec["job_id"]))
-    if job is None or job.status != RUNNING:
-        log.warning("job %s is not running; nothing to do", spec["job_id"])
-        return 0
-    redact = Redactor()
-    try:
-        from agent.data.catalog import dataset_items
+    The database handle is opened with the first job and kept: every job of one agent
+    names the same database.
+    """
 
-        redact = Redactor.for_items(dataset_items(db, job.dataset), [d.root for d in cfg.datasets])
-    except Exception:
-        log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
+    def __init__(self) -> None:
+        self._db: Database | None = None
+        self._logging = False
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None
+
+    def _database(self, url: str) -> Database:
+        if self._db is not None and self._db.url != url:
+            self.close()
+        if self._db is None:
+            load_all_models()
+            self._db = Database(url)
+        return self._db
+
+    def run(self, spec: dict[str, Any]) -> None:
+        """Run the job of `spec` (written by `JobRunner._hand_over`); never raises for a job's fault."""
+        cfg = AgentConfig.model_validate(spec["config"])
+        if not self._logging:
+            logging.basicConfig(
+                level=cfg.log_level,
+                format=f"%(asctime)s %(levelname)s worker[{os.getpid()}] %(name)s: %(message)s",
+                stream=sys.stderr,
+            )
+            self._logging = True
+        from agent.training.engine import Cancelled
+
+        db = self._database(cfg.db_url)
+        audit = AuditLog(db)
+        store = JobStore(db, audit)
+        job = store.get_by_id(int(spec["job_id"]))
+        if job is None or job.status != RUNNING:
+            log.warning("job %s is not running; nothing to do", spec["job_id"])
+            return
+        redact = Redactor()
+        try:
+            from agent.data.catalog import dataset_items
+
+            redact = Redactor.for_items(dataset_items(db, job.dataset), [d.root for d in cfg.datasets])
+        except Exception:
+            log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
+        try:
+            run_job(cfg, db, store, audit, job)
+        except Cancelled:
+            store.transition(job.id, CANCELLED, actor="worker", details={"reason": "cancel requested"})
+        except Exception as exc:
+            log.error("%s %s failed:\n%s", job.kind, job.round_id, redact(traceback.format_exc()))
+            store.transition(job.id, FAILED, actor="worker", fields={"error": public_error(exc, redact)})
+        finally:
+            # The next job starts from a clean slate: no tensors of this one kept alive.
+            gc.collect()
+            _release_accelerator_memory()
+
+
+def _release_accelerator_memory() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
+    """Take job specs, one JSON line each, until end of input; answer each with a line."""
+    worker = Worker()
     try:
-        run_job(cfg, db, store, audit, job)
-    except Cancelled:
-        store.transition(job.id, CANCELLED, actor="worker", details={"reason": "cancel requested"})
-    except Exception as exc:
-        log.error("%s %s failed:\n%s", job.kind, job.round_id, redact(traceback.format_exc()))
-        store.transition(job.id, FAILED, actor="worker", fields={"error": public_error(exc, redact)})
+        while True:
+            line = jobs.readline()
+            if not line:
+                return 0  # end of input: the agent retired this worker
+            if not line.strip():
+                continue
+            spec = json.loads(line)
+            if int(spec["parent_pid"]) != parent_pid:
+                return 3
+            worker.run(spec)
+            replies.write(json.dumps({"done": int(spec["job_id"])}) + "\n")
+            replies.flush()
     finally:
-        db.dispose()
-    return 0
+        worker.close()
 
 
 def main(argv: list[str]) -> int:
     if argv != ["worker"]:
-        sys.stderr.write("usage: python -m agent.jobs worker  (the job spec is read from stdin)\n")
+        sys.stderr.write("usage: python -m agent.jobs worker  (job specs are read from stdin)\n")
         return 2
-    _die_with_parent(os.getppid())
+    parent_pid = os.getppid()
+    _die_with_parent(parent_pid)
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
-    # Load the heavy libraries before waiting for a job, so that a standby worker starts
-    # its round at once.
+    # stdout is the channel back to the runner; a library that prints must not corrupt
+    # it, so fd 1 becomes stderr and the channel keeps a private copy of the pipe.
+    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    # Load the heavy libraries before waiting for a job, so that the first round starts
+    # at once.
     import agent.data.catalog
     import agent.exchange.egress
     import agent.training.engine  # noqa: F401
 
-    raw = sys.stdin.read()
-    if not raw.strip():
-        return 0  # released without a job (agent shutting down)
-    return worker_main(json.loads(raw))
+    return serve_jobs(sys.stdin, replies, parent_pid)
 
 
 if __name__ == "__main__":

@@ -27,11 +27,16 @@ def _db_path(config_path: Path) -> Path:
     return Path(load_config(config_path).db_url.removeprefix("sqlite:///"))
 
 
-def _worker_pid(db: Path, round_id: str) -> int:
-    with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT worker_pid FROM round_jobs WHERE round_id = ?", (round_id,)).fetchone()
-    assert row is not None and row[0], f"no worker recorded for {round_id}"
-    return int(row[0])
+def _worker_pid(db: Path, round_id: str, timeout: float = 30.0) -> int:
+    # The job turns `running` a moment before the scheduler records which worker took it.
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT worker_pid FROM round_jobs WHERE round_id = ?", (round_id,)).fetchone()
+        if row is not None and row[0]:
+            return int(row[0])
+        assert time.monotonic() < deadline, f"no worker recorded for {round_id}"
+        time.sleep(0.1)
 
 
 def _gone(pid: int, timeout: float = 15.0) -> bool:

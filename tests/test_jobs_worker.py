@@ -95,7 +95,19 @@ def test_a_killed_worker_fails_the_round_and_the_next_one_runs(service: SiteServ
 
     submit(service, "r-next")
     assert wait(service, "r-next", TERMINAL).status == "completed"
+    after = service.store.get("train", "r-next")
+    assert after is not None and after.worker_pid not in (None, job.worker_pid)
     assert service.audit.verify().ok
+
+
+def test_rounds_in_turn_share_one_worker_process(service: SiteService) -> None:
+    submit(service, "r-first")
+    assert wait(service, "r-first", TERMINAL).status == "completed"
+    submit(service, "r-second")
+    assert wait(service, "r-second", TERMINAL).status == "completed"
+    first, second = service.store.get("train", "r-first"), service.store.get("train", "r-second")
+    assert first is not None and second is not None
+    assert first.worker_pid is not None and first.worker_pid == second.worker_pid
 
 
 def test_a_round_over_its_time_limit_is_stopped(service: SiteService) -> None:
