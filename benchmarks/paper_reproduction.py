@@ -10,7 +10,7 @@ split and on the outside sites. All methods share the model, the plan and the ep
 N = R x E epochs over each site's data: R rounds of E local epochs (FL), N / C cycles of C
 epochs per visit (CIIL), N epochs over the pooled data (CDS); IIL trains at each site until
 the site's own validation Dice has not improved for `patience` epochs (at most N). N is
-chosen so that every method has converged: the CDS curve (separate runs of N/4, N/2 and N
+chosen so that every method has converged: the CDS curve (its models after N/4, N/2 and N
 epochs) and the FL/CIIL curves per round are in results.json and the PNG.
 
 Each round is a worker process at every agent (seconds of CPU start-up each), so run time
@@ -146,7 +146,7 @@ def budget_lines(s: Settings) -> list[str]:
     return [
         f"FL:   {s.rounds} rounds x {s.local_epochs} local epoch(s) = {n} epochs at every site",
         f"CIIL: {s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit = {n} epochs at every site",
-        f"CDS:  {n} epochs over the pooled training data (also trained for {n // 4} and {n // 2}: its curve)",
+        f"CDS:  {n} epochs over the pooled training data (its curve: the models after {n // 4} and {n // 2})",
         f"IIL:  one visit per site, until {s.patience} epochs without improvement, at most {s.max_epochs}",
     ]
 
@@ -313,24 +313,26 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
     console.rule(f"[bold]CDS: {n} epochs on the pooled training data, in this process")
     torch.set_num_threads(2)
     cpu0 = time.process_time()
+    # One run of N epochs; its models after N/4 and N/2 epochs give the curve that shows
+    # whether N epochs of pooled training have converged.
+    marks = sorted({max(1, n // 4), max(1, n // 2)} - {n})
+    pooled = train_pooled(
+        plan,
+        splits,
+        epochs=n,
+        initial=initial_weights(plan),
+        work_dir=s.out / "cds" / "work",
+        cache_dir=curve_cache,
+        progress=not s.quick,
+        snapshots=marks,
+    )
+    weights, info = pooled.weights, pooled.info
     curve: list[tuple[int, float | None]] = []
-    weights: dict[str, torch.Tensor] = {}
-    info: dict[str, Any] = {}
-    # Separate runs of N/4, N/2 and N epochs from the same start: the Dice curve that shows
-    # whether N epochs of pooled training have converged (each point a full CDS run).
-    for epochs in sorted({max(1, n // 4), max(1, n // 2), n}):
-        weights, info = train_pooled(
-            plan,
-            splits,
-            epochs=epochs,
-            initial=initial_weights(plan),
-            work_dir=s.out / "cds" / "work",
-            cache_dir=curve_cache,
-            progress=not s.quick,
-        )
-        dice = weighted_dice(evaluate_in_process(plan, weights, splits, curve_cache))
+    for epochs, snapshot in sorted({**pooled.snapshots, n: weights}.items()):
+        dice = weighted_dice(evaluate_in_process(plan, snapshot, splits, curve_cache))
         curve.append((epochs, dice))
-        console.print(f"CDS {epochs} epochs: Dice {_d(dice)} (in process, {info['duration_s']:.0f} s)")
+        console.print(f"CDS after {epochs} epochs: Dice {_d(dice)} (in process)")
+    console.print(f"CDS trained in {info['duration_s']:.0f} s")
     (s.out / "cds" / "cds.safetensors").write_bytes(encode(weights))
     clients = AgentClient.for_federation(fed)
     try:
@@ -350,7 +352,7 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             "per_site": {k: v.get("dice") for k, v in per_site.items()},
             "outside_per_site": {k: v.get("dice") for k, v in per_out.items()},
             "curve": curve,
-            "curve_source": "in process: separate CDS runs of the given numbers of epochs",
+            "curve_source": "in process: the CDS run's models after the given numbers of epochs",
             "cpu_s": round(time.process_time() - cpu0, 1),
             **info,
         }

@@ -28,6 +28,7 @@ from agent.config import load_config
 from agent.data.catalog import ItemRef, dataset_items, scan_datasets
 from agent.training.engine import EngineContext, evaluate, train_round
 from agent.training.plan import parse_plan
+from agent.training.registry import exchanged_state
 
 
 @dataclass
@@ -54,6 +55,13 @@ def site_splits(configs: Sequence[Path], dataset: str, db_dir: Path) -> list[Sit
     return out
 
 
+@dataclass
+class PooledResult:
+    weights: dict[str, torch.Tensor]
+    info: dict[str, Any]  # epochs, subjects, final training loss, duration (JSON-ready)
+    snapshots: dict[int, dict[str, torch.Tensor]]  # epoch -> weights after it
+
+
 def train_pooled(
     plan_doc: dict[str, Any],
     splits: Sequence[SiteSplit],
@@ -64,8 +72,13 @@ def train_pooled(
     cache_dir: Path,
     device: str = "cpu",
     progress: bool = True,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train the plan's model for EPOCHS epochs on the union of the sites' training items."""
+    snapshots: Sequence[int] = (),
+) -> PooledResult:
+    """Train the plan's model for EPOCHS epochs on the union of the sites' training items.
+
+    The weights after each epoch named in SNAPSHOTS are kept as well: one run gives the
+    learning curve.
+    """
     plan = parse_plan({**plan_doc, "local_epochs": epochs, "send": "weights", "init": "global"})
     train = [item for s in splits for item in s.train]
     t0 = time.monotonic()
@@ -77,15 +90,23 @@ def train_pooled(
                 file=sys.stderr,
             )
 
-    ctx = EngineContext(device=device, work_dir=work_dir, cache_dir=cache_dir, progress=show)
+    kept: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(epoch: int, model: torch.nn.Module) -> None:
+        if epoch in snapshots:
+            kept[epoch] = exchanged_state(model)
+
+    ctx = EngineContext(
+        device=device, work_dir=work_dir, cache_dir=cache_dir, progress=show, on_epoch_end=keep
+    )
     result = train_round(plan, initial, train, [], ctx)
-    info = {
+    info: dict[str, Any] = {
         "epochs": epochs,
         "num_train_subjects": len(train),
         "train_loss": result.metrics.get("train_loss"),
         "duration_s": round(time.monotonic() - t0, 3),
     }
-    return result.update, info
+    return PooledResult(result.update, info, kept)
 
 
 def evaluate_in_process(
@@ -135,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     every = site_splits(configs, plan_doc["dataset"], args.out / "catalog")
     # Sites outside the federation only test: their data never joins the pool.
     splits = [s for s in every if s.site not in outside]
-    weights, info = train_pooled(
+    pooled = train_pooled(
         plan_doc,
         splits,
         epochs=args.epochs,
@@ -143,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work_dir=args.out / "work",
         cache_dir=args.out / "cache",
     )
+    weights, info = pooled.weights, pooled.info
     (args.out / "cds.safetensors").write_bytes(encode(weights))
     per_site = evaluate_in_process(plan_doc, weights, splits, args.out / "cache")
     per_out = evaluate_in_process(

@@ -19,7 +19,7 @@ from agent.training.engine import (
     evaluate,
     train_round,
 )
-from agent.training.registry import expected_shapes
+from agent.training.registry import exchanged_state, expected_shapes
 
 LIMIT = 1 << 26
 
@@ -122,6 +122,29 @@ def test_same_seed_gives_identical_updates_and_diff_plus_global_is_weights(
         context(tmp_path, "d"),
     )
     assert not _equal(first.update, other_seed.update)
+
+
+def test_the_model_after_each_epoch_is_what_a_run_of_that_length_returns(
+    tmp_path: Path, items: tuple[list, list]
+) -> None:
+    plan = tiny_plan(optimizer={"name": "sgd", "lr": 0.05}, local_epochs=2)
+    start = initial_weights(plan)
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(epoch: int, model: torch.nn.Module) -> None:
+        seen[epoch] = exchanged_state(model)
+
+    two = train_round(plan, start, *items, context(tmp_path, "hook", on_epoch_end=keep))
+    one = train_round(
+        tiny_plan(optimizer={"name": "sgd", "lr": 0.05}, local_epochs=1),
+        start,
+        *items,
+        context(tmp_path, "one"),
+    )
+    assert sorted(seen) == [1, 2]
+    assert _equal(seen[1], one.update)
+    assert _equal(seen[2], two.update)
+    assert not _equal(seen[1], seen[2])
 
 
 def test_update_survives_the_wire(tmp_path: Path, items: tuple[list, list]) -> None:

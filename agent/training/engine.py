@@ -78,6 +78,10 @@ def _never() -> bool:
     return False
 
 
+def _no_epoch_hook(_epoch: int, _model: nn.Module) -> None:
+    return None
+
+
 @dataclass
 class EngineContext:
     device: str
@@ -85,6 +89,10 @@ class EngineContext:
     cache_dir: Path
     progress: Callable[[dict[str, Any]], None] = _no_progress
     should_stop: Callable[[], bool] = _never
+    # Called after every epoch with its number and the live model (copy what you keep, e.g.
+    # with `registry.exchanged_state`): one long run then yields its intermediate models,
+    # a learning curve without separate runs.
+    on_epoch_end: Callable[[int, nn.Module], None] = _no_epoch_hook
 
 
 @dataclass
@@ -437,6 +445,7 @@ def train_round(
                 else:
                     run.since_best += 1
             trainer.save_checkpoint(model, opt, scaler, run, tag)
+            ctx.on_epoch_end(epoch, model)
         if plan.optimizer.keep_state:
             _save_kept_state(plan, ctx, opt, model)
         if plan.early_stopping is not None and run.best_state is not None:
