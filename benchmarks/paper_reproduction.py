@@ -15,8 +15,8 @@ epochs) and the FL/CIIL curves per round are in results.json and the PNG.
 
 Every round costs a little fixed time at the agents (HTTP, weights in and out, a job in the
 agent's worker), so quick mode takes E = 10 local epochs per round (the study: 1). The
-agents evaluate the final models; the per-round curves of FL (in the full run: also at the
-agents after every round) and CIIL are computed in this process from the saved models.
+agents evaluate the final models; the per-round curves of FL and CIIL are computed in this
+process from the saved models (--eval-every-round: FL's at the agents as well).
 
     python -m benchmarks.paper_reproduction --quick   # scale 0.2, 1 seed
     python -m benchmarks.paper_reproduction           # the full split, 3 seeds for CIIL and IIL
@@ -94,12 +94,13 @@ QUICK = {
     "seeds": 1,
     "patience": 8,
     "samples": 8,
+    "batch_size": 8,
 }
 QUICK_LR = 1e-2
-# Full: the study's split at scale 1 (165 patients). Adam at 3e-3: at 1e-2 the pooled
-# model's validation Dice still swung by a few points from epoch to epoch at the end of
-# the budget, which made "% of CDS" a coin toss; at 3e-3 FL and CDS both level off within
-# the 100 epochs (the curves in results.json show it).
+# Full: the study's split at scale 1 (165 patients), every method once per seed. Adam at
+# 1e-3 and batch 16 (the default plan's): at 1e-2 / 3e-3 and batch 8 the pooled model's
+# validation Dice swung by several points between epochs, so that a single run's "% of
+# CDS" was mostly chance; here both FL and CDS level off well within the 100 epochs.
 FULL = {
     "size": 32,
     "rounds": 20,
@@ -108,8 +109,9 @@ FULL = {
     "seeds": 3,
     "patience": 8,
     "samples": 8,
+    "batch_size": 16,
 }
-FULL_LR = 3e-3
+FULL_LR = 1e-3
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -136,11 +138,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         patience=args.patience or base["patience"],
         max_epochs=args.max_epochs or rounds * epochs,
         samples_per_subject=args.samples_per_subject or base["samples"],
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or base["batch_size"],
         lr=args.lr or (QUICK_LR if quick else FULL_LR),
         extra_sites=2,
         data_seed=args.data_seed,
-        eval_every_round=args.eval_every_round if args.eval_every_round is not None else not quick,
+        eval_every_round=bool(args.eval_every_round),
     )
 
 
@@ -273,84 +275,100 @@ def curve_in_process(
     return out
 
 
-def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> dict[str, Any]:
-    plan = make_plan(s)
-    reporter: Reporter = QuietReporter(console) if s.quick else Reporter(console)
-    methods: dict[str, Any] = {}
-    inside = fed.names
-    splits = site_splits([x.config_path for x in layout.sites], plan["dataset"], s.out / "cds" / "catalog")
-    curve_cache = s.out / "cds" / "cache"
-    for line in budget_lines(s):
-        console.print(line)
+class MethodRunner:
+    """Runs each method of the comparison once per seed, against the running agents."""
 
-    def finish(name: str, res: Any, summary: dict[str, Any]) -> None:
-        if not summary["curve"] and name != "IIL":
-            summary["curve"] = curve_in_process(res.doc, res.out_dir, plan, splits, curve_cache)
+    def __init__(self, console: Console, s: Settings, fed: Federation, layout: Any) -> None:
+        self.console = console
+        self.s = s
+        self.fed = fed
+        self.plan = make_plan(s)
+        self.reporter: Reporter = QuietReporter(console) if s.quick else Reporter(console)
+        self.splits = site_splits(
+            [x.config_path for x in layout.sites], self.plan["dataset"], s.out / "cds" / "catalog"
+        )
+        self.cache = s.out / "cds" / "cache"
+
+    def seeded(self, seed: int) -> dict[str, Any]:
+        return {**self.plan, "seed": seed}
+
+    def curve_from_models(self, res: Any, summary: dict[str, Any]) -> None:
+        if not summary["curve"]:
+            summary["curve"] = curve_in_process(res.doc, res.out_dir, self.plan, self.splits, self.cache)
             summary["curve_source"] = "in process, from the saved global model of every round"
-        elif summary["curve"]:
+        else:
             summary["curve_source"] = "agents (POST /v1/evaluations)"
 
-    console.rule(f"[bold]FL (FedAvg): {s.rounds} rounds x {s.local_epochs} local epoch(s) at every site")
-    fl = run_strategy(
-        fed,
-        plan,
-        s.out / "fl",
-        RunOptions(
-            strategy="fedavg",
-            rounds=s.rounds,
-            evaluate=s.eval_every_round,
-            reseed_rounds=True,
-            run_id="fl",
-        ),
-        initial_weights=initial_weights(plan),
-        reporter=reporter,
-    )
-    methods["FL"] = [summarise_run(fl.doc)]
-    finish("FL", fl, methods["FL"][0])
-    save_partial(s, methods)
-    console.print(
-        f"FL: Dice {_d(methods['FL'][0]['inside'])} ({fl.doc['duration_s']:.0f} s); "
-        f"per round: {_curve(methods['FL'][0]['curve'])}"
-    )
-
-    n = s.epochs_per_site
-    console.rule(f"[bold]CDS: {n} epochs on the pooled training data, in this process")
-    torch.set_num_threads(2)
-    cpu0 = time.process_time()
-    # One run of N epochs; its models after N/4 and N/2 epochs give the curve that shows
-    # whether N epochs of pooled training have converged.
-    marks = sorted({max(1, n // 4), max(1, n // 2)} - {n})
-    pooled = train_pooled(
-        plan,
-        splits,
-        epochs=n,
-        initial=initial_weights(plan),
-        work_dir=s.out / "cds" / "work",
-        cache_dir=curve_cache,
-        progress=not s.quick,
-        snapshots=marks,
-    )
-    weights, info = pooled.weights, pooled.info
-    curve: list[tuple[int, float | None]] = []
-    for epochs, snapshot in sorted({**pooled.snapshots, n: weights}.items()):
-        dice = weighted_dice(evaluate_in_process(plan, snapshot, splits, curve_cache))
-        curve.append((epochs, dice))
-        console.print(f"CDS after {epochs} epochs: Dice {_d(dice)} (in process)")
-    console.print(f"CDS trained in {info['duration_s']:.0f} s")
-    (s.out / "cds" / "cds.safetensors").write_bytes(encode(weights))
-    clients = AgentClient.for_federation(fed)
-    try:
-        judge = Coordinator(
-            fed, plan, s.out / "cds", RunOptions(run_id="cds"), initial_weights=weights, clients=clients
+    def fl(self, seed: int) -> dict[str, Any]:
+        s = self.s
+        plan = self.seeded(seed)
+        what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
+        self.console.rule(f"[bold]FL (FedAvg) seed {seed}: {what}")
+        res = run_strategy(
+            self.fed,
+            plan,
+            s.out / f"fl-seed{seed}",
+            RunOptions(
+                strategy="fedavg",
+                rounds=s.rounds,
+                evaluate=s.eval_every_round,
+                reseed_rounds=True,
+                run_id=f"fl-s{seed}",
+            ),
+            initial_weights=initial_weights(plan),
+            reporter=self.reporter,
         )
+        summary = summarise_run(res.doc)
+        summary["seed"] = seed
+        self.curve_from_models(res, summary)
+        self.console.print(
+            f"FL seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s); "
+            f"per round: {_curve(summary['curve'])}"
+        )
+        return summary
+
+    def cds(self, seed: int) -> dict[str, Any]:
+        s, n = self.s, self.s.epochs_per_site
+        plan = self.seeded(seed)
+        self.console.rule(f"[bold]CDS seed {seed}: {n} epochs on the pooled training data, in this process")
+        torch.set_num_threads(2)
+        cpu0 = time.process_time()
+        # One run of N epochs; its models after N/4 and N/2 epochs give the curve that shows
+        # whether N epochs of pooled training have converged.
+        marks = sorted({max(1, n // 4), max(1, n // 2)} - {n})
+        out = s.out / f"cds-seed{seed}"
+        pooled = train_pooled(
+            plan,
+            self.splits,
+            epochs=n,
+            initial=initial_weights(plan),
+            work_dir=out / "work",
+            cache_dir=self.cache,
+            progress=not s.quick,
+            snapshots=marks,
+        )
+        weights = pooled.weights
+        curve: list[tuple[int, float | None]] = []
+        for epochs, snapshot in sorted({**pooled.snapshots, n: weights}.items()):
+            per_site = evaluate_in_process(plan, snapshot, self.splits, self.cache)
+            curve.append((epochs, weighted_dice(per_site)))
         data = encode(weights)
-        per_site, inside_dice = judge.evaluate_everywhere(data, "final")
-        per_out, outside_dice = judge.evaluate_everywhere(data, "final-out", fed.outside_names)
-    finally:
-        for c in clients.values():
-            c.close()
-    methods["CDS"] = [
-        {
+        (out / "cds.safetensors").write_bytes(data)
+        clients = AgentClient.for_federation(self.fed)
+        try:
+            opts = RunOptions(run_id=f"cds-s{seed}")
+            judge = Coordinator(self.fed, plan, out, opts, initial_weights=weights, clients=clients)
+            per_site, inside_dice = judge.evaluate_everywhere(data, "final")
+            per_out, outside_dice = judge.evaluate_everywhere(data, "final-out", self.fed.outside_names)
+        finally:
+            for c in clients.values():
+                c.close()
+        self.console.print(
+            f"CDS seed {seed}: Dice {_d(inside_dice)} (agents' evaluation; "
+            f"{pooled.info['duration_s']:.0f} s); curve {_curve(curve)}"
+        )
+        return {
+            "seed": seed,
             "inside": inside_dice,
             "outside": outside_dice,
             "per_site": {k: v.get("dice") for k, v in per_site.items()},
@@ -358,52 +376,67 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
             "curve": curve,
             "curve_source": "in process: the CDS run's models after the given numbers of epochs",
             "cpu_s": round(time.process_time() - cpu0, 1),
-            **info,
+            **pooled.info,
         }
-    ]
-    console.print(f"CDS: Dice {_d(inside_dice)} (agents' evaluation); curve {_curve(curve)}")
-    save_partial(s, methods)
 
-    for name, strategy in (("CIIL", "ciil"), ("IIL", "iil")):
-        methods[name] = []
-        for seed in s.seeds:
-            seeded = {**plan, "seed": seed}
-            if strategy == "ciil":
-                seeded["local_epochs"] = s.ciil_epochs
-            order = shuffled(inside, seed)
-            what = (
-                f"{s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit"
-                if strategy == "ciil"
-                else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
-            )
-            console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
-            res = run_strategy(
-                fed,
-                seeded,
-                s.out / f"{strategy}-seed{seed}",
-                RunOptions(
-                    strategy=strategy,  # type: ignore[arg-type]
-                    rounds=s.ciil_cycles,
-                    order=order,
-                    patience=s.patience,
-                    max_epochs=s.max_epochs,
-                    # Evaluating at 10 agents after each of the 10 visits per cycle would
-                    # cost more than the training; the agents evaluate the final model and
-                    # the curve comes from the saved models, evaluated in this process.
-                    evaluate=False,
-                    reseed_rounds=True,
-                    run_id=f"{strategy}-s{seed}",
-                ),
-                initial_weights=initial_weights(seeded),
-                reporter=reporter,
-            )
-            summary = summarise_run(res.doc)
-            summary["seed"], summary["order"] = seed, order
-            finish(name, res, summary)
-            methods[name].append(summary)
+    def incremental(self, strategy: str, seed: int) -> dict[str, Any]:
+        """CIIL or IIL with seed SEED: its own site order and plan seed."""
+        s = self.s
+        name = strategy.upper()
+        plan = self.seeded(seed)
+        if strategy == "ciil":
+            plan["local_epochs"] = s.ciil_epochs
+        order = shuffled(self.fed.names, seed)
+        what = (
+            f"{s.ciil_cycles} cycle(s) x {s.ciil_epochs} epoch(s) per visit"
+            if strategy == "ciil"
+            else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
+        )
+        self.console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
+        res = run_strategy(
+            self.fed,
+            plan,
+            s.out / f"{strategy}-seed{seed}",
+            RunOptions(
+                strategy=strategy,  # type: ignore[arg-type]
+                rounds=s.ciil_cycles,
+                order=order,
+                patience=s.patience,
+                max_epochs=s.max_epochs,
+                # Evaluating at 10 agents after each of the 10 visits per cycle would cost
+                # more than the training; the agents evaluate the final model and the curve
+                # comes from the saved models, evaluated in this process.
+                evaluate=False,
+                reseed_rounds=True,
+                run_id=f"{strategy}-s{seed}",
+            ),
+            initial_weights=initial_weights(plan),
+            reporter=self.reporter,
+        )
+        summary = summarise_run(res.doc)
+        summary["seed"], summary["order"] = seed, order
+        if strategy == "ciil":
+            self.curve_from_models(res, summary)
+        took = res.doc["duration_s"]
+        self.console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({took:.0f} s)")
+        return summary
+
+
+def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> dict[str, Any]:
+    """Every method once per seed; FL and CDS first, since the headline compares them."""
+    runner = MethodRunner(console, s, fed, layout)
+    for line in budget_lines(s):
+        console.print(line)
+    methods: dict[str, list[dict[str, Any]]] = {"FL": [], "CDS": [], "CIIL": [], "IIL": []}
+    for seed in s.seeds:
+        methods["FL"].append(runner.fl(seed))
+        save_partial(s, methods)
+        methods["CDS"].append(runner.cds(seed))
+        save_partial(s, methods)
+    for seed in s.seeds:
+        for strategy in ("ciil", "iil"):
+            methods[strategy.upper()].append(runner.incremental(strategy, seed))
             save_partial(s, methods)
-            console.print(f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s)")
-
     return methods
 
 
@@ -493,13 +526,11 @@ def plot(s: Settings, methods: dict[str, Any], rows: list[dict[str, Any]]) -> li
     def points(curve: Sequence[Sequence[Any]], per: int) -> list[tuple[float, float]]:
         return [(float(i * per), float(v)) for i, v in curve if isinstance(v, float)]
 
-    curves: dict[str, Sequence[tuple[float, float]]] = {
-        "FL": points(methods["FL"][0]["curve"], s.local_epochs)
-    }
-    for run in methods["CIIL"]:
-        if run["curve"]:
-            curves[f"CIIL seed {run['seed']}"] = points(run["curve"], s.ciil_epochs)
-    curves["CDS"] = points(methods["CDS"][0].get("curve") or [], 1)
+    curves: dict[str, Sequence[tuple[float, float]]] = {}
+    for name, per in (("FL", s.local_epochs), ("CIIL", s.ciil_epochs), ("CDS", 1)):
+        for run in methods[name]:
+            if run.get("curve"):
+                curves[f"{name} seed {run['seed']}"] = points(run["curve"], per)
     cds = rows[0]["inside"]["mean"]
     curve_png = plot_dice_curves(
         curves,
@@ -543,7 +574,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--out", type=Path, help="Output folder (default bench-out/paper or bench-out/paper-quick)."
     )
-    ap.add_argument("--seeds", type=int, help="Seeds for IIL and CIIL (their spread); default 3 (quick: 1).")
+    ap.add_argument(
+        "--seeds", type=int, help="Runs of every method, one per seed (their spread); default 3 (quick: 1)."
+    )
     ap.add_argument(
         "--rounds", type=int, help="FL rounds; the budget is rounds x local epochs per site (CDS: in all)."
     )
@@ -557,8 +590,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--eval-every-round",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="Evaluate FL at every agent after every round (default: on; quick: off, the curve "
-        "then comes from the saved models, evaluated in this process; CIIL always so).",
+        help="Evaluate FL at every agent after every round too (default: off; the curves come "
+        "from the saved models, evaluated in this process, for every method).",
     )
     ap.add_argument(
         "--scale", type=float, help="Fraction of the study's patients per site (default 1; quick 0.2)."
@@ -569,7 +602,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-epochs", type=int, help="IIL: most epochs at one site (default rounds x local epochs)."
     )
     ap.add_argument("--samples-per-subject", type=int, help="2D slices drawn per subject per epoch.")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, help="Slices per batch (default 16; quick 8).")
     ap.add_argument("--lr", type=float, help="Adam learning rate (default 3e-3; quick 1e-2).")
     ap.add_argument("--data-seed", type=int, default=0)
     return ap.parse_args(argv)

@@ -36,7 +36,7 @@ def test_quick_settings_share_one_epoch_budget() -> None:
     assert f"= {budget} epochs at every site" in lines[0] and f"= {budget} epochs at every site" in lines[1]
     assert f"CDS:  {budget} epochs" in lines[2]
     full = settings_from(parse_args([]))
-    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0 and full.eval_every_round
+    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0 and not full.eval_every_round
     assert full.ciil_cycles * full.ciil_epochs == full.epochs_per_site
 
 
