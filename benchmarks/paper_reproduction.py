@@ -27,6 +27,7 @@ Prints a table like the study's and a JSON summary; writes OUT/results.json and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -183,6 +184,24 @@ def _outside_sites_evaluate_everything(config: Path) -> None:
     config.write_text(text.replace("val_fraction: 0.25", "val_fraction: 0.95"))
 
 
+def fix_site_secret(config: Path, data_seed: int) -> None:
+    """Give a generated site a secret derived from the data seed, before its agent starts.
+
+    The secret keys the subject pseudonyms, and the pseudonyms pick each subject's split:
+    with the random secret an agent creates for itself, two runs on the same data would
+    validate on different subjects and differ by a few Dice points for that alone.
+    """
+    from agent.config import load_config
+
+    cfg = load_config(config)
+    path = cfg.site.secret_file or (cfg.work_dir / "site.secret")
+    if cfg.site.secret is not None:
+        raise RuntimeError(f"{config}: has an inline site.secret; expected a generated site")
+    digest = hashlib.sha256(f"fedsite-paper-reproduction:{data_seed}:{cfg.site.id}".encode()).hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(digest)
+
+
 def prepare(console: Console, s: Settings) -> Any:
     from agent.data.synthetic import generate_federation
 
@@ -202,6 +221,8 @@ def prepare(console: Console, s: Settings) -> Any:
     )
     for site in layout.outside:
         _outside_sites_evaluate_everything(site.config_path)
+    for site in layout.all_sites:
+        fix_site_secret(site.config_path, s.data_seed)
     console.print(f"generated in {time.monotonic() - t0:.0f} s under {layout.root}")
 
     # Static config tokens (hash in the config, token in the site's token file): one

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.paper_reproduction import (
     _outside_sites_evaluate_everything,
     budget_lines,
+    fix_site_secret,
     parse_args,
     scaled_split,
     settings_from,
@@ -79,3 +80,19 @@ def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
     assert "val_fraction: 0.95" in cfg.read_text()
     with pytest.raises(RuntimeError, match=r"expected 'val_fraction: 0\.25'"):
         _outside_sites_evaluate_everything(cfg)
+
+
+def test_generated_sites_get_a_secret_from_the_data_seed(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from agent.data.synthetic import generate_federation
+
+    layout = generate_federation(tmp_path / "data", sites=2, subjects_per_site=[3, 3], size=32, seed=0)
+    first, second = (x.config_path for x in layout.sites)
+    fix_site_secret(first, 0)
+    fix_site_secret(second, 0)
+    secret = load_config(first).site_secret()
+    assert secret != load_config(second).site_secret()
+    fix_site_secret(first, 0)
+    assert load_config(first).site_secret() == secret
+    fix_site_secret(first, 1)
+    assert load_config(first).site_secret() != secret
