@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 
 from agent.audit.chain import AuditLog
 from agent.audit.db import Database, open_database
+from agent.jobs import TRAIN, JobStore
 
 POSTGRES_ENV = "FEDSITE_TEST_POSTGRES_URL"
 DB_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -171,3 +172,18 @@ def fixture_db(db_url: str) -> Iterator[Database]:
 @pytest.fixture(name="audit_log")
 def fixture_audit_log(db: Database) -> AuditLog:
     return AuditLog(db)
+
+
+def queue_job(store: JobStore, round_id: str, kind: str = TRAIN) -> int:
+    """A queued job row with placeholder plan and paths, as the coordinator's token would create it."""
+    return store.create(
+        round_id=round_id,
+        kind=kind,
+        actor="token:coord",
+        dataset="brain",
+        plan_json="{}",
+        plan_hash="a" * 64,
+        weights_sha256=None,
+        weights_path=None,
+        job_dir="/nowhere",
+    ).id

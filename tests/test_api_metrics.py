@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import httpx
 from agent_fixtures import free_port, metric_value
-from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
+from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 from sqlalchemy import update
 
 from agent.api.metrics import AgentMetrics
@@ -16,25 +16,11 @@ from agent.audit.job_models import RoundJob
 from agent.jobs import COMPLETED, FAILED, RUNNING, JobStore
 
 
-def _job(store: JobStore, round_id: str, kind: str = "train") -> int:
-    return store.create(
-        round_id=round_id,
-        kind=kind,
-        actor="t",
-        dataset="brain",
-        plan_json="{}",
-        plan_hash="b" * 64,
-        weights_sha256=None,
-        weights_path=None,
-        job_dir="/x",
-    ).id
-
-
 def test_job_metrics_come_from_the_database(db: Database) -> None:
     store = JobStore(db, AuditLog(db))
-    done, slow, failed = _job(store, "a"), _job(store, "b"), _job(store, "c")
-    _job(store, "d")
-    _job(store, "e", kind="evaluate")
+    done, slow, failed = queue_job(store, "a"), queue_job(store, "b"), queue_job(store, "c")
+    queue_job(store, "d")
+    queue_job(store, "e", kind="evaluate")
     for job in (done, slow, failed):
         assert store.transition(job, RUNNING, actor="t")
     store.transition(done, COMPLETED, actor="t", fields={"update_nbytes": 1000})

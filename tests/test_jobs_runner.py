@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
+from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 
 from agent.audit.chain import AuditLog
 from agent.audit.db import Database
 from agent.config import AgentConfig, parse_config
-from agent.jobs import FAILED, TERMINAL, TRAIN, JobRunner, JobStore
+from agent.jobs import FAILED, TERMINAL, JobRunner, JobStore
 
 # Answers each job line; exits with 7 on a job whose id is in CRASH_ON.
 STAND_IN = r"""
@@ -39,20 +39,7 @@ def _config(tmp_path: Path, db_url: str) -> AgentConfig:
 
 
 def _queue(store: JobStore, n: int) -> list[int]:
-    return [
-        store.create(
-            round_id=f"r{i}",
-            kind=TRAIN,
-            actor="token:coord",
-            dataset="brain",
-            plan_json="{}",
-            plan_hash="a" * 64,
-            weights_sha256=None,
-            weights_path=None,
-            job_dir="/nowhere",
-        ).id
-        for i in range(n)
-    ]
+    return [queue_job(store, f"r{i}") for i in range(n)]
 
 
 def _run_all(runner: JobRunner, store: JobStore, ids: list[int], timeout: float = 60) -> None:

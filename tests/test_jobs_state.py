@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from db_fixtures import fixture_db, fixture_db_url  # noqa: F401
+from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 
 from agent.audit.chain import AuditLog
 from agent.audit.db import Database
@@ -33,23 +33,9 @@ def _store(db: Database) -> tuple[JobStore, AuditLog]:
     return JobStore(db, audit), audit
 
 
-def _create(store: JobStore, round_id: str, kind: str = TRAIN) -> int:
-    return store.create(
-        round_id=round_id,
-        kind=kind,
-        actor="token:coord",
-        dataset="brain",
-        plan_json="{}",
-        plan_hash="a" * 64,
-        weights_sha256=None,
-        weights_path=None,
-        job_dir="/nowhere",
-    ).id
-
-
 def test_transitions_follow_the_state_machine(db: Database) -> None:
     store, audit = _store(db)
-    job = _create(store, "r1")
+    job = queue_job(store, "r1")
     assert store.get(TRAIN, "r1").status == QUEUED  # type: ignore[union-attr]
     assert not store.transition(job, COMPLETED, actor="x")  # queued cannot complete
     assert not store.transition(job, INTERRUPTED, actor="x")
@@ -81,9 +67,9 @@ def test_transitions_follow_the_state_machine(db: Database) -> None:
 
 def test_queue_order_cancel_and_evaluation_ids(db: Database) -> None:
     store, audit = _store(db)
-    first = _create(store, "a")
-    second = _create(store, "b")
-    _create(store, "a", kind=EVALUATE)  # same id, other kind: its own job
+    first = queue_job(store, "a")
+    second = queue_job(store, "b")
+    queue_job(store, "a", kind=EVALUATE)  # same id, other kind: its own job
     assert store.count(QUEUED) == 3
     assert store.transition(second, CANCELLED, actor="token:coord")
     claimed = store.claim_next(actor="agent")
@@ -100,8 +86,8 @@ def test_queue_order_cancel_and_evaluation_ids(db: Database) -> None:
 
 def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> None:
     store, audit = _store(db)
-    running = _create(store, "run")
-    queued = _create(store, "wait")
+    running = queue_job(store, "run")
+    queued = queue_job(store, "wait")
     assert store.claim_next(actor="agent") is not None
     assert store.recover_after_restart() == ["run"]
     run_view, wait_view = store.get_by_id(running), store.get_by_id(queued)
