@@ -370,7 +370,7 @@ class MethodRunner:
         )
         weights = pooled.weights
         curve: list[tuple[int, float | None]] = []
-        for epochs, snapshot in sorted({**pooled.snapshots, n: weights}.items()):
+        for epochs, snapshot in sorted(pooled.snapshots.items()):
             per_site = evaluate_in_process(plan, snapshot, self.splits, self.cache)
             curve.append((epochs, weighted_dice(per_site)))
         data = encode(weights)
@@ -384,6 +384,8 @@ class MethodRunner:
         finally:
             for c in clients.values():
                 c.close()
+        # The final model's point is the agents' evaluation: same splits, same engine.
+        curve.append((n, inside_dice))
         self.console.print(
             f"CDS seed {seed}: Dice {_d(inside_dice)} (agents' evaluation; "
             f"{pooled.info['duration_s']:.0f} s); curve {_curve(curve)}"
@@ -395,7 +397,8 @@ class MethodRunner:
             "per_site": {k: v.get("dice") for k, v in per_site.items()},
             "outside_per_site": {k: v.get("dice") for k, v in per_out.items()},
             "curve": curve,
-            "curve_source": "in process: the CDS run's models after the given numbers of epochs",
+            "curve_source": "in process: the CDS run's models after N/4 and N/2 epochs; "
+            "the last point is the agents' evaluation of the final model",
             "cpu_s": round(time.process_time() - cpu0, 1),
             **pooled.info,
         }
