@@ -82,10 +82,19 @@ class LocalAgent:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Ask the agent to shut down (SIGTERM); kill it if it is not gone within TIMEOUT."""
+        self.request_stop()
+        self.finish_stop(time.monotonic() + timeout)
+
+    def request_stop(self) -> None:
+        """SIGTERM, without waiting: several agents then shut down at the same time."""
         if self.process.poll() is None:
             self._signal(signal.SIGTERM)
+
+    def finish_stop(self, deadline: float) -> None:
+        """Wait for the agent to exit until DEADLINE (monotonic), then kill what is left."""
+        if self.process.poll() is None:
             try:
-                self.process.wait(timeout=timeout)
+                self.process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.process.wait(timeout=30)
@@ -234,10 +243,15 @@ class LocalFederation:
             wait_healthy(agent, ready_timeout)
         return started
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop every agent: all are asked at once, so that their shutdowns overlap."""
         for agent in self.agents.values():
             with contextlib.suppress(Exception):
-                agent.stop()
+                agent.request_stop()
+        deadline = time.monotonic() + timeout
+        for agent in self.agents.values():
+            with contextlib.suppress(Exception):
+                agent.finish_stop(deadline)
 
     def __enter__(self) -> LocalFederation:
         return self

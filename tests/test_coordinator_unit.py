@@ -303,3 +303,51 @@ def test_client_reports_failed_round_with_its_error() -> None:
 
     with pytest.raises(AgentError, match="site-7: round r1 ended as failed: out of memory"):
         _client(httpx.MockTransport(handle)).wait("round", "r1", timeout=10)
+
+
+# -- local agents --------------------------------------------------------------------------
+
+# A stand-in agent: on SIGTERM it marks itself stopping, then exits 0 only once every agent
+# of the federation is stopping (exit 1 if that does not happen within 10 s).
+_STOPPING_AGENT = """
+import pathlib, signal, sys, time
+marks, me, n = pathlib.Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+def on_term(signum, frame):
+    (marks / me).touch()
+    deadline = time.monotonic() + 10
+    while len(list(marks.iterdir())) < n:
+        if time.monotonic() > deadline:
+            sys.exit(1)
+        time.sleep(0.05)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, on_term)
+(marks.parent / ("ready-" + me)).touch()
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_local_federation_stops_all_agents_at_once(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from coordinator.local import LocalAgent, LocalFederation
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    fed = LocalFederation(tmp_path / "logs")
+    names = ["a", "b", "c"]
+    for name in names:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOPPING_AGENT, str(marks), name, str(len(names))],
+            start_new_session=True,
+        )
+        fed.agents[name] = LocalAgent(name, tmp_path / "config.yaml", 0, proc, tmp_path / f"{name}.log")
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / f"ready-{n}").exists() for n in names):
+        assert time.monotonic() < deadline, "stand-in agents did not start"
+        time.sleep(0.05)
+    fed.stop(timeout=20)
+    # Each stand-in exits cleanly only if all were asked to stop before any was waited for.
+    assert {n: a.process.returncode for n, a in fed.agents.items()} == dict.fromkeys(names, 0)
