@@ -15,7 +15,9 @@ Training never runs in the API process: `JobRunner` keeps one worker process
 and job id, so that no secret shows in the process list) and watches it. The worker loads
 the plan and the weights from disk, trains on the local data, writes progress to the
 database, sends the update through the egress gate, records the result and answers with a
-line on its stdout. A crash of the worker therefore fails one round and never the API (the
+line on its stdout. Under `fedsite serve` on Linux the worker is forked from a server
+that already imported torch and MONAI (`agent.forkserver`), so a new worker costs no
+import. A crash of the worker therefore fails one round and never the API (the
 next job gets a fresh worker); a dead agent takes its worker with it (parent-death signal
 plus a watchdog), and on restart a round left running becomes `interrupted`.
 """
@@ -40,7 +42,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -49,6 +51,9 @@ from agent.audit.chain import AuditLog
 from agent.audit.db import Database, load_all_models
 from agent.audit.job_models import RoundJob, utcnow
 from agent.config import AgentConfig
+
+if TYPE_CHECKING:
+    from agent.forkserver import ForkServer
 
 log = logging.getLogger("fedsite.jobs")
 
@@ -394,6 +399,22 @@ def config_for_worker(cfg: AgentConfig) -> dict[str, Any]:
     return data
 
 
+class WorkerProcess(Protocol):
+    """What the runner needs of a worker: a `subprocess.Popen`, or a forked `ForkedWorker`."""
+
+    pid: int
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def kill(self) -> None: ...
+
+    def terminate(self) -> None: ...
+
+
 class JobRunner:
     """Runs queued jobs one at a time in a long-lived worker process, and watches it.
 
@@ -417,6 +438,7 @@ class JobRunner:
         worker_command: list[str] | None = None,
         prestart_worker: bool = True,
         max_jobs_per_worker: int = 50,
+        fork_server: ForkServer | None = None,
     ) -> None:
         if max_jobs_per_worker < 1:
             raise ValueError("max_jobs_per_worker must be at least 1")
@@ -428,11 +450,14 @@ class JobRunner:
         self.worker_command = worker_command or [sys.executable, "-m", "agent.jobs", "worker"]
         self.prestart_worker = prestart_worker
         self.max_jobs_per_worker = max_jobs_per_worker
+        # Owned: closed when the runner stops. Without one (or once it is gone) workers
+        # are started as `worker_command` subprocesses.
+        self.fork_server = fork_server
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._current: tuple[int, subprocess.Popen[bytes]] | None = None
-        self._worker: subprocess.Popen[bytes] | None = None
+        self._current: tuple[int, WorkerProcess] | None = None
+        self._worker: WorkerProcess | None = None
         self._worker_jobs = 0
         self._replies = bytearray()  # what the worker wrote that is not yet read as a line
         self.workers_started = 0
@@ -460,6 +485,9 @@ class JobRunner:
             if self._thread.is_alive():
                 log.error("the job scheduler did not stop within %.0f s", timeout_s)
             self._thread = None
+        if self.fork_server is not None:
+            self.fork_server.close()
+            self.fork_server = None
 
     def _loop(self) -> None:
         if self.prestart_worker:
@@ -494,19 +522,29 @@ class JobRunner:
                         job.id, FAILED, actor="agent", fields={"error": "internal error in the job scheduler"}
                     )
 
-    def _ensure_worker(self) -> subprocess.Popen[bytes]:
+    def _ensure_worker(self) -> WorkerProcess:
         proc = self._worker
         if proc is not None and proc.poll() is None:
             return proc
-        # Own session: a Ctrl-C or a signal to the agent's process group is the agent's to
-        # handle; the worker is stopped by the runner (or dies with the agent). Its stdout
-        # carries only the protocol (the worker moves its own prints to stderr).
-        proc = subprocess.Popen(
-            self.worker_command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
-        )
+        proc = self._spawn()
         self._worker, self._worker_jobs, self._replies = proc, 0, bytearray()
         self.workers_started += 1
         return proc
+
+    def _spawn(self) -> WorkerProcess:
+        if self.fork_server is not None:
+            try:
+                return self.fork_server.spawn()
+            except OSError as exc:
+                log.warning("forking a worker failed (%s); starting workers as subprocesses from now on", exc)
+                self.fork_server.close()
+                self.fork_server = None
+        # Own session: a Ctrl-C or a signal to the agent's process group is the agent's to
+        # handle; the worker is stopped by the runner (or dies with the agent). Its stdout
+        # carries only the protocol (the worker moves its own prints to stderr).
+        return subprocess.Popen(
+            self.worker_command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+        )
 
     def _ensure_worker_quietly(self) -> None:
         if self._stopping.is_set():
@@ -532,7 +570,7 @@ class JobRunner:
         if proc.stdout is not None:
             proc.stdout.close()
 
-    def _discard_worker(self, proc: subprocess.Popen[bytes]) -> int:
+    def _discard_worker(self, proc: WorkerProcess) -> int:
         """Kill a worker whose state is unknown (crashed, stopped mid-job) and reap it."""
         if self._worker is proc:
             self._worker = None
@@ -545,7 +583,7 @@ class JobRunner:
                     pipe.close()
         return code
 
-    def _hand_over(self, job: JobView) -> subprocess.Popen[bytes]:
+    def _hand_over(self, job: JobView) -> WorkerProcess:
         spec = json.dumps(
             {"config": config_for_worker(self.cfg), "job_id": job.id, "parent_pid": os.getpid()}
         )
@@ -595,14 +633,14 @@ class JobRunner:
                         kill_at = terminate_at + self.kill_grace_s
                 if now >= kill_at:
                     proc.kill()
-                elif now >= terminate_at and proc.returncode is None:
+                elif now >= terminate_at and proc.poll() is None:
                     proc.terminate()
                     terminate_at = math.inf
         finally:
             self._current = None
         self._finish(job, code, reason)
 
-    def _job_done(self, proc: subprocess.Popen[bytes], job_id: int) -> bool:
+    def _job_done(self, proc: WorkerProcess, job_id: int) -> bool:
         """True once the worker reports `job_id` finished; waits up to `poll_s` for it."""
         line = self._read_reply(proc)
         if line is None:
@@ -616,7 +654,7 @@ class JobRunner:
             return False
         return True
 
-    def _read_reply(self, proc: subprocess.Popen[bytes]) -> bytes | None:
+    def _read_reply(self, proc: WorkerProcess) -> bytes | None:
         """One line from the worker's stdout, or None if none came within `poll_s`.
 
         Reads the pipe's file descriptor directly: a buffered reader could pull the
@@ -932,6 +970,41 @@ def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
         worker.close()
 
 
+def _import_worker_libraries() -> None:
+    """Load what a job needs (torch, MONAI, the engine) before waiting for one."""
+    import agent.data.catalog
+    import agent.exchange.egress
+    import agent.training.engine  # noqa: F401
+
+
+def run_forked_worker(jobs_fd: int, replies_fd: int, agent_pid: int) -> int:
+    """A worker forked by `agent.forkserver`: the libraries are already imported."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+    replies = os.fdopen(replies_fd, "w", encoding="utf-8")
+    os.dup2(2, 1)  # stray prints go to the log, as in a subprocess worker
+    with os.fdopen(jobs_fd, "r", encoding="utf-8") as jobs:
+        return serve_jobs(jobs, replies, agent_pid)
+
+
+def start_fork_server() -> ForkServer | None:
+    """The fork server for `fedsite serve`, or None where forking is not safe here.
+
+    Call it before the process opens a database or starts a thread: the server is a fork
+    of this process, and so is every worker.
+    """
+    from agent import forkserver
+
+    if not forkserver.available():
+        return None
+    _import_worker_libraries()
+    try:
+        return forkserver.ForkServer.start(run_forked_worker)
+    except OSError as exc:
+        log.warning("could not start the worker fork server (%s); workers start as subprocesses", exc)
+        return None
+
+
 def main(argv: list[str]) -> int:
     if argv != ["worker"]:
         sys.stderr.write("usage: python -m agent.jobs worker  (job specs are read from stdin)\n")
@@ -944,12 +1017,8 @@ def main(argv: list[str]) -> int:
     # it, so fd 1 becomes stderr and the channel keeps a private copy of the pipe.
     replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)
-    # Load the heavy libraries before waiting for a job, so that the first round starts
-    # at once.
-    import agent.data.catalog
-    import agent.exchange.egress
-    import agent.training.engine  # noqa: F401
-
+    # Before waiting for a job, so that the first round starts at once.
+    _import_worker_libraries()
     return serve_jobs(sys.stdin, replies, parent_pid)
 
 

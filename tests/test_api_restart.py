@@ -39,6 +39,11 @@ def _worker_pid(db: Path, round_id: str, timeout: float = 30.0) -> int:
         time.sleep(0.1)
 
 
+def _ppid(pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces.
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
 def _gone(pid: int, timeout: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,6 +88,9 @@ def test_kill_9_mid_round_then_restart_then_sigterm(site: tuple[Path, dict[str, 
         with agent.client(tokens["coord"]) as c:
             _start_long_round(c, "r-killed")
         worker = _worker_pid(db, "r-killed")
+        # A fork of the agent's fork server (agent.forkserver), not a fresh interpreter.
+        server = _ppid(worker)
+        assert server != agent.process.pid and _ppid(server) == agent.process.pid
         agent.kill()
         assert _gone(worker), "the worker outlived its agent"
     finally:

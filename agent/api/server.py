@@ -50,6 +50,7 @@ def serve(
     import uvicorn
 
     from agent.api.app import create_app
+    from agent.jobs import start_fork_server
     from agent.service import SiteService
 
     try:
@@ -64,7 +65,9 @@ def serve(
     if port is not None:
         cfg.api.port = port
     configure_logging(cfg.log_level)
-    service = SiteService.open(cfg)
+    # Before the database is opened and any thread started: workers are forks of it.
+    fork_server = start_fork_server()
+    service = SiteService.open(cfg, runner_options={"fork_server": fork_server})
     app = create_app(service, scan_on_start=scan)
     scheme = "https" if cfg.api.tls is not None else "http"
     log.info("site %s: serving on %s://%s:%d", cfg.site.id, scheme, cfg.api.host, cfg.api.port)

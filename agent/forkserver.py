@@ -1,0 +1,237 @@
+"""Job workers forked from a process that has already imported torch and MONAI.
+
+A fresh `python -m agent.jobs worker` spends about 8 s of CPU importing torch and MONAI
+before it can train. The API process has imported them anyway (it validates plans and
+weights), so `fedsite serve` forks a small server right after its imports, before it opens
+the database or starts a thread, and every worker is a fork of that server: no interpreter
+start, no import, and the library pages are shared. Forking a process that has imported
+torch but not yet run an operation is what PyTorch's own DataLoader does with its workers.
+
+The server is single-threaded and does nothing but fork and reap. It answers on a Unix
+socket pair: "spawn" with the worker's two pipe ends (SCM_RIGHTS) gets the new pid back;
+when a worker ends, the server sends its exit code, since only a parent can read it. The
+server dies with the agent (PR_SET_PDEATHSIG), and a worker with the server, so a kill -9
+of the agent still takes its worker with it.
+
+Linux only: elsewhere (and whenever the server is gone) `JobRunner` starts workers as
+subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import IO
+
+log = logging.getLogger("fedsite.forkserver")
+
+_SPAWN = b"spawn"
+_PID, _EXIT = b"P", b"E"
+_REAP_EVERY_S = 0.2
+
+
+def available() -> bool:
+    """Forking is safe here: Linux, and this process still has a single Python thread."""
+    return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and threading.active_count() == 1
+
+
+class ForkServer:
+    """The API side: asks the server for workers and learns their exit codes."""
+
+    def __init__(self, sock: socket.socket, server_pid: int) -> None:
+        self._sock = sock
+        self.server_pid = server_pid
+        self._lock = threading.Lock()
+        self._exits: dict[int, int] = {}
+
+    @classmethod
+    def start(cls, run_worker: Callable[[int, int, int], int]) -> ForkServer:
+        """Fork the server. RUN_WORKER(jobs_fd, replies_fd, agent_pid) is what a worker runs."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        agent_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the server
+            ours.close()
+            code = 1
+            try:
+                code = _serve(theirs, agent_pid, run_worker)
+            finally:
+                os._exit(code)
+        theirs.close()
+        return cls(ours, pid)
+
+    def spawn(self) -> ForkedWorker:
+        """A new worker whose stdin and stdout are pipes to us; OSError if the server is gone."""
+        jobs_r, jobs_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        try:
+            with self._lock:
+                socket.send_fds(self._sock, [_SPAWN], [jobs_r, replies_w])
+                pid = None
+                while pid is None:
+                    pid = self._read_message(timeout=10.0, want_pid=True)
+        except BaseException:
+            for fd in (jobs_w, replies_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(jobs_r)
+            os.close(replies_w)
+        return ForkedWorker(self, pid, os.fdopen(jobs_w, "wb"), os.fdopen(replies_r, "rb"))
+
+    def exit_code(self, pid: int) -> int | None:
+        """The worker's exit code once the server has reaped it (negative: killed by that signal)."""
+        with self._lock:
+            while pid not in self._exits and self._read_message(timeout=0.0, want_pid=False) is not None:
+                pass
+            return self._exits.pop(pid, None)
+
+    def close(self) -> None:
+        """End the server: it sees end of input and exits; its idle workers follow."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(self.server_pid, 0)
+
+    def _read_message(self, *, timeout: float, want_pid: bool) -> int | None:
+        """Read one message (lock held). Exit reports are filed; a pid reply is returned."""
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            if want_pid:
+                raise OSError("the worker fork server did not answer")
+            return None
+        msg = self._sock.recv(64)
+        if not msg:
+            raise OSError("the worker fork server has exited")
+        kind, body = msg[:1], msg[1:]
+        if kind == _EXIT:
+            pid, code = struct.unpack("!ii", body)
+            self._exits[pid] = code
+            return -1 if not want_pid else None
+        if kind == _PID:
+            (pid,) = struct.unpack("!i", body)
+            if pid < 0:
+                raise OSError(f"the worker fork server could not fork: errno {-pid}")
+            return pid
+        raise OSError(f"unexpected message from the worker fork server: {msg!r}")
+
+
+class ForkedWorker:
+    """The parts of `subprocess.Popen` that `JobRunner` uses, for a worker the server forked."""
+
+    def __init__(self, server: ForkServer, pid: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.server = server
+        self.pid = pid
+        self.stdin: IO[bytes] | None = stdin
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = self.server.exit_code(self.pid)
+            except OSError:
+                # Server gone (it takes its workers along): whatever the worker was, it is dead.
+                self.returncode = -signal.SIGKILL
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            time.sleep(0.02)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _die_with(parent_pid: int) -> None:
+    """SIGKILL this process when its parent exits (Linux), and exit now if it already has."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def _serve(sock: socket.socket, agent_pid: int, run_worker: Callable[[int, int, int], int]) -> int:
+    _die_with(agent_pid)
+    # The server shares the agent's process group, so a Ctrl-C or a SIGTERM sent to the
+    # group reaches it too. It must outlive them: the agent still retires its worker on
+    # the way out, and only a server that is alive can reap that worker. It ends when the
+    # agent closes the socket or dies.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    server_pid = os.getpid()
+    while True:
+        ready, _, _ = select.select([sock], [], [], _REAP_EVERY_S)
+        _report_exits(sock)
+        if not ready:
+            continue
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 64, 2)
+        except OSError:
+            return 0
+        if not msg:
+            return 0  # the agent closed its end (or exited)
+        if msg != _SPAWN or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            continue
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            pid = -(exc.errno or 1)
+        if pid == 0:
+            code = 1
+            try:
+                sock.close()
+                os.setsid()  # a signal to the agent's process group is the agent's to handle
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                _die_with(server_pid)
+                code = run_worker(fds[0], fds[1], agent_pid)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.exception("the forked worker failed")
+            finally:
+                os._exit(code)
+        for fd in fds:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            sock.send(_PID + struct.pack("!i", pid))
+
+
+def _report_exits(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        with contextlib.suppress(OSError):
+            sock.send(_EXIT + struct.pack("!ii", pid, os.waitstatus_to_exitcode(status)))
