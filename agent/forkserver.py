@@ -13,8 +13,9 @@ when a worker ends, the server sends its exit code, since only a parent can read
 server dies with the agent (PR_SET_PDEATHSIG), and a worker with the server, so a kill -9
 of the agent still takes its worker with it.
 
-Linux only: elsewhere (and whenever the server is gone) `JobRunner` starts workers as
-subprocesses.
+Linux only, and only where workers will not use a GPU (CUDA does not survive a fork;
+see `agent.jobs.workers_may_use_gpu`): elsewhere, and whenever the server is gone,
+`JobRunner` starts workers as subprocesses.
 """
 
 from __future__ import annotations

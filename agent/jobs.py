@@ -987,15 +987,28 @@ def run_forked_worker(jobs_fd: int, replies_fd: int, agent_pid: int) -> int:
         return serve_jobs(jobs, replies, agent_pid)
 
 
-def start_fork_server() -> ForkServer | None:
+# Device nodes of NVIDIA (CUDA) and AMD (ROCm) GPUs.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
+def workers_may_use_gpu(device: str, device_nodes: Iterable[str] = GPU_DEVICE_NODES) -> bool:
+    """Whether a worker might train on a GPU, judged without asking torch.
+
+    CUDA does not survive a fork once initialised, and asking torch whether CUDA is there
+    initialises it; so with a GPU in sight workers start as fresh subprocesses.
+    """
+    return device != "cpu" and any(Path(node).exists() for node in device_nodes)
+
+
+def start_fork_server(device: str) -> ForkServer | None:
     """The fork server for `fedsite serve`, or None where forking is not safe here.
 
     Call it before the process opens a database or starts a thread: the server is a fork
-    of this process, and so is every worker.
+    of this process, and so is every worker. DEVICE is the config's `device`.
     """
     from agent import forkserver
 
-    if not forkserver.available():
+    if not forkserver.available() or workers_may_use_gpu(device):
         return None
     _import_worker_libraries()
     try:

@@ -11,6 +11,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,16 @@ def test_closing_the_server_ends_it(server: ForkServer) -> None:
     pid = server.server_pid
     server.close()
     assert not _alive(pid)
+
+
+def test_workers_are_not_forked_where_they_may_use_a_gpu(tmp_path: Path) -> None:
+    from agent.jobs import start_fork_server, workers_may_use_gpu
+
+    node = tmp_path / "nvidiactl"
+    assert not workers_may_use_gpu("auto", [str(node)])
+    node.touch()
+    assert workers_may_use_gpu("auto", [str(node)]) and workers_may_use_gpu("cuda", [str(node)])
+    # device: cpu never touches the GPU, whatever the machine has.
+    assert not workers_may_use_gpu("cpu", [str(node)])
+    if workers_may_use_gpu("cuda"):
+        assert start_fork_server("cuda") is None

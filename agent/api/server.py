@@ -66,7 +66,7 @@ def serve(
         cfg.api.port = port
     configure_logging(cfg.log_level)
     # Before the database is opened and any thread started: workers are forks of it.
-    fork_server = start_fork_server()
+    fork_server = start_fork_server(cfg.device)
     service = SiteService.open(cfg, runner_options={"fork_server": fork_server})
     app = create_app(service, scan_on_start=scan)
     scheme = "https" if cfg.api.tls is not None else "http"
