@@ -282,8 +282,8 @@ def curve_in_process(
 ) -> list[tuple[int, float | None]]:
     """Dice of every round's saved global model on the sites' validation splits, in this process.
 
-    With per-round evaluation at the agents off (quick mode: a worker process per site and
-    round), this still shows whether a run has converged. Same engine, same items: the
+    With per-round evaluation at the agents off (the default: it adds an evaluation job per
+    site and round), this still shows whether a run has converged. Same engine, same items: the
     catalog is scanned with each site's secret, so each subject is in the split its agent uses.
     """
     out: list[tuple[int, float | None]] = []
