@@ -21,6 +21,7 @@ see `agent.jobs.workers_may_use_gpu`): elsewhere, and whenever the server is gon
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import select
@@ -54,6 +55,7 @@ class ForkServer:
         self.server_pid = server_pid
         self._lock = threading.Lock()
         self._exits: dict[int, int] = {}
+        self._spawned: int | None = None  # the pid of the last spawn, once the server answers
 
     @classmethod
     def start(cls, run_worker: Callable[[int, int, int], int]) -> ForkServer:
@@ -78,9 +80,11 @@ class ForkServer:
         try:
             with self._lock:
                 socket.send_fds(self._sock, [_SPAWN], [jobs_r, replies_w])
-                pid = None
-                while pid is None:
-                    pid = self._read_message(timeout=10.0, want_pid=True)
+                self._spawned = None
+                while self._spawned is None:
+                    if not self._receive(timeout=10.0):
+                        raise OSError("the worker fork server did not answer")
+                pid = self._spawned
         except BaseException:
             for fd in (jobs_w, replies_r):
                 os.close(fd)
@@ -93,7 +97,7 @@ class ForkServer:
     def exit_code(self, pid: int) -> int | None:
         """The worker's exit code once the server has reaped it (negative: killed by that signal)."""
         with self._lock:
-            while pid not in self._exits and self._read_message(timeout=0.0, want_pid=False) is not None:
+            while pid not in self._exits and self._receive(timeout=0.0):
                 pass
             return self._exits.pop(pid, None)
 
@@ -104,13 +108,11 @@ class ForkServer:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(self.server_pid, 0)
 
-    def _read_message(self, *, timeout: float, want_pid: bool) -> int | None:
-        """Read one message (lock held). Exit reports are filed; a pid reply is returned."""
+    def _receive(self, *, timeout: float) -> bool:
+        """File one message from the server (lock held); False if none came within TIMEOUT."""
         ready, _, _ = select.select([self._sock], [], [], timeout)
         if not ready:
-            if want_pid:
-                raise OSError("the worker fork server did not answer")
-            return None
+            return False
         msg = self._sock.recv(64)
         if not msg:
             raise OSError("the worker fork server has exited")
@@ -118,13 +120,14 @@ class ForkServer:
         if kind == _EXIT:
             pid, code = struct.unpack("!ii", body)
             self._exits[pid] = code
-            return -1 if not want_pid else None
-        if kind == _PID:
+        elif kind == _PID:
             (pid,) = struct.unpack("!i", body)
             if pid < 0:
                 raise OSError(f"the worker fork server could not fork: errno {-pid}")
-            return pid
-        raise OSError(f"unexpected message from the worker fork server: {msg!r}")
+            self._spawned = pid
+        else:
+            raise OSError(f"unexpected message from the worker fork server: {msg!r}")
+        return True
 
 
 class ForkedWorker:
@@ -166,19 +169,21 @@ class ForkedWorker:
         self.send_signal(signal.SIGKILL)
 
 
-def _die_with(parent_pid: int) -> None:
-    """SIGKILL this process when its parent exits (Linux), and exit now if it already has."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent exits (Linux), and exit now if it already has.
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    Starts no thread: the fork server must stay single-threaded to fork safely.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(3)
 
 
 def _serve(sock: socket.socket, agent_pid: int, run_worker: Callable[[int, int, int], int]) -> int:
-    _die_with(agent_pid)
+    die_with_parent(agent_pid)
     # The server shares the agent's process group, so a Ctrl-C or a SIGTERM sent to the
     # group reaches it too. It must outlive them: the agent still retires its worker on
     # the way out, and only a server that is alive can reap that worker. It ends when the
@@ -212,7 +217,7 @@ def _serve(sock: socket.socket, agent_pid: int, run_worker: Callable[[int, int, 
                 os.setsid()  # a signal to the agent's process group is the agent's to handle
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                _die_with(server_pid)
+                die_with_parent(server_pid)
                 code = run_worker(fds[0], fds[1], agent_pid)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1

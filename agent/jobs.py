@@ -25,7 +25,6 @@ plus a watchdog), and on restart a round left running becomes `interrupted`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import logging
@@ -42,7 +41,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, Any, Protocol
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,9 +50,7 @@ from agent.audit.chain import AuditLog
 from agent.audit.db import Database, load_all_models
 from agent.audit.job_models import RoundJob, utcnow
 from agent.config import AgentConfig
-
-if TYPE_CHECKING:
-    from agent.forkserver import ForkServer
+from agent.forkserver import ForkServer, die_with_parent
 
 log = logging.getLogger("fedsite.jobs")
 
@@ -741,14 +738,11 @@ class JobRunner:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """If the agent dies (even by kill -9), its worker must not go on writing to the DB."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(3)
+    """If the agent dies (even by kill -9), its worker must not go on writing to the DB.
+
+    The parent-death signal where there is one, and a watchdog thread everywhere.
+    """
+    die_with_parent(parent_pid)
 
     def watch() -> None:
         while True:
@@ -977,14 +971,24 @@ def _import_worker_libraries() -> None:
     import agent.training.engine  # noqa: F401
 
 
-def run_forked_worker(jobs_fd: int, replies_fd: int, agent_pid: int) -> int:
-    """A worker forked by `agent.forkserver`: the libraries are already imported."""
+def _serve_as_worker(jobs: IO[str], replies_fd: int, agent_pid: int) -> int:
+    """The worker's life, once its pipes are in place: set up, then one job after another."""
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
+    # REPLIES_FD is the channel back to the runner; a library that prints must not corrupt
+    # it, so fd 1 becomes stderr (the log) and the channel is a descriptor of its own.
     replies = os.fdopen(replies_fd, "w", encoding="utf-8")
-    os.dup2(2, 1)  # stray prints go to the log, as in a subprocess worker
+    os.dup2(2, 1)
+    # Before waiting for a job, so that the first round starts at once (already done in
+    # a forked worker).
+    _import_worker_libraries()
+    return serve_jobs(jobs, replies, agent_pid)
+
+
+def run_forked_worker(jobs_fd: int, replies_fd: int, agent_pid: int) -> int:
+    """A worker forked by `agent.forkserver`, on the pipes the runner passed it."""
     with os.fdopen(jobs_fd, "r", encoding="utf-8") as jobs:
-        return serve_jobs(jobs, replies, agent_pid)
+        return _serve_as_worker(jobs, replies_fd, agent_pid)
 
 
 # Device nodes of NVIDIA (CUDA) and AMD (ROCm) GPUs.
@@ -1012,7 +1016,7 @@ def start_fork_server(device: str) -> ForkServer | None:
         return None
     _import_worker_libraries()
     try:
-        return forkserver.ForkServer.start(run_forked_worker)
+        return ForkServer.start(run_forked_worker)
     except OSError as exc:
         log.warning("could not start the worker fork server (%s); workers start as subprocesses", exc)
         return None
@@ -1024,15 +1028,8 @@ def main(argv: list[str]) -> int:
         return 2
     parent_pid = os.getppid()
     _die_with_parent(parent_pid)
-    with contextlib.suppress(OSError):
-        os.nice(WORKER_NICENESS)
-    # stdout is the channel back to the runner; a library that prints must not corrupt
-    # it, so fd 1 becomes stderr and the channel keeps a private copy of the pipe.
-    replies = os.fdopen(os.dup(1), "w", encoding="utf-8")
-    os.dup2(2, 1)
-    # Before waiting for a job, so that the first round starts at once.
-    _import_worker_libraries()
-    return serve_jobs(sys.stdin, replies, parent_pid)
+    # The runner reads replies from our stdout: keep a private copy of that pipe.
+    return _serve_as_worker(sys.stdin, os.dup(1), parent_pid)
 
 
 if __name__ == "__main__":
