@@ -320,15 +320,31 @@ class MethodRunner:
         else:
             summary["curve_source"] = "agents (POST /v1/evaluations)"
 
+    def run_over_agents(
+        self, label: str, plan: dict[str, Any], opts: RunOptions
+    ) -> tuple[Any, dict[str, Any]]:
+        """One strategy through the coordinator, results under OUT/<label>-seed<seed>; its summary."""
+        seed = int(plan["seed"])
+        res = run_strategy(
+            self.fed,
+            plan,
+            self.s.out / f"{label}-seed{seed}",
+            opts,
+            initial_weights=initial_weights(plan),
+            reporter=self.reporter,
+        )
+        summary = summarise_run(res.doc)
+        summary["seed"] = seed
+        return res, summary
+
     def fl(self, seed: int) -> dict[str, Any]:
         s = self.s
         plan = self.seeded(seed)
         what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
         self.console.rule(f"[bold]FL (FedAvg) seed {seed}: {what}")
-        res = run_strategy(
-            self.fed,
+        res, summary = self.run_over_agents(
+            "fl",
             plan,
-            s.out / f"fl-seed{seed}",
             RunOptions(
                 strategy="fedavg",
                 rounds=s.rounds,
@@ -336,11 +352,7 @@ class MethodRunner:
                 reseed_rounds=True,
                 run_id=f"fl-s{seed}",
             ),
-            initial_weights=initial_weights(plan),
-            reporter=self.reporter,
         )
-        summary = summarise_run(res.doc)
-        summary["seed"] = seed
         self.curve_from_models(res, summary)
         self.console.print(
             f"FL seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s); "
@@ -417,10 +429,9 @@ class MethodRunner:
             else f"one visit per site, patience {s.patience}, at most {s.max_epochs} epochs"
         )
         self.console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
-        res = run_strategy(
-            self.fed,
+        res, summary = self.run_over_agents(
+            strategy,
             plan,
-            s.out / f"{strategy}-seed{seed}",
             RunOptions(
                 strategy=strategy,  # type: ignore[arg-type]
                 rounds=s.ciil_cycles,
@@ -434,11 +445,8 @@ class MethodRunner:
                 reseed_rounds=True,
                 run_id=f"{strategy}-s{seed}",
             ),
-            initial_weights=initial_weights(plan),
-            reporter=self.reporter,
         )
-        summary = summarise_run(res.doc)
-        summary["seed"], summary["order"] = seed, order
+        summary["order"] = order
         if strategy == "ciil":
             self.curve_from_models(res, summary)
         took = res.doc["duration_s"]
