@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO
 
 log = logging.getLogger("fedsite.forkserver")
@@ -40,6 +40,7 @@ log = logging.getLogger("fedsite.forkserver")
 _SPAWN = b"spawn"
 _PID, _EXIT = b"P", b"E"
 _REAP_EVERY_S = 0.2
+_GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def available() -> bool:
@@ -62,14 +63,21 @@ class ForkServer:
         """Fork the server. RUN_WORKER(jobs_fd, replies_fd, agent_pid) is what a worker runs."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         agent_pid = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the server
-            ours.close()
-            code = 1
-            try:
-                code = _serve(theirs, agent_pid, run_worker)
-            finally:
-                os._exit(code)
+        # Held back across the fork, so that a signal to the group cannot kill the server
+        # before it has set them to be ignored (see `_serve`); here they are delivered
+        # (if any came) as soon as the mask is restored.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _GROUP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:  # the server
+                ours.close()
+                code = 1
+                try:
+                    code = _serve(theirs, agent_pid, run_worker, held)
+                finally:
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         theirs.close()
         return cls(ours, pid)
 
@@ -182,14 +190,21 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(3)
 
 
-def _serve(sock: socket.socket, agent_pid: int, run_worker: Callable[[int, int, int], int]) -> int:
+def _serve(
+    sock: socket.socket,
+    agent_pid: int,
+    run_worker: Callable[[int, int, int], int],
+    mask: Iterable[int],
+) -> int:
     die_with_parent(agent_pid)
     # The server shares the agent's process group, so a Ctrl-C or a SIGTERM sent to the
     # group reaches it too. It must outlive them: the agent still retires its worker on
     # the way out, and only a server that is alive can reap that worker. It ends when the
-    # agent closes the socket or dies.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # agent closes the socket or dies. Until now they were blocked; one that came is
+    # discarded as they are unblocked.
+    for sig in _GROUP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     server_pid = os.getpid()
     while True:
         ready, _, _ = select.select([sock], [], [], _REAP_EVERY_S)
