@@ -47,7 +47,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, load_all_models
+from agent.db.engine import Database
+from agent.tables import load_all_models
 from agent.audit.job_models import RoundJob, utcnow
 from agent.config import AgentConfig
 from agent.forkserver import ForkServer, die_with_parent

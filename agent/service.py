@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from agent import __version__
-from agent.audit.approvals import PlanNotApproved as _ApprovalRefused
-from agent.audit.approvals import check_plan_allowed
+from agent.access.approvals import PlanNotApproved as _ApprovalRefused
+from agent.access.approvals import check_plan_allowed
+from agent.access.tokens import TokenInfo, authenticate
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, open_database
-from agent.audit.tokens import TokenInfo, authenticate
 from agent.config import AgentConfig
 from agent.data.catalog import UnknownDataset, dataset_items, dataset_summaries, scan_datasets
+from agent.db.engine import Database, open_database
 from agent.exchange.codec import WeightError, decode_weights
 from agent.exchange.egress import EgressError, EgressGate
 from agent.jobs import (

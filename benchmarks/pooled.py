@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import yaml
 
-from agent.audit.db import open_database
 from agent.config import load_config
 from agent.data.catalog import ItemRef, dataset_items, scan_datasets
+from agent.db.engine import open_database
 from agent.training.engine import EngineContext, evaluate, train_round
 from agent.training.plan import parse_plan
 from agent.training.registry import exchanged_state

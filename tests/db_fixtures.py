@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, open_database
+from agent.db.engine import Database, open_database
 from agent.jobs import TRAIN, JobStore
 
 POSTGRES_ENV = "FEDSITE_TEST_POSTGRES_URL"

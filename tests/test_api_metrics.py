@@ -11,8 +11,8 @@ from sqlalchemy import update
 
 from agent.api.metrics import AgentMetrics
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database
 from agent.audit.job_models import RoundJob
+from agent.db.engine import Database
 from agent.jobs import COMPLETED, FAILED, RUNNING, JobStore
 
 

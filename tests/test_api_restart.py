@@ -17,8 +17,8 @@ import pytest
 from agent_fixtures import add_tokens, make_site, plan_text, start_agent, tiny_plan, wait_status
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import open_database
 from agent.config import load_config
+from agent.db.engine import open_database
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 

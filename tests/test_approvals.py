@@ -10,7 +10,7 @@ import yaml
 from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F401
 from typer.testing import CliRunner
 
-from agent.audit.approvals import (
+from agent.access.approvals import (
     ApprovalError,
     PlanNotApproved,
     approve_plan,
@@ -21,9 +21,9 @@ from agent.audit.approvals import (
     revoke_approval,
 )
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, open_database
 from agent.cli import app
 from agent.config import ApprovalConfig
+from agent.db.engine import Database, open_database
 
 H1 = "1" * 64
 H2 = "ab" * 32

@@ -11,9 +11,10 @@ import pytest
 from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F401
 from sqlalchemy import text
 
+from agent.access.models import ApiToken
 from agent.audit.chain import AuditError, AuditLog, canonical_json, event_hash, parse_anchor
-from agent.audit.db import Database, open_database
-from agent.audit.models import GENESIS_HASH, ApiToken
+from agent.audit.models import GENESIS_HASH
+from agent.db.engine import Database, open_database
 
 
 def test_append_links_each_event_to_the_previous(audit_log: AuditLog) -> None:
@@ -119,7 +120,7 @@ def test_a_failed_transaction_records_neither_change_nor_event(db: Database, aud
 
 
 def test_transaction_commits_state_and_event_together(db: Database, audit_log: AuditLog) -> None:
-    from agent.audit.db import utcnow
+    from agent.db.base import utcnow
 
     with audit_log.transaction() as tx:
         tx.session.add(

@@ -14,7 +14,9 @@ from db_fixtures import fixture_blank_db_url  # noqa: F401
 from sqlalchemy import inspect, text
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import Base, DatabaseError, alembic_config, load_all_models, open_database
+from agent.db.base import Base
+from agent.db.engine import DatabaseError, alembic_config, open_database
+from agent.tables import load_all_models
 
 
 def _diffs(url: str) -> list[Any]:
@@ -31,7 +33,7 @@ def _diffs(url: str) -> list[Any]:
 def test_migrations_match_models(blank_db_url: str) -> None:
     diffs = _diffs(blank_db_url)
     assert diffs == [], (
-        "the models differ from the Alembic revisions; write a revision (see agent/audit/migrations/env.py): "
+        "the models differ from the Alembic revisions; write a revision (see agent/db/migrations/env.py): "
         f"{diffs}"
     )
 

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from typer.testing import CliRunner
 
 from agent.audit.chain import AuditLog, canonical_json, event_hash
-from agent.audit.db import Database
 from agent.cli import app
+from agent.db.engine import Database
 
 N = 6
 

@@ -21,8 +21,6 @@ from data_catalog_fixtures import (
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from agent.audit.catalog_models import CatalogFile, CatalogItem
-from agent.audit.db import Base, Database, open_database
 from agent.data import catalog
 from agent.data.catalog import (
     CatalogError,
@@ -34,6 +32,9 @@ from agent.data.catalog import (
     scan_datasets,
     subject_key_for,
 )
+from agent.data.models import CatalogFile, CatalogItem
+from agent.db.base import Base
+from agent.db.engine import Database, open_database
 
 SUBJECTS = [f"PAT-{n:04d}" for n in (1201, 3402, 5603, 7804, 9005, 2306)]
 

@@ -13,7 +13,6 @@ import torch
 from data_catalog_fixtures import make_config, make_nifti_dataset, nifti_dataset_config, write_nifti
 from pydantic import ValidationError
 
-from agent.audit.db import open_database
 from agent.data import loading
 from agent.data.catalog import ItemRef, dataset_items, scan_datasets
 from agent.data.loading import (
@@ -24,6 +23,7 @@ from agent.data.loading import (
     load_preprocessed,
     preprocess_key,
 )
+from agent.db.engine import open_database
 
 SUBJECTS = [f"PAT-{n:04d}" for n in range(1, 6)]
 

@@ -180,7 +180,7 @@ def test_every_site_audit_chain_verifies_and_records_the_rounds(federation: Comp
         script = (
             "import json\n"
             "from agent.audit.chain import AuditLog\n"
-            "from agent.audit.db import open_database\n"
+            "from agent.db.engine import open_database\n"
             "from agent.config import load_config\n"
             f"cfg = load_config('/demo/sites/{site}/config.yaml')\n"
             "log = AuditLog(open_database(cfg.db_url))\n"
@@ -206,7 +206,7 @@ def test_agent_in_container_refuses_clients_without_the_coordinator_certificate(
     assert proc.stdout.strip() == "403 client certificate required"
     script = (
         "from agent.audit.chain import AuditLog\n"
-        "from agent.audit.db import open_database\n"
+        "from agent.db.engine import open_database\n"
         "from agent.config import load_config\n"
         "log = AuditLog(open_database(load_config('/demo/sites/site-1/config.yaml').db_url))\n"
         "events = log.find('api.refused')\n"

@@ -15,8 +15,8 @@ import pytest
 from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database
 from agent.config import AgentConfig, parse_config
+from agent.db.engine import Database
 from agent.jobs import FAILED, TERMINAL, JobRunner, JobStore
 
 # Answers each job line; exits with 7 on a job whose id is in CRASH_ON.

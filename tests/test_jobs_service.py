@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from agent_fixtures import GeneratedSite, make_site, tiny_plan
 
-from agent.audit.approvals import approve_plan
+from agent.access.approvals import approve_plan
 from agent.config import load_config
 from agent.exchange.codec import encode_weights
 from agent.jobs import COMPLETED, RUNNING

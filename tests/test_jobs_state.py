@@ -9,7 +9,7 @@ from pathlib import Path
 from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database
+from agent.db.engine import Database
 from agent.jobs import (
     CANCELLED,
     COMPLETED,

@@ -25,7 +25,6 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from agent.audit.chain import AuditLog
-from agent.audit.db import open_database
 from agent.certs import (
     TlsError,
     check_tls_files,
@@ -39,6 +38,7 @@ from agent.certs import (
 )
 from agent.cli import app as cli_app
 from agent.config import TlsConfig
+from agent.db.engine import open_database
 
 runner = CliRunner()
 

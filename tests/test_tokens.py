@@ -11,10 +11,7 @@ import yaml
 from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F401
 from typer.testing import CliRunner
 
-from agent.audit import tokens as tokens_mod
-from agent.audit.chain import AuditLog
-from agent.audit.db import Database, open_database
-from agent.audit.tokens import (
+from agent.access.tokens import (
     TokenError,
     TokenInfo,
     authenticate,
@@ -24,8 +21,11 @@ from agent.audit.tokens import (
     revoke_token,
     token_sha256,
 )
+from agent.access import tokens as tokens_mod
+from agent.audit.chain import AuditLog
 from agent.cli import app
 from agent.config import StaticToken
+from agent.db.engine import Database, open_database
 
 
 def _config(tmp_path: Path, db_url: str, **extra: object) -> Path:

@@ -17,8 +17,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.audit.db import Database
 from agent.audit.job_models import RoundJob
+from agent.db.engine import Database
 from agent.jobs import KINDS, STATUSES
 
 log = logging.getLogger("fedsite.metrics")

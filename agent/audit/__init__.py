@@ -1,1 +1,1 @@
-"""The audit database: SQLAlchemy models, the hash-chained audit log, migrations."""
+"""The hash-chained audit log: its tables, verify and export, and the `AuditSink` protocol everything else records through."""

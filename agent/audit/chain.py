@@ -35,8 +35,8 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from agent.audit.db import Database
 from agent.audit.models import GENESIS_HASH, AuditChainHead, AuditEvent
+from agent.db.engine import Database
 
 LOCK_NAME = "fedsite.audit_chain"
 MAX_DETAILS_CHARS = 64 * 1024

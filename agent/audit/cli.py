@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 import typer
 
-from agent.audit.approvals import (
+from agent.access.approvals import (
     ApprovalError,
     approve_plan,
     check_plan_hash,
@@ -30,10 +30,10 @@ from agent.audit.approvals import (
     parse_expiry,
     revoke_approval,
 )
+from agent.access.tokens import ROLES, TokenError, create_token, list_tokens, revoke_token
 from agent.audit.chain import AuditLog, parse_anchor
-from agent.audit.db import Database, DatabaseError, open_database, sqlite_file
-from agent.audit.tokens import ROLES, TokenError, create_token, list_tokens, revoke_token
 from agent.config import AgentConfig, ConfigError, load_config
+from agent.db.engine import Database, DatabaseError, open_database, sqlite_file
 from agent.fileio import atomic_file
 
 tokens_app = typer.Typer(help="Manage the REST API's bearer tokens.", no_args_is_help=True)

@@ -13,7 +13,7 @@ from datetime import datetime
 from sqlalchemy import Boolean, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from agent.audit.db import Base, UTCDateTime, utcnow
+from agent.db.base import Base, UTCDateTime, utcnow
 
 __all__ = ["RoundJob", "utcnow"]
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -42,10 +42,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from sqlalchemy import delete, insert, select
 
-from agent.audit.catalog_models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
-from agent.audit.db import Database
+from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, DatasetConfig
+from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
 from agent.data.volume import Volume, read_nifti_volume
+from agent.db.engine import Database
 
 Split = Literal["train", "val"]
 Fmt = Literal["nifti", "dicom"]
@@ -168,12 +169,6 @@ class ScanReport:
             ],
             "removed_datasets": list(self.removed_datasets),
         }
-
-
-class AuditSink(Protocol):
-    """What the scan needs from an audit log; `agent.audit.chain.AuditLog` fits."""
-
-    def append(self, action: str, *, actor: str, details: dict[str, Any]) -> Any: ...
 
 
 # ----------------------------------------------------------------------------- keys and hashes

@@ -14,9 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.audit.db import Database, DatabaseError, open_database
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.data.catalog import CatalogError, dataset_summaries, item_details, scan_datasets
+from agent.db.engine import Database, DatabaseError, open_database
 
 catalog_app = typer.Typer()
 

@@ -30,10 +30,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from agent.audit.sink import AuditSink
 from agent.config import EgressConfig
 from agent.exchange.codec import WeightError, check_names_and_shapes, encode_weights
 from agent.fileio import atomic_write_bytes
@@ -50,14 +51,6 @@ _ROUND_ID = re.compile(ROUND_ID_PATTERN)
 
 class EgressError(RuntimeError):
     """An update that must not leave, or a released file that no longer matches its record."""
-
-
-class AuditSink(Protocol):
-    """What the gate needs of the audit log (agent.audit.chain.AuditLog satisfies it)."""
-
-    def append(self, action: str, *, actor: str, details: dict[str, Any]) -> Any: ...
-
-    def find(self, action: str, **match: Any) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

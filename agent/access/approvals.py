@@ -15,9 +15,10 @@ from typing import Any
 
 from sqlalchemy import or_, select
 
+from agent.access.models import PlanApproval
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, utcnow
-from agent.audit.models import PlanApproval
+from agent.db.base import utcnow
+from agent.db.engine import Database
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_NOTE_CHARS = 1000

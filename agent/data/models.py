@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from agent.audit.db import Base, UTCDateTime
+from agent.db.base import Base, UTCDateTime
 
 
 class CatalogDataset(Base):

@@ -24,9 +24,10 @@ from typing import Literal, Protocol
 
 from sqlalchemy import select
 
+from agent.access.models import ApiToken
 from agent.audit.chain import AuditLog
-from agent.audit.db import Database, utcnow
-from agent.audit.models import ApiToken
+from agent.db.base import utcnow
+from agent.db.engine import Database
 
 Role = Literal["coordinator", "admin"]
 ROLES: tuple[Role, ...] = ("coordinator", "admin")

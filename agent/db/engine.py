@@ -1,12 +1,12 @@
 """The agent's database: engine, sessions and schema set-up.
 
 SQLite in WAL mode is the embedded default (one file in the work directory); any
-SQLAlchemy PostgreSQL URL works the same. All tables share one declarative `Base`; the
-models live in `agent.audit.models` (audit chain, tokens, plan approvals),
-`agent.audit.catalog_models` (dataset catalog) and `agent.audit.job_models` (rounds and
-evaluations). The schema is owned by the Alembic migrations in `agent/audit/migrations`,
-which `open_database` applies on start; `create_all` is never used, so a database always
-carries a known revision.
+SQLAlchemy PostgreSQL URL works the same. All tables share one declarative `Base`
+(`agent.db.base`); each table lives next to the code that owns it (`agent.tables` lists
+them). The schema is owned by the Alembic migrations in `agent/db/migrations`, which
+`open_database` applies on start; `create_all` is never used, so a database always carries
+a known revision. Nothing here imports the rest of the project: migrations are explicit
+revisions and need no model classes.
 """
 
 from __future__ import annotations
@@ -17,62 +17,19 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, create_engine, event, func, select
-from sqlalchemy.engine import Connection, Dialect, make_url
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-class Base(DeclarativeBase):
-    pass
-
-
 class DatabaseError(RuntimeError):
     """The database cannot be opened or migrated; the message names it (password hidden)."""
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A timestamp that is always timezone-aware UTC in Python, on SQLite and PostgreSQL alike.
-
-    SQLite keeps no time zone, so a plain `DateTime(timezone=True)` would come back naive
-    there and aware on PostgreSQL; comparing the two raises. Naive values are refused on the
-    way in, because guessing their zone is how expiry dates end up an hour off.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError(f"naive datetime {value.isoformat()} given; pass a timezone-aware one")
-        value = value.astimezone(UTC)
-        # SQLite stores the text as given; without the offset every row is UTC by construction.
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def load_all_models() -> None:
-    """Import every model module so that `Base.metadata` knows all tables."""
-    import agent.audit.catalog_models
-    import agent.audit.job_models
-    import agent.audit.models  # noqa: F401
 
 
 def safe_url(url: str) -> str:
@@ -300,7 +257,6 @@ def migrate(db: Database) -> None:
 
 def open_database(url: str) -> Database:
     """Open the database at URL and bring its schema up to date (Alembic `upgrade head`)."""
-    load_all_models()
     db = Database(url)
     try:
         migrate(db)

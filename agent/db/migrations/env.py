@@ -1,11 +1,11 @@
 """Alembic environment for the agent's database.
 
-At run time `agent.audit.db.open_database` hands Alembic an open connection (no alembic.ini
+At run time `agent.db.engine.open_database` hands Alembic an open connection (no alembic.ini
 is needed). To write a new revision after changing a model, bring a scratch SQLite database
 to head and let Alembic compare it with the models:
 
-    alembic -c agent/audit/alembic.ini upgrade head
-    alembic -c agent/audit/alembic.ini revision --autogenerate -m "what changed"
+    alembic -c agent/db/alembic.ini upgrade head
+    alembic -c agent/db/alembic.ini revision --autogenerate -m "what changed"
 
 `tests/test_audit_migrations.py` fails until the revisions match the models.
 """
@@ -18,10 +18,9 @@ from alembic import context
 from sqlalchemy import create_engine
 from sqlalchemy.types import TypeDecorator
 
-from agent.audit.db import Base, load_all_models
+from agent.tables import load_all_models
 
-load_all_models()
-target_metadata = Base.metadata
+target_metadata = load_all_models()
 
 
 def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
