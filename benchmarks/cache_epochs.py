@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.data.catalog import dataset_items, scan_datasets  # noqa: E402
 from agent.data.loading import DataSettings, build_train_loader  # noqa: E402
-from agent.data.synthetic import generate_federation  # noqa: E402
 from agent.db.engine import open_database  # noqa: E402
+from coordinator.demo_federation import generate_federation  # noqa: E402
 
 TARGET_RATIO = 10.0
 

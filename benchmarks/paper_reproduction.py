@@ -159,14 +159,14 @@ def budget_lines(s: Settings) -> list[str]:
 
 
 def scaled_split(scale: float) -> list[int]:
-    from agent.data.synthetic import PAPER_SPLIT
+    from coordinator.demo_federation import PAPER_SPLIT
 
     # At least 3 subjects per site: two to train on (a CIIL/IIL visit) and one to validate.
     return [max(3, round(n * scale)) for n in PAPER_SPLIT]
 
 
 def make_plan(s: Settings) -> dict[str, Any]:
-    from agent.data.synthetic import default_plan
+    from coordinator.demo_federation import default_plan
 
     plan = default_plan(size=s.size)
     plan["local_epochs"] = s.local_epochs
@@ -203,7 +203,7 @@ def fix_site_secret(config: Path, data_seed: int) -> None:
 
 
 def prepare(console: Console, s: Settings) -> Any:
-    from agent.data.synthetic import generate_federation
+    from coordinator.demo_federation import generate_federation
 
     counts = scaled_split(s.scale)
     console.rule(

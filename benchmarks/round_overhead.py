@@ -46,7 +46,8 @@ from safetensors.torch import save as st_save  # noqa: E402
 
 from agent.data.catalog import ItemRef  # noqa: E402
 from agent.data.loading import build_train_loader, iter_val_volumes  # noqa: E402
-from agent.data.synthetic import generate_subject, write_nifti_subject  # noqa: E402
+from agent.data.synthetic.subjects import generate_subject  # noqa: E402
+from agent.data.synthetic.writers import write_nifti_subject  # noqa: E402
 from agent.exchange.codec import decode_weights, encode_weights  # noqa: E402
 from agent.exchange.egress import EgressGate  # noqa: E402
 from agent.training.engine import EngineContext, resolve_device, train_round  # noqa: E402

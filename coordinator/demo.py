@@ -129,7 +129,8 @@ def run_demo(
 
 
 def _generate(console: Console, out: Path, *, sites: int, counts: list[int], size: int, seed: int) -> Any:
-    from agent.data.synthetic import SyntheticDataError, generate_federation
+    from agent.data.synthetic.seeding import SyntheticDataError
+    from coordinator.demo_federation import generate_federation
 
     console.rule(
         f"[bold]1. Generating {sites} sites of made-up brain MRI ({', '.join(map(str, counts))} subjects)"

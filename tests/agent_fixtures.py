@@ -31,8 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.access.tokens import create_token, revoke_token
 from agent.audit.chain import AuditLog
 from agent.config import load_config
-from agent.data.synthetic import default_plan, generate_federation, patient_identity
+from agent.data.synthetic.identities import patient_identity
 from agent.db.engine import open_database
+from coordinator.demo_federation import default_plan, generate_federation
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = float(os.environ.get("FEDSITE_TEST_AGENT_START_S", "240"))

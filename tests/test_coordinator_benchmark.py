@@ -84,7 +84,7 @@ def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
 
 def test_generated_sites_get_a_secret_from_the_data_seed(tmp_path: Path) -> None:
     from agent.config import load_config
-    from agent.data.synthetic import generate_federation
+    from coordinator.demo_federation import generate_federation
 
     layout = generate_federation(tmp_path / "data", sites=2, subjects_per_site=[3, 3], size=32, seed=0)
     first, second = (x.config_path for x in layout.sites)

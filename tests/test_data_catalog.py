@@ -354,7 +354,8 @@ def test_no_patient_identity_in_the_database_nifti(tmp_path: Path) -> None:
 def test_no_patient_identity_in_the_database_dicom(tmp_path: Path) -> None:
     from agent.audit.chain import AuditLog
     from agent.config import load_config
-    from agent.data.synthetic import generate_federation, patient_identity
+    from agent.data.synthetic.identities import patient_identity
+    from coordinator.demo_federation import generate_federation
 
     layout = generate_federation(
         tmp_path / "fed", sites=1, subjects_per_site=[3], fmt="dicom", size=32, seed=5

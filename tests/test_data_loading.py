@@ -217,7 +217,7 @@ def test_errors_name_the_subject_not_the_path(items: list[ItemRef], tmp_path: Pa
 
 def test_dicom_items_load_like_nifti(tmp_path: Path) -> None:
     from agent.config import load_config
-    from agent.data.synthetic import generate_federation
+    from coordinator.demo_federation import generate_federation
 
     layout = generate_federation(
         tmp_path / "fed", sites=1, subjects_per_site=[2], fmt="dicom", size=32, seed=2

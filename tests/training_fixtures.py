@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from agent.data.catalog import ItemRef
-from agent.data.synthetic import generate_subject, write_nifti_subject
+from agent.data.synthetic.subjects import generate_subject
+from agent.data.synthetic.writers import write_nifti_subject
 from agent.training.engine import EngineContext
 from agent.training.plan import Plan, parse_plan
 from agent.training.registry import build_model, exchanged_state

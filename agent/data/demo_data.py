@@ -2,26 +2,29 @@
 
 The command writes what a demo, a test or a benchmark needs and nothing a person must edit: each
 site's data and agent config, the coordinator's federation file and a default training plan.
+Writing them is `coordinator.demo_federation`'s job; this module parses the command line and
+prints the summary. It is command-line code (it imports the coordinator, which the data
+package's library modules never do).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import typer
 
-from agent.data.synthetic import (
+from agent.data.synthetic.rendering import MODALITIES
+from agent.data.synthetic.seeding import SyntheticDataError
+from agent.data.synthetic.writers import Format
+from coordinator.demo_federation import (
     DEFAULT_BASE_PORT,
-    MODALITIES,
     PAPER_SPLIT,
     FederationLayout,
     SiteLayout,
-    SyntheticDataError,
     generate_federation,
 )
 
-__all__ = ["FederationLayout", "SiteLayout", "demo_data_app", "generate_federation", "parse_counts"]
+__all__ = ["demo_data_app", "parse_counts"]
 
 demo_data_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -142,7 +145,7 @@ def demo_data(
         n_sites, counts = _resolve_counts(sites, subjects_per_site, paper_split)
         if fmt not in ("nifti", "dicom"):
             raise SyntheticDataError(f"--format must be nifti or dicom, got {fmt!r}")
-        fmt_lit: Literal["nifti", "dicom"] = "dicom" if fmt == "dicom" else "nifti"
+        fmt_lit: Format = "dicom" if fmt == "dicom" else "nifti"
         mods = [m.strip().lower() for m in modalities.split(",") if m.strip()]
         layout = generate_federation(
             out,
