@@ -27,7 +27,7 @@ TOKEN_PREFIX = "coord-token-"
 
 def tiny_plan(size: int = 32, **overrides: Any) -> dict[str, Any]:
     """The generated data's default plan, made as cheap as possible to train."""
-    from agent.data.synthetic import default_plan
+    from coordinator.demo_federation import default_plan
 
     plan = default_plan(size=size)
     plan["model"]["channels"] = [4, 8]
@@ -87,7 +87,7 @@ class RealFederation:
 
 @contextmanager
 def real_federation(root: Path, subjects: list[int], size: int = 32) -> Iterator[RealFederation]:
-    from agent.data.synthetic import generate_federation
+    from coordinator.demo_federation import generate_federation
 
     layout = generate_federation(
         root / "data", sites=len(subjects), subjects_per_site=subjects, size=size, seed=0
