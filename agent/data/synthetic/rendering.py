@@ -1,4 +1,4 @@
-"""The image of an anatomy on a site's scanner, per modality, in stored pixel values.
+"""The image of an anatomy on a site's scanner, per modality: real-world values, then stored pixels.
 
 Tissue contrasts per modality, then the site's intensity response, coil bias field, Rician noise
 and rescale slope: the differences between sites that a federation has to cope with.
