@@ -1,7 +1,8 @@
 """TLS: `fedsite certs init`, HTTPS from the config's certificate, and mutual TLS whose
 refusals (no certificate, unlisted subject) are answered 403 and written to the audit log.
 
-The server is a real uvicorn on 127.0.0.1 with the keyword arguments `fedsite serve` uses.
+The server is a real uvicorn on 127.0.0.1 with the keyword arguments `fedsite serve` uses
+(`agent.api.server.tls_options`).
 """
 
 from __future__ import annotations
@@ -24,21 +25,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from typer.testing import CliRunner
 
+from agent.api.middleware import subject_allowed
+from agent.api.server import tls_options
 from agent.audit.chain import AuditLog
-from agent.certs import (
-    TlsError,
-    check_tls_files,
-    client_ssl_context,
-    init_certificates,
-    load_certificate,
-    parse_subject,
-    probe_health,
-    subject_allowed,
-    uvicorn_ssl_kwargs,
-)
 from agent.cli import app as cli_app
 from agent.config import TlsConfig
 from agent.db.engine import open_database
+from agent.tls.contexts import client_ssl_context, uvicorn_ssl_kwargs
+from agent.tls.files import TlsError, check_tls_files, load_certificate, parse_subject
+from agent.tls.issue import init_certificates
+from agent.tls.probe import probe_health
 
 runner = CliRunner()
 
@@ -204,7 +200,7 @@ class _Server:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(api, log_level="warning", lifespan="off", **uvicorn_ssl_kwargs(tls, audit))
+        config = uvicorn.Config(api, log_level="warning", lifespan="off", **tls_options(tls, audit))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -360,10 +356,13 @@ def test_probe_health_reports_an_unreachable_agent(
 
 def test_uvicorn_kwargs_plain_http_and_bad_material(pki: dict[str, Path]) -> None:
     assert uvicorn_ssl_kwargs(None) == {}
+    assert tls_options(None) == {}
     site = pki["site"]
     bad = _tls(site).model_copy(update={"key_file": site / "clients" / "coordinator.key"})
     with pytest.raises(TlsError, match="is not the key of"):
         uvicorn_ssl_kwargs(bad)
+    with pytest.raises(TlsError, match="is not the key of"):
+        tls_options(bad)
 
 
 def test_generated_keys_are_p256(pki: dict[str, Path]) -> None:

@@ -49,9 +49,9 @@ def config_check(
 
 def _assemble() -> None:
     # Imported here so that each area's module is loaded once, when the CLI starts.
-    from agent.api.server import serve_app
     from agent.audit.cli import audit_app, plans_app, tokens_app
-    from agent.certs import certs_app
+    from agent.cli.certs import certs_app
+    from agent.cli.serve import serve_app
     from agent.data.cli import data_app
     from agent.data.demo_data import demo_data_app
     from coordinator.cli import coordinator_app

@@ -1,0 +1,226 @@
+"""ASGI middleware of the agent's API: the request-body limit and the mutual-TLS gate.
+
+Why the client-certificate subject check lives in the application and not in the TLS
+handshake: a refused client must leave a trace in the audit log, and a handshake failure never
+reaches the application. So with ``api.tls.client_ca_file`` set, the TLS layer *asks* for a
+client certificate and rejects any certificate not signed by that CA during the handshake
+(`agent.tls.contexts`); the gate below then refuses, with 403 and an ``api.refused`` audit
+event, every request that came without a certificate or with a subject outside
+``api.tls.allowed_client_subjects``. ``/v1/health`` stays open (it says only "ok"), so that
+container health probes need no key material. A certificate from a foreign CA fails the
+handshake itself and is only visible in the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+from cryptography import x509
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.api.metrics import AgentMetrics
+from agent.audit.sink import AuditSink
+from agent.config import TlsConfig
+from agent.tls.files import parse_subject, subject_pairs
+
+# The gate's refusals keep the logger name they had when TLS was one module.
+log = logging.getLogger("fedsite.tls")
+
+# Paths reachable without a client certificate (and without a token): liveness only.
+UNGATED_PATHS = frozenset({"/v1/health"})
+
+
+async def json_answer(send: Send, status: int, detail: str) -> None:
+    """Answer `{"detail": DETAIL}` with STATUS before the app sees the request."""
+    body = json.dumps({"detail": detail}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- body limit
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds api.max_body_bytes ({limit} bytes)")
+        self.limit = limit
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes`: by Content-Length up front, and by counting the stream
+    (chunked uploads, or a Content-Length that lies). Also counts answers for the metrics and
+    adds a Server-Timing header with the agent's own time."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: AgentMetrics) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = str(scope.get("method", ""))
+        started = time.perf_counter()
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(method=method, code=str(message["status"])).inc()
+                # Server-Timing: how long the agent itself took, for operators and latency probes.
+                took = (time.perf_counter() - started) * 1000.0
+                message = dict(message)
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"server-timing", f"app;dur={took:.2f}".encode()),
+                ]
+            await send(message)
+
+        length = None
+        for key, value in scope.get("headers", []):
+            if key == b"content-length":
+                length = value
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await json_answer(counted_send, 400, "invalid Content-Length header")
+                return
+            if declared > self.max_bytes:
+                await json_answer(counted_send, 413, str(BodyTooLarge(self.max_bytes)))
+                return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, counted_send)
+
+
+# --------------------------------------------------------------------------- mutual TLS
+
+
+def subject_allowed(subject: x509.Name, allowed: list[str]) -> bool:
+    """True when SUBJECT equals one of ALLOWED (an empty list allows any subject)."""
+    if not allowed:
+        return True
+    pairs = subject_pairs(subject)
+    return any(pairs == parse_subject(entry) for entry in allowed)
+
+
+class ClientCertGate:
+    """ASGI wrapper for one TLS connection: exposes the peer certificate in the scope's
+    ``tls`` extension and, when mutual TLS is on, refuses requests without an allowed one."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        peer_der: bytes | None,
+        *,
+        enforce: bool,
+        allowed: list[str],
+        audit: AuditSink | None,
+    ) -> None:
+        self.app = app
+        self.enforce = enforce
+        self.allowed = allowed
+        self.audit = audit
+        self.peer_der = peer_der
+        self.subject: x509.Name | None = None
+        self.subject_text: str | None = None
+        if peer_der is not None:
+            self.subject = x509.load_der_x509_certificate(peer_der).subject
+            self.subject_text = self.subject.rfc4514_string()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        extensions = scope.setdefault("extensions", {})
+        extensions["tls"] = {
+            "client_cert_name": self.subject_text,
+            "client_cert_der": self.peer_der,
+            "client_cert_error": None,
+        }
+        if not self.enforce or scope.get("path") in UNGATED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.subject is None:
+            await self._refuse(scope, send, "no client certificate", "client certificate required")
+            return
+        if not subject_allowed(self.subject, self.allowed):
+            await self._refuse(
+                scope,
+                send,
+                "client certificate subject not allowed",
+                f"client certificate subject not allowed: {self.subject_text}",
+            )
+            return
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send, reason: str, detail: str) -> None:
+        client = scope.get("client")
+        details = {
+            "reason": reason,
+            "subject": self.subject_text,
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "client": client[0] if client else None,
+        }
+        log.warning(
+            "refused %s %s from %s: %s", details["method"], details["path"], details["client"], detail
+        )
+        if self.audit is not None:
+            actor = f"tls:{self.subject_text}" if self.subject_text else "anonymous"
+            try:
+                await asyncio.to_thread(self.audit.append, "api.refused", actor=actor, details=details)
+            except Exception:
+                # The refusal stands even when the audit database is unavailable.
+                log.exception("could not audit a refused client certificate")
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await json_answer(send, 403, detail)
+
+
+def _peer_der(transport: Any) -> bytes | None:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return bytes(der) if der else None
+
+
+def gated_protocol_class(tls: TlsConfig, audit: AuditSink | None) -> type:
+    """A uvicorn HTTP protocol class that wraps the app in a ClientCertGate per connection
+    (the peer certificate is fixed for a connection's lifetime, so it is read once)."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    enforce = tls.client_ca_file is not None
+    allowed = list(tls.allowed_client_subjects)
+
+    class GatedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
+        app: Any
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self.app = ClientCertGate(
+                self.app, _peer_der(transport), enforce=enforce, allowed=allowed, audit=audit
+            )
+
+    return GatedHTTPProtocol
