@@ -45,7 +45,7 @@ class AgentUnreachable(AgentError):
     """No answer after all retries (connection errors, timeouts or 5xx)."""
 
 
-class IntegrityError(AgentError):
+class UpdateIntegrityError(AgentError):
     """A downloaded update whose hash does not match what the agent declared."""
 
 
@@ -230,15 +230,15 @@ class AgentClient:
         actual = hashlib.sha256(data).hexdigest()
         header = (resp.headers.get("X-Content-SHA256") or "").strip().lower()
         if not header:
-            raise IntegrityError(
+            raise UpdateIntegrityError(
                 self.name, f"update of round {round_id} came without an X-Content-SHA256 header"
             )
         if not expected_sha256:
-            raise IntegrityError(
+            raise UpdateIntegrityError(
                 self.name, f"round {round_id} completed without an update_sha256 in its status"
             )
         if actual != header or actual != expected_sha256.lower():
-            raise IntegrityError(
+            raise UpdateIntegrityError(
                 self.name,
                 f"update of round {round_id} refused: its SHA-256 is {actual}, but the X-Content-SHA256 "
                 f"header says {header} and the round status says {expected_sha256}; "

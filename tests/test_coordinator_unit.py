@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from coordinator.aggregate import AggregationError, SiteUpdate, apply_update, fedavg, weighted_mean
-from coordinator.client import AgentAuthError, AgentClient, AgentError, AgentUnreachable, IntegrityError
+from coordinator.client import AgentAuthError, AgentClient, AgentError, AgentUnreachable, UpdateIntegrityError
 from coordinator.federation import FederationError, Retries, load_federation, parse_federation
 from coordinator.report import progress_fraction
 from coordinator.runner import Coordinator, RunOptions, weighted_dice
@@ -266,7 +266,7 @@ def test_client_refuses_update_whose_hash_does_not_match(where: str) -> None:
     def handle(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, headers={"X-Content-SHA256": header})
 
-    with pytest.raises(IntegrityError, match=r"site-7: update of round r1 refused: its SHA-256 is"):
+    with pytest.raises(UpdateIntegrityError, match=r"site-7: update of round r1 refused: its SHA-256 is"):
         _client(httpx.MockTransport(handle)).download_update("r1", status_sha)
 
 
