@@ -48,8 +48,9 @@ from benchmarks.pooled import SiteSplit, evaluate_in_process, site_splits, train
 from coordinator.client import AgentClient
 from coordinator.federation import Federation, load_federation, write_federation
 from coordinator.local import LocalFederation, add_static_token, terminate_on_sigterm, write_secret
+from coordinator.options import RunOptions
 from coordinator.report import QuietReporter, Reporter, plot_dice_curves
-from coordinator.runner import Coordinator, RunOptions, run_strategy, weighted_dice
+from coordinator.runner import Coordinator, run_strategy, weighted_dice
 from coordinator.weights import encode, initial_weights, load_file
 
 # Dice of the reference study on its real 10-site split (Sheller et al. 2018/2020).
@@ -433,7 +434,7 @@ class MethodRunner:
             strategy,
             plan,
             RunOptions(
-                strategy=strategy,  # type: ignore[arg-type]
+                strategy=strategy,
                 rounds=s.ciil_cycles,
                 order=order,
                 patience=s.patience,

@@ -11,8 +11,11 @@ from rich.console import Console
 
 from coordinator.client import AgentError
 from coordinator.federation import FederationError, load_federation
+from coordinator.options import RunOptions
 from coordinator.report import Reporter, dice_table
-from coordinator.runner import STRATEGIES, CoordinatorError, RoundFailed, RunOptions, RunResult, run_strategy
+from coordinator.runner import CoordinatorError, RunResult, run_strategy
+from coordinator.strategies import STRATEGIES
+from coordinator.strategies.base import RoundFailed
 
 coordinator_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 

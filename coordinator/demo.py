@@ -29,8 +29,10 @@ from coordinator.local import (
     terminate_on_sigterm,
     write_secret,
 )
+from coordinator.options import RunOptions
 from coordinator.report import Reporter, dice_table
-from coordinator.runner import CoordinatorError, RoundFailed, RunOptions, RunResult, run_strategy
+from coordinator.runner import CoordinatorError, RunResult, run_strategy
+from coordinator.strategies.base import RoundFailed
 
 MARKER = ".fedsite-demo"
 DEFAULT_SUBJECTS = (8, 6, 4)

@@ -1,14 +1,9 @@
-"""The three ways of collaborating from the reference study, driven over HTTP.
+"""The coordinator: drives one strategy over the agents of a federation, over HTTP.
 
-- FedAvg (FL): every round, every site trains from the global model in parallel; the new
-  global model is the mean of the updates weighted by each site's training-sample count.
-  A site that fails, times out or sends an update that fails its hash check is left out of
-  that round (with a warning naming it); the round fails only when fewer than `min_sites`
-  updates arrive.
-- IIL: the model visits each site once, in order; each site trains until its own
-  validation Dice has not improved for `patience` epochs and passes on its best model.
-- CIIL: the model travels site to site with a fixed number of epochs at each, for a
-  number of cycles.
+The strategy (coordinator/strategies/) decides what each round asks of which sites and how
+the results combine; the `Coordinator` is everything else: it checks the agents before the run
+(preflight), trains at a site (plan and weights out, a hash-checked update back), evaluates at
+a site, and records every round (results.json, the global model per round, the Dice plot).
 
 After every round (a FedAvg round, an IIL visit, a CIIL cycle) the global model is evaluated
 at every site through /v1/evaluations and the sample-weighted mean Dice is recorded.
@@ -17,7 +12,6 @@ The coordinator never sees data: it sends a plan and weights, and gets weights a
 
 from __future__ import annotations
 
-import copy
 import secrets
 import threading
 import time
@@ -25,71 +19,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from coordinator.aggregate import AggregationError, SiteUpdate, UpdateKind, apply_update, fedavg
+from coordinator.aggregate import UpdateKind
 from coordinator.client import AgentClient, AgentError, JobStatus, JobTimeout
 from coordinator.federation import Federation
+from coordinator.options import RunOptions
 from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fraction, progress_text
+from coordinator.strategies import STRATEGIES
+from coordinator.strategies.base import Round, SiteResult, Strategy
 from coordinator.weights import decode, encode
 
-Strategy = Literal["fedavg", "iil", "ciil"]
+_A = TypeVar("_A")
 _T = TypeVar("_T")
-STRATEGIES: tuple[Strategy, ...] = ("fedavg", "iil", "ciil")
-
-
-class RoundFailed(RuntimeError):
-    """Too few sites delivered an update for a round to count."""
 
 
 class CoordinatorError(RuntimeError):
     """The run cannot start or go on (bad plan, unusable federation); the message says why."""
-
-
-@dataclass
-class RunOptions:
-    strategy: Strategy = "fedavg"
-    # FedAvg: rounds; CIIL: cycles; IIL: ignored (one pass over the sites).
-    rounds: int = 1
-    # IIL / CIIL visiting order (site names); default: the federation file's order.
-    order: list[str] | None = None
-    # IIL: epochs without improvement of the site's validation Dice before it passes the model on.
-    patience: int = 8
-    # IIL: upper bound on epochs at one site.
-    max_epochs: int = 50
-    # Evaluate the global model at every site after every round (the study's metric).
-    evaluate: bool = True
-    # With per-round evaluation off, still evaluate the final model at every site.
-    evaluate_final: bool = True
-    # CIIL: also evaluate after every visit, not only after every cycle.
-    evaluate_every_visit: bool = False
-    # Keep each site's downloaded update under OUT/updates/ (for audits and tests).
-    keep_updates: bool = False
-    # Sites outside the federation (federation file's `outside`): evaluate the final model,
-    # the model of every round, or never.
-    evaluate_outside: Literal["final", "every", "never"] = "final"
-    # FedAvg round r / CIIL cycle r runs with seed `plan seed + r - 1`. Every job is one
-    # engine run whose sampling is seeded by (seed, epoch), so with one seed every round
-    # draws the same slices and augmentations at a site, where pooled training draws new
-    # ones every epoch. Off by default: the seed is part of the plan hash, and a site
-    # approving plans by hand approves one plan per seed.
-    reseed_rounds: bool = False
-    run_id: str | None = None
-
-
-@dataclass
-class SiteResult:
-    site: str
-    round_id: str
-    tensors: dict[str, torch.Tensor]
-    num_samples: int
-    metrics: dict[str, Any]
-    update_sha256: str
-    bytes_sent: int
-    bytes_received: int
-    duration_s: float
 
 
 @dataclass
@@ -108,7 +56,7 @@ def new_run_id() -> str:
 
 
 class Coordinator:
-    """Drives one run of one strategy over the agents of a federation."""
+    """Drives one run of one strategy over the agents of a federation (the strategy's RunContext)."""
 
     def __init__(
         self,
@@ -121,7 +69,8 @@ class Coordinator:
         clients: dict[str, AgentClient] | None = None,
         reporter: Reporter | None = None,
     ) -> None:
-        if options.strategy not in STRATEGIES:
+        strategy_class = STRATEGIES.get(options.strategy)
+        if strategy_class is None:
             raise CoordinatorError(
                 f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}"
             )
@@ -140,26 +89,34 @@ class Coordinator:
         self._own_clients = clients is None
         self.clients = clients if clients is not None else AgentClient.for_federation(federation)
         self.reporter = reporter or QuietReporter()
+        self.strategy: Strategy = strategy_class(options, self.order)
+        self._recorder: RunRecorder | None = None
         self._stop = threading.Event()
+
+    @property
+    def min_sites(self) -> int:
+        return self.fed.min_sites
+
+    @property
+    def recorder(self) -> RunRecorder:
+        """The records of the run in progress."""
+        if self._recorder is None:
+            raise CoordinatorError("no run in progress")
+        return self._recorder
 
     # -- entry point -----------------------------------------------------------------------
 
     def run(self) -> RunResult:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        recorder = RunRecorder(self.out_dir, self._header())
-        label = {"fedavg": "FedAvg", "iil": "IIL", "ciil": "CIIL"}[self.opts.strategy]
-        self.reporter.start(f"{self.run_id}: {label} over {', '.join(self.order)}", self.order + self.outside)
+        recorder = self._recorder = RunRecorder(self.out_dir, self._header())
+        title = f"{self.run_id}: {self.strategy.title} over {', '.join(self.order)}"
+        self.reporter.start(title, self.order + self.outside)
         try:
-            self.preflight(recorder)
+            self.preflight()
             rel, sha = recorder.save_model(0, encode(self.global_weights), "initial.safetensors")
             recorder.doc["initial_model"] = {"path": rel, "sha256": sha}
-            if self.opts.strategy == "fedavg":
-                self._run_fedavg(recorder)
-            elif self.opts.strategy == "iil":
-                self._run_iil(recorder)
-            else:
-                self._run_ciil(recorder)
-            final = self._final(recorder)
+            self.strategy.run(self)
+            final = self._final()
         except KeyboardInterrupt:
             self._stop.set()
             recorder.finish("interrupted", error="interrupted by the user")
@@ -184,8 +141,9 @@ class Coordinator:
             doc=recorder.doc,
         )
 
-    def _final(self, recorder: RunRecorder) -> dict[str, Any]:
+    def _final(self) -> dict[str, Any]:
         """The final model, its Dice inside the federation and, if any, at the outside sites."""
+        recorder = self.recorder
         data = encode(self.global_weights)
         final_rel, final_sha = recorder.save_model(0, data, "final.safetensors")
         final: dict[str, Any] = {"model": final_rel, "model_sha256": final_sha}
@@ -204,11 +162,11 @@ class Coordinator:
             final["outside_weighted_dice"] = out_mean
         return final
 
-    def _parallel(self, fn: Callable[[str], _T], sites: Sequence[str]) -> list[_T]:
-        """FN for every site at once; on Ctrl-C the other sites' jobs are abandoned and cancelled."""
-        with ThreadPoolExecutor(max_workers=max(1, len(sites))) as pool:
+    def parallel(self, fn: Callable[[_A], _T], items: Sequence[_A]) -> list[_T]:
+        """FN for every item (a site, a job) at once; on Ctrl-C the other jobs are abandoned and cancelled."""
+        with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
             try:
-                return list(pool.map(fn, sites))
+                return list(pool.map(fn, items))
             except BaseException:
                 self._stop.set()
                 raise
@@ -235,7 +193,7 @@ class Coordinator:
         return {
             "run_id": self.run_id,
             "strategy": self.opts.strategy,
-            "round_label": {"fedavg": "round", "iil": "visit", "ciil": "cycle"}[self.opts.strategy],
+            "round_label": self.strategy.round_label,
             "sites": self.order,
             "outside_sites": self.outside,
             "min_sites": self.fed.min_sites,
@@ -250,7 +208,7 @@ class Coordinator:
             },
         }
 
-    def preflight(self, recorder: RunRecorder) -> None:
+    def preflight(self) -> None:
         """Ask every agent for its info: a refused token or a missing dataset stops the run here."""
         dataset = self.plan.get("dataset")
         infos: dict[str, Any] = {}
@@ -263,7 +221,7 @@ class Coordinator:
                 return site, None, exc
 
         everyone = self.order + self.outside
-        answers = self._parallel(one, everyone)
+        answers = self.parallel(one, everyone)
         for site, info, err in answers:
             if err is not None:
                 if err.status_code is not None and err.status_code < 500:
@@ -287,11 +245,12 @@ class Coordinator:
                 f"only {len(self.order) - len(unreachable)} site(s) reachable, fewer than min_sites="
                 f"{self.fed.min_sites}; unreachable: {', '.join(unreachable)}"
             )
-        recorder.doc["site_info"] = infos
+        self.recorder.doc["site_info"] = infos
 
     # -- one site, one job -----------------------------------------------------------------
 
-    def _train_at(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
+    def train_at(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
+        """One training job at SITE, from WEIGHTS; raises AgentError when it brings nothing usable."""
         client = self.clients[site]
         sent0, recv0 = client.transfer.snapshot()
         t0 = time.monotonic()
@@ -344,7 +303,7 @@ class Coordinator:
         except AgentError as exc:
             self.reporter.warning(f"could not cancel round {job}: {exc}")
 
-    def _evaluate_at(self, site: str, weights: bytes, eval_id: str) -> dict[str, Any]:
+    def evaluate_at(self, site: str, weights: bytes, eval_id: str) -> dict[str, Any]:
         client = self.clients[site]
         sent0, recv0 = client.transfer.snapshot()
         t0 = time.monotonic()
@@ -380,11 +339,11 @@ class Coordinator:
 
         def one(site: str) -> tuple[str, dict[str, Any] | None, str | None]:
             try:
-                return site, self._evaluate_at(site, weights, f"{self.run_id}-{tag}-eval-{site}"), None
+                return site, self.evaluate_at(site, weights, f"{self.run_id}-{tag}-eval-{site}"), None
             except AgentError as exc:
                 return site, None, str(exc)
 
-        for site, res, err in self._parallel(one, sites):
+        for site, res, err in self.parallel(one, sites):
             if res is not None:
                 results[site] = res
             else:
@@ -392,25 +351,20 @@ class Coordinator:
                 results[site] = {"error": err}
         return results, weighted_dice(results)
 
-    # -- strategies ------------------------------------------------------------------------
+    # -- recording -----------------------------------------------------------------------
 
-    def _finish_round(
-        self,
-        recorder: RunRecorder,
-        *,
-        index: int,
-        label: str,
-        trained: list[SiteResult],
-        left_out: list[dict[str, str]],
-        t0: float,
-        evaluate: bool = True,
+    def finish_round(
+        self, rnd: Round, trained: Sequence[SiteResult], left_out: Sequence[dict[str, str]]
     ) -> dict[str, Any]:
+        """Store the round's global model, evaluate it at every site and add the round to results.json."""
+        recorder = self.recorder
+        index = rnd.index
         data = encode(self.global_weights)
         rel, sha = recorder.save_model(index, data)
         evaluation: dict[str, dict[str, Any]] = {}
         mean: float | None = None
         outside: dict[str, Any] = {}
-        if self.opts.evaluate and evaluate:
+        if self.opts.evaluate:
             evaluation, mean = self.evaluate_everywhere(data, f"r{index:03d}")
             if self.opts.evaluate_outside == "every" and self.outside:
                 out_eval, out_mean = self.evaluate_everywhere(data, f"r{index:03d}", self.outside)
@@ -429,9 +383,9 @@ class Coordinator:
         }
         record = {
             "index": index,
-            "label": label,
+            "label": rnd.label,
             "participants": [r.site for r in trained],
-            "left_out": left_out,
+            "left_out": list(left_out),
             "training": training,
             "evaluation": evaluation,
             "weighted_dice": mean,
@@ -439,7 +393,7 @@ class Coordinator:
             + sum(int(e.get("bytes_sent", 0)) for e in evaluation.values()),
             "bytes_received": sum(r.bytes_received for r in trained)
             + sum(int(e.get("bytes_received", 0)) for e in evaluation.values()),
-            "duration_s": round(time.monotonic() - t0, 3),
+            "duration_s": round(time.monotonic() - rnd.started, 3),
             "model": rel,
             "model_sha256": sha,
             **outside,
@@ -447,129 +401,6 @@ class Coordinator:
         recorder.add_round(record)
         self.reporter.round_done(record)
         return record
-
-    def _round_plan(self, plan: dict[str, Any], index: int) -> dict[str, Any]:
-        """PLAN for FedAvg round / CIIL cycle INDEX (1-based): its own seed when reseeding."""
-        if not self.opts.reseed_rounds:
-            return plan
-        return {**plan, "seed": int(plan.get("seed", 0)) + index - 1}
-
-    def _run_fedavg(self, recorder: RunRecorder) -> None:
-        for rnd in range(1, self.opts.rounds + 1):
-            t0 = time.monotonic()
-            weights = encode(self.global_weights)
-            plan = self._round_plan(self.plan, rnd)
-            tag = f"{self.run_id}-r{rnd:03d}"
-            trained: list[SiteResult] = []
-            left_out: list[dict[str, str]] = []
-
-            def one(
-                site: str, weights: bytes = weights, tag: str = tag, plan: dict[str, Any] = plan
-            ) -> tuple[str, SiteResult | None, str | None]:
-                try:
-                    return site, self._train_at(site, plan, weights, f"{tag}-{site}"), None
-                except AgentError as exc:
-                    return site, None, str(exc)
-
-            for site, res, err in self._parallel(one, self.order):
-                if res is not None:
-                    trained.append(res)
-                else:
-                    reason = err or "unknown error"
-                    left_out.append({"site": site, "reason": reason})
-                    self.reporter.warning(f"round {rnd}: {site} left out of this round: {reason}")
-                    self.reporter.site(site, "left out of this round", 0.0)
-            if len(trained) < self.fed.min_sites:
-                names = ", ".join(x["site"] for x in left_out)
-                record = {
-                    "index": rnd,
-                    "label": f"round {rnd}",
-                    "participants": [r.site for r in trained],
-                    "left_out": left_out,
-                    "failed": True,
-                    "duration_s": round(time.monotonic() - t0, 3),
-                }
-                recorder.add_round(record)
-                raise RoundFailed(
-                    f"round {rnd} failed: {len(trained)} update(s) arrived, fewer than min_sites="
-                    f"{self.fed.min_sites}; left out: {names}"
-                )
-            updates = [SiteUpdate(r.site, r.tensors, r.num_samples) for r in trained]
-            try:
-                self.global_weights = fedavg(self.global_weights, updates, self.kind)
-            except AggregationError as exc:
-                raise RoundFailed(f"round {rnd} failed: {exc}") from None
-            self._finish_round(
-                recorder, index=rnd, label=f"round {rnd}", trained=trained, left_out=left_out, t0=t0
-            )
-
-    def _visit(
-        self, site: str, plan: dict[str, Any], round_id: str, label: str
-    ) -> tuple[SiteResult | None, dict[str, str] | None]:
-        """One stop of the travelling model; a failed site passes the model on unchanged."""
-        weights = encode(self.global_weights)
-        try:
-            res = self._train_at(site, plan, weights, round_id)
-            self.global_weights = apply_update(self.global_weights, res.tensors, self.kind)
-            return res, None
-        except (AgentError, AggregationError) as exc:
-            self.reporter.warning(f"{label}: {site} skipped, the model goes on unchanged: {exc}")
-            self.reporter.site(site, "skipped", 0.0)
-            return None, {"site": site, "reason": str(exc)}
-
-    def _run_iil(self, recorder: RunRecorder) -> None:
-        plan = copy.deepcopy(self.plan)
-        plan["early_stopping"] = {"patience": self.opts.patience, "max_epochs": self.opts.max_epochs}
-        for i, site in enumerate(self.order, start=1):
-            t0 = time.monotonic()
-            label = f"visit {i} ({site})"
-            res, miss = self._visit(site, plan, f"{self.run_id}-v{i:03d}-{site}", label)
-            self._finish_round(
-                recorder,
-                index=i,
-                label=label,
-                trained=[res] if res else [],
-                left_out=[miss] if miss else [],
-                t0=t0,
-            )
-
-    def _run_ciil(self, recorder: RunRecorder) -> None:
-        base = {k: v for k, v in self.plan.items() if k != "early_stopping"}
-        n = len(self.order)
-        for cycle in range(1, self.opts.rounds + 1):
-            t0 = time.monotonic()
-            plan = self._round_plan(base, cycle)
-            trained: list[SiteResult] = []
-            left_out: list[dict[str, str]] = []
-            for j, site in enumerate(self.order, start=1):
-                tv = time.monotonic()
-                label = f"cycle {cycle} visit {j} ({site})"
-                res, miss = self._visit(site, plan, f"{self.run_id}-c{cycle:03d}v{j:03d}-{site}", label)
-                if res is not None:
-                    trained.append(res)
-                if miss is not None:
-                    left_out.append(miss)
-                if self.opts.evaluate_every_visit and j < n:
-                    rel, _ = recorder.save_model(
-                        0, encode(self.global_weights), f"cycle-{cycle:03d}-visit-{j:03d}.safetensors"
-                    )
-                    evaluation, mean = self.evaluate_everywhere(
-                        encode(self.global_weights), f"c{cycle:03d}v{j:03d}"
-                    )
-                    recorder.doc.setdefault("visits", []).append(
-                        {
-                            "cycle": cycle,
-                            "visit": j,
-                            "site": site,
-                            "evaluation": evaluation,
-                            "weighted_dice": mean,
-                            "model": rel,
-                            "duration_s": round(time.monotonic() - tv, 3),
-                        }
-                    )
-            self._finish_round(
-                recorder, index=cycle, label=f"cycle {cycle}", trained=trained, left_out=left_out, t0=t0
-            )
 
 
 def weighted_dice(results: dict[str, dict[str, Any]]) -> float | None:

@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from coordinator.client import AgentAuthError, AgentClient
 from coordinator.federation import Federation
+from coordinator.options import RunOptions
 from coordinator.report import QuietReporter
-from coordinator.runner import Coordinator, CoordinatorError, RoundFailed, RunOptions
+from coordinator.runner import Coordinator, CoordinatorError
+from coordinator.strategies.base import RoundFailed
 from coordinator.weights import initial_weights
 
 pytestmark = pytest.mark.timeout(600)

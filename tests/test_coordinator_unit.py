@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -13,8 +14,9 @@ import torch
 from coordinator.aggregate import AggregationError, SiteUpdate, apply_update, fedavg, weighted_mean
 from coordinator.client import AgentAuthError, AgentClient, AgentError, AgentUnreachable, UpdateIntegrityError
 from coordinator.federation import FederationError, Retries, load_federation, parse_federation
+from coordinator.options import RunOptions
 from coordinator.report import progress_fraction
-from coordinator.runner import Coordinator, RunOptions, weighted_dice
+from coordinator.runner import Coordinator, weighted_dice
 
 # -- aggregation ---------------------------------------------------------------------------
 
@@ -68,7 +70,11 @@ def test_aggregation_errors_name_site_and_tensor() -> None:
 
 
 def test_weighted_dice_skips_failed_sites() -> None:
-    res = {"a": {"dice": 0.8, "num_samples": 3}, "b": {"dice": 0.5, "num_samples": 1}, "c": {"error": "down"}}
+    res: dict[str, dict[str, Any]] = {
+        "a": {"dice": 0.8, "num_samples": 3},
+        "b": {"dice": 0.5, "num_samples": 1},
+        "c": {"error": "down"},
+    }
     assert weighted_dice(res) == pytest.approx((0.8 * 3 + 0.5) / 4)
     assert weighted_dice({"c": {"error": "down"}}) is None
 
@@ -118,7 +124,7 @@ def test_reseeded_rounds_draw_new_samples_and_keep_the_plan_otherwise(tmp_path: 
     def round_plan(reseed: bool, index: int) -> dict[str, object]:
         opts = RunOptions(reseed_rounds=reseed)
         coord = Coordinator(fed, plan, tmp_path / "out", opts, initial_weights={}, clients={})
-        return coord._round_plan(coord.plan, index)
+        return coord.strategy.round_plan(coord.plan, index)
 
     assert [round_plan(True, i)["seed"] for i in (1, 2, 5)] == [7, 8, 11]
     assert round_plan(True, 3) == {**plan, "seed": 9}

@@ -1,0 +1,20 @@
+"""The ways of collaborating, by the name that `--strategy` and results.json's `strategy` use.
+
+One module per strategy, each a `Strategy` subclass (see base.py for what a strategy decides).
+Adding a strategy is one new module beside these and one entry in `STRATEGIES`.
+"""
+
+from __future__ import annotations
+
+from coordinator.strategies.base import Strategy
+from coordinator.strategies.ciil import CIIL
+from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.iil import IIL
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "iil": IIL,
+    "ciil": CIIL,
+}
+
+__all__ = ["STRATEGIES"]
