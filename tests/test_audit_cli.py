@@ -10,7 +10,7 @@ import yaml
 from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F401
 from typer.testing import CliRunner
 
-import agent.audit.cli as audit_cli
+import agent.cli.audit as audit_cli
 from agent.audit.chain import AuditLog, event_hash
 from agent.cli import app
 

@@ -21,7 +21,7 @@ from dicom_fixtures import (
 )
 from typer.testing import CliRunner
 
-from agent.data.inspect import inspect_app
+from agent.cli.data import data_app
 
 IDENTITY = (
     FAKE_PATIENT_NAME,
@@ -50,7 +50,7 @@ def test_inspect_json_lists_volumes_skips_and_non_images(
     mixed_folder: tuple[Path, SeriesTruth, np.ndarray],
 ) -> None:
     root, _, _ = mixed_folder
-    result = CliRunner().invoke(inspect_app, ["inspect", str(root), "--json", "--workers", "1"])
+    result = CliRunner().invoke(data_app, ["inspect", str(root), "--json", "--workers", "1"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert set(out) >= {"volumes", "skipped", "non_image"}
@@ -77,14 +77,14 @@ def test_inspect_table_and_missing_path(
     mixed_folder: tuple[Path, SeriesTruth, np.ndarray], tmp_path: Path
 ) -> None:
     root, _, _ = mixed_folder
-    result = CliRunner().invoke(inspect_app, ["inspect", str(root), "--workers", "1"])
+    result = CliRunner().invoke(data_app, ["inspect", str(root), "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "dicom" in result.output and "nifti" in result.output
     assert "Basic Text SR Storage: 1" in result.output
     for secret in IDENTITY:
         assert secret not in result.output
 
-    missing = CliRunner().invoke(inspect_app, ["inspect", str(tmp_path / "nowhere")])
+    missing = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2
     assert "no such file or folder" in missing.output
 
@@ -94,7 +94,7 @@ def test_convert_writes_the_agents_view_as_nifti(
 ) -> None:
     root, truth, nifti = mixed_folder
     outdir = tmp_path / "converted"
-    result = CliRunner().invoke(inspect_app, ["convert", str(root), str(outdir), "--workers", "1"])
+    result = CliRunner().invoke(data_app, ["convert", str(root), str(outdir), "--workers", "1"])
     assert result.exit_code == 0, result.output
     written = sorted(p.name for p in outdir.iterdir())
     assert written == ["000_nifti.nii.gz", "001_MR.nii.gz"]
@@ -114,7 +114,7 @@ def test_convert_writes_the_agents_view_as_nifti(
     assert FAKE_PATIENT_ID.encode() not in header_text
     np.testing.assert_array_equal(nib.load(outdir / "000_nifti.nii.gz").get_fdata(), nifti)
 
-    as_json = CliRunner().invoke(inspect_app, ["convert", str(root), str(tmp_path / "again"), "--json"])
+    as_json = CliRunner().invoke(data_app, ["convert", str(root), str(tmp_path / "again"), "--json"])
     assert as_json.exit_code == 0, as_json.output
     mapping = json.loads(as_json.stdout)
     assert [w["files"] for w in mapping["written"]] == [1, 16]
@@ -123,14 +123,14 @@ def test_convert_writes_the_agents_view_as_nifti(
 def test_convert_with_nothing_to_convert_or_a_bad_outdir(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("x")
-    result = CliRunner().invoke(inspect_app, ["convert", str(tmp_path / "empty"), str(tmp_path / "out")])
+    result = CliRunner().invoke(data_app, ["convert", str(tmp_path / "empty"), str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "no volume found" in result.output
     assert not (tmp_path / "out").exists()
 
     truth = write_series(tmp_path / "s", n_slices=16, seed=22)
     (tmp_path / "afile").write_text("x")
-    bad = CliRunner().invoke(inspect_app, ["convert", str(truth.folder), str(tmp_path / "afile")])
+    bad = CliRunner().invoke(data_app, ["convert", str(truth.folder), str(tmp_path / "afile")])
     assert bad.exit_code == 2
     assert "not a folder" in bad.output
 

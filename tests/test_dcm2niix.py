@@ -16,8 +16,8 @@ import pydicom.data
 import pytest
 from dicom_fixtures import oblique_orientation, write_enhanced_mr, write_series
 
+from agent.cli.data import data_app
 from agent.data.dicom import scan_dicom_folder
-from agent.data.inspect import inspect_app
 from agent.data.volume import Volume
 
 pytestmark = [
@@ -93,9 +93,7 @@ def test_convert_output_matches_dcm2niix(tmp_path: Path) -> None:
 
     folder = tmp_path / "series"
     write_series(folder, orientation=oblique_orientation(5.0, 40.0), n_slices=16, seed=32)
-    result = CliRunner().invoke(
-        inspect_app, ["convert", str(folder), str(tmp_path / "ours"), "--workers", "1"]
-    )
+    result = CliRunner().invoke(data_app, ["convert", str(folder), str(tmp_path / "ours"), "--workers", "1"])
     assert result.exit_code == 0, result.output
     converted = nib.load(tmp_path / "ours" / "000_MR.nii.gz")
     reference = _dcm2niix(folder, tmp_path / "dcm2niix")[0]

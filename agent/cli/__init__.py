@@ -1,18 +1,25 @@
-"""The `fedsite` command line: one root app that gathers each area's commands.
+"""The `fedsite` command line, assembled here from one module per command group.
 
-Each area keeps its commands next to its code; this module only assembles them, so that
-`fedsite --help` shows the whole tool.
+Every group lives in `agent.cli.<group>` (config, data, demo, tokens, plans, audit, serve,
+certs, coordinate) and calls library code elsewhere in the agent; shared helpers are in
+`agent.cli.common`. No module outside this package imports Typer. The order below is the
+order `fedsite --help` lists the commands in.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import typer
 
 from agent import __version__
-from agent.config import ConfigError, load_config
+from agent.cli.audit import audit_app
+from agent.cli.certs import certs_app
+from agent.cli.config import config_app
+from agent.cli.data import data_app
+from agent.cli.plans import plans_app
+from agent.cli.serve import serve_app
+from agent.cli.tokens import tokens_app
+from agent.data.demo_data import demo_data_app
+from coordinator.cli import coordinator_app
 
 app = typer.Typer(
     name="fedsite",
@@ -21,7 +28,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-config_app = typer.Typer(help="Check the agent's configuration.", no_args_is_help=True)
 
 
 @app.command()
@@ -30,45 +36,17 @@ def version() -> None:
     typer.echo(__version__)
 
 
-@config_app.command("check")
-def config_check(
-    config: Path = typer.Argument(..., help="Path to the agent's config.yaml."),
-    json_out: bool = typer.Option(False, "--json", help="Print the resolved config as JSON."),
-) -> None:
-    """Validate CONFIG: unknown keys, wrong types and missing paths are named with their key."""
-    try:
-        cfg = load_config(config)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from None
-    if json_out:
-        typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
-        return
-    typer.echo(f"{config}: OK (site {cfg.site.id}, {len(cfg.datasets)} dataset(s), database {cfg.db_url})")
-
-
-def _assemble() -> None:
-    # Imported here so that each area's module is loaded once, when the CLI starts.
-    from agent.audit.cli import audit_app, plans_app, tokens_app
-    from agent.cli.certs import certs_app
-    from agent.cli.serve import serve_app
-    from agent.data.cli import data_app
-    from agent.data.demo_data import demo_data_app
-    from coordinator.cli import coordinator_app
-
-    app.add_typer(config_app, name="config")
-    app.add_typer(data_app, name="data")
-    app.add_typer(demo_data_app)
-    app.add_typer(tokens_app, name="tokens")
-    app.add_typer(plans_app, name="plans")
-    app.add_typer(audit_app, name="audit")
-    app.add_typer(serve_app)
-    app.add_typer(certs_app, name="certs")
-    app.add_typer(coordinator_app)
-
-
-_assemble()
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+app.add_typer(demo_data_app)
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(plans_app, name="plans")
+app.add_typer(audit_app, name="audit")
+app.add_typer(serve_app)
+app.add_typer(certs_app, name="certs")
+app.add_typer(coordinator_app)
 
 
 def main() -> None:
+    """The `fedsite` console script (pyproject's entry point `agent.cli:main`)."""
     app()

@@ -1,0 +1,123 @@
+"""`fedsite audit`: verify, export and follow the hash-chained audit log.
+
+The commands read an existing database only: a missing SQLite file is an error (exit 2),
+never an empty log that "verifies". Exit codes: 0 success, 1 a verification failure,
+2 a config or database that cannot be used.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from agent.audit.chain import AuditLog, parse_anchor
+from agent.cli.common import ConfigOption, database, fail, load
+from agent.fileio import atomic_file
+
+audit_app = typer.Typer(help="Verify, export and follow the hash-chained audit log.", no_args_is_help=True)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    config: Path = ConfigOption,
+    anchor: str | None = typer.Option(
+        None,
+        "--anchor",
+        help="ID:HASH of an event recorded earlier outside the site; it must still be there.",
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check the whole chain; exit 1 naming the first bad event, else print the head to keep."""
+    cfg = load(config)
+    try:
+        expected = parse_anchor(anchor) if anchor is not None else None
+    except ValueError as exc:
+        fail(f"error: {exc}", 2)
+    with database(cfg, must_exist=True) as db:
+        report = AuditLog(db).verify(anchor=expected)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        typer.echo(report.summary())
+        if report.count:
+            typer.echo(f"anchor: {report.last_id}:{report.head_hash}")
+    else:
+        typer.echo(report.summary(), err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@audit_app.command("export")
+def audit_export(
+    config: Path = ConfigOption,
+    fmt: str = typer.Option("jsonl", "--format", help="Output format; 'jsonl' (one event per line)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write to this file instead of standard output."
+    ),
+    since_id: int = typer.Option(
+        0, "--since-id", min=0, help="Only events after this id (incremental export)."
+    ),
+) -> None:
+    """Export events as JSON lines (id, ts, actor, action, details, prev_hash, hash) for a SIEM."""
+    if fmt != "jsonl":
+        fail(f"error: --format {fmt!r}: only 'jsonl' is supported", 2)
+    cfg = load(config)
+    with database(cfg, must_exist=True) as db:
+        events = AuditLog(db).iter_all(since_id=since_id)
+        if out is None:
+            n = _write_jsonl(events, sys.stdout)
+        else:
+            n = _export_file(events, out)
+            typer.echo(f"Exported {n} events to {out}.", err=True)
+
+
+def _write_jsonl(events: Iterator[dict[str, Any]], stream: Any) -> int:
+    n = 0
+    for ev in events:
+        stream.write(json.dumps(ev, sort_keys=True, ensure_ascii=False) + "\n")
+        n += 1
+    stream.flush()
+    return n
+
+
+def _export_file(events: Iterator[dict[str, Any]], out: Path) -> int:
+    # Written aside and renamed, so that a SIEM collector never picks up half a file.
+    with atomic_file(out, "w") as fh:
+        return _write_jsonl(events, fh)
+
+
+def _format_event(ev: dict[str, Any]) -> str:
+    details = json.dumps(ev["details"], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return f"{ev['id']:>6}  {ev['ts']}  {ev['actor']}  {ev['action']}  {details}"
+
+
+@audit_app.command("tail")
+def audit_tail(
+    config: Path = ConfigOption,
+    n: int = typer.Option(20, "-n", "--lines", min=1, max=10_000, help="How many of the newest events."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events until Ctrl-C."),
+    interval: float = typer.Option(1.0, "--interval", min=0.05, max=60.0, help="Seconds between polls."),
+) -> None:
+    """Print the newest events; with --follow, keep printing new ones as they are recorded."""
+    cfg = load(config)
+    with database(cfg, must_exist=True) as db:
+        log = AuditLog(db)
+        last = 0
+        for ev in log.tail(n):
+            typer.echo(_format_event(ev))
+            last = ev["id"]
+        if not follow:
+            return
+        try:
+            while True:
+                time.sleep(interval)
+                for ev in log.events(since_id=last, limit=1000):
+                    typer.echo(_format_event(ev))
+                    last = ev["id"]
+        except KeyboardInterrupt:
+            return

@@ -1,0 +1,152 @@
+"""`fedsite plans`: the plan allow-list for approval policy 'manual' (approve, hash, list, revoke).
+
+Each command opens the database named by the config (migrating it if needed) and records
+what it changes in the audit log, with the local OS user as the actor (`cli:<user>`).
+Exit codes: 0 success, 1 an invalid plan or a refused operation, 2 a config, database or plan
+file that cannot be used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from agent.access.approvals import (
+    ApprovalError,
+    approve_plan,
+    check_plan_hash,
+    is_approved,
+    list_approvals,
+    parse_expiry,
+    revoke_approval,
+)
+from agent.audit.chain import AuditLog
+from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table, when
+
+plans_app = typer.Typer(help="Manage the plan allow-list (approval policy 'manual').", no_args_is_help=True)
+
+
+@plans_app.command("approve")
+def plans_approve(
+    plan_hash: str = typer.Argument(
+        ..., metavar="HASH", help="The plan's SHA-256, as shown in a 403 answer."
+    ),
+    expires: str | None = typer.Option(
+        None, "--expires", help="YYYY-MM-DD (valid through that day, UTC) or an ISO date-time with offset."
+    ),
+    note: str = typer.Option("", "--note", help="Why, ticket number, ... (kept with the approval)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Allow the plan with this hash to run under approval policy 'manual'."""
+    cfg = load(config)
+    try:
+        plan_hash = check_plan_hash(plan_hash)
+        expires_at = parse_expiry(expires) if expires is not None else None
+    except ApprovalError as exc:
+        fail(f"error: {exc}", 1)
+    with database(cfg) as db:
+        try:
+            record = approve_plan(db, AuditLog(db), plan_hash, cli_actor(), expires_at, note)
+        except ApprovalError as exc:
+            fail(f"error: {exc}", 1)
+    if record.expires_at is None:
+        until = "without expiry"
+    elif expires is not None and len(expires.strip()) == 10:
+        until = f"through {expires.strip()} (UTC; expires {when(record.expires_at)})"
+    else:
+        until = f"until {when(record.expires_at)}"
+    typer.echo(f"Approved plan {record.plan_hash} {until}.")
+    if cfg.approval.policy != "manual":
+        typer.echo("note: this site's approval policy is 'auto'; approvals matter only under 'manual'.")
+
+
+@plans_app.command("hash")
+def plans_hash(
+    plan_file: Path = typer.Argument(
+        ..., metavar="PLAN", help="A plan as JSON (e.g. the coordinator's plan.json)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Also say whether this site has approved the plan."
+    ),
+) -> None:
+    """Validate a plan and print its hash (the last line), the value that `plans approve` takes."""
+    from agent.training.plan import PlanError, parse_plan, plan_hash
+
+    try:
+        plan = parse_plan(plan_file.read_bytes())
+    except OSError as exc:
+        fail(f"error: cannot read plan {plan_file}: {exc.strerror or exc}", 2)
+    except PlanError as exc:
+        fail(f"error: {plan_file}: invalid plan:\n{exc}", 1)
+    digest = plan_hash(plan)
+    typer.echo(f"plan: dataset {plan.dataset}, model {plan.model.name}, {plan.local_epochs} local epoch(s)")
+    if config is not None:
+        cfg = load(config)
+        with database(cfg) as db:
+            approved = is_approved(db, digest)
+        typer.echo(f"approved at this site: {'yes' if approved else 'no'} (policy {cfg.approval.policy})")
+    typer.echo(digest)
+
+
+@plans_app.command("list")
+def plans_list(
+    config: Path = ConfigOption,
+    show_all: bool = typer.Option(False, "--all", help="Also show revoked and expired approvals."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List plan approvals (active ones unless --all)."""
+    cfg = load(config)
+    with database(cfg) as db:
+        records = list_approvals(db, include_inactive=show_all)
+    rows: list[dict[str, Any]] = [
+        {
+            "plan_hash": r.plan_hash,
+            "status": r.status(),
+            "approved_by": r.approved_by,
+            "approved_at": when(r.approved_at),
+            "expires_at": when(r.expires_at) if r.expires_at else None,
+            "revoked_at": when(r.revoked_at) if r.revoked_at else None,
+            "revoked_by": r.revoked_by,
+            "note": r.note,
+        }
+        for r in records
+    ]
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(f"approval policy: {cfg.approval.policy}")
+    if not rows:
+        typer.echo("no approvals" if show_all else "no active approvals")
+        return
+    print_table(
+        ["PLAN HASH", "STATUS", "APPROVED", "BY", "EXPIRES", "NOTE"],
+        [
+            [
+                r["plan_hash"],
+                r["status"],
+                r["approved_at"],
+                r["approved_by"],
+                r["expires_at"] or "never",
+                r["note"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+@plans_app.command("revoke")
+def plans_revoke(
+    plan_hash: str = typer.Argument(..., metavar="HASH", help="The plan's SHA-256."),
+    config: Path = ConfigOption,
+) -> None:
+    """Withdraw the approval of a plan; queued rounds are not affected, new ones are refused."""
+    cfg = load(config)
+    with database(cfg) as db:
+        try:
+            n = revoke_approval(db, AuditLog(db), plan_hash, cli_actor())
+        except ApprovalError as exc:
+            fail(f"error: {exc}", 1)
+    typer.echo(f"Revoked {n} approval(s) of plan {check_plan_hash(plan_hash)}.")
