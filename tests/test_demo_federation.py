@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from agent.data.demo_data import demo_data_app
+from agent.cli.demo import demo_data_app
 from agent.data.synthetic.seeding import SyntheticDataError
 from agent.data.synthetic.subjects import SyntheticSubject
 from coordinator import demo_federation
@@ -179,7 +179,7 @@ def test_cli_paper_split_and_extra_sites(monkeypatch: pytest.MonkeyPatch, tmp_pa
         calls.append(kwargs)
         raise SyntheticDataError("stop here")
 
-    monkeypatch.setattr("agent.data.demo_data.generate_federation", fake)
+    monkeypatch.setattr("agent.cli.demo.generate_federation", fake)
     code, output = _run([str(tmp_path / "x"), "--paper-split", "--extra-sites", "2"])
     assert code == 2 and "stop here" in output
     assert calls[0]["sites"] == 10 and list(calls[0]["subjects_per_site"]) == [

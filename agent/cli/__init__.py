@@ -15,10 +15,10 @@ from agent.cli.audit import audit_app
 from agent.cli.certs import certs_app
 from agent.cli.config import config_app
 from agent.cli.data import data_app
+from agent.cli.demo import demo_data_app
 from agent.cli.plans import plans_app
 from agent.cli.serve import serve_app
 from agent.cli.tokens import tokens_app
-from agent.data.demo_data import demo_data_app
 from coordinator.cli import coordinator_app
 
 app = typer.Typer(

@@ -1,10 +1,13 @@
-"""`fedsite demo-data`: generate a ready-to-run federation of sites with made-up brain-MRI data.
+"""`fedsite demo-data` (a ready-to-run federation of made-up sites) and `fedsite demo` (a whole
+federation on this machine).
 
-The command writes what a demo, a test or a benchmark needs and nothing a person must edit: each
-site's data and agent config, the coordinator's federation file and a default training plan.
-Writing them is `coordinator.demo_federation`'s job; this module parses the command line and
-prints the summary. It is command-line code (it imports the coordinator, which the data
-package's library modules never do).
+`demo-data` writes what a demo, a test or a benchmark needs and nothing a person must edit:
+each site's data and agent config, the coordinator's federation file and a default training
+plan. Writing them is `coordinator.demo_federation`'s job; this module parses the command line
+and prints the summary.
+
+The two commands are two Typer apps only so that `fedsite --help` keeps listing `demo-data`
+beside `data` and `demo` after `coordinate`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,6 @@ from coordinator.demo_federation import (
     SiteLayout,
     generate_federation,
 )
-
-__all__ = ["demo_data_app", "parse_counts"]
 
 demo_data_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
