@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from agent.validation import StrictModel, format_validation_error
 
 ENV_PREFIX = "FEDSITE_"
 _SUBJECT = "{subject}"
@@ -40,11 +40,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
-
-
-class SiteConfig(_Strict):
+class SiteConfig(StrictModel):
     id: str = Field(description="Short site identifier shown to the coordinator.")
     name: str = ""
     # Key for the subject pseudonyms (keyed hash of the patient ID). When neither is set the
@@ -58,7 +54,7 @@ class SiteConfig(_Strict):
         return check_name(v)
 
 
-class DatasetConfig(_Strict):
+class DatasetConfig(StrictModel):
     name: str
     format: Literal["nifti", "dicom"]
     root: Path
@@ -92,7 +88,7 @@ class DatasetConfig(_Strict):
         return v
 
 
-class TlsConfig(_Strict):
+class TlsConfig(StrictModel):
     cert_file: Path
     key_file: Path
     # Mutual TLS: when set, clients must present a certificate signed by this CA...
@@ -101,7 +97,7 @@ class TlsConfig(_Strict):
     allowed_client_subjects: list[str] = Field(default_factory=list)
 
 
-class StaticToken(_Strict):
+class StaticToken(StrictModel):
     """A token fixed in the config (for read-only deployments); only its SHA-256 is stored."""
 
     name: str
@@ -116,7 +112,7 @@ class StaticToken(_Strict):
         return v
 
 
-class ApiConfig(_Strict):
+class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
     max_body_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
@@ -128,26 +124,26 @@ class ApiConfig(_Strict):
     tokens: list[StaticToken] = Field(default_factory=list)
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(StrictModel):
     max_weights_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_plan_bytes: int = Field(default=64 * 1024, gt=0)
     # Upper bound on one round's wall time; the worker is stopped past it.
     max_round_seconds: int = Field(default=24 * 3600, gt=0)
 
 
-class ApprovalConfig(_Strict):
+class ApprovalConfig(StrictModel):
     # auto: any plan whose model is in the registry runs; manual: only approved plan hashes.
     policy: Literal["auto", "manual"] = "auto"
 
 
-class EgressConfig(_Strict):
+class EgressConfig(StrictModel):
     # fnmatch patterns of parameter names that never leave the site (zeroed in diffs).
     exclude_parameters: list[str] = Field(default_factory=list)
     # Clip the update's L2 norm (of the difference to the global weights) to this value.
     clip_norm: float | None = Field(default=None, gt=0)
 
 
-class AgentConfig(_Strict):
+class AgentConfig(StrictModel):
     site: SiteConfig
     datasets: list[DatasetConfig] = Field(default_factory=list)
     work_dir: Path = Path("work")
@@ -214,13 +210,6 @@ def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
         node[parts[-1]] = yaml.safe_load(value) if value != "" else None
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
     def fix(p: Path) -> Path:
         p = p.expanduser()
@@ -277,13 +266,7 @@ def parse_config(
     try:
         cfg = AgentConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(exc, where)) from None
     cfg.source = source
     _resolve_paths(cfg, source.parent.resolve() if source else Path.cwd())
     if check_paths:

@@ -30,8 +30,6 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -40,17 +38,14 @@ from pydantic import (
 )
 
 from agent.config import check_name
+from agent.validation import StrictModel, format_validation_error
 
 
 class FederationError(ValueError):
     """A federation file that cannot be used; the message names the file and the key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class AgentEntry(_Strict):
+class AgentEntry(StrictModel):
     name: str
     url: str
     token: SecretStr | None = None
@@ -94,7 +89,7 @@ class AgentEntry(_Strict):
         return self.token_file.read_text().strip()
 
 
-class Timeouts(_Strict):
+class Timeouts(StrictModel):
     connect: float = Field(default=5.0, gt=0)
     read: float = Field(default=30.0, gt=0)
     # Wall time one site may take for one round (or visit) before it is left out.
@@ -102,14 +97,14 @@ class Timeouts(_Strict):
     evaluation: float = Field(default=1800.0, gt=0)
 
 
-class Retries(_Strict):
+class Retries(StrictModel):
     # Attempts per request (1: no retry) on connection errors and 5xx answers; never on 4xx.
     attempts: int = Field(default=5, ge=1, le=50)
     backoff: float = Field(default=0.5, ge=0)
     max_backoff: float = Field(default=10.0, ge=0)
 
 
-class Federation(_Strict):
+class Federation(StrictModel):
     agents: list[AgentEntry] = Field(min_length=1)
     # Sites that never train: they only evaluate models (data the federation never saw).
     outside: list[AgentEntry] = Field(default_factory=list)
@@ -147,13 +142,6 @@ class Federation(_Strict):
         return [a.name for a in self.outside]
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def _resolve_and_check(fed: Federation, base: Path, where: str) -> None:
     problems: list[str] = []
 
@@ -187,11 +175,7 @@ def parse_federation(raw: Any, *, source: Path | None = None) -> Federation:
     try:
         fed = Federation.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{where}: {_loc(tuple(err['loc']))}: {msg}")
-        raise FederationError("\n".join(lines)) from None
+        raise FederationError(format_validation_error(exc, where)) from None
     fed.source = source
     _resolve_and_check(fed, source.parent.resolve() if source else Path.cwd(), where)
     return fed

@@ -69,7 +69,7 @@ def test_missing_tls_file_is_named(tmp_path: Path) -> None:
 def test_missing_required_key(tmp_path: Path) -> None:
     doc = _base()
     del doc["site"]
-    with pytest.raises(ConfigError, match=r"site: Field required"):
+    with pytest.raises(ConfigError, match=r"site: required key is missing"):
         load_config(_write(tmp_path, doc), environ={})
 
 

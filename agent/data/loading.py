@@ -34,12 +34,13 @@ from monai.transforms import (
     ResizeWithPadOrCrop,
     Spacing,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agent.data.catalog import ItemRef
 from agent.data.volume import Volume, read_nifti_volume
 from agent.fileio import atomic_file
+from agent.validation import StrictModel
 
 # Bump when the deterministic preprocessing changes, so that old cache entries are not reused.
 PREPROCESS_VERSION = 1
@@ -51,10 +52,8 @@ class DataLoadError(RuntimeError):
     """An item cannot be loaded; the message names the subject key and what failed."""
 
 
-class DataSettings(BaseModel):
+class DataSettings(StrictModel):
     """The plan's optional "data" key: how subjects become training samples."""
-
-    model_config = ConfigDict(extra="forbid")
 
     spatial_dims: Literal[2, 3] = 2
     # 2D slice size (X, Y) or 3D patch size (X, Y, Z), in RAS voxels; images are cropped or

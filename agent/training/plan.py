@@ -22,16 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.data.loading import DataSettings
 from agent.training.registry import check_arguments, model_entry, validate_model
+from agent.validation import StrictModel, format_validation_error
 
 ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 
 
 class PlanError(ValueError):
     """A plan that cannot run; one line per problem, each naming the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ModelSpec(BaseModel):
@@ -55,7 +52,7 @@ class ModelSpec(BaseModel):
         return param.default
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(StrictModel):
     name: Literal["adam", "adamw", "sgd"]
     lr: float = Field(gt=0, le=10)
     # SGD only; defaults to 0.9 there ("SGD with momentum").
@@ -74,7 +71,7 @@ class OptimizerSpec(_Strict):
         return self
 
 
-class PrivacySpec(_Strict):
+class PrivacySpec(StrictModel):
     """Filters a coordinator asks for on top of the site's own egress settings.
 
     The site's configuration always applies; these can only make the update more private
@@ -85,7 +82,7 @@ class PrivacySpec(_Strict):
     clip_norm: float | None = Field(default=None, gt=0)
 
 
-class EarlyStopping(_Strict):
+class EarlyStopping(StrictModel):
     """Train epoch by epoch up to ``max_epochs``, evaluating on the validation split after each,
     stop after ``patience`` epochs without improvement, and return the best epoch's weights
     (institutional incremental learning). ``local_epochs`` is then not used."""
@@ -94,7 +91,7 @@ class EarlyStopping(_Strict):
     max_epochs: int = Field(ge=1, le=10000)
 
 
-class Plan(_Strict):
+class Plan(StrictModel):
     dataset: str = Field(min_length=1, max_length=64)
     model: ModelSpec
     local_epochs: int = Field(ge=1, le=10000)
@@ -145,13 +142,6 @@ class Plan(_Strict):
         return self
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "plan"
-
-
 def parse_plan(raw: Any) -> Plan:
     """Validate a plan given as JSON text, bytes or an already-parsed mapping."""
     if isinstance(raw, bytes | bytearray):
@@ -169,15 +159,7 @@ def parse_plan(raw: Any) -> Plan:
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            lines.append(f"{_loc(tuple(err['loc']))}: {msg}")
-        raise PlanError("\n".join(lines)) from None
+        raise PlanError(format_validation_error(exc, top="plan")) from None
 
 
 def canonical_json(plan: Plan) -> str:
