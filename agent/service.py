@@ -4,6 +4,10 @@ The REST API is one transport in front of this object; an outbound-only transpor
 agent polling the coordinator, as many hospital firewalls require) can drive the same
 methods unchanged. Errors are domain exceptions (`ServiceError` subclasses) carrying a
 message that names the offending input; the transport maps them to its own codes.
+
+Rounds and evaluations come back as `JobView` snapshots (`agent.jobs.store`). They also
+carry what only the site may see (the plan, paths, the worker's pid): a transport shows a
+caller only the fields its own response models pick, which are counts, metrics and hashes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +34,9 @@ from agent.data.catalog import UnknownDataset, dataset_items, dataset_summaries,
 from agent.db.engine import Database, open_database
 from agent.exchange.codec import WeightError, decode_weights
 from agent.exchange.egress import EgressError, EgressGate
-from agent.jobs import (
-    CANCELLED,
-    EVALUATE,
-    QUEUED,
-    RUNNING,
-    TERMINAL,
-    TRAIN,
-    JobRunner,
-    JobStore,
-    JobView,
-)
+from agent.jobs.runner import JobRunner
+from agent.jobs.states import JobKind, JobStatus, is_terminal
+from agent.jobs.store import JobStore, JobView
 from agent.training.plan import Plan, PlanError, parse_plan, plan_hash
 from agent.training.registry import ModelError, expected_shapes
 
@@ -80,45 +76,10 @@ class QueueFull(ServiceError):
 
 
 @dataclass(frozen=True)
-class JobStatus:
-    """What a caller may learn about a round or an evaluation: no paths, no data."""
-
-    round_id: str
-    kind: str
-    status: str
-    progress: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    num_samples: int | None = None
-    update_sha256: str | None = None
-    error: str | None = None
-    plan_hash: str = ""
-    created: bool = False
-
-    @classmethod
-    def of(cls, job: JobView, *, created: bool = False) -> JobStatus:
-        return cls(
-            round_id=job.round_id,
-            kind=job.kind,
-            status=job.status,
-            progress=job.progress,
-            metrics=job.metrics,
-            num_samples=job.num_samples,
-            update_sha256=job.update_sha256,
-            error=job.error,
-            plan_hash=job.plan_hash,
-            created=created,
-        )
-
-
-@dataclass(frozen=True)
 class Update:
     round_id: str
     data: bytes
     sha256: str
-
-
-def _noun(kind: str) -> str:
-    return "round" if kind == TRAIN else "evaluation"
 
 
 class SiteService:
@@ -209,30 +170,30 @@ class SiteService:
 
     # ---- rounds and evaluations --------------------------------------------------------
 
-    def start_round(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+    def start_round(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobView:
         """Validate and queue a training round; an identical resend returns the existing one."""
-        return self._submit(TRAIN, plan_text, weights, actor)
+        return self._submit(JobKind.TRAIN, plan_text, weights, actor)
 
-    def start_evaluation(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+    def start_evaluation(self, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobView:
         """Validate and queue an evaluation of `weights` on the local validation split."""
-        return self._submit(EVALUATE, plan_text, weights, actor)
+        return self._submit(JobKind.EVALUATE, plan_text, weights, actor)
 
-    def get_round(self, round_id: str) -> JobStatus:
-        return JobStatus.of(self._job(TRAIN, round_id))
+    def get_round(self, round_id: str) -> JobView:
+        return self._job(JobKind.TRAIN, round_id)
 
-    def get_evaluation(self, evaluation_id: str) -> JobStatus:
-        return JobStatus.of(self._job(EVALUATE, evaluation_id))
+    def get_evaluation(self, evaluation_id: str) -> JobView:
+        return self._job(JobKind.EVALUATE, evaluation_id)
 
-    def cancel_round(self, round_id: str, actor: str, *, wait_s: float = 10.0) -> JobStatus:
-        return self._cancel(TRAIN, round_id, actor, wait_s)
+    def cancel_round(self, round_id: str, actor: str, *, wait_s: float = 10.0) -> JobView:
+        return self._cancel(JobKind.TRAIN, round_id, actor, wait_s)
 
-    def cancel_evaluation(self, evaluation_id: str, actor: str, *, wait_s: float = 10.0) -> JobStatus:
-        return self._cancel(EVALUATE, evaluation_id, actor, wait_s)
+    def cancel_evaluation(self, evaluation_id: str, actor: str, *, wait_s: float = 10.0) -> JobView:
+        return self._cancel(JobKind.EVALUATE, evaluation_id, actor, wait_s)
 
     def get_update(self, round_id: str, actor: str) -> Update:
         """The released update of a completed round, as recorded by the egress gate."""
-        job = self._job(TRAIN, round_id)
-        if job.status != "completed":
+        job = self._job(JobKind.TRAIN, round_id)
+        if job.status != JobStatus.COMPLETED:
             raise Conflict(f"round {round_id} is {job.status}; its update is available once it is completed")
         try:
             data = self.gate.read_released(round_id)
@@ -266,10 +227,10 @@ class SiteService:
 
     # ---- internals -------------------------------------------------------------------
 
-    def _job(self, kind: str, round_id: str) -> JobView:
+    def _job(self, kind: JobKind, round_id: str) -> JobView:
         job = self.store.get(kind, round_id)
         if job is None:
-            raise NotFound(f"no {_noun(kind)} with id {round_id!r}")
+            raise NotFound(f"no {kind.noun} with id {round_id!r}")
         return job
 
     def _parse_plan(self, plan_text: str | bytes) -> Plan:
@@ -312,7 +273,7 @@ class SiteService:
         except (WeightError, ModelError) as exc:
             raise InvalidRequest(f"weights: {exc}") from None
 
-    def _submit(self, kind: str, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobStatus:
+    def _submit(self, kind: JobKind, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobView:
         plan = self._parse_plan(plan_text)
         self._check_dataset(plan)
         digest = plan_hash(plan)
@@ -322,10 +283,10 @@ class SiteService:
             raise PlanNotApproved(digest, str(exc)) from None
         if weights is not None and len(weights) == 0:
             weights = None
-        if weights is None and (kind == EVALUATE or plan.init != "random"):
+        if weights is None and (kind == JobKind.EVALUATE or plan.init != "random"):
             need = (
                 "an evaluation needs the weights to evaluate"
-                if kind == EVALUATE
+                if kind == JobKind.EVALUATE
                 else ("required unless the plan's init is 'random'")
             )
             raise InvalidRequest(f"weights: missing; {need}")
@@ -347,7 +308,7 @@ class SiteService:
                 weights_path = job_dir / "weights.safetensors"
                 weights_path.write_bytes(weights)
             with self._create_lock:
-                queued = self.store.count(QUEUED)
+                queued = self.store.count(JobStatus.QUEUED)
                 if queued >= self.cfg.api.queue_size:
                     raise QueueFull(
                         f"the job queue is full ({queued} waiting, "
@@ -375,11 +336,11 @@ class SiteService:
             shutil.rmtree(job_dir, ignore_errors=True)
             raise
         self.runner.wake()
-        return JobStatus.of(job, created=True)
+        return job
 
     @staticmethod
-    def _same_or_conflict(existing: JobView, digest: str, weights_sha: str | None) -> JobStatus:
-        noun = _noun(existing.kind)
+    def _same_or_conflict(existing: JobView, digest: str, weights_sha: str | None) -> JobView:
+        noun = existing.kind.noun
         if existing.plan_hash != digest:
             raise Conflict(
                 f"{noun} {existing.round_id} already exists with a different plan "
@@ -387,27 +348,29 @@ class SiteService:
             )
         if existing.weights_sha256 != weights_sha:
             raise Conflict(f"{noun} {existing.round_id} already exists with different weights")
-        return JobStatus.of(existing)
+        return existing
 
-    def _cancel(self, kind: str, round_id: str, actor: str, wait_s: float) -> JobStatus:
+    def _cancel(self, kind: JobKind, round_id: str, actor: str, wait_s: float) -> JobView:
         job = self._job(kind, round_id)
-        if job.status == CANCELLED:
-            return JobStatus.of(job)
-        if job.status in TERMINAL:
-            raise Conflict(f"{_noun(kind)} {round_id} is already {job.status}")
-        if job.status == QUEUED and self.store.transition(
-            job.id, CANCELLED, actor=actor, details={"reason": "cancelled while queued"}
+        if job.status == JobStatus.CANCELLED:
+            return job
+        if is_terminal(job.status):
+            raise Conflict(f"{kind.noun} {round_id} is already {job.status}")
+        if job.status == JobStatus.QUEUED and self.store.transition(
+            job.id, JobStatus.CANCELLED, actor=actor, details={"reason": "cancelled while queued"}
         ):
-            return JobStatus.of(self._job(kind, round_id))
+            return self._job(kind, round_id)
         if self.store.request_cancel(job.id):
             self.audit.append(
-                f"{_noun(kind)}.cancel_requested", actor=actor, details={"round_id": round_id, "kind": kind}
+                f"{kind.noun}.cancel_requested",
+                actor=actor,
+                details={"round_id": round_id, "kind": kind.value},
             )
         self.runner.wake()
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             state = self.store.status_of(job.id)
-            if state is None or state[0] not in (QUEUED, RUNNING):
+            if state is None or is_terminal(state[0]):
                 break
             time.sleep(0.1)
-        return JobStatus.of(self._job(kind, round_id))
+        return self._job(kind, round_id)

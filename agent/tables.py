@@ -17,7 +17,7 @@ TABLE_MODULES = (
     "agent.audit.models",
     "agent.access.models",
     "agent.data.models",
-    "agent.audit.job_models",
+    "agent.jobs.models",
 )
 
 

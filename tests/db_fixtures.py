@@ -29,7 +29,8 @@ from sqlalchemy.exc import DBAPIError
 
 from agent.audit.chain import AuditLog
 from agent.db.engine import Database, open_database
-from agent.jobs import TRAIN, JobStore
+from agent.jobs.states import JobKind
+from agent.jobs.store import JobStore
 
 POSTGRES_ENV = "FEDSITE_TEST_POSTGRES_URL"
 DB_KINDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
@@ -174,7 +175,7 @@ def fixture_audit_log(db: Database) -> AuditLog:
     return AuditLog(db)
 
 
-def queue_job(store: JobStore, round_id: str, kind: str = TRAIN) -> int:
+def queue_job(store: JobStore, round_id: str, kind: JobKind = JobKind.TRAIN) -> int:
     """A queued job row with placeholder plan and paths, as the coordinator's token would create it."""
     return store.create(
         round_id=round_id,

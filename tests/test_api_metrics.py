@@ -11,9 +11,10 @@ from sqlalchemy import update
 
 from agent.api.metrics import AgentMetrics
 from agent.audit.chain import AuditLog
-from agent.audit.job_models import RoundJob
 from agent.db.engine import Database
-from agent.jobs import COMPLETED, FAILED, RUNNING, JobStore
+from agent.jobs.models import RoundJob
+from agent.jobs.states import JobStatus
+from agent.jobs.store import JobStore
 
 
 def test_job_metrics_come_from_the_database(db: Database) -> None:
@@ -22,10 +23,10 @@ def test_job_metrics_come_from_the_database(db: Database) -> None:
     queue_job(store, "d")
     queue_job(store, "e", kind="evaluate")
     for job in (done, slow, failed):
-        assert store.transition(job, RUNNING, actor="t")
-    store.transition(done, COMPLETED, actor="t", fields={"update_nbytes": 1000})
-    store.transition(slow, COMPLETED, actor="t", fields={"update_nbytes": 234})
-    store.transition(failed, FAILED, actor="t", fields={"error": "boom"})
+        assert store.transition(job, JobStatus.RUNNING, actor="t")
+    store.transition(done, JobStatus.COMPLETED, actor="t", fields={"update_nbytes": 1000})
+    store.transition(slow, JobStatus.COMPLETED, actor="t", fields={"update_nbytes": 234})
+    store.transition(failed, JobStatus.FAILED, actor="t", fields={"error": "boom"})
     with db.session() as s:
         started = s.get(RoundJob, slow).started_at  # type: ignore[union-attr]
         s.execute(

@@ -88,7 +88,7 @@ def test_kill_9_mid_round_then_restart_then_sigterm(site: tuple[Path, dict[str, 
         with agent.client(tokens["coord"]) as c:
             _start_long_round(c, "r-killed")
         worker = _worker_pid(db, "r-killed")
-        # A fork of the agent's fork server (agent.forkserver), not a fresh interpreter.
+        # A fork of the agent's fork server (agent.jobs.forkserver), not a fresh interpreter.
         server = _ppid(worker)
         assert server != agent.process.pid and _ppid(server) == agent.process.pid
         agent.kill()

@@ -1,4 +1,4 @@
-"""The worker fork server (agent.forkserver) with torch-free stand-in workers.
+"""The worker fork server (agent.jobs.forkserver) and its launcher, with torch-free stand-in workers.
 
 The real worker forked by a real agent is covered by test_api_restart (process tree, kill -9
 of the agent, SIGTERM) and by every test that runs rounds through `fedsite serve`.
@@ -6,8 +6,10 @@ of the agent, SIGTERM) and by every test that runs rounds through `fedsite serve
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.forkserver import ForkServer
+from agent.jobs.forkserver import ForkServer
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
 
@@ -46,7 +48,7 @@ def server() -> Iterator[ForkServer]:
 
 
 def _ask(worker: object, line: str) -> str:
-    from agent.forkserver import ForkedWorker
+    from agent.jobs.forkserver import ForkedWorker
 
     assert isinstance(worker, ForkedWorker) and worker.stdin is not None and worker.stdout is not None
     worker.stdin.write(line.encode() + b"\n")
@@ -95,8 +97,6 @@ def test_kill_terminate_and_an_exception_are_reported_like_popen(server: ForkSer
 
 
 def test_wait_times_out_on_a_busy_worker(server: ForkServer) -> None:
-    import subprocess
-
     worker = server.spawn()
     assert worker.stdin is not None
     worker.stdin.write(b"sleep\n")
@@ -139,7 +139,7 @@ def test_closing_the_server_ends_it(server: ForkServer) -> None:
 
 
 def test_workers_are_not_forked_where_they_may_use_a_gpu(tmp_path: Path) -> None:
-    from agent.jobs import start_fork_server, workers_may_use_gpu
+    from agent.jobs.launch import SubprocessLauncher, start_launcher, workers_may_use_gpu
 
     node = tmp_path / "nvidiactl"
     assert not workers_may_use_gpu("auto", [str(node)])
@@ -148,4 +148,48 @@ def test_workers_are_not_forked_where_they_may_use_a_gpu(tmp_path: Path) -> None
     # device: cpu never touches the GPU, whatever the machine has.
     assert not workers_may_use_gpu("cpu", [str(node)])
     if workers_may_use_gpu("cuda"):
-        assert start_fork_server("cuda") is None
+        assert isinstance(start_launcher("cuda"), SubprocessLauncher)
+
+
+class _StandInLauncher:
+    """A fallback launcher that records its use and hands out stand-in subprocess workers."""
+
+    def __init__(self) -> None:
+        self.spawned: list[subprocess.Popen[bytes]] = []
+        self.closed = False
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        self.spawned.append(proc)
+        return proc
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_launcher_whose_fork_server_died_starts_subprocesses_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agent.jobs.launch import ForkServerLauncher
+
+    fallback = _StandInLauncher()
+    launcher = ForkServerLauncher(ForkServer.start(echo_worker), fallback=fallback)
+    try:
+        forked = launcher.spawn()
+        assert _ask(forked, "up").startswith("up ") and not fallback.spawned
+        assert launcher.server is not None
+        os.kill(launcher.server.server_pid, signal.SIGKILL)
+        with caplog.at_level(logging.WARNING, logger="fedsite.jobs"):
+            first = launcher.spawn()
+        assert fallback.spawned == [first] and launcher.server is None
+        assert "starting workers as subprocesses from now on" in caplog.text
+        # From now on without another try of the server (and without another warning).
+        caplog.clear()
+        second = launcher.spawn()
+        assert fallback.spawned == [first, second] and not caplog.text
+    finally:
+        launcher.close()
+        for proc in fallback.spawned:
+            proc.kill()
+            proc.wait()
+    assert fallback.closed

@@ -33,7 +33,9 @@ from agent.config import EgressConfig, load_config
 from agent.data.catalog import dataset_items
 from agent.exchange.codec import decode_weights, encode_weights
 from agent.exchange.egress import EgressGate
-from agent.jobs import Worker, config_for_worker, json_safe
+from agent.jobs.runner import config_for_worker
+from agent.jobs.store import json_safe
+from agent.jobs.worker import Worker
 from agent.service import SiteService
 from agent.training.engine import EngineContext, train_round
 from agent.training.plan import parse_plan

@@ -7,6 +7,7 @@ message that says so: that is what shows the runner read the reply, not the exit
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 from agent.audit.chain import AuditLog
 from agent.config import AgentConfig, parse_config
 from agent.db.engine import Database
-from agent.jobs import FAILED, TERMINAL, JobRunner, JobStore
+from agent.jobs.launch import SubprocessLauncher
+from agent.jobs.runner import JobRunner
+from agent.jobs.states import TERMINAL, JobStatus
+from agent.jobs.store import JobStore
 
 # Answers each job line; exits with 7 on a job whose id is in CRASH_ON.
 STAND_IN = r"""
@@ -67,13 +71,13 @@ def test_one_worker_takes_jobs_in_turn_and_is_retired_after_its_quota(
     runner = JobRunner(
         _config(tmp_path, db_url),
         store,
-        worker_command=[sys.executable, "-c", STAND_IN],
+        launcher=SubprocessLauncher([sys.executable, "-c", STAND_IN]),
         poll_s=0.05,
         max_jobs_per_worker=2,
     )
     _run_all(runner, store, ids)
     views = [store.get_by_id(i) for i in ids]
-    assert [v.status for v in views if v] == [FAILED] * 5
+    assert [v.status for v in views if v] == [JobStatus.FAILED] * 5
     # A stray line on the worker's stdout (noisy) is not taken for a reply.
     assert all(v and v.error == "the worker process finished without recording a result" for v in views)
     pids = [v.worker_pid for v in views if v]
@@ -89,7 +93,10 @@ def test_a_worker_that_dies_mid_job_fails_that_job_and_a_fresh_one_takes_the_nex
     ids = _queue(store, 3)
     monkeypatch.setenv("CRASH_ON", str(ids[1]))
     runner = JobRunner(
-        _config(tmp_path, db_url), store, worker_command=[sys.executable, "-c", STAND_IN], poll_s=0.05
+        _config(tmp_path, db_url),
+        store,
+        launcher=SubprocessLauncher([sys.executable, "-c", STAND_IN]),
+        poll_s=0.05,
     )
     _run_all(runner, store, ids)
     first, crashed, after = (store.get_by_id(i) for i in ids)
@@ -102,3 +109,16 @@ def test_a_worker_that_dies_mid_job_fails_that_job_and_a_fresh_one_takes_the_nex
 def test_max_jobs_per_worker_must_be_positive(db: Database, db_url: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_jobs_per_worker"):
         JobRunner(_config(tmp_path, db_url), JobStore(db, AuditLog(db)), max_jobs_per_worker=0)
+
+
+def test_the_api_side_of_the_jobs_imports_neither_torch_nor_the_worker() -> None:
+    code = (
+        "import sys, agent.jobs.runner, agent.jobs.launch, agent.jobs.store; "
+        "print(sorted(m for m in ('torch', 'monai', 'agent.jobs.worker') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # The worker's module itself loads its libraries only when it serves (or the fork server starts).
+    code = "import sys, agent.jobs.worker; print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from agent_fixtures import GeneratedSite, make_site, tiny_plan
 from agent.access.approvals import approve_plan
 from agent.config import load_config
 from agent.exchange.codec import encode_weights
-from agent.jobs import COMPLETED, RUNNING
+from agent.jobs.states import JobKind, JobStatus
 from agent.service import (
     Conflict,
     InvalidRequest,
@@ -129,8 +129,8 @@ def test_cancel_rules(service: SiteService) -> None:
     done = service.start_round(text(tiny_plan(init="random", round_id="c2")), None, "token:c")
     job = service.store.get("train", done.round_id)
     assert job is not None
-    assert service.store.transition(job.id, RUNNING, actor="t")
-    assert service.store.transition(job.id, COMPLETED, actor="t")
+    assert service.store.transition(job.id, JobStatus.RUNNING, actor="t")
+    assert service.store.transition(job.id, JobStatus.COMPLETED, actor="t")
     with pytest.raises(Conflict, match="already completed"):
         service.cancel_round("c2", "token:c")
     with pytest.raises(NotFound, match="no round with id 'nope'"):
@@ -191,8 +191,10 @@ def test_update_only_when_completed_and_intact(service: SiteService) -> None:
     )
     job = service.store.get("train", "u1")
     assert job is not None
-    service.store.transition(job.id, RUNNING, actor="t")
-    service.store.transition(job.id, COMPLETED, actor="t", fields={"update_sha256": released.sha256})
+    service.store.transition(job.id, JobStatus.RUNNING, actor="t")
+    service.store.transition(
+        job.id, JobStatus.COMPLETED, actor="t", fields={"update_sha256": released.sha256}
+    )
     update = service.get_update("u1", "token:c")
     assert update.sha256 == released.sha256 and update.data == released.path.read_bytes()
     sent = service.audit.find("egress.sent", round_id="u1")
@@ -203,3 +205,37 @@ def test_update_only_when_completed_and_intact(service: SiteService) -> None:
         service.get_update("u1", "token:c")
     assert service.audit.find("egress.refused", round_id="u1")
     assert service.audit.verify().ok
+
+
+def test_the_api_models_show_the_snapshot_public_fields_only(service: SiteService) -> None:
+    from agent.api.schemas import EvaluationAccepted, EvaluationOut, RoundAccepted, RoundOut
+
+    plan = tiny_plan(init="random", round_id="shown")
+    queued = service.start_round(text(plan), None, "token:c")
+    assert json.loads(RoundAccepted.model_validate(queued).model_dump_json()) == {
+        "round_id": "shown",
+        "status": "queued",
+    }
+    job = service.store.get(JobKind.TRAIN, "shown")
+    assert job is not None
+    assert service.store.transition(job.id, JobStatus.RUNNING, actor="t")
+    service.store.set_progress(job.id, {"epoch": 1, "loss": 0.5})
+    assert service.store.transition(
+        job.id,
+        JobStatus.COMPLETED,
+        actor="t",
+        fields={"metrics_json": '{"dice": 0.25}', "num_samples": 3, "update_sha256": "ab" * 32},
+    )
+    shown = RoundOut.model_validate(service.get_round("shown")).model_dump_json()
+    assert shown == (
+        '{"round_id":"shown","status":"completed","progress":{"epoch":1,"loss":0.5},'
+        '"metrics":{"dice":0.25},"num_samples":3,"update_sha256":"' + "ab" * 32 + '","error":null}'
+    )
+    evaluation = service.start_evaluation(text(plan), weights_for(plan), "token:c")
+    assert json.loads(EvaluationAccepted.model_validate(evaluation).model_dump_json()) == {
+        "evaluation_id": "shown",
+        "status": "queued",
+    }
+    assert EvaluationOut.model_validate(service.get_evaluation("shown")).model_dump_json() == (
+        '{"evaluation_id":"shown","status":"queued","progress":{},"metrics":{},"num_samples":null,"error":null}'
+    )

@@ -10,22 +10,10 @@ from db_fixtures import fixture_db, fixture_db_url, queue_job  # noqa: F401
 
 from agent.audit.chain import AuditLog
 from agent.db.engine import Database
-from agent.jobs import (
-    CANCELLED,
-    COMPLETED,
-    EVALUATE,
-    FAILED,
-    INTERRUPTED,
-    QUEUED,
-    RUNNING,
-    TRAIN,
-    JobStore,
-    Redactor,
-    describe_exit,
-    dumps,
-    public_error,
-    sources_of,
-)
+from agent.jobs.redact import Redactor, public_error
+from agent.jobs.runner import describe_exit
+from agent.jobs.states import TERMINAL, JobKind, JobStatus, audit_action, is_terminal, sources_of
+from agent.jobs.store import JobStore, dumps
 
 
 def _store(db: Database) -> tuple[JobStore, AuditLog]:
@@ -36,22 +24,31 @@ def _store(db: Database) -> tuple[JobStore, AuditLog]:
 def test_transitions_follow_the_state_machine(db: Database) -> None:
     store, audit = _store(db)
     job = queue_job(store, "r1")
-    assert store.get(TRAIN, "r1").status == QUEUED  # type: ignore[union-attr]
-    assert not store.transition(job, COMPLETED, actor="x")  # queued cannot complete
-    assert not store.transition(job, INTERRUPTED, actor="x")
-    assert store.transition(job, RUNNING, actor="agent")
-    assert not store.transition(job, RUNNING, actor="agent")  # a second claim loses
+    assert store.get(JobKind.TRAIN, "r1").status == JobStatus.QUEUED  # type: ignore[union-attr]
+    assert not store.transition(job, JobStatus.COMPLETED, actor="x")  # queued cannot complete
+    assert not store.transition(job, JobStatus.INTERRUPTED, actor="x")
+    assert store.transition(job, JobStatus.RUNNING, actor="agent")
+    assert not store.transition(job, JobStatus.RUNNING, actor="agent")  # a second claim loses
     assert store.set_progress(job, {"epoch": 1, "loss": float("nan")})
     assert store.transition(
-        job, COMPLETED, actor="worker", fields={"num_samples": 5, "metrics_json": dumps({"dice": 0.5})}
+        job,
+        JobStatus.COMPLETED,
+        actor="worker",
+        fields={"num_samples": 5, "metrics_json": dumps({"dice": 0.5})},
     )
-    for target in (RUNNING, FAILED, CANCELLED, INTERRUPTED, COMPLETED):
+    for target in (
+        JobStatus.RUNNING,
+        JobStatus.FAILED,
+        JobStatus.CANCELLED,
+        JobStatus.INTERRUPTED,
+        JobStatus.COMPLETED,
+    ):
         assert not store.transition(job, target, actor="late")  # terminal means terminal
     assert not store.set_progress(job, {"epoch": 2})  # no writes after the end
     assert not store.request_cancel(job)
     view = store.get_by_id(job)
     assert view is not None
-    assert view.status == COMPLETED and view.num_samples == 5 and view.metrics == {"dice": 0.5}
+    assert view.status == JobStatus.COMPLETED and view.num_samples == 5 and view.metrics == {"dice": 0.5}
     assert view.progress == {"epoch": 1, "loss": None}
     assert (
         view.started_at is not None and view.finished_at is not None and view.finished_at >= view.started_at
@@ -69,16 +66,16 @@ def test_queue_order_cancel_and_evaluation_ids(db: Database) -> None:
     store, audit = _store(db)
     first = queue_job(store, "a")
     second = queue_job(store, "b")
-    queue_job(store, "a", kind=EVALUATE)  # same id, other kind: its own job
-    assert store.count(QUEUED) == 3
-    assert store.transition(second, CANCELLED, actor="token:coord")
+    queue_job(store, "a", kind=JobKind.EVALUATE)  # same id, other kind: its own job
+    assert store.count(JobStatus.QUEUED) == 3
+    assert store.transition(second, JobStatus.CANCELLED, actor="token:coord")
     claimed = store.claim_next(actor="agent")
-    assert claimed is not None and claimed.id == first and claimed.status == RUNNING
+    assert claimed is not None and claimed.id == first and claimed.status == JobStatus.RUNNING
     claimed2 = store.claim_next(actor="agent")
-    assert claimed2 is not None and claimed2.kind == EVALUATE and claimed2.round_id == "a"
+    assert claimed2 is not None and claimed2.kind == JobKind.EVALUATE and claimed2.round_id == "a"
     assert store.claim_next(actor="agent") is None
     assert store.request_cancel(first)
-    assert store.status_of(first) == (RUNNING, True)
+    assert store.status_of(first) == (JobStatus.RUNNING, True)
     events = audit.events(limit=100)
     assert "evaluation.running" in [e["action"] for e in events]
     assert "round.cancelled" in [e["action"] for e in events]
@@ -92,10 +89,10 @@ def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> 
     assert store.recover_after_restart() == ["run"]
     run_view, wait_view = store.get_by_id(running), store.get_by_id(queued)
     assert run_view is not None and wait_view is not None
-    assert run_view.status == INTERRUPTED and "agent stopped" in (run_view.error or "")
-    assert wait_view.status == QUEUED
+    assert run_view.status == JobStatus.INTERRUPTED and "agent stopped" in (run_view.error or "")
+    assert wait_view.status == JobStatus.QUEUED
     # A worker that outlived its agent cannot overwrite the verdict.
-    assert not store.transition(running, COMPLETED, actor="worker")
+    assert not store.transition(running, JobStatus.COMPLETED, actor="worker")
     assert not store.set_progress(running, {"epoch": 3})
     last = audit.events(limit=100)[-1]
     assert last["action"] == "round.interrupted" and last["details"]["reason"] == "agent restarted"
@@ -103,11 +100,11 @@ def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> 
 
 
 def test_every_state_but_queued_and_running_is_final() -> None:
-    assert sources_of(RUNNING) == {QUEUED}
-    assert sources_of(CANCELLED) == {QUEUED, RUNNING}
-    assert sources_of(INTERRUPTED) == {RUNNING}
-    assert sources_of(COMPLETED) == {RUNNING}
-    assert sources_of(QUEUED) == set()
+    assert sources_of(JobStatus.RUNNING) == {JobStatus.QUEUED}
+    assert sources_of(JobStatus.CANCELLED) == {JobStatus.QUEUED, JobStatus.RUNNING}
+    assert sources_of(JobStatus.INTERRUPTED) == {JobStatus.RUNNING}
+    assert sources_of(JobStatus.COMPLETED) == {JobStatus.RUNNING}
+    assert sources_of(JobStatus.QUEUED) == set()
 
 
 def test_metrics_json_is_strict() -> None:
@@ -132,3 +129,19 @@ def test_errors_shown_to_the_coordinator_carry_no_paths_or_subjects(tmp_path: Pa
     assert len(public_error(RuntimeError("x" * 10_000), redact)) <= 2000
     assert describe_exit(-9) == "killed by signal SIGKILL"
     assert describe_exit(3) == "exit code 3"
+
+
+def test_states_and_kinds_are_the_strings_in_the_database_and_the_api() -> None:
+    assert [s.value for s in JobStatus] == [
+        "queued",
+        "running",
+        "completed",
+        "failed",
+        "cancelled",
+        "interrupted",
+    ]
+    assert [k.value for k in JobKind] == ["train", "evaluate"]
+    assert JobStatus.QUEUED == "queued" and json.dumps({"status": JobStatus.FAILED}) == '{"status": "failed"}'
+    assert audit_action(JobKind.EVALUATE, JobStatus.CANCELLED) == "evaluation.cancelled"
+    assert set(TERMINAL) == {"completed", "failed", "cancelled", "interrupted"}
+    assert not is_terminal("queued") and not is_terminal("running") and is_terminal("interrupted")

@@ -17,7 +17,8 @@ import pytest
 from agent_fixtures import GeneratedSite, make_site, tiny_plan
 
 from agent.config import load_config
-from agent.service import JobStatus, SiteService
+from agent.jobs.store import JobView
+from agent.service import SiteService
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
 
@@ -40,7 +41,7 @@ def service(site: GeneratedSite) -> Iterator[SiteService]:
         svc.close()
 
 
-def wait(service: SiteService, round_id: str, statuses: tuple[str, ...], timeout: float = 300) -> JobStatus:
+def wait(service: SiteService, round_id: str, statuses: tuple[str, ...], timeout: float = 300) -> JobView:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = service.get_round(round_id)

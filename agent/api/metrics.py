@@ -17,9 +17,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.audit.job_models import RoundJob
 from agent.db.engine import Database
-from agent.jobs import KINDS, STATUSES
+from agent.jobs.models import RoundJob
+from agent.jobs.states import JobKind, JobStatus
 
 log = logging.getLogger("fedsite.metrics")
 
@@ -62,7 +62,7 @@ class JobCollector(Collector):
                 ).all()
                 released = s.scalar(
                     select(func.coalesce(func.sum(RoundJob.update_nbytes), 0)).where(
-                        RoundJob.status == "completed"
+                        RoundJob.status == JobStatus.COMPLETED.value
                     )
                 )
         except SQLAlchemyError:
@@ -72,9 +72,9 @@ class JobCollector(Collector):
             "fedsite_jobs", "Rounds and evaluations by kind and status.", labels=["kind", "status"]
         )
         by_key = {(str(k), str(st)): int(n) for k, st, n in counts}
-        for kind in KINDS:
-            for status in STATUSES:
-                jobs.add_metric([kind, status], by_key.get((kind, status), 0))
+        for kind in JobKind:
+            for status in JobStatus:
+                jobs.add_metric([kind.value, status.value], by_key.get((kind.value, status.value), 0))
         yield jobs
         yield self._durations(spans)
         egress = CounterMetricFamily(

@@ -132,7 +132,7 @@ async def create_round(request: Request, caller: Caller = Depends(require_coordi
     service = get_service(request)
     plan, weights = await read_job_form(request, service)
     st = await run_in_threadpool(service.start_round, plan, weights, caller.actor)
-    return RoundAccepted(round_id=st.round_id, status=st.status)  # type: ignore[arg-type]
+    return RoundAccepted.model_validate(st)
 
 
 @router.get("/v1/rounds/{round_id}", response_model=RoundOut, responses=_STATUS_ERRORS, tags=["rounds"])
@@ -142,7 +142,7 @@ async def get_round(
     """A round's status, progress, metrics, sample count and update hash."""
     # The hot path of a coordinator's polling: one indexed read (never blocked by the
     # worker's writes: WAL / MVCC), served on the event loop without a thread-pool hop.
-    return RoundOut.of(service.get_round(round_id))
+    return RoundOut.model_validate(service.get_round(round_id))
 
 
 @router.get(
@@ -184,7 +184,7 @@ def cancel_round(
     round_id: str, caller: Caller = Depends(require_coordinator), service: SiteService = Depends(get_service)
 ) -> RoundOut:
     """Cancel a queued or running round; answers once the worker stopped (or after a few seconds)."""
-    return RoundOut.of(service.cancel_round(round_id, caller.actor))
+    return RoundOut.model_validate(service.cancel_round(round_id, caller.actor))
 
 
 @router.post(
@@ -202,7 +202,7 @@ async def create_evaluation(
     service = get_service(request)
     plan, weights = await read_job_form(request, service)
     st = await run_in_threadpool(service.start_evaluation, plan, weights, caller.actor)
-    return EvaluationAccepted(evaluation_id=st.round_id, status=st.status)  # type: ignore[arg-type]
+    return EvaluationAccepted.model_validate(st)
 
 
 @router.get(
@@ -215,7 +215,7 @@ async def get_evaluation(
     evaluation_id: str, _: Caller = Depends(require_coordinator), service: SiteService = Depends(get_service)
 ) -> EvaluationOut:
     """An evaluation's status and, once completed, its metrics ("dice", ...) and subject count."""
-    return EvaluationOut.of(service.get_evaluation(evaluation_id))
+    return EvaluationOut.model_validate(service.get_evaluation(evaluation_id))
 
 
 @router.post(
@@ -230,7 +230,7 @@ def cancel_evaluation(
     service: SiteService = Depends(get_service),
 ) -> EvaluationOut:
     """Cancel a queued or running evaluation."""
-    return EvaluationOut.of(service.cancel_evaluation(evaluation_id, caller.actor))
+    return EvaluationOut.model_validate(service.cancel_evaluation(evaluation_id, caller.actor))
 
 
 @router.get("/v1/audit", response_model=AuditListOut, responses=_AUTH_ERRORS, tags=["audit"])

@@ -6,13 +6,25 @@ DICOM header values.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, GetPydanticSchema
+from pydantic_core import core_schema
 
-from agent.service import JobStatus
+from agent.jobs.states import JobStatus
 
-Status = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+# A job's status: one of the values of `JobStatus`, published in the OpenAPI schema as an
+# inline enum, as the v1 contract always has. (Annotated with the enum type itself, FastAPI
+# would add the enum as a schema component of its own.)
+Status = Annotated[
+    str,
+    GetPydanticSchema(lambda _type, _handler: core_schema.literal_schema([s.value for s in JobStatus])),
+]
+# The job models below are built from the job snapshot (`agent.jobs.store.JobView`) by its
+# attributes, each showing only the fields it declares. An evaluation's id is its job's
+# `round_id`, shown under its own name.
+_JOB_SNAPSHOT = ConfigDict(from_attributes=True)
+_EVALUATION_ID = AliasChoices("evaluation_id", "round_id")
 
 
 class ErrorOut(BaseModel):
@@ -40,11 +52,15 @@ class InfoOut(BaseModel):
 
 
 class RoundAccepted(BaseModel):
+    model_config = _JOB_SNAPSHOT
+
     round_id: str
     status: Status
 
 
 class RoundOut(BaseModel):
+    model_config = _JOB_SNAPSHOT
+
     round_id: str
     status: Status
     progress: dict[str, Any] = Field(
@@ -55,42 +71,23 @@ class RoundOut(BaseModel):
     update_sha256: str | None = Field(description="SHA-256 of the released update (GET .../update).")
     error: str | None = None
 
-    @classmethod
-    def of(cls, st: JobStatus) -> RoundOut:
-        return cls(
-            round_id=st.round_id,
-            status=st.status,  # type: ignore[arg-type]
-            progress=st.progress,
-            metrics=st.metrics,
-            num_samples=st.num_samples,
-            update_sha256=st.update_sha256,
-            error=st.error,
-        )
-
 
 class EvaluationAccepted(BaseModel):
-    evaluation_id: str
+    model_config = _JOB_SNAPSHOT
+
+    evaluation_id: str = Field(validation_alias=_EVALUATION_ID)
     status: Status
 
 
 class EvaluationOut(BaseModel):
-    evaluation_id: str
+    model_config = _JOB_SNAPSHOT
+
+    evaluation_id: str = Field(validation_alias=_EVALUATION_ID)
     status: Status
     progress: dict[str, Any]
     metrics: dict[str, Any] = Field(description='"dice" (mean over subjects), quantiles, ...')
     num_samples: int | None = Field(description="Validation subjects evaluated.")
     error: str | None = None
-
-    @classmethod
-    def of(cls, st: JobStatus) -> EvaluationOut:
-        return cls(
-            evaluation_id=st.round_id,
-            status=st.status,  # type: ignore[arg-type]
-            progress=st.progress,
-            metrics=st.metrics,
-            num_samples=st.num_samples,
-            error=st.error,
-        )
 
 
 class AuditEventOut(BaseModel):

@@ -48,13 +48,13 @@ def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
     import uvicorn
 
     from agent.api.app import create_app
-    from agent.jobs import start_fork_server
+    from agent.jobs.launch import start_launcher
     from agent.service import SiteService
 
     configure_logging(cfg.log_level)
     # Before the database is opened and any thread started: workers are forks of it.
-    fork_server = start_fork_server(cfg.device)
-    service = SiteService.open(cfg, runner_options={"fork_server": fork_server})
+    launcher = start_launcher(cfg.device)
+    service = SiteService.open(cfg, runner_options={"launcher": launcher})
     app = create_app(service, scan_on_start=scan)
     scheme = "https" if cfg.api.tls is not None else "http"
     log.info("site %s: serving on %s://%s:%d", cfg.site.id, scheme, cfg.api.host, cfg.api.port)

@@ -1,6 +1,6 @@
 """Job workers forked from a process that has already imported torch and MONAI.
 
-A fresh `python -m agent.jobs worker` spends about 8 s of CPU importing torch and MONAI
+A fresh `python -m agent.jobs.worker` spends about 8 s of CPU importing torch and MONAI
 before it can train. The API process has imported them anyway (it validates plans and
 weights), so `fedsite serve` forks a small server right after its imports, before it opens
 the database or starts a thread, and every worker is a fork of that server: no interpreter
@@ -13,9 +13,9 @@ when a worker ends, the server sends its exit code, since only a parent can read
 server dies with the agent (PR_SET_PDEATHSIG), and a worker with the server, so a kill -9
 of the agent still takes its worker with it.
 
-Linux only, and only where workers will not use a GPU (CUDA does not survive a fork;
-see `agent.jobs.workers_may_use_gpu`): elsewhere, and whenever the server is gone,
-`JobRunner` starts workers as subprocesses.
+Linux only, and only where workers will not use a GPU (CUDA does not survive a fork):
+`agent.jobs.launch` decides where it is used, and starts workers as subprocesses elsewhere
+and whenever the server is gone.
 """
 
 from __future__ import annotations

@@ -15,8 +15,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from agent.db.base import Base, UTCDateTime, utcnow
 
-__all__ = ["RoundJob", "utcnow"]
-
 
 class RoundJob(Base):
     __tablename__ = "round_jobs"
@@ -26,8 +24,10 @@ class RoundJob(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     round_id: Mapped[str] = mapped_column(String(128), index=True)
-    kind: Mapped[str] = mapped_column(String(16))  # "train" | "evaluate"
-    # queued | running | completed | failed | cancelled | interrupted
+    # The value of an `agent.jobs.states.JobKind`.
+    kind: Mapped[str] = mapped_column(String(16))
+    # The value of an `agent.jobs.states.JobStatus`; after `JobStore.create` only
+    # `JobStore.transition` changes it.
     status: Mapped[str] = mapped_column(String(16), index=True)
     actor: Mapped[str] = mapped_column(String(128), default="")
     dataset: Mapped[str] = mapped_column(String(128))
