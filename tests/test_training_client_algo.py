@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +112,35 @@ def test_with_a_gate_the_update_is_what_the_gate_released(tmp_path: Path, items:
     assert (tmp_path / "outbox" / "fl-1.safetensors").is_file()
     excluded = [n for n in out.weights if n.startswith("model.0.")]
     assert excluded and all(not out.weights[n].any() for n in excluded)
+
+
+def test_a_random_start_needs_no_weights_and_the_gate_release_is_kept(
+    tmp_path: Path, items: tuple[list, list]
+) -> None:
+    plan = tiny_plan(round_id="fl-2", init="random")
+    native = train_round(plan, None, *items, context(tmp_path, "native"))
+    sink = _Sink()
+    gate = EgressGate(sink, tmp_path / "outbox", EgressConfig())
+    epochs: list[int] = []
+    ctx = context(tmp_path, "fl", on_epoch_end=lambda epoch, _model: epochs.append(epoch))
+    algo = FedsiteClientAlgo(plan, *items, ctx, gate=gate)
+    algo.initialize()
+    algo.train(ExchangeObject())  # no weights at all: the plan starts from random ones
+    out = algo.get_weights()
+    assert all(torch.equal(out.weights[n], native.update[n]) for n in native.update)
+    assert epochs == [1]  # the caller's context is kept whole, epoch hook included
+    released = algo.released
+    assert released is not None and released.path == tmp_path / "outbox" / "fl-2.safetensors"
+    assert released.sha256 == hashlib.sha256(released.path.read_bytes()).hexdigest()
+    assert sink.events[-1]["details"]["sha256"] == released.sha256
+
+
+def test_a_plan_from_global_weights_refuses_to_train_without_them(
+    tmp_path: Path, items: tuple[list, list]
+) -> None:
+    algo = FedsiteClientAlgo(tiny_plan(), *items, context(tmp_path))
+    algo.initialize()
+    with pytest.raises(WeightError, match="init 'global'"):
+        algo.train(ExchangeObject())
+    with pytest.raises(WeightError, match="no weights"):
+        algo.evaluate(ExchangeObject())

@@ -6,6 +6,11 @@ one job line at a time on stdin (`{"config": ..., "job_id": ..., "parent_pid": .
 data, writes progress to the database, records the result and answers with a line
 `{"done": job_id}`.
 
+Rounds and evaluations run through `FedsiteClientAlgo` (`agent.training.client_algo`), the
+project's MONAI FL `ClientAlgo`: `train`, `get_weights` (which sends the update through the
+egress gate) and `evaluate`. It is the same trainer that NVFlare or any other MONAI FL
+driver runs, so there is one trainer, whichever framework drives it.
+
 Nothing heavy is imported at module level (torch, MONAI and the engine are imported by
 `import_worker_libraries` and inside the job): `agent.jobs.launch` imports this module in
 the API process to hand its entry point to the fork server.
@@ -114,13 +119,21 @@ def _load_weights(cfg: AgentConfig, job: JobView, plan: Any) -> Any:
 
 
 def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, job: JobView) -> None:
-    """Train or evaluate one job and record its result; raises on failure."""
+    """Train or evaluate one job through the project's ClientAlgo and record its result.
+
+    Raises on failure (`Worker.run` records it); `Cancelled` when the job was cancelled.
+    """
+    from monai.fl.utils.constants import WeightType
+    from monai.fl.utils.exchange_object import ExchangeObject
+
     from agent.data.catalog import dataset_items
     from agent.exchange.egress import EgressGate
-    from agent.training.engine import EngineContext, evaluate, train_round
+    from agent.training.client_algo import FedsiteClientAlgo
+    from agent.training.engine import EngineContext
     from agent.training.plan import Plan
 
-    plan = Plan.model_validate_json(job.plan_json)
+    # The stored plan carries the job's round id, under which the gate files the update.
+    plan = Plan.model_validate_json(job.plan_json).model_copy(update={"round_id": job.round_id})
     items = dataset_items(db, plan.dataset)
     train = [i for i in items if i.split == "train"]
     val = [i for i in items if i.split == "val"]
@@ -140,45 +153,56 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
             raise JobInputError("an evaluation needs weights")
         if not val:
             raise JobInputError(f"dataset {plan.dataset!r} has no validation subjects")
-        ev = evaluate(plan, weights, val, ctx)
+    elif not train:
+        raise JobInputError(f"dataset {plan.dataset!r} has no training subjects")
+    gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress)
+    algo = FedsiteClientAlgo(plan, train, val, ctx, gate=gate)
+    # A round whose plan starts from random weights may come without any.
+    given = ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS if weights is not None else None)
+    algo.initialize()
+    try:
+        if job.kind == JobKind.EVALUATE:
+            report = algo.evaluate(given)
+            metrics = dict(report.metrics or {})
+            num_samples = int(metrics.pop("num_samples"))
+            store.transition(
+                job.id,
+                JobStatus.COMPLETED,
+                actor="worker",
+                fields={
+                    "metrics_json": dumps(metrics),
+                    "num_samples": num_samples,
+                    "progress_json": dumps(progress.last),
+                },
+                details={"num_samples": num_samples, "metrics": json_safe(metrics)},
+            )
+            return
+        algo.train(given)
+        out = algo.get_weights()
+        released = algo.released
+        assert released is not None, "a ClientAlgo with a gate records what it released"
+        metrics = dict(out.metrics or {})
+        num_samples = int((out.statistics or {})["num_samples"])
         store.transition(
             job.id,
             JobStatus.COMPLETED,
             actor="worker",
             fields={
-                "metrics_json": dumps(ev.metrics),
-                "num_samples": int(ev.num_samples),
+                "metrics_json": dumps(metrics),
+                "num_samples": num_samples,
+                "update_sha256": released.sha256,
+                "update_nbytes": int(released.nbytes),
                 "progress_json": dumps(progress.last),
             },
-            details={"num_samples": int(ev.num_samples), "metrics": json_safe(ev.metrics)},
+            details={
+                "num_samples": num_samples,
+                "update_sha256": released.sha256,
+                "update_nbytes": int(released.nbytes),
+                "metrics": json_safe(metrics),
+            },
         )
-        return
-    if not train:
-        raise JobInputError(f"dataset {plan.dataset!r} has no training subjects")
-    result = train_round(plan, weights, train, val, ctx)
-    gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress)
-    base = result.global_weights if result.global_weights is not None else weights
-    released = gate.release(
-        round_id=job.round_id, plan=plan, update=result.update, global_weights=base, kind=plan.send
-    )
-    store.transition(
-        job.id,
-        JobStatus.COMPLETED,
-        actor="worker",
-        fields={
-            "metrics_json": dumps(result.metrics),
-            "num_samples": int(result.num_samples),
-            "update_sha256": released.sha256,
-            "update_nbytes": int(released.nbytes),
-            "progress_json": dumps(progress.last),
-        },
-        details={
-            "num_samples": int(result.num_samples),
-            "update_sha256": released.sha256,
-            "update_nbytes": int(released.nbytes),
-            "metrics": json_safe(result.metrics),
-        },
-    )
+    finally:
+        algo.finalize()
 
 
 class Worker:
@@ -275,9 +299,10 @@ def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
 
 
 def import_worker_libraries() -> None:
-    """Load what a job needs (torch, MONAI, the engine) before waiting for one."""
+    """Load what a job needs (torch, MONAI, the engine, the ClientAlgo) before waiting for one."""
     import agent.data.catalog
     import agent.exchange.egress
+    import agent.training.client_algo
     import agent.training.engine  # noqa: F401
 
 

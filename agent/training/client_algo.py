@@ -1,18 +1,22 @@
-"""The engine behind MONAI FL's ``ClientAlgo`` interface.
+"""The engine behind MONAI FL's ``ClientAlgo`` interface: the one trainer of the agent.
 
-With this, NVFlare or any other MONAI-FL driver can run our trainer: ``train`` takes the
-global weights in an ``ExchangeObject`` (``WeightType.WEIGHTS``), ``get_weights`` returns
-the update as full weights or as the difference to the global weights according to the
-plan's ``send`` (``WeightType.WEIGHTS`` / ``WeightType.WEIGHT_DIFF``), ``evaluate`` scores
-given weights on the validation split, ``abort`` cancels a running ``train`` between steps.
+The agent's own worker (`agent.jobs.worker`) runs every round and evaluation through this
+class, and so can NVFlare or any other MONAI-FL driver: ``train`` takes the global weights
+in an ``ExchangeObject`` (``WeightType.WEIGHTS``; none at all for a plan that starts from
+random weights), ``get_weights`` returns the update as full weights or as the difference
+to the global weights according to the plan's ``send`` (``WeightType.WEIGHTS`` /
+``WeightType.WEIGHT_DIFF``), ``evaluate`` scores given weights on the validation split,
+``abort`` cancels a running ``train`` between steps.
 
 When an egress gate is given, ``get_weights`` returns what the gate released (filters
-applied, audit event written, bytes re-read through ``read_released``), so that updates
-leaving through a MONAI-FL driver pass the same single gate as those served over HTTP.
+applied, audit event written, bytes re-read through ``read_released``) and keeps the
+release record in ``released``, so that every update, served over HTTP or handed to a
+MONAI-FL driver, leaves through the same single gate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,7 +33,7 @@ from agent.training.registry import expected_shapes
 
 if TYPE_CHECKING:
     from agent.data.catalog import ItemRef
-    from agent.exchange.egress import EgressGate
+    from agent.exchange.egress import EgressGate, Released
     from agent.training.plan import Plan
 
 
@@ -42,35 +46,40 @@ class FedsiteClientAlgo(ClientAlgo):
         ctx: EngineContext,
         *,
         gate: EgressGate | None = None,
-        max_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self.plan = plan
         self.train_items = list(train_items)
         self.val_items = list(val_items)
         self.gate = gate
-        self.max_bytes = max_bytes
         self._abort = threading.Event()
         outer_stop = ctx.should_stop
-        self.ctx = EngineContext(
-            device=ctx.device,
-            work_dir=ctx.work_dir,
-            cache_dir=ctx.cache_dir,
-            progress=ctx.progress,
-            should_stop=lambda: self._abort.is_set() or outer_stop(),
-        )
+        self.ctx = dataclasses.replace(ctx, should_stop=lambda: self._abort.is_set() or outer_stop())
         self.client_name = "fedsite"
         self.rounds = 0
         self.result: TrainResult | None = None
+        # The weights the last `train` was given: what the coordinator holds.
+        self.received: dict[str, torch.Tensor] | None = None
+        # What the gate released for the last `get_weights` (hash, size, file).
+        self.released: Released | None = None
 
     def initialize(self, extra: dict | None = None) -> None:
         extra = extra or {}
         self.client_name = str(extra.get(ExtraItems.CLIENT_NAME, self.client_name))
         self._abort.clear()
         self.result = None
+        self.received = None
+        self.released = None
 
-    def _weights_in(self, data: ExchangeObject) -> dict[str, torch.Tensor]:
+    def _weights_in(self, data: ExchangeObject, *, optional: bool = False) -> dict[str, torch.Tensor] | None:
+        """The weights of DATA as tensors; None where OPTIONAL and DATA carries none at all.
+
+        Whether a round may start without weights is the plan's to say (``init: random``);
+        the engine checks it, with a message that names the plan's setting.
+        """
         if not isinstance(data, ExchangeObject):
             raise ValueError(f"expected an ExchangeObject, got {type(data).__name__}")
+        if optional and data.weights is None and data.weight_type is None:
+            return None
         if not data.is_valid_weights():
             raise WeightError("the ExchangeObject carries no weights or no weight_type")
         if data.weight_type != WeightType.WEIGHTS:
@@ -84,9 +93,9 @@ class FedsiteClientAlgo(ClientAlgo):
 
     def train(self, data: ExchangeObject, extra: dict | None = None) -> None:
         self._abort.clear()
-        self.result = train_round(
-            self.plan, self._weights_in(data), self.train_items, self.val_items, self.ctx
-        )
+        self.result, self.released = None, None
+        self.received = self._weights_in(data, optional=True)
+        self.result = train_round(self.plan, self.received, self.train_items, self.val_items, self.ctx)
         self.rounds += 1
 
     def get_weights(self, extra: dict | None = None) -> ExchangeObject:
@@ -96,18 +105,21 @@ class FedsiteClientAlgo(ClientAlgo):
         update: Mapping[str, torch.Tensor] = result.update
         if self.gate is not None:
             round_id = self.plan.round_id or f"{self.client_name}-fl-{self.rounds}"
-            self.gate.release(
+            # The filters act on the difference to the start of the round; a plan that
+            # ignored the weights it was given (init random) is measured against them,
+            # since they are what the coordinator holds.
+            base = result.global_weights if result.global_weights is not None else self.received
+            self.released = self.gate.release(
                 round_id=round_id,
                 plan=self.plan,
                 update=result.update,
-                global_weights=result.global_weights,
+                global_weights=base,
                 kind=self.plan.send,
             )
-            update = decode_weights(
-                self.gate.read_released(round_id),
-                expected=expected_shapes(self.plan),
-                max_bytes=self.max_bytes,
-            )
+            # The gate's own output, checked against the hash it recorded: the size limit on
+            # received weights does not apply to it.
+            data = self.gate.read_released(round_id)
+            update = decode_weights(data, expected=expected_shapes(self.plan), max_bytes=len(data))
         kind = WeightType.WEIGHT_DIFF if self.plan.send == "diff" else WeightType.WEIGHTS
         return ExchangeObject(
             weights=dict(update),
@@ -120,7 +132,9 @@ class FedsiteClientAlgo(ClientAlgo):
         )
 
     def evaluate(self, data: ExchangeObject, extra: dict | None = None) -> ExchangeObject:
-        result = evaluate(self.plan, self._weights_in(data), self.val_items, self.ctx)
+        weights = self._weights_in(data)
+        assert weights is not None  # only optional weights may be missing
+        result = evaluate(self.plan, weights, self.val_items, self.ctx)
         return ExchangeObject(metrics={**result.metrics, "num_samples": result.num_samples})
 
     def abort(self, extra: dict | None = None) -> None:
@@ -129,6 +143,7 @@ class FedsiteClientAlgo(ClientAlgo):
     def finalize(self, extra: dict | None = None) -> None:
         self._abort.set()
         self.result = None
+        self.received = None
 
     def summary(self) -> dict[str, Any]:
         return {"client": self.client_name, "rounds": self.rounds, "plan_send": self.plan.send}
