@@ -98,7 +98,11 @@ SITE_SECRET = "fixed-test-secret-0123456789"
 
 
 def plan(**overrides: Any) -> dict[str, Any]:
-    """A 2-level U-Net, two epochs of three steps on the generated site: about a second."""
+    """A 2-level U-Net, two epochs of three steps on the generated site: about a second.
+
+    Written out here rather than taken from a shared fixture: the recorded values depend on
+    every key, and a fixture may change for other tests.
+    """
     p: dict[str, Any] = {
         "dataset": "brain",
         "model": {

@@ -318,51 +318,39 @@ class JobRunner:
         """Record what the worker did not: a stop, an overrun, a crash (`code` is its exit)."""
         state = self.store.status_of(job.id)
         if state is not None and state[0] == JobStatus.RUNNING:
-            if reason == "cancel":
-                self.store.transition(
-                    job.id,
-                    JobStatus.CANCELLED,
-                    actor="agent",
-                    details={"reason": "cancel requested; worker stopped"},
-                )
-            elif reason == "timeout":
-                limit = self.cfg.limits.max_round_seconds
-                self.store.transition(
-                    job.id,
-                    JobStatus.FAILED,
-                    actor="agent",
-                    fields={
-                        "error": f"stopped after running longer than limits.max_round_seconds ({limit} s)"
-                    },
-                )
-            elif reason == "shutdown":
-                self.store.transition(
-                    job.id,
-                    JobStatus.INTERRUPTED,
-                    actor="agent",
-                    fields={"error": "the agent was shut down while this job was running; start a new round"},
-                    details={"reason": "agent shutdown"},
-                )
-            elif code is None:
-                self.store.transition(
-                    job.id,
-                    JobStatus.FAILED,
-                    actor="agent",
-                    fields={"error": "the worker process finished without recording a result"},
-                )
-            else:
-                self.store.transition(
-                    job.id,
-                    JobStatus.FAILED,
-                    actor="agent",
-                    fields={
-                        "error": f"the worker process ended unexpectedly ({describe_exit(code)}) "
-                        "before it recorded a result"
-                    },
-                )
+            target, error, details = self._verdict(code, reason)
+            fields = {"error": error} if error is not None else None
+            self.store.transition(job.id, target, actor="agent", fields=fields, details=details)
         final = self.store.get_by_id(job.id)
         # The received weights are needed only while the job may still run.
         done = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
         if final is not None and final.status in done and final.weights_path:
             with contextlib.suppress(OSError):
                 Path(final.weights_path).unlink(missing_ok=True)
+
+    def _verdict(
+        self, code: int | None, reason: str | None
+    ) -> tuple[JobStatus, str | None, dict[str, Any] | None]:
+        """The status, error and audit details of a job that its worker left running."""
+        if reason == "cancel":
+            return JobStatus.CANCELLED, None, {"reason": "cancel requested; worker stopped"}
+        if reason == "timeout":
+            limit = self.cfg.limits.max_round_seconds
+            return (
+                JobStatus.FAILED,
+                f"stopped after running longer than limits.max_round_seconds ({limit} s)",
+                None,
+            )
+        if reason == "shutdown":
+            return (
+                JobStatus.INTERRUPTED,
+                "the agent was shut down while this job was running; start a new round",
+                {"reason": "agent shutdown"},
+            )
+        if code is None:
+            return JobStatus.FAILED, "the worker process finished without recording a result", None
+        return (
+            JobStatus.FAILED,
+            f"the worker process ended unexpectedly ({describe_exit(code)}) before it recorded a result",
+            None,
+        )

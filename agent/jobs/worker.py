@@ -162,47 +162,31 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
     algo.initialize()
     try:
         if job.kind == JobKind.EVALUATE:
-            report = algo.evaluate(given)
-            metrics = dict(report.metrics or {})
+            metrics = dict(algo.evaluate(given).metrics or {})
             num_samples = int(metrics.pop("num_samples"))
-            store.transition(
-                job.id,
-                JobStatus.COMPLETED,
-                actor="worker",
-                fields={
-                    "metrics_json": dumps(metrics),
-                    "num_samples": num_samples,
-                    "progress_json": dumps(progress.last),
-                },
-                details={"num_samples": num_samples, "metrics": json_safe(metrics)},
-            )
-            return
-        algo.train(given)
-        out = algo.get_weights()
-        released = algo.released
-        assert released is not None, "a ClientAlgo with a gate records what it released"
-        metrics = dict(out.metrics or {})
-        num_samples = int((out.statistics or {})["num_samples"])
-        store.transition(
-            job.id,
-            JobStatus.COMPLETED,
-            actor="worker",
-            fields={
-                "metrics_json": dumps(metrics),
-                "num_samples": num_samples,
-                "update_sha256": released.sha256,
-                "update_nbytes": int(released.nbytes),
-                "progress_json": dumps(progress.last),
-            },
-            details={
-                "num_samples": num_samples,
-                "update_sha256": released.sha256,
-                "update_nbytes": int(released.nbytes),
-                "metrics": json_safe(metrics),
-            },
-        )
+            update: dict[str, Any] = {}
+        else:
+            algo.train(given)
+            out = algo.get_weights()
+            released = algo.released
+            assert released is not None, "a ClientAlgo with a gate records what it released"
+            metrics = dict(out.metrics or {})
+            num_samples = int((out.statistics or {})["num_samples"])
+            update = {"update_sha256": released.sha256, "update_nbytes": int(released.nbytes)}
     finally:
         algo.finalize()
+    store.transition(
+        job.id,
+        JobStatus.COMPLETED,
+        actor="worker",
+        fields={
+            "metrics_json": dumps(metrics),
+            "num_samples": num_samples,
+            **update,
+            "progress_json": dumps(progress.last),
+        },
+        details={"num_samples": num_samples, **update, "metrics": json_safe(metrics)},
+    )
 
 
 class Worker:
