@@ -14,12 +14,12 @@ from agent import __version__
 from agent.cli.audit import audit_app
 from agent.cli.certs import certs_app
 from agent.cli.config import config_app
+from agent.cli.coordinate import coordinate_app
 from agent.cli.data import data_app
-from agent.cli.demo import demo_data_app
+from agent.cli.demo import demo_app, demo_data_app
 from agent.cli.plans import plans_app
 from agent.cli.serve import serve_app
 from agent.cli.tokens import tokens_app
-from coordinator.cli import coordinator_app
 
 app = typer.Typer(
     name="fedsite",
@@ -44,7 +44,8 @@ app.add_typer(plans_app, name="plans")
 app.add_typer(audit_app, name="audit")
 app.add_typer(serve_app)
 app.add_typer(certs_app, name="certs")
-app.add_typer(coordinator_app)
+app.add_typer(coordinate_app)
+app.add_typer(demo_app)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from agent.data.synthetic.rendering import MODALITIES
 from agent.data.synthetic.seeding import SyntheticDataError
@@ -28,6 +29,7 @@ from coordinator.demo_federation import (
 )
 
 demo_data_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+demo_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def parse_counts(text: str, *, what: str = "--subjects-per-site") -> list[int]:
@@ -165,3 +167,29 @@ def demo_data(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(_summary(layout))
+
+
+@demo_app.command("demo")
+def demo(
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="Folder for the generated sites and the results."
+    ),
+    sites: int = typer.Option(3, "--sites", min=1, max=10, help="Number of generated sites."),
+    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="FedAvg rounds."),
+    subjects: str | None = typer.Option(
+        None, "--subjects-per-site", help="Subjects per site, comma-separated (default: 8,6,4,...)."
+    ),
+    size: int = typer.Option(32, "--size", min=16, max=256, help="Generated volume size (voxels per side)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the generated data and the model."),
+) -> None:
+    """Generate sites, start their agents, run FedAvg through them, verify their audit logs."""
+    from coordinator.demo import DemoError, run_demo
+
+    try:
+        run_demo(out, sites=sites, rounds=rounds, subjects=subjects, size=size, seed=seed)
+    except DemoError as exc:
+        Console(stderr=True).print(f"[red]demo failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        Console(stderr=True).print("demo interrupted; every agent it started has been stopped")
+        raise typer.Exit(130) from None

@@ -1,4 +1,10 @@
-"""`fedsite coordinate` (drive a federation) and `fedsite demo` (a whole federation on this machine)."""
+"""`fedsite coordinate`: train a model across a federation's agents with the reference coordinator.
+
+The coordinator package does the work (`coordinator.runner.run_strategy`); this module reads
+the federation and plan files, maps the options onto `RunOptions` and prints the summary.
+Exit codes: 0 done, 1 a round or an agent failed (partial results are kept), 2 unusable input,
+130 interrupted.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from coordinator.runner import CoordinatorError, RunResult, run_strategy
 from coordinator.strategies import STRATEGIES
 from coordinator.strategies.base import RoundFailed
 
-coordinator_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+coordinate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def load_plan(path: Path) -> dict[str, Any]:
@@ -41,6 +47,7 @@ def load_plan(path: Path) -> dict[str, Any]:
 
 
 def print_summary(console: Console, result: RunResult) -> None:
+    """The Dice table of every round and where the results, the plot and the final model are."""
     console.print(dice_table(result.rounds))
     console.print(f"results:      {result.results_path}")
     if result.plot_path is not None:
@@ -48,7 +55,7 @@ def print_summary(console: Console, result: RunResult) -> None:
     console.print(f"final model:  {result.final_model_path}")
 
 
-@coordinator_app.command("coordinate")
+@coordinate_app.command("coordinate")
 def coordinate(
     federation: Path = typer.Option(..., "--federation", help="Federation file (agents, tokens, min_sites)."),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON sent to every site."),
@@ -112,29 +119,3 @@ def coordinate(
         console.print("interrupted; partial results in " + str(out / "results.json"))
         raise typer.Exit(130) from None
     print_summary(Console(), result)
-
-
-@coordinator_app.command("demo")
-def demo(
-    out: Path = typer.Option(
-        Path("demo-out"), "--out", help="Folder for the generated sites and the results."
-    ),
-    sites: int = typer.Option(3, "--sites", min=1, max=10, help="Number of generated sites."),
-    rounds: int = typer.Option(3, "--rounds", min=1, max=50, help="FedAvg rounds."),
-    subjects: str | None = typer.Option(
-        None, "--subjects-per-site", help="Subjects per site, comma-separated (default: 8,6,4,...)."
-    ),
-    size: int = typer.Option(32, "--size", min=16, max=256, help="Generated volume size (voxels per side)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the generated data and the model."),
-) -> None:
-    """Generate sites, start their agents, run FedAvg through them, verify their audit logs."""
-    from coordinator.demo import DemoError, run_demo
-
-    try:
-        run_demo(out, sites=sites, rounds=rounds, subjects=subjects, size=size, seed=seed)
-    except DemoError as exc:
-        Console(stderr=True).print(f"[red]demo failed:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("demo interrupted; every agent it started has been stopped")
-        raise typer.Exit(130) from None
