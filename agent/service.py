@@ -28,7 +28,7 @@ from agent import __version__
 from agent.access.approvals import PlanNotApproved as _ApprovalRefused
 from agent.access.approvals import check_plan_allowed
 from agent.access.tokens import TokenInfo, authenticate
-from agent.audit.chain import AuditLog
+from agent.audit.chain import AuditLog, ChainReport
 from agent.config import AgentConfig
 from agent.data.catalog import UnknownDataset, dataset_items, dataset_summaries, scan_datasets
 from agent.db.engine import Database, open_database
@@ -216,14 +216,9 @@ class SiteService:
     ) -> list[dict[str, Any]]:
         return self.audit.events(since_id=since_id, limit=limit, action=action)
 
-    def verify_audit(self) -> dict[str, Any]:
-        report = self.audit.verify()
-        return {
-            "ok": report.ok,
-            "count": report.count,
-            "first_bad_id": report.first_bad_id,
-            "reason": report.reason,
-        }
+    def verify_audit(self) -> ChainReport:
+        """Check the whole hash chain; the report names the first bad event."""
+        return self.audit.verify()
 
     # ---- internals -------------------------------------------------------------------
 

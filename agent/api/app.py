@@ -1,5 +1,5 @@
-"""The FastAPI application: routes, the body limit (`agent.api.middleware`), error mapping, and the
-service's life cycle.
+"""The FastAPI application: the routers (`agent.api.routers`), the body limit
+(`agent.api.middleware`), error mapping, and the service's life cycle.
 
 Every error answer is JSON `{"detail": ...}`. Caller mistakes are 4xx; anything else is a
 bug, logged with a reference and answered 500 without internals.
@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from agent import __version__
 from agent.api.metrics import AgentMetrics
 from agent.api.middleware import BodyLimitMiddleware, BodyTooLarge
-from agent.api.routes import router
+from agent.api.routers import audit, evaluations, health, info, rounds
+from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
 from agent.service import (
     Conflict,
     InvalidRequest,
@@ -65,6 +66,15 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, internal)
 
 
+def _include_routers(app: FastAPI) -> None:
+    """Mount one router per resource; all but the Prometheus endpoint are under /v1."""
+    v1 = APIRouter(prefix="/v1")
+    for resource in (health, info, rounds, evaluations, audit):
+        v1.include_router(resource.router)
+    app.include_router(v1)
+    app.include_router(prometheus.router)
+
+
 def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     """The agent's ASGI app; starting it (lifespan) starts the service, stopping it closes it."""
     cfg = service.cfg
@@ -94,7 +104,7 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     )
     app.state.service = service
     app.state.metrics = metrics
-    app.include_router(router)
+    _include_routers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.api.max_body_bytes, metrics=metrics)
     _install_error_handlers(app)
     return app

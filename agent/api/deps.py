@@ -1,5 +1,9 @@
 """FastAPI dependencies: the site service, the metrics, and bearer-token auth by role.
 
+Routes declare what they need with the `Annotated` aliases at the end of this module
+(`ServiceDep`, `MetricsDep`, `CoordinatorCaller`, `AdminCaller`) instead of repeating
+`Depends(...)` defaults, so that the role an endpoint needs is read off its signature.
+
 Auth runs before any body is read, so a refused call changes nothing and costs little.
 Every refusal is counted and audited ("api.refused" with the reason, method, path and
 client address); the presented token itself is never stored or logged.
@@ -9,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from agent.api.metrics import AgentMetrics
@@ -30,14 +35,29 @@ class Caller:
         return f"token:{self.name}"
 
 
-def get_service(request: Request) -> SiteService:
+def _service(request: Request) -> SiteService:
     service: SiteService = request.app.state.service
     return service
 
 
-def get_metrics(request: Request) -> AgentMetrics:
+def _metrics(request: Request) -> AgentMetrics:
     metrics: AgentMetrics = request.app.state.metrics
     return metrics
+
+
+# The two dependencies below are coroutines although they only read an attribute: FastAPI
+# calls a plain function dependency through the thread pool, and a status poll should not
+# pay that hop twice (see `require_role`).
+
+
+async def get_service(request: Request) -> SiteService:
+    """The app's one `SiteService` (`create_app` puts it in `app.state`)."""
+    return _service(request)
+
+
+async def get_metrics(request: Request) -> AgentMetrics:
+    """The app's `AgentMetrics` (`create_app` puts it in `app.state`)."""
+    return _metrics(request)
 
 
 def _client(request: Request) -> str:
@@ -47,8 +67,8 @@ def _client(request: Request) -> str:
 def _refuse(
     request: Request, status: int, reason: str, detail: str, token_name: str | None = None
 ) -> HTTPException:
-    service = get_service(request)
-    get_metrics(request).auth_failures.labels(reason=reason).inc()
+    service = _service(request)
+    _metrics(request).auth_failures.labels(reason=reason).inc()
     details = {
         "reason": reason,
         "method": request.method,
@@ -91,7 +111,7 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
             raise await run_in_threadpool(
                 _refuse, request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
             )
-        info = get_service(request).authenticate(token)
+        info = _service(request).authenticate(token)
         if info is None:
             raise await run_in_threadpool(
                 _refuse, request, 401, "unknown or revoked token", "invalid or revoked token"
@@ -114,3 +134,11 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
 
 require_coordinator = require_role(COORDINATOR)
 require_admin = require_role(ADMIN)
+
+ServiceDep = Annotated[SiteService, Depends(get_service)]
+MetricsDep = Annotated[AgentMetrics, Depends(get_metrics)]
+# A route's caller parameter comes first in its signature: FastAPI solves dependencies in
+# the order they are declared, and the token must be checked before anything else runs
+# (the job form, for one, reads the request body).
+CoordinatorCaller = Annotated[Caller, Depends(require_coordinator)]
+AdminCaller = Annotated[Caller, Depends(require_admin)]

@@ -1,4 +1,5 @@
-"""Request and response bodies of the v1 API, in one place (they are the OpenAPI schema).
+"""Request and response bodies of the v1 API and its documented error answers, in one place
+(they are the OpenAPI schema).
 
 Every answer carries counts, metrics, hashes and ids only: never pixel data, file paths or
 DICOM header values.
@@ -105,7 +106,11 @@ class AuditListOut(BaseModel):
     next_since_id: int = Field(description="Pass as since_id to read the following page.")
 
 
+# Built from the audit chain's `ChainReport` by its attributes. (The models here carry no
+# docstrings: pydantic would publish them as schema descriptions in the OpenAPI document.)
 class AuditVerifyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     ok: bool
     count: int
     first_bad_id: int | None
@@ -133,4 +138,31 @@ JOB_FORM_OPENAPI: dict[str, Any] = {
             }
         },
     }
+}
+
+
+# Documented error answers, per kind of endpoint (the `responses` of each route).
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "No token, or an invalid or revoked one."},
+    403: {"model": ErrorOut, "description": "The token's role may not call this endpoint."},
+}
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS,
+    400: {"model": ErrorOut, "description": "Malformed multipart body."},
+    403: {
+        "model": ErrorOut,
+        "description": "Wrong role, or the plan is not approved at this site (hash given).",
+    },
+    409: {"model": ErrorOut, "description": "round_id already used with a different plan or weights."},
+    413: {"model": ErrorOut, "description": "Body, plan or weights larger than the configured limits."},
+    415: {"model": ErrorOut, "description": "Not a multipart/form-data body."},
+    422: {
+        "model": ErrorOut,
+        "description": "Invalid plan (key named), unknown dataset, or weights that fail checks.",
+    },
+    429: {"model": ErrorOut, "description": "The job queue is full; retry later."},
+}
+STATUS_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_ERRORS,
+    404: {"model": ErrorOut, "description": "No such id."},
 }
