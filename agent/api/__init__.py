@@ -1,1 +1,1 @@
-"""The REST control API (FastAPI): auth, routes, schemas."""
+"""The REST control API (FastAPI): auth, one router per resource, schemas, middleware, metrics."""
