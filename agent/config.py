@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.errors import ConfigError
 from agent.validation import StrictModel, format_validation_error
 
 ENV_PREFIX = "FEDSITE_"
@@ -34,10 +35,6 @@ def check_name(v: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v):
         raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     return v
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the file and the key."""
 
 
 class SiteConfig(StrictModel):

@@ -15,11 +15,9 @@ from typing import Literal
 
 import torch
 
+from coordinator.errors import AggregationError
+
 UpdateKind = Literal["weights", "diff"]
-
-
-class AggregationError(ValueError):
-    """Updates that cannot be combined; the message names the site and tensor."""
 
 
 @dataclass(frozen=True)

@@ -23,38 +23,17 @@ from typing import Any
 
 import httpx
 
+from coordinator.errors import (
+    AgentAuthError,
+    AgentError,
+    AgentUnreachable,
+    JobFailed,
+    JobTimeout,
+    UpdateIntegrityError,
+)
 from coordinator.federation import AgentEntry, Federation, Retries, Timeouts
 
 TERMINAL = ("completed", "failed", "cancelled", "interrupted")
-
-
-class AgentError(RuntimeError):
-    """A request to one agent failed; the message names the site."""
-
-    def __init__(self, site: str, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(f"{site}: {message}")
-        self.site = site
-        self.status_code = status_code
-
-
-class AgentAuthError(AgentError):
-    """The agent refused the coordinator's credentials (401/403 on an authenticated call)."""
-
-
-class AgentUnreachable(AgentError):
-    """No answer after all retries (connection errors, timeouts or 5xx)."""
-
-
-class UpdateIntegrityError(AgentError):
-    """A downloaded update whose hash does not match what the agent declared."""
-
-
-class JobFailed(AgentError):
-    """A round or evaluation ended in a state other than completed."""
-
-
-class JobTimeout(AgentError):
-    """A round or evaluation did not finish within its time budget."""
 
 
 @dataclass
@@ -69,7 +48,10 @@ class Transfer:
 
 
 @dataclass
-class JobStatus:
+class RemoteJobStatus:
+    """A round or evaluation at one agent, as its status endpoint last answered (`status` is one
+    of the agent's `JobStatus` values, as text)."""
+
     job_id: str
     status: str
     progress: Any = None
@@ -208,11 +190,11 @@ class AgentClient:
     def start_evaluation(self, plan: dict[str, Any], weights: bytes) -> str:
         return self._start("/v1/evaluations", "evaluation_id", plan, weights, what="start evaluation")
 
-    def round_status(self, round_id: str) -> JobStatus:
+    def round_status(self, round_id: str) -> RemoteJobStatus:
         body = self._json(self.request("GET", f"/v1/rounds/{round_id}", what="round status"), "round status")
         return self._status(body, "round_id", round_id)
 
-    def evaluation_status(self, evaluation_id: str) -> JobStatus:
+    def evaluation_status(self, evaluation_id: str) -> RemoteJobStatus:
         what = "evaluation status"
         body = self._json(self.request("GET", f"/v1/evaluations/{evaluation_id}", what=what), what)
         return self._status(body, "evaluation_id", evaluation_id)
@@ -252,9 +234,9 @@ class AgentClient:
         job_id: str,
         *,
         timeout: float,
-        on_status: Callable[[JobStatus], None] | None = None,
+        on_status: Callable[[RemoteJobStatus], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-    ) -> JobStatus:
+    ) -> RemoteJobStatus:
         """Poll a round or evaluation until it ends; raise JobFailed / JobTimeout naming the site."""
         status_of = self.round_status if kind == "round" else self.evaluation_status
         deadline = time.monotonic() + timeout
@@ -296,12 +278,12 @@ class AgentClient:
             raise AgentError(self.name, f"{what}: answer is not a JSON object")
         return body
 
-    def _status(self, body: dict[str, Any], id_key: str, job_id: str) -> JobStatus:
+    def _status(self, body: dict[str, Any], id_key: str, job_id: str) -> RemoteJobStatus:
         status = body.get("status")
         if not isinstance(status, str):
             raise AgentError(self.name, f"status of {job_id}: answer has no 'status'")
         num = body.get("num_samples")
-        return JobStatus(
+        return RemoteJobStatus(
             job_id=str(body.get(id_key, job_id)),
             status=status,
             progress=body.get("progress"),

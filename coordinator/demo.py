@@ -19,20 +19,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from coordinator.client import AgentError
-from coordinator.federation import FederationError, load_federation, write_federation
-from coordinator.local import (
-    LocalAgentError,
-    LocalFederation,
-    create_token,
-    run_fedsite,
-    terminate_on_sigterm,
-    write_secret,
-)
+from coordinator.errors import AgentError, DemoError, FederationError, LocalAgentError, RoundFailed, RunError
+from coordinator.federation import load_federation, write_federation
+from coordinator.local import LocalFederation, create_token, run_fedsite, terminate_on_sigterm, write_secret
 from coordinator.options import RunOptions
 from coordinator.report import Reporter, dice_table
-from coordinator.runner import CoordinatorError, RunResult, run_strategy
-from coordinator.strategies.base import RoundFailed
+from coordinator.runner import RunResult, run_strategy
 
 MARKER = ".fedsite-demo"
 DEFAULT_SUBJECTS = (8, 6, 4)
@@ -41,10 +33,6 @@ DEMO_PLAN_OVERRIDES: dict[str, Any] = {
     "batch_size": 8,
     "optimizer": {"name": "adam", "lr": 0.01},
 }
-
-
-class DemoError(RuntimeError):
-    """The demo could not run to the end; the message says which step and which site."""
 
 
 @dataclass
@@ -131,7 +119,7 @@ def run_demo(
 
 
 def _generate(console: Console, out: Path, *, sites: int, counts: list[int], size: int, seed: int) -> Any:
-    from agent.data.synthetic.seeding import SyntheticDataError
+    from agent.errors import SyntheticDataError
     from coordinator.demo_federation import generate_federation
 
     console.rule(
@@ -201,7 +189,7 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
             initial_weights=initial_weights(plan),
             reporter=Reporter(console),
         )
-    except (FederationError, AgentError, CoordinatorError, RoundFailed, ValueError) as exc:
+    except (FederationError, AgentError, RunError, RoundFailed, ValueError) as exc:
         logs = ", ".join(str(a.log_path) for a in agents.values())
         raise DemoError(f"federated training: {exc}\n(agent logs: {logs})") from None
 

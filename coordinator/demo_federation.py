@@ -26,16 +26,11 @@ from typing import Any
 import numpy as np
 
 from agent.data.synthetic.rendering import check_modalities
-from agent.data.synthetic.seeding import (
-    MAX_SITES,
-    MAX_SUBJECTS_PER_SITE,
-    SyntheticDataError,
-    check_seed,
-    check_size,
-)
+from agent.data.synthetic.seeding import MAX_SITES, MAX_SUBJECTS_PER_SITE, check_seed, check_size
 from agent.data.synthetic.sites import site_profile
 from agent.data.synthetic.subjects import generate_subject
 from agent.data.synthetic.writers import Format, write_dicom_subject, write_nifti_subject
+from agent.errors import SyntheticDataError
 
 # Subjects per site in the reference study's real institutional split.
 PAPER_SPLIT: tuple[int, ...] = (70, 27, 17, 12, 11, 9, 6, 6, 4, 3)

@@ -39,10 +39,7 @@ from pydantic import (
 
 from agent.config import check_name
 from agent.validation import StrictModel, format_validation_error
-
-
-class FederationError(ValueError):
-    """A federation file that cannot be used; the message names the file and the key."""
+from coordinator.errors import FederationError
 
 
 class AgentEntry(StrictModel):

@@ -24,9 +24,7 @@ from typing import IO
 import httpx
 import yaml
 
-
-class LocalAgentError(RuntimeError):
-    """A local agent did not start (or a command against its config failed); names the site."""
+from coordinator.errors import LocalAgentError
 
 
 def free_port() -> int:

@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import torch
 
 from coordinator.aggregate import UpdateKind
-from coordinator.client import AgentClient, AgentError, JobStatus, JobTimeout
+from coordinator.client import AgentClient, RemoteJobStatus
+from coordinator.errors import AgentError, JobTimeout, RunError
 from coordinator.federation import Federation
 from coordinator.options import RunOptions
 from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fraction, progress_text
@@ -34,10 +35,6 @@ from coordinator.weights import decode, encode
 
 _A = TypeVar("_A")
 _T = TypeVar("_T")
-
-
-class CoordinatorError(RuntimeError):
-    """The run cannot start or go on (bad plan, unusable federation); the message says why."""
 
 
 @dataclass
@@ -71,11 +68,9 @@ class Coordinator:
     ) -> None:
         strategy_class = STRATEGIES.get(options.strategy)
         if strategy_class is None:
-            raise CoordinatorError(
-                f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}"
-            )
+            raise RunError(f"unknown strategy {options.strategy!r}; choose one of {', '.join(STRATEGIES)}")
         if options.rounds < 1:
-            raise CoordinatorError(f"rounds must be at least 1, got {options.rounds}")
+            raise RunError(f"rounds must be at least 1, got {options.rounds}")
         self.fed = federation
         self.plan = dict(plan)
         self.plan.pop("round_id", None)
@@ -101,7 +96,7 @@ class Coordinator:
     def recorder(self) -> RunRecorder:
         """The records of the run in progress."""
         if self._recorder is None:
-            raise CoordinatorError("no run in progress")
+            raise RunError("no run in progress")
         return self._recorder
 
     # -- entry point -----------------------------------------------------------------------
@@ -183,10 +178,10 @@ class Coordinator:
             return list(names)
         unknown = [s for s in order if s not in names]
         if unknown:
-            raise CoordinatorError(f"order names site(s) not in the federation: {', '.join(unknown)}")
+            raise RunError(f"order names site(s) not in the federation: {', '.join(unknown)}")
         dupes = sorted({s for s in order if list(order).count(s) > 1})
         if dupes:
-            raise CoordinatorError(f"order lists site(s) twice: {', '.join(dupes)}")
+            raise RunError(f"order lists site(s) twice: {', '.join(dupes)}")
         return list(order)
 
     def _header(self) -> dict[str, Any]:
@@ -236,12 +231,10 @@ class Coordinator:
             names = [d.get("name") for d in info.get("datasets", []) if isinstance(d, dict)]
             if dataset is not None and dataset not in names:
                 have = ", ".join(map(str, names)) or "none"
-                raise CoordinatorError(
-                    f"{site}: the plan's dataset {dataset!r} is not at this site (it has: {have})"
-                )
+                raise RunError(f"{site}: the plan's dataset {dataset!r} is not at this site (it has: {have})")
             infos[site] = {k: info.get(k) for k in ("site_id", "version", "device", "datasets") if k in info}
         if len(self.order) - len(unreachable) < self.fed.min_sites:
-            raise CoordinatorError(
+            raise RunError(
                 f"only {len(self.order) - len(unreachable)} site(s) reachable, fewer than min_sites="
                 f"{self.fed.min_sites}; unreachable: {', '.join(unreachable)}"
             )
@@ -257,7 +250,7 @@ class Coordinator:
         self.reporter.site(site, "sending plan and weights", 0.0)
         job = client.start_round({**plan, "round_id": round_id}, weights)
 
-        def show(status: JobStatus) -> None:
+        def show(status: RemoteJobStatus) -> None:
             text = progress_text(status.progress)
             self.reporter.site(site, f"{status.status} {text}".strip(), progress_fraction(status.progress))
 

@@ -11,8 +11,6 @@ from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F
 from typer.testing import CliRunner
 
 from agent.access.approvals import (
-    ApprovalError,
-    PlanNotApproved,
     approve_plan,
     check_plan_allowed,
     is_approved,
@@ -24,6 +22,7 @@ from agent.audit.chain import AuditLog
 from agent.cli import app
 from agent.config import ApprovalConfig
 from agent.db.engine import Database, open_database
+from agent.errors import ApprovalError, PlanNotApproved
 
 H1 = "1" * 64
 H2 = "ab" * 32

@@ -12,9 +12,10 @@ from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F
 from sqlalchemy import text
 
 from agent.access.models import ApiToken
-from agent.audit.chain import AuditError, AuditLog, canonical_json, event_hash, parse_anchor
+from agent.audit.chain import AuditLog, canonical_json, event_hash, parse_anchor
 from agent.audit.models import GENESIS_HASH
 from agent.db.engine import Database, open_database
+from agent.errors import AuditError
 
 
 def test_append_links_each_event_to_the_previous(audit_log: AuditLog) -> None:

@@ -15,7 +15,8 @@ from sqlalchemy import inspect, text
 
 from agent.audit.chain import AuditLog
 from agent.db.base import Base
-from agent.db.engine import DatabaseError, alembic_config, open_database
+from agent.db.engine import alembic_config, open_database
+from agent.errors import DatabaseOpenError
 from agent.tables import load_all_models
 
 
@@ -95,7 +96,7 @@ def test_concurrent_first_open_does_not_break(blank_db_url: str) -> None:
 
 
 def test_unreachable_database_is_named_without_its_password() -> None:
-    with pytest.raises(DatabaseError) as err:
+    with pytest.raises(DatabaseOpenError) as err:
         open_database("postgresql+psycopg://fedsite:s3cretpw@127.0.0.1:1/fedsite?connect_timeout=2")
     message = str(err.value)
     assert "127.0.0.1:1/fedsite" in message and "s3cretpw" not in message
@@ -107,5 +108,5 @@ def test_database_from_a_newer_version_is_refused_clearly(blank_db_url: str) -> 
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = 'f00dface'"))
     db.dispose()
-    with pytest.raises(DatabaseError, match="f00dface is unknown to this fedsite version"):
+    with pytest.raises(DatabaseOpenError, match="f00dface is unknown to this fedsite version"):
         open_database(blank_db_url)

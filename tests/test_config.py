@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from agent.cli import app
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,12 +16,12 @@ from coordinator_fixtures import RealFederation, TamperingProxy, real_federation
 from safetensors.torch import load as st_load
 from typer.testing import CliRunner
 
-from coordinator.client import AgentAuthError, AgentClient
+from coordinator.client import AgentClient
+from coordinator.errors import AgentAuthError, RoundFailed, RunError
 from coordinator.federation import Federation
 from coordinator.options import RunOptions
 from coordinator.report import QuietReporter
-from coordinator.runner import Coordinator, CoordinatorError
-from coordinator.strategies.base import RoundFailed
+from coordinator.runner import Coordinator
 from coordinator.weights import initial_weights
 
 pytestmark = pytest.mark.timeout(600)
@@ -246,5 +246,5 @@ def test_killed_agent_is_left_out_and_the_round_completes(fed3: RealFederation, 
     assert results(tmp_path / "out")["status"] == "completed"
 
     # With every site required, the same federation cannot run a round any more.
-    with pytest.raises((CoordinatorError, RoundFailed), match="site-3"):
+    with pytest.raises((RunError, RoundFailed), match="site-3"):
         _run(fed3.federation(min_sites=3), tiny_plan(), tmp_path / "again", rounds=1, run_id="kill2")

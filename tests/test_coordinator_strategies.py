@@ -16,11 +16,12 @@ import torch
 from coordinator_fixtures import FakeFederation, fake_federation, results, toy_weights
 
 from coordinator.aggregate import UpdateKind, apply_update
+from coordinator.errors import RoundFailed, RunError
 from coordinator.options import RunOptions
 from coordinator.report import QuietReporter
-from coordinator.runner import Coordinator, CoordinatorError, RunResult
+from coordinator.runner import Coordinator, RunResult
 from coordinator.strategies import STRATEGIES
-from coordinator.strategies.base import Job, RoundFailed, SiteResult, Strategy
+from coordinator.strategies.base import Job, SiteResult, Strategy
 from coordinator.strategies.ciil import CIIL
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.strategies.iil import IIL
@@ -88,7 +89,7 @@ def test_registry_holds_the_cli_values_with_their_round_labels() -> None:
 
 def test_unknown_strategy_names_the_registered_ones(tmp_path: Path) -> None:
     fake = fake_federation({"site-1": 2})
-    with pytest.raises(CoordinatorError, match="unknown strategy 'fedsgd'; choose one of fedavg, iil, ciil"):
+    with pytest.raises(RunError, match="unknown strategy 'fedsgd'; choose one of fedavg, iil, ciil"):
         _run(fake, tmp_path, strategy="fedsgd")
 
 

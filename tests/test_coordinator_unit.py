@@ -11,9 +11,17 @@ import httpx
 import pytest
 import torch
 
-from coordinator.aggregate import AggregationError, SiteUpdate, apply_update, fedavg, weighted_mean
-from coordinator.client import AgentAuthError, AgentClient, AgentError, AgentUnreachable, UpdateIntegrityError
-from coordinator.federation import FederationError, Retries, load_federation, parse_federation
+from coordinator.aggregate import SiteUpdate, apply_update, fedavg, weighted_mean
+from coordinator.client import AgentClient
+from coordinator.errors import (
+    AgentAuthError,
+    AgentError,
+    AgentUnreachable,
+    AggregationError,
+    FederationError,
+    UpdateIntegrityError,
+)
+from coordinator.federation import Retries, load_federation, parse_federation
 from coordinator.options import RunOptions
 from coordinator.report import progress_fraction
 from coordinator.runner import Coordinator, weighted_dice

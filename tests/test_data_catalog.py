@@ -23,8 +23,6 @@ from typer.testing import CliRunner
 
 from agent.data import catalog
 from agent.data.catalog import (
-    CatalogError,
-    UnknownDataset,
     assign_splits,
     compile_pattern,
     dataset_items,
@@ -35,6 +33,7 @@ from agent.data.catalog import (
 from agent.data.models import CatalogFile, CatalogItem
 from agent.db.base import Base
 from agent.db.engine import Database, open_database
+from agent.errors import CatalogError, UnknownDataset
 
 SUBJECTS = [f"PAT-{n:04d}" for n in (1201, 3402, 5603, 7804, 9005, 2306)]
 

@@ -23,8 +23,9 @@ from dicom_fixtures import (
 )
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from agent.data.dicom import DicomError, read_dicom_series, scan_dicom_folder
-from agent.data.volume import Volume, VolumeError, read_nifti_volume, write_nifti
+from agent.data.dicom import read_dicom_series, scan_dicom_folder
+from agent.data.volume import Volume, read_nifti_volume, write_nifti
+from agent.errors import DicomError, VolumeError
 
 # The files shipped inside the installed pydicom package (never downloaded).
 PYDICOM_FILES = Path(pydicom.data.__file__).parent / "test_files"

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from agent.data import loading
 from agent.data.catalog import ItemRef, dataset_items, scan_datasets
 from agent.data.loading import (
-    DataLoadError,
     DataSettings,
     build_train_loader,
     iter_val_volumes,
@@ -24,6 +23,7 @@ from agent.data.loading import (
     preprocess_key,
 )
 from agent.db.engine import open_database
+from agent.errors import DataLoadError
 
 SUBJECTS = [f"PAT-{n:04d}" for n in range(1, 6)]
 

@@ -17,10 +17,10 @@ import pytest
 from agent.data.synthetic.anatomy import TARGET_LABELS
 from agent.data.synthetic.identities import patient_identity
 from agent.data.synthetic.rendering import MODALITIES
-from agent.data.synthetic.seeding import SyntheticDataError
 from agent.data.synthetic.sites import site_profile
 from agent.data.synthetic.subjects import generate_subject
 from agent.data.synthetic.writers import Format, write_dicom_subject, write_nifti_subject
+from agent.errors import SyntheticDataError
 
 SIZE = 32
 SEED = 3

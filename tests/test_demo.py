@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from coordinator import demo as demo_module
-from coordinator.demo import DemoError, prepare_out, run_demo, subject_counts
+from coordinator.demo import prepare_out, run_demo, subject_counts
+from coordinator.errors import DemoError
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -16,8 +16,8 @@ import yaml
 from typer.testing import CliRunner
 
 from agent.cli.demo import demo_data_app
-from agent.data.synthetic.seeding import SyntheticDataError
 from agent.data.synthetic.subjects import SyntheticSubject
+from agent.errors import SyntheticDataError
 from coordinator import demo_federation
 from coordinator.demo_federation import (
     PAPER_SPLIT,
@@ -108,7 +108,8 @@ def test_site_configs_load_and_point_at_the_data(which: str, request: pytest.Fix
 
 
 def test_federation_file_lists_inside_and_outside_sites(nifti_fed: FederationLayout) -> None:
-    from coordinator.federation import FederationError, load_federation
+    from coordinator.errors import FederationError
+    from coordinator.federation import load_federation
 
     doc = yaml.safe_load(nifti_fed.federation_path.read_text())
     assert [a["name"] for a in doc["agents"]] == ["site-1", "site-2"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from agent.exchange.codec import WeightError, decode_weights, encode_weights, parse_header
+from agent.errors import WeightError
+from agent.exchange.codec import decode_weights, encode_weights, parse_header
 
 LIMIT = 1 << 20
 

@@ -13,8 +13,9 @@ from training_fixtures import initial_weights, tiny_plan
 
 from agent.audit.chain import AuditLog
 from agent.config import EgressConfig
+from agent.errors import EgressError
 from agent.exchange.codec import decode_weights
-from agent.exchange.egress import EGRESS_ACTION, EgressError, EgressGate
+from agent.exchange.egress import EGRESS_ACTION, EgressGate
 from agent.training.plan import plan_hash
 from agent.training.registry import expected_shapes
 

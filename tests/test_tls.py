@@ -31,8 +31,9 @@ from agent.audit.chain import AuditLog
 from agent.cli import app as cli_app
 from agent.config import TlsConfig
 from agent.db.engine import open_database
+from agent.errors import TlsError
 from agent.tls.contexts import client_ssl_context, uvicorn_ssl_kwargs
-from agent.tls.files import TlsError, check_tls_files, load_certificate, parse_subject
+from agent.tls.files import check_tls_files, load_certificate, parse_subject
 from agent.tls.issue import init_certificates
 from agent.tls.probe import probe_health
 

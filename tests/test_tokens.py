@@ -11,8 +11,8 @@ import yaml
 from db_fixtures import fixture_audit_log, fixture_db, fixture_db_url  # noqa: F401
 from typer.testing import CliRunner
 
+from agent.access import tokens as tokens_mod
 from agent.access.tokens import (
-    TokenError,
     TokenInfo,
     authenticate,
     create_token,
@@ -21,11 +21,11 @@ from agent.access.tokens import (
     revoke_token,
     token_sha256,
 )
-from agent.access import tokens as tokens_mod
 from agent.audit.chain import AuditLog
 from agent.cli import app
 from agent.config import StaticToken
 from agent.db.engine import Database, open_database
+from agent.errors import TokenError
 
 
 def _config(tmp_path: Path, db_url: str, **extra: object) -> Path:

@@ -14,10 +14,10 @@ from monai.fl.utils.exchange_object import ExchangeObject
 from training_fixtures import context, initial_weights, make_items, tiny_plan
 
 from agent.config import EgressConfig
-from agent.exchange.codec import WeightError
+from agent.errors import TrainingCancelled, WeightError
 from agent.exchange.egress import EgressGate
 from agent.training.client_algo import FedsiteClientAlgo
-from agent.training.engine import Cancelled, evaluate, train_round
+from agent.training.engine import evaluate, train_round
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_abort_cancels_training(tmp_path: Path, items: tuple[list, list]) -> Non
     plan = tiny_plan()
     algo = FedsiteClientAlgo(plan, *items, context(tmp_path, progress=lambda _: algo.abort()))
     algo.initialize()
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         algo.train(ExchangeObject(weights=initial_weights(plan), weight_type=WeightType.WEIGHTS))
 
 

@@ -11,14 +11,9 @@ import pytest
 import torch
 from training_fixtures import context, initial_weights, make_blob_items, make_items, tiny_plan
 
-from agent.exchange.codec import WeightError, decode_weights, encode_weights
-from agent.training.engine import (
-    CHECKPOINT_NAME,
-    Cancelled,
-    EngineError,
-    evaluate,
-    train_round,
-)
+from agent.errors import EngineError, TrainingCancelled, WeightError
+from agent.exchange.codec import decode_weights, encode_weights
+from agent.training.engine import CHECKPOINT_NAME, evaluate, train_round
 from agent.training.registry import exchanged_state, expected_shapes
 
 LIMIT = 1 << 26
@@ -195,7 +190,7 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(
         return any(e["epoch"] == 1 and e["step"] == e["steps"] for e in seen)
 
     ctx = context(tmp_path, "interrupted", progress=seen.append, should_stop=stop_after_epoch_one)
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         train_round(plan, start, *items, ctx)
     assert (ctx.work_dir / CHECKPOINT_NAME).is_file()
     resumed = train_round(plan, start, *items, context(tmp_path, "interrupted"), resume_from_checkpoint=True)
@@ -222,7 +217,7 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(
 
 def test_cancel_stops_between_steps(tmp_path: Path, items: tuple[list, list]) -> None:
     plan = tiny_plan()
-    with pytest.raises(Cancelled):
+    with pytest.raises(TrainingCancelled):
         train_round(plan, initial_weights(plan), *items, context(tmp_path, should_stop=lambda: True))
 
 

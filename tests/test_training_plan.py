@@ -8,7 +8,8 @@ import pytest
 import torch
 from training_fixtures import tiny_plan, tiny_plan_dict
 
-from agent.training.plan import PlanError, parse_plan, plan_hash
+from agent.errors import PlanError
+from agent.training.plan import parse_plan, plan_hash
 from agent.training.registry import build_model, expected_shapes, known_models
 
 

@@ -19,24 +19,10 @@ from agent.access.models import PlanApproval
 from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
+from agent.errors import ApprovalError, PlanNotApproved
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_NOTE_CHARS = 1000
-
-
-class ApprovalError(ValueError):
-    """An approval operation that cannot be done; the message names the plan hash or value."""
-
-
-class PlanNotApproved(PermissionError):
-    """The site's policy is `manual` and this plan hash has no valid approval."""
-
-    def __init__(self, plan_hash: str) -> None:
-        self.plan_hash = plan_hash
-        super().__init__(
-            f"plan {plan_hash} is not approved at this site (approval policy: manual); "
-            f"a site admin can approve it with `fedsite plans approve {plan_hash}`"
-        )
 
 
 @dataclass(frozen=True)

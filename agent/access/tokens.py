@@ -28,15 +28,12 @@ from agent.access.models import ApiToken
 from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
+from agent.errors import TokenError
 
 Role = Literal["coordinator", "admin"]
 ROLES: tuple[Role, ...] = ("coordinator", "admin")
 MAX_TOKEN_CHARS = 512
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
-
-
-class TokenError(ValueError):
-    """A token operation that cannot be done (bad name or role, duplicate, unknown); names it."""
 
 
 class StaticTokenLike(Protocol):

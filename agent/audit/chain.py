@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from agent.audit.models import GENESIS_HASH, AuditChainHead, AuditEvent
 from agent.db.engine import Database
+from agent.errors import AuditError
 
 LOCK_NAME = "fedsite.audit_chain"
 MAX_DETAILS_CHARS = 64 * 1024
@@ -53,10 +54,6 @@ _EVENT_COLUMNS = (
     AuditEvent.prev_hash,
     AuditEvent.hash,
 )
-
-
-class AuditError(ValueError):
-    """An event that cannot be recorded (bad action, actor or details); the message names it."""
 
 
 def canonical_json(value: Any) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from agent.tls.files import TlsError, describe_certificate, load_certificate
+from agent.errors import TlsError
+from agent.tls.files import describe_certificate, load_certificate
 from agent.tls.issue import init_certificates, split_names
 
 certs_app = typer.Typer(help="TLS certificates for the agent's API.", no_args_is_help=True)

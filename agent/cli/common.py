@@ -17,8 +17,9 @@ from typing import NoReturn
 
 import typer
 
-from agent.config import AgentConfig, ConfigError, load_config
-from agent.db.engine import Database, DatabaseError, open_database, sqlite_file
+from agent.config import AgentConfig, load_config
+from agent.db.engine import Database, open_database, sqlite_file
+from agent.errors import ConfigError, DatabaseOpenError
 
 # No environment fallback: every FEDSITE_* variable is read as a config override.
 ConfigOption = typer.Option(..., "--config", "-c", help="Path to the agent's config.yaml.")
@@ -63,7 +64,7 @@ def database(cfg: AgentConfig, *, must_exist: bool = False) -> Iterator[Database
             fail(f"error: the audit database {path} does not exist (database_url in {cfg.source})", 2)
     try:
         db = open_database(cfg.db_url)
-    except DatabaseError as exc:
+    except DatabaseOpenError as exc:
         fail(str(exc), 2)
     try:
         yield db

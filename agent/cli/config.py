@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from agent.cli.common import fail
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from agent.errors import ConfigError
 
 config_app = typer.Typer(help="Check the agent's configuration.", no_args_is_help=True)
 

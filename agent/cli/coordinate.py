@@ -15,20 +15,20 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from coordinator.client import AgentError
-from coordinator.federation import FederationError, load_federation
+from coordinator.errors import AgentError, FederationError, RoundFailed, RunError
+from coordinator.federation import load_federation
 from coordinator.options import RunOptions
 from coordinator.report import Reporter, dice_table
-from coordinator.runner import CoordinatorError, RunResult, run_strategy
+from coordinator.runner import RunResult, run_strategy
 from coordinator.strategies import STRATEGIES
-from coordinator.strategies.base import RoundFailed
 
 coordinate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def load_plan(path: Path) -> dict[str, Any]:
     """Read and validate a plan file with the agents' own plan rules; errors name the file and key."""
-    from agent.training.plan import PlanError, parse_plan
+    from agent.errors import PlanError
+    from agent.training.plan import parse_plan
 
     try:
         text = path.read_text()
@@ -111,7 +111,7 @@ def coordinate(
     reporter = QuietReporter(console) if quiet else Reporter(console)
     try:
         result = run_strategy(fed, plan_doc, out, options, initial_weights=start, reporter=reporter)
-    except (AgentError, CoordinatorError, RoundFailed) as exc:
+    except (AgentError, RunError, RoundFailed) as exc:
         console.print(f"[red]error:[/red] {exc}")
         console.print(f"partial results: {out / 'results.json'}")
         raise typer.Exit(1) from None

@@ -18,11 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load
-from agent.data.catalog import CatalogError, dataset_summaries, item_details, scan_datasets
-from agent.data.dicom import DicomError
+from agent.data.catalog import dataset_summaries, item_details, scan_datasets
 from agent.data.inspect import FolderView, convert_volume, read_folder, volume_summary
-from agent.data.volume import VolumeError
 from agent.db.engine import Database
+from agent.errors import CatalogError, DicomError, VolumeError
 
 data_app = typer.Typer(help="Local datasets: scan, list, inspect, convert.", no_args_is_help=True)
 

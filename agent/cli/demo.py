@@ -18,8 +18,8 @@ import typer
 from rich.console import Console
 
 from agent.data.synthetic.rendering import MODALITIES
-from agent.data.synthetic.seeding import SyntheticDataError
 from agent.data.synthetic.writers import Format
+from agent.errors import SyntheticDataError
 from coordinator.demo_federation import (
     DEFAULT_BASE_PORT,
     PAPER_SPLIT,
@@ -183,7 +183,8 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed for the generated data and the model."),
 ) -> None:
     """Generate sites, start their agents, run FedAvg through them, verify their audit logs."""
-    from coordinator.demo import DemoError, run_demo
+    from coordinator.demo import run_demo
+    from coordinator.errors import DemoError
 
     try:
         run_demo(out, sites=sites, rounds=rounds, subjects=subjects, size=size, seed=seed)

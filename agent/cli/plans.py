@@ -15,7 +15,6 @@ from typing import Any
 import typer
 
 from agent.access.approvals import (
-    ApprovalError,
     approve_plan,
     check_plan_hash,
     is_approved,
@@ -25,6 +24,7 @@ from agent.access.approvals import (
 )
 from agent.audit.chain import AuditLog
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table, when
+from agent.errors import ApprovalError
 
 plans_app = typer.Typer(help="Manage the plan allow-list (approval policy 'manual').", no_args_is_help=True)
 
@@ -73,7 +73,8 @@ def plans_hash(
     ),
 ) -> None:
     """Validate a plan and print its hash (the last line), the value that `plans approve` takes."""
-    from agent.training.plan import PlanError, parse_plan, plan_hash
+    from agent.errors import PlanError
+    from agent.training.plan import parse_plan, plan_hash
 
     try:
         plan = parse_plan(plan_file.read_bytes())

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from agent.config import ConfigError, load_config
-from agent.tls.files import TlsError, check_tls_files
+from agent.config import load_config
+from agent.errors import ConfigError, TlsError
+from agent.tls.files import check_tls_files
 
 serve_app = typer.Typer(add_completion=False)
 

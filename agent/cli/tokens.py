@@ -13,9 +13,10 @@ from typing import Any
 
 import typer
 
-from agent.access.tokens import ROLES, TokenError, create_token, list_tokens, revoke_token
+from agent.access.tokens import ROLES, create_token, list_tokens, revoke_token
 from agent.audit.chain import AuditLog
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table, when
+from agent.errors import TokenError
 
 tokens_app = typer.Typer(help="Manage the REST API's bearer tokens.", no_args_is_help=True)
 

@@ -47,6 +47,7 @@ from agent.config import AgentConfig, DatasetConfig
 from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
 from agent.data.volume import Volume, read_nifti_volume
 from agent.db.engine import Database
+from agent.errors import CatalogError, FedsiteError, UnknownDataset
 
 Split = Literal["train", "val"]
 Fmt = Literal["nifti", "dicom"]
@@ -56,14 +57,6 @@ MAX_LABEL_VALUES = 1000
 _HASH_CHUNK = 1 << 20
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PATH_KEY_FILE = "catalog.key"
-
-
-class CatalogError(ValueError):
-    """The catalog cannot do what was asked; the message names the dataset or pattern."""
-
-
-class UnknownDataset(CatalogError):
-    """The dataset is not in the catalog (not configured, or never scanned)."""
 
 
 @dataclass(frozen=True)
@@ -399,8 +392,8 @@ def label_fraction(counts: dict[str, int], target_labels: Iterable[int]) -> floa
 # ----------------------------------------------------------------------------- one dataset's scan
 
 
-class _SubjectSkipped(Exception):
-    pass
+class _SubjectSkipped(FedsiteError):
+    """A subject the scan leaves out; the message is the reason recorded in the scan report, as is."""
 
 
 @dataclass

@@ -57,6 +57,7 @@ import pydicom
 from pydicom.uid import UID
 
 from agent.data.volume import Volume
+from agent.errors import DicomError, FedsiteError
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -125,10 +126,6 @@ PIXEL_SPACING_TOL = 1e-3
 MIN_FILES_FOR_POOL = 16
 
 
-class DicomError(ValueError):
-    """A folder does not hold what the caller asked for; the message names the folder or file."""
-
-
 @dataclass(frozen=True)
 class Skipped:
     """A file the scan did not use, and why."""
@@ -184,7 +181,7 @@ class _FileResult:
     non_image: str | None = None
 
 
-class _Skip(Exception):
+class _Skip(FedsiteError):
     """Raised inside a worker to skip the current file with the given reason."""
 
 
@@ -259,7 +256,7 @@ def _native_pixels(
     return arr
 
 
-class _Fallback(Exception):
+class _Fallback(FedsiteError):
     """The fast walker met an encoding it does not handle; pydicom reads the file instead."""
 
 

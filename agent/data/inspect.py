@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.data.dicom import DicomScan, Skipped, scan_dicom_folder
-from agent.data.volume import Volume, VolumeError, read_nifti_volume, write_nifti
+from agent.data.volume import Volume, read_nifti_volume, write_nifti
+from agent.errors import VolumeError
 
 
 @dataclass

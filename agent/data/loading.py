@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from agent.data.catalog import ItemRef
 from agent.data.volume import Volume, read_nifti_volume
+from agent.errors import DataLoadError
 from agent.fileio import atomic_file
 from agent.validation import StrictModel
 
@@ -46,10 +47,6 @@ from agent.validation import StrictModel
 PREPROCESS_VERSION = 1
 # At most this many foreground voxels per subject are kept to centre 3D patches on.
 _MAX_FG_POINTS = 4096
-
-
-class DataLoadError(RuntimeError):
-    """An item cannot be loaded; the message names the subject key and what failed."""
 
 
 class DataSettings(StrictModel):

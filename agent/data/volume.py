@@ -15,9 +15,7 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
-
-class VolumeError(ValueError):
-    """A file cannot be read as a 3D volume; the message names the file and the problem."""
+from agent.errors import VolumeError
 
 
 @dataclass

@@ -25,11 +25,9 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
+from agent.errors import DatabaseOpenError
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be opened or migrated; the message names it (password hidden)."""
 
 
 def safe_url(url: str) -> str:
@@ -208,7 +206,7 @@ def _upgrade(conn: Connection) -> None:
         return
     unknown = sorted(current - known)
     if unknown:
-        raise DatabaseError(
+        raise DatabaseOpenError(
             f"the database's schema revision {', '.join(unknown)} is unknown to this fedsite version "
             "(written by a newer version?); upgrade fedsite instead of opening it with this one"
         )
@@ -262,6 +260,6 @@ def open_database(url: str) -> Database:
         migrate(db)
     except Exception as exc:
         db.dispose()
-        why = str(exc) if isinstance(exc, DatabaseError) else f"{type(exc).__name__}: {exc}"
-        raise DatabaseError(f"cannot open database {safe_url(url)}: {why}") from exc
+        why = str(exc) if isinstance(exc, DatabaseOpenError) else f"{type(exc).__name__}: {exc}"
+        raise DatabaseOpenError(f"cannot open database {safe_url(url)}: {why}") from exc
     return db

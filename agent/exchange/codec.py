@@ -18,15 +18,13 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from agent.errors import WeightError
+
 # safetensors' own cap on the JSON header; a larger claim is a corrupt or hostile file.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _WIRE_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 _TRANSFER_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _LIST_LIMIT = 5
-
-
-class WeightError(ValueError):
-    """Weights that cannot be used; the message names the tensor or the problem."""
 
 
 def _names(names: list[str] | set[str]) -> str:

@@ -36,7 +36,8 @@ import torch
 
 from agent.audit.sink import AuditSink
 from agent.config import EgressConfig
-from agent.exchange.codec import WeightError, check_names_and_shapes, encode_weights
+from agent.errors import EgressError, WeightError
+from agent.exchange.codec import check_names_and_shapes, encode_weights
 from agent.fileio import atomic_write_bytes
 from agent.training.plan import ROUND_ID_PATTERN, plan_hash
 from agent.training.registry import expected_shapes
@@ -47,10 +48,6 @@ if TYPE_CHECKING:
 EGRESS_ACTION = "egress.update"
 ACTOR = "egress-gate"
 _ROUND_ID = re.compile(ROUND_ID_PATTERN)
-
-
-class EgressError(RuntimeError):
-    """An update that must not leave, or a released file that no longer matches its record."""
 
 
 @dataclass(frozen=True)

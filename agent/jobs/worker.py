@@ -33,6 +33,7 @@ from typing import IO, Any
 from agent.audit.chain import AuditLog
 from agent.config import AgentConfig
 from agent.db.engine import Database
+from agent.errors import JobInputError, TrainingCancelled
 from agent.jobs.forkserver import die_with_parent
 from agent.jobs.redact import Redactor, public_error
 from agent.jobs.states import JobKind, JobStatus
@@ -104,10 +105,6 @@ class StopCheck:
         return self._stop
 
 
-class JobInputError(Exception):
-    """The job cannot run as asked (no subjects, weights no longer valid, ...)."""
-
-
 def _load_weights(cfg: AgentConfig, job: JobView, plan: Any) -> Any:
     from agent.exchange.codec import decode_weights
     from agent.training.registry import expected_shapes
@@ -121,7 +118,7 @@ def _load_weights(cfg: AgentConfig, job: JobView, plan: Any) -> Any:
 def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, job: JobView) -> None:
     """Train or evaluate one job through the project's ClientAlgo and record its result.
 
-    Raises on failure (`Worker.run` records it); `Cancelled` when the job was cancelled.
+    Raises on failure (`Worker.run` records it); `TrainingCancelled` when the job was cancelled.
     """
     from monai.fl.utils.constants import WeightType
     from monai.fl.utils.exchange_object import ExchangeObject
@@ -223,7 +220,6 @@ class Worker:
                 stream=sys.stderr,
             )
             self._logging = True
-        from agent.training.engine import Cancelled
 
         db = self._database(cfg.db_url)
         audit = AuditLog(db)
@@ -241,7 +237,7 @@ class Worker:
             log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
         try:
             run_job(cfg, db, store, audit, job)
-        except Cancelled:
+        except TrainingCancelled:
             store.transition(
                 job.id, JobStatus.CANCELLED, actor="worker", details={"reason": "cancel requested"}
             )

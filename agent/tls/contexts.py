@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import TlsConfig
-from agent.tls.files import TlsError, check_tls_files, load_private_key
+from agent.errors import TlsError
+from agent.tls.files import check_tls_files, load_private_key
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

@@ -15,11 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from agent.config import TlsConfig
-
-
-class TlsError(ValueError):
-    """TLS material that cannot be used; the message names the file or the config key."""
-
+from agent.errors import TlsError
 
 # --------------------------------------------------------------------------- loading
 

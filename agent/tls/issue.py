@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.tls.files import TlsError, load_certificate, load_private_key, public_key_der
+from agent.errors import TlsError
+from agent.tls.files import load_certificate, load_private_key, public_key_der
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _DNS_RE = re.compile(

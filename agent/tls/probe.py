@@ -13,7 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from agent.config import ConfigError, load_config
+from agent.config import load_config
+from agent.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/fedsite/config.yaml")
 

@@ -27,7 +27,8 @@ from monai.fl.client import ClientAlgo
 from monai.fl.utils.constants import ExtraItems, FlStatistics, WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
 
-from agent.exchange.codec import WeightError, decode_weights
+from agent.errors import WeightError
+from agent.exchange.codec import decode_weights
 from agent.training.engine import EngineContext, TrainResult, evaluate, train_round
 from agent.training.registry import expected_shapes
 

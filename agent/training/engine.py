@@ -48,7 +48,8 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from agent.data import loading
-from agent.exchange.codec import WeightError, check_names_and_shapes
+from agent.errors import EngineError, TrainingCancelled, WeightError
+from agent.exchange.codec import check_names_and_shapes
 from agent.fileio import atomic_write_bytes
 from agent.training.losses import make_loss
 from agent.training.plan import Plan, plan_hash
@@ -60,14 +61,6 @@ if TYPE_CHECKING:
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # Progress is reported at most this often (plus at every epoch's end); the consumer persists it.
 PROGRESS_INTERVAL_S = 1.0
-
-
-class EngineError(RuntimeError):
-    """A round or evaluation that cannot run as asked; the message says why."""
-
-
-class Cancelled(Exception):
-    """Raised between steps when ``ctx.should_stop()`` turns true."""
 
 
 def _no_progress(_: dict[str, Any]) -> None:
@@ -356,7 +349,7 @@ class _Trainer:
         step = 0
         for step, batch in enumerate(loader, 1):
             if self.ctx.should_stop():
-                raise Cancelled(f"cancelled in epoch {epoch} at step {step}")
+                raise TrainingCancelled(f"cancelled in epoch {epoch} at step {step}")
             x = batch["image"].to(self.device, non_blocking=True)
             y = batch["label"].to(self.device, non_blocking=True)
             if x.shape[1] != in_channels:
@@ -454,7 +447,7 @@ def train_round(
             metrics["best_epoch"] = float(run.best_epoch)
         elif val:
             if ctx.should_stop():
-                raise Cancelled("cancelled before evaluation")
+                raise TrainingCancelled("cancelled before evaluation")
             metrics = _evaluate_model(plan, model, val, ctx, device).metrics
         else:
             metrics = {}
@@ -544,7 +537,7 @@ def _evaluate_model(
     with torch.inference_mode():
         for _key, image, label in loading.iter_val_volumes(list(val), plan.data, cache_dir=ctx.cache_dir):
             if ctx.should_stop():
-                raise Cancelled("cancelled during evaluation")
+                raise TrainingCancelled("cancelled during evaluation")
             logits = _predict(plan, model, image, device)
             scores.append(_dice(logits, label.to(logits.device)))
     if not scores:

@@ -21,14 +21,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.data.loading import DataSettings
+from agent.errors import PlanError
 from agent.training.registry import check_arguments, model_entry, validate_model
 from agent.validation import StrictModel, format_validation_error
 
 ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-
-
-class PlanError(ValueError):
-    """A plan that cannot run; one line per problem, each naming the key."""
 
 
 class ModelSpec(BaseModel):

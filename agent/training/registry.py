@@ -28,6 +28,8 @@ import torch
 from monai.networks.nets import BasicUNet, SegResNet, UNet
 from torch import nn
 
+from agent.errors import ModelError
+
 if TYPE_CHECKING:
     from agent.training.plan import Plan
 
@@ -51,10 +53,6 @@ REGISTRY: dict[str, ModelEntry] = {
         ModelEntry("segresnet", SegResNet, "monai.networks.nets.SegResNet (2D or 3D)"),
     )
 }
-
-
-class ModelError(ValueError):
-    """A model name or model arguments that the registry refuses; the message names them."""
 
 
 def known_models() -> list[str]:

@@ -36,10 +36,6 @@ _A = TypeVar("_A")
 _T = TypeVar("_T")
 
 
-class RoundFailed(RuntimeError):
-    """Too few sites delivered an update for a round to count."""
-
-
 @dataclass
 class SiteResult:
     """What one site's training job brought back, with what it cost."""

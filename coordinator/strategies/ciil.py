@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from coordinator.aggregate import AggregationError, UpdateKind, apply_update
-from coordinator.client import AgentError
+from coordinator.aggregate import UpdateKind, apply_update
+from coordinator.errors import AgentError, AggregationError
 from coordinator.strategies.base import Job, Round, RunContext, SiteResult, Strategy
 from coordinator.weights import encode
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from coordinator.aggregate import AggregationError, SiteUpdate, UpdateKind, fedavg
-from coordinator.client import AgentError
-from coordinator.strategies.base import Job, Round, RoundFailed, RunContext, SiteResult, Strategy
+from coordinator.aggregate import SiteUpdate, UpdateKind, fedavg
+from coordinator.errors import AgentError, AggregationError, RoundFailed
+from coordinator.strategies.base import Job, Round, RunContext, SiteResult, Strategy
 from coordinator.weights import encode
 
 

@@ -11,12 +11,8 @@ from typing import Literal
 
 import numpy as np
 
-from agent.data.synthetic.seeding import (
-    MAX_SITES,
-    MAX_SUBJECTS_PER_SITE,
-    SyntheticDataError,
-    random_stream,
-)
+from agent.data.synthetic.seeding import MAX_SITES, MAX_SUBJECTS_PER_SITE, random_stream
+from agent.errors import SyntheticDataError
 
 # Made-up names, long and distinctive enough never to occur by chance in logs or API answers
 # (tests search for them there).

@@ -12,8 +12,8 @@ import numpy as np
 from scipy import ndimage
 
 from agent.data.synthetic.anatomy import Anatomy, smooth_field
-from agent.data.synthetic.seeding import SyntheticDataError
 from agent.data.synthetic.sites import SiteProfile
+from agent.errors import SyntheticDataError
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1gd", "t2")
 

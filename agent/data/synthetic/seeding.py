@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from agent.errors import SyntheticDataError
+
 MAX_SITES = 99
 MAX_SUBJECTS_PER_SITE = 999
 MIN_SIZE, MAX_SIZE = 32, 512
-
-
-class SyntheticDataError(ValueError):
-    """Arguments that cannot produce a data set; the message names the argument."""
 
 
 def random_stream(*key: int) -> np.random.Generator:

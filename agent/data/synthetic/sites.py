@@ -10,14 +10,8 @@ from typing import Literal
 
 import numpy as np
 
-from agent.data.synthetic.seeding import (
-    MAX_SITES,
-    MIN_SIZE,
-    SyntheticDataError,
-    check_seed,
-    check_size,
-    random_stream,
-)
+from agent.data.synthetic.seeding import MAX_SITES, MIN_SIZE, check_seed, check_size, random_stream
+from agent.errors import SyntheticDataError
 
 _MANUFACTURERS = (
     ("Examplon Medical", "Examplon Vista"),

@@ -10,8 +10,9 @@ import numpy as np
 from agent.data.synthetic.anatomy import TARGET_LABELS, SliceGeometry, exam_geometry, generate_anatomy
 from agent.data.synthetic.identities import PatientIdentity, patient_identity
 from agent.data.synthetic.rendering import MODALITIES, check_modalities, quantise, render
-from agent.data.synthetic.seeding import MAX_SUBJECTS_PER_SITE, SyntheticDataError, random_stream
+from agent.data.synthetic.seeding import MAX_SUBJECTS_PER_SITE, random_stream
 from agent.data.synthetic.sites import SiteProfile, site_profile
+from agent.errors import SyntheticDataError
 
 
 @dataclass
