@@ -2,8 +2,9 @@
 
 The REST API is one transport in front of this object; an outbound-only transport (the
 agent polling the coordinator, as many hospital firewalls require) can drive the same
-methods unchanged. Errors are domain exceptions (`ServiceError` subclasses) carrying a
-message that names the offending input; the transport maps them to its own codes.
+methods unchanged. Errors are domain exceptions (`ServiceError` subclasses, in
+`agent.errors`) carrying a message that names the offending input; the transport maps them
+to its own codes.
 
 Rounds and evaluations come back as `JobView` snapshots (`agent.jobs.store`). They also
 carry what only the site may see (the plan, paths, the worker's pid): a transport shows a
@@ -25,54 +26,35 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 
 from agent import __version__
-from agent.access.approvals import PlanNotApproved as _ApprovalRefused
 from agent.access.approvals import check_plan_allowed
 from agent.access.tokens import TokenInfo, authenticate
 from agent.audit.chain import AuditLog, ChainReport
 from agent.config import AgentConfig
-from agent.data.catalog import UnknownDataset, dataset_items, dataset_summaries, scan_datasets
+from agent.data.catalog import dataset_items, dataset_summaries, scan_datasets
 from agent.db.engine import Database, open_database
-from agent.exchange.codec import WeightError, decode_weights
-from agent.exchange.egress import EgressError, EgressGate
+from agent.errors import (
+    Conflict,
+    EgressError,
+    InvalidRequest,
+    ModelError,
+    NotFound,
+    PlanError,
+    PlanNotApproved,
+    PlanRefused,
+    QueueFull,
+    TooLarge,
+    UnknownDataset,
+    WeightError,
+)
+from agent.exchange.codec import decode_weights
+from agent.exchange.egress import EgressGate
 from agent.jobs.runner import JobRunner
 from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
-from agent.training.plan import Plan, PlanError, parse_plan, plan_hash
-from agent.training.registry import ModelError, expected_shapes
+from agent.training.plan import Plan, parse_plan, plan_hash
+from agent.training.registry import expected_shapes
 
 log = logging.getLogger("fedsite.service")
-
-
-class ServiceError(Exception):
-    """A request the site refuses; `str(exc)` says why and names the input."""
-
-
-class InvalidRequest(ServiceError):
-    """The plan or the weights are malformed or do not fit the site (HTTP 422)."""
-
-
-class TooLarge(ServiceError):
-    """An input exceeds a configured size limit (HTTP 413)."""
-
-
-class PlanNotApproved(ServiceError):
-    """Manual approval policy and this plan hash is not approved (HTTP 403)."""
-
-    def __init__(self, plan_hash: str, message: str) -> None:
-        super().__init__(message)
-        self.plan_hash = plan_hash
-
-
-class NotFound(ServiceError):
-    """No round or evaluation with that id (HTTP 404)."""
-
-
-class Conflict(ServiceError):
-    """The request clashes with the job's state or an existing id (HTTP 409)."""
-
-
-class QueueFull(ServiceError):
-    """The job queue is at api.queue_size (HTTP 429)."""
 
 
 @dataclass(frozen=True)
@@ -274,8 +256,8 @@ class SiteService:
         digest = plan_hash(plan)
         try:
             check_plan_allowed(self.cfg.approval, self.db, digest)
-        except _ApprovalRefused as exc:
-            raise PlanNotApproved(digest, str(exc)) from None
+        except PlanNotApproved as exc:
+            raise PlanRefused(digest, str(exc)) from None
         if weights is not None and len(weights) == 0:
             weights = None
         if weights is None and (kind == JobKind.EVALUATE or plan.init != "random"):

@@ -15,17 +15,10 @@ from agent_fixtures import GeneratedSite, make_site, tiny_plan
 
 from agent.access.approvals import approve_plan
 from agent.config import load_config
+from agent.errors import Conflict, InvalidRequest, NotFound, PlanRefused, QueueFull, TooLarge
 from agent.exchange.codec import encode_weights
 from agent.jobs.states import JobKind, JobStatus
-from agent.service import (
-    Conflict,
-    InvalidRequest,
-    NotFound,
-    PlanNotApproved,
-    QueueFull,
-    SiteService,
-    TooLarge,
-)
+from agent.service import SiteService
 from agent.training.plan import parse_plan, plan_hash
 from agent.training.registry import build_model
 
@@ -169,7 +162,7 @@ def test_manual_policy_refuses_until_approved(service: SiteService) -> None:
     service.cfg.approval.policy = "manual"
     plan = tiny_plan(init="random", round_id="m1")
     digest = plan_hash(parse_plan(plan))
-    with pytest.raises(PlanNotApproved) as info:
+    with pytest.raises(PlanRefused) as info:
         service.start_round(text(plan), None, "token:c")
     assert info.value.plan_hash == digest and digest in str(info.value)
     approve_plan(service.db, service.audit, digest, "admin")

@@ -19,26 +19,27 @@ from fastapi.responses import JSONResponse
 
 from agent import __version__
 from agent.api.metrics import AgentMetrics
-from agent.api.middleware import BodyLimitMiddleware, BodyTooLarge
+from agent.api.middleware import BodyLimitMiddleware
 from agent.api.routers import audit, evaluations, health, info, rounds
 from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
-from agent.service import (
+from agent.errors import (
+    BodyTooLarge,
     Conflict,
     InvalidRequest,
     NotFound,
-    PlanNotApproved,
+    PlanRefused,
     QueueFull,
     ServiceError,
-    SiteService,
     TooLarge,
 )
+from agent.service import SiteService
 
 log = logging.getLogger("fedsite.api")
 
 SERVICE_ERROR_CODES: dict[type[ServiceError], int] = {
     InvalidRequest: 422,
     TooLarge: 413,
-    PlanNotApproved: 403,
+    PlanRefused: 403,
     NotFound: 404,
     Conflict: 409,
     QueueFull: 429,

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.api.metrics import AgentMetrics
 from agent.audit.sink import AuditSink
 from agent.config import TlsConfig
+from agent.errors import BodyTooLarge
 from agent.tls.files import parse_subject, subject_pairs
 
 # The gate's refusals keep the logger name they had when TLS was one module.
@@ -48,12 +49,6 @@ async def json_answer(send: Send, status: int, detail: str) -> None:
 
 
 # --------------------------------------------------------------------------- body limit
-
-
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds api.max_body_bytes ({limit} bytes)")
-        self.limit = limit
 
 
 class BodyLimitMiddleware:
