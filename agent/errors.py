@@ -45,7 +45,7 @@ so that every layer, `agent.db` included, may raise from it::
     │   ├── PlanRefused
     │   ├── NotFound
     │   ├── Conflict
-    │   └── QueueFull
+    │   └── JobQueueFull
     └── CoordinatorError
         ├── FederationError [ValueError]
         ├── RunError [RuntimeError]
@@ -241,5 +241,5 @@ class Conflict(ServiceError):
     """The request clashes with the job's state or an existing id (HTTP 409)."""
 
 
-class QueueFull(ServiceError):
+class JobQueueFull(ServiceError):
     """The job queue is at api.queue_size (HTTP 429)."""

@@ -36,12 +36,12 @@ from agent.errors import (
     Conflict,
     EgressError,
     InvalidRequest,
+    JobQueueFull,
     ModelError,
     NotFound,
     PlanError,
     PlanNotApproved,
     PlanRefused,
-    QueueFull,
     TooLarge,
     UnknownDataset,
     WeightError,
@@ -287,7 +287,7 @@ class SiteService:
             with self._create_lock:
                 queued = self.store.count(JobStatus.QUEUED)
                 if queued >= self.cfg.api.queue_size:
-                    raise QueueFull(
+                    raise JobQueueFull(
                         f"the job queue is full ({queued} waiting, "
                         f"api.queue_size {self.cfg.api.queue_size}); retry later"
                     )

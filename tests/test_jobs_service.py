@@ -15,7 +15,7 @@ from agent_fixtures import GeneratedSite, make_site, tiny_plan
 
 from agent.access.approvals import approve_plan
 from agent.config import load_config
-from agent.errors import Conflict, InvalidRequest, NotFound, PlanRefused, QueueFull, TooLarge
+from agent.errors import Conflict, InvalidRequest, JobQueueFull, NotFound, PlanRefused, TooLarge
 from agent.exchange.codec import encode_weights
 from agent.jobs.states import JobKind, JobStatus
 from agent.service import SiteService
@@ -107,7 +107,7 @@ def test_concurrent_resends_make_one_round(service: SiteService) -> None:
 def test_queue_is_bounded(service: SiteService) -> None:
     for i in range(2):
         service.start_round(text(tiny_plan(init="random", round_id=f"q{i}")), None, "token:c")
-    with pytest.raises(QueueFull, match="queue is full"):
+    with pytest.raises(JobQueueFull, match="queue is full"):
         service.start_round(text(tiny_plan(init="random", round_id="q2")), None, "token:c")
     with pytest.raises(NotFound):
         service.get_round("q2")

@@ -26,9 +26,9 @@ from agent.errors import (
     BodyTooLarge,
     Conflict,
     InvalidRequest,
+    JobQueueFull,
     NotFound,
     PlanRefused,
-    QueueFull,
     ServiceError,
     TooLarge,
 )
@@ -42,14 +42,14 @@ SERVICE_ERROR_CODES: dict[type[ServiceError], int] = {
     PlanRefused: 403,
     NotFound: 404,
     Conflict: 409,
-    QueueFull: 429,
+    JobQueueFull: 429,
 }
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         status = next((code for cls, code in SERVICE_ERROR_CODES.items() if isinstance(exc, cls)), 400)
-        headers = {"Retry-After": "30"} if isinstance(exc, QueueFull) else None
+        headers = {"Retry-After": "30"} if isinstance(exc, JobQueueFull) else None
         return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     async def too_large(_: Request, exc: Exception) -> JSONResponse:

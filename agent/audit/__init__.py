@@ -1,1 +1,2 @@
-"""The hash-chained audit log: its tables, verify and export, and the `AuditSink` protocol everything else records through."""
+"""The hash-chained audit log: its tables, verify and export, and the `AuditSink` protocol that
+everything else records through."""
