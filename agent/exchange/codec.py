@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,10 +89,7 @@ def parse_header(data: bytes, *, max_bytes: int) -> dict[str, dict[str, Any]]:
     raw = bytes(data[8 : 8 + header_len])
     if not raw.lstrip().startswith(b"{"):
         raise WeightError("not a safetensors file: the header is not a JSON object")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightError(f"not a safetensors file: header is not valid JSON ({exc})") from None
+    header = _load_header_json(raw)
     if not isinstance(header, dict):
         raise WeightError("not a safetensors file: the header is not a JSON object")
     meta = header.pop("__metadata__", None)
@@ -116,6 +114,25 @@ def parse_header(data: bytes, *, max_bytes: int) -> dict[str, dict[str, Any]]:
     if position < body:
         raise WeightError(f"payload has {body - position} unexpected trailing bytes after the tensors")
     return header
+
+
+def _load_header_json(raw: bytes) -> Any:
+    """The header's JSON; each way it can be unusable becomes a WeightError that says which.
+
+    Besides malformed text, Python's parser raises two errors of its own on hostile input: a
+    `RecursionError` for deep nesting and a `ValueError` for an integer longer than the
+    interpreter's int-string limit. Uncaught, either was a 500 with a traceback hundreds of
+    lines long; both are the sender's mistake. (A valid header nests three levels deep.)
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightError(f"not a safetensors file: header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise WeightError("not a safetensors file: the header's JSON is nested too deeply") from None
+    except ValueError as exc:  # the int-string limit; no other ValueError is known to arise
+        why = f"a number has more than {sys.get_int_max_str_digits()} digits" if "digits" in str(exc) else exc
+        raise WeightError(f"not a safetensors file: header is not valid JSON ({why})") from None
 
 
 def _check_entry(name: str, info: Any) -> None:

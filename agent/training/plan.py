@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -26,6 +27,11 @@ from agent.training.registry import check_arguments, model_entry, validate_model
 from agent.validation import StrictModel, format_validation_error
 
 ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# How deep a plan's JSON may nest (objects and arrays). A real plan is four levels deep; the
+# limit leaves room for model arguments and refuses, with a message, what would otherwise
+# exhaust Python's recursion limit in the JSON parser or in pydantic (an uncaught
+# RecursionError, i.e. a 500 and a traceback hundreds of lines long).
+MAX_PLAN_DEPTH = 16
 
 
 class ModelSpec(BaseModel):
@@ -139,6 +145,44 @@ class Plan(StrictModel):
         return self
 
 
+_TOO_DEEP = f"plan: JSON nested more than {MAX_PLAN_DEPTH} levels deep; a plan needs far fewer"
+
+
+def json_depth(value: Any) -> int:
+    """How deeply VALUE nests dicts and lists (a scalar is 0), counted without recursion, so
+    that a hostile document cannot exhaust the stack while it is measured."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth > MAX_PLAN_DEPTH:
+                return depth
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def _load_json(text: str) -> Any:
+    """Parse plan text; every way JSON can be unusable becomes a PlanError that says which.
+
+    Besides malformed text, Python's parser raises two errors of its own on hostile input: a
+    `RecursionError` for deep nesting and a `ValueError` for an integer longer than the
+    interpreter's int-string limit (4,300 digits by default); both are the caller's mistake.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PlanError(_TOO_DEEP) from None
+    except ValueError as exc:  # the int-string limit; no other ValueError is known to arise
+        why = f"a number has more than {sys.get_int_max_str_digits()} digits" if "digits" in str(exc) else exc
+        raise PlanError(f"plan: not valid JSON: {why}") from None
+
+
 def parse_plan(raw: Any) -> Plan:
     """Validate a plan given as JSON text, bytes or an already-parsed mapping."""
     if isinstance(raw, bytes | bytearray):
@@ -147,12 +191,11 @@ def parse_plan(raw: Any) -> Plan:
         except UnicodeDecodeError:
             raise PlanError("plan: not UTF-8 text") from None
     if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan: not valid JSON: {exc}") from None
+        raw = _load_json(raw)
     if not isinstance(raw, dict):
         raise PlanError(f"plan: must be a JSON object, got {type(raw).__name__}")
+    if json_depth(raw) > MAX_PLAN_DEPTH:
+        raise PlanError(_TOO_DEEP)
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:

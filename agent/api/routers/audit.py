@@ -12,12 +12,17 @@ from agent.api.schemas import AUTH_ERRORS, AuditListOut, AuditVerifyOut
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 
+# The largest id a database integer column holds (signed 64 bits, SQLite and PostgreSQL
+# alike). A larger since_id would overflow the driver's parameter binding (a 500); bounded
+# here, it is a 422 naming the parameter, and the bound is published in the OpenAPI schema.
+MAX_EVENT_ID = 2**63 - 1
+
 
 @router.get("", response_model=AuditListOut, responses=AUTH_ERRORS)
 def audit_events(
     _: AdminCaller,
     service: ServiceDep,
-    since_id: Annotated[int, Query(ge=0, description="Return events with a larger id.")] = 0,
+    since_id: Annotated[int, Query(ge=0, le=MAX_EVENT_ID, description="Return events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     action: Annotated[
         str | None, Query(max_length=100, description="Only this action, e.g. round.completed.")
