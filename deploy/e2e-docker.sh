@@ -3,7 +3,7 @@
 #   1. a Docker engine (started here, as root, with the vfs driver, if none answers),
 #   2. a Debian bookworm base image from Debian's package mirror (no registry pull; cached),
 #   3. the wheelhouse (cached) and the fedsite image built offline from it,
-#   4. tests/test_e2e_docker.py: the image runs as uid 10001 and cannot write the data
+#   4. tests/deploy/test_e2e_docker.py: the image runs as uid 10001 and cannot write the data
 #      mount; deploy/federation-demo.yml brings up three agents and a coordinator, runs two
 #      FedAvg rounds over mutual TLS, every site's audit chain verifies; then `down -v`.
 # Nothing is left running: the compose project is removed by the tests and again here, and
@@ -114,5 +114,5 @@ docker image prune -f >/dev/null 2>&1 || true
 step "image $image built with ${build[*]:0:3} ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
 
 # 4. the tests
-FEDSITE_E2E_IMAGE="$image" "$python" -m pytest -q -m docker -p no:cacheprovider tests/test_e2e_docker.py "$@"
+FEDSITE_E2E_IMAGE="$image" "$python" -m pytest -q -m docker -p no:cacheprovider tests/deploy/test_e2e_docker.py "$@"
 step "docker tests passed"

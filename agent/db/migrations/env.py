@@ -7,7 +7,7 @@ to head and let Alembic compare it with the models:
     alembic -c agent/db/alembic.ini upgrade head
     alembic -c agent/db/alembic.ini revision --autogenerate -m "what changed"
 
-`tests/test_audit_migrations.py` fails until the revisions match the models.
+`tests/db/test_migrations.py` fails until the revisions match the models.
 """
 
 from __future__ import annotations

@@ -1,0 +1,98 @@
+"""The paper-reproduction benchmark's bookkeeping; the run is `python -m benchmarks.paper_reproduction`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# The benchmarks are scripts next to the packages, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.paper_reproduction import (
+    _outside_sites_evaluate_everything,
+    budget_lines,
+    fix_site_secret,
+    parse_args,
+    scaled_split,
+    settings_from,
+    shuffled,
+    table_rows,
+)
+
+
+def test_scaled_split_keeps_every_site_trainable() -> None:
+    assert scaled_split(1.0) == [70, 27, 17, 12, 11, 9, 6, 6, 4, 3]
+    assert scaled_split(0.2) == [14, 5, 3, 3, 3, 3, 3, 3, 3, 3]
+
+
+def test_quick_settings_share_one_epoch_budget() -> None:
+    s = settings_from(parse_args(["--quick", "--out", "x"]))
+    assert s.quick and not s.eval_every_round
+    budget = s.rounds * s.local_epochs
+    assert s.epochs_per_site == budget == s.max_epochs
+    assert s.ciil_cycles * s.ciil_epochs == budget
+    lines = budget_lines(s)
+    assert f"= {budget} epochs at every site" in lines[0] and f"= {budget} epochs at every site" in lines[1]
+    assert f"CDS:  {budget} epochs" in lines[2]
+    full = settings_from(parse_args([]))
+    assert full.patience == 8 and len(full.seeds) == 3 and full.scale == 1.0 and not full.eval_every_round
+    assert full.ciil_cycles * full.ciil_epochs == full.epochs_per_site
+
+
+def test_budget_options_keep_methods_on_one_budget() -> None:
+    s = settings_from(parse_args(["--rounds", "4", "--local-epochs", "3", "--ciil-epochs", "6"]))
+    assert (s.epochs_per_site, s.ciil_cycles, s.max_epochs) == (12, 2, 12)
+    assert settings_from(parse_args(["--quick", "--eval-every-round"])).eval_every_round
+    with pytest.raises(SystemExit, match="--ciil-epochs 5 must divide"):
+        settings_from(parse_args(["--rounds", "4", "--local-epochs", "3", "--ciil-epochs", "5"]))
+
+
+def test_orders_differ_by_seed_but_are_reproducible() -> None:
+    names = [f"site-{i}" for i in range(1, 11)]
+    assert shuffled(names, 0) == shuffled(names, 0)
+    assert shuffled(names, 0) != shuffled(names, 1)
+    assert sorted(shuffled(names, 2)) == sorted(names)
+
+
+def test_table_is_relative_to_cds_with_spread_over_seeds() -> None:
+    methods = {
+        "CDS": [{"inside": 0.80, "outside": 0.70}],
+        "FL": [{"inside": 0.796, "outside": 0.70}],
+        "CIIL": [{"inside": 0.70, "outside": 0.6}, {"inside": 0.74, "outside": 0.62}],
+        "IIL": [{"inside": 0.60, "outside": None}],
+    }
+    rows = {r["method"]: r for r in table_rows(methods)}
+    assert rows["CDS"]["inside_pct_of_cds"] == pytest.approx(100.0)
+    assert rows["FL"]["inside_pct_of_cds"] == pytest.approx(99.5)
+    assert rows["CIIL"]["inside"]["mean"] == pytest.approx(0.72)
+    assert rows["CIIL"]["inside"]["sd"] == pytest.approx(0.0282842712)
+    assert rows["CIIL"]["inside"]["n"] == 2
+    assert rows["IIL"]["outside"]["mean"] is None and rows["IIL"]["outside_pct_of_cds"] is None
+    assert rows["FL"]["study_pct_of_cds"] == 98.8
+
+
+def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("datasets:\n  - name: brain\n    val_fraction: 0.25\n")
+    _outside_sites_evaluate_everything(cfg)
+    assert "val_fraction: 0.95" in cfg.read_text()
+    with pytest.raises(RuntimeError, match=r"expected 'val_fraction: 0\.25'"):
+        _outside_sites_evaluate_everything(cfg)
+
+
+def test_generated_sites_get_a_secret_from_the_data_seed(tmp_path: Path) -> None:
+    from agent.config import load_config
+    from coordinator.demo_federation import generate_federation
+
+    layout = generate_federation(tmp_path / "data", sites=2, subjects_per_site=[3, 3], size=32, seed=0)
+    first, second = (x.config_path for x in layout.sites)
+    fix_site_secret(first, 0)
+    fix_site_secret(second, 0)
+    secret = load_config(first).site_secret()
+    assert secret != load_config(second).site_secret()
+    fix_site_secret(first, 0)
+    assert load_config(first).site_secret() == secret
+    fix_site_secret(first, 1)
+    assert load_config(first).site_secret() != secret

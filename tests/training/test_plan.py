@@ -1,0 +1,192 @@
+"""Plans: every key validated, errors name the key, the registry decides the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from agent.errors import PlanError
+from agent.training.plan import parse_plan, plan_hash
+from agent.training.registry import build_model, expected_shapes, known_models
+from tests.fixtures.training import tiny_plan, tiny_plan_dict
+
+
+def _refused(raw: object) -> str:
+    with pytest.raises(PlanError) as info:
+        parse_plan(raw)
+    return str(info.value)
+
+
+def test_unknown_model_is_refused_listing_the_known_ones() -> None:
+    raw = tiny_plan_dict()
+    raw["model"]["name"] = "resnet_from_coordinator"
+    msg = _refused(raw)
+    assert msg.startswith("model:")
+    assert "'resnet_from_coordinator'" in msg
+    for name in known_models():
+        assert name in msg
+
+
+def test_unknown_model_argument_is_refused_naming_it() -> None:
+    raw = tiny_plan_dict()
+    raw["model"]["chanels"] = [8, 16]
+    msg = _refused(raw)
+    assert msg.startswith("model:") and "unknown argument 'chanels'" in msg
+
+
+def test_missing_required_model_argument_is_refused_naming_it() -> None:
+    raw = tiny_plan_dict()
+    del raw["model"]["strides"]
+    assert "missing required argument 'strides'" in _refused(raw)
+
+
+def test_impossible_model_is_refused_naming_the_model() -> None:
+    raw = tiny_plan_dict()
+    raw["model"]["strides"] = [2]  # one stride for three channel levels
+    assert "model 'unet'" in _refused(raw)
+    raw = tiny_plan_dict(data={"spatial_dims": 2, "roi_size": [30, 30]})
+    msg = _refused(raw)
+    assert "model 'unet' cannot process inputs of shape [2, 1, 30, 30]" in msg
+
+
+@pytest.mark.parametrize("key", ["dataset", "model", "local_epochs", "batch_size", "optimizer", "loss"])
+def test_missing_required_key_is_refused_naming_it(key: str) -> None:
+    raw = tiny_plan_dict()
+    del raw[key]
+    assert f"{key}: required key is missing" in _refused(raw)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("optimizer", "lr"), -1, "optimizer.lr:"),
+        (("optimizer", "name"), "lbfgs", "optimizer.name:"),
+        (("optimizer", "momentum"), 0.9, "momentum applies to sgd only"),
+        (("loss",), "focal", "loss:"),
+        (("local_epochs",), 0, "local_epochs:"),
+        (("send",), "everything", "send:"),
+        (("round_id",), "../../etc/passwd", "round_id:"),
+        (("privacy", "noise"), 1.0, "privacy.noise: unknown key"),
+        (("data", "roi_size"), [32, 32, 32], "roi_size has 3 values"),
+        (("early_stopping",), {"patience": 0, "max_epochs": 3}, "early_stopping.patience:"),
+        (("surprise",), 1, "surprise: unknown key"),
+    ],
+)
+def test_bad_values_name_the_key(path: tuple[str, ...], value: object, expected: str) -> None:
+    raw = tiny_plan_dict()
+    node = raw
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+    assert expected in _refused(raw)
+
+
+def test_cross_checks_name_both_keys() -> None:
+    raw = tiny_plan_dict()
+    raw["model"]["out_channels"] = 2
+    assert "model.out_channels must be 1" in _refused(raw)
+    raw = tiny_plan_dict(data={"spatial_dims": 3, "roi_size": [32, 32, 32]})
+    assert "model.spatial_dims is 2 but data.spatial_dims is 3" in _refused(raw)
+    raw = tiny_plan_dict(init="random", send="diff")
+    assert "send 'diff' needs init 'global'" in _refused(raw)
+    raw = tiny_plan_dict(data={"spatial_dims": 2, "roi_size": [32, 32], "modalities": ["flair", "t1"]})
+    assert "model.in_channels is 1 but data.modalities lists 2" in _refused(raw)
+
+
+def test_plan_text_errors() -> None:
+    assert "not valid JSON" in _refused("{")
+    assert "must be a JSON object" in _refused("[1]")
+    assert "not UTF-8" in _refused(b"\xff\xfe")
+
+
+def test_hash_ignores_round_id_and_key_order_but_not_content() -> None:
+    raw = tiny_plan_dict(round_id="r-1")
+    reordered = json.loads(json.dumps(dict(reversed(list(raw.items())))))
+    reordered["round_id"] = "r-2"
+    assert plan_hash(parse_plan(raw)) == plan_hash(parse_plan(json.dumps(reordered)))
+    # Defaults are part of the hash: spelling one out changes nothing.
+    assert plan_hash(parse_plan(raw)) == plan_hash(parse_plan({**raw, "seed": raw["seed"], "init": "global"}))
+    assert plan_hash(parse_plan(raw)) != plan_hash(parse_plan({**raw, "seed": 4}))
+    assert len(plan_hash(parse_plan(raw))) == 64
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {
+            "name": "unet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [4, 8],
+            "strides": [2],
+        },
+        {
+            "name": "basic_unet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "features": [4, 4, 8, 8, 16, 4],
+        },
+        {"name": "segresnet", "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "init_filters": 8},
+    ],
+    ids=["unet3d", "basic_unet", "segresnet"],
+)
+def test_registry_models_build_and_expected_shapes_match_the_state_dict(model: dict) -> None:
+    plan = tiny_plan(model=model, data={"spatial_dims": 3, "roi_size": [32, 32, 32]})
+    shapes = expected_shapes(plan)
+    net = build_model(plan)
+    state = net.state_dict()
+    floats = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
+    assert shapes == floats
+    assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+
+
+def test_batch_norm_buffers_are_exchanged_but_counters_are_not() -> None:
+    shapes = expected_shapes(tiny_plan())
+    assert any(n.endswith("running_mean") for n in shapes)
+    assert not any(n.endswith("num_batches_tracked") for n in shapes)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {
+            "name": "unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [8, 16, 32],
+            "strides": [2, 2],
+            "num_res_units": 1,
+        },
+        {
+            "name": "unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [8, 16, 32],
+            "strides": [2, 2],
+            "num_res_units": 0,
+        },
+        {
+            "name": "basic_unet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 1,
+            "features": [4, 4, 8, 8, 16, 4],
+        },
+        {"name": "segresnet", "spatial_dims": 2, "in_channels": 1, "out_channels": 1, "init_filters": 8},
+    ],
+    ids=["unet_res", "unet_plain", "basic_unet", "segresnet"],
+)
+def test_a_new_model_starts_by_predicting_background(model: dict) -> None:
+    # MONAI's own initialisation predicts about half of each image as foreground; a Dice
+    # loss then spends the first hundreds of steps moving the output bias.
+    torch.manual_seed(0)
+    net = build_model(tiny_plan(model=model, data={"spatial_dims": 2, "roi_size": [32, 32]}))
+    with torch.no_grad():
+        positive = (net(torch.randn(4, 1, 32, 32)) > 0).float().mean().item()
+    assert positive < 0.05
