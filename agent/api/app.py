@@ -2,13 +2,13 @@
 (`agent.api.middleware`), error mapping, and the service's life cycle.
 
 Every error answer is JSON `{"detail": ...}`. Caller mistakes are 4xx; anything else is a
-bug, logged with a reference and answered 500 without internals.
+bug, logged once with a reference and answered 500 without internals, on a connection that
+stays usable (`agent.api.middleware.InternalErrorAnswer`).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 
 from agent import __version__
 from agent.api.metrics import AgentMetrics
-from agent.api.middleware import BodyLimitMiddleware
+from agent.api.middleware import BodyLimitMiddleware, InternalErrorAnswer
 from agent.api.routers import audit, evaluations, health, info, rounds
 from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
 from agent.errors import (
@@ -55,16 +55,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def too_large(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=413)
 
-    async def internal(request: Request, exc: Exception) -> JSONResponse:
-        ref = uuid.uuid4().hex[:12]
-        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
-            {"detail": f"internal error (reference {ref}); the agent's log has the details"}, 500
-        )
-
+    # Anything else is answered by `InternalErrorAnswer` (see agent.api.middleware for why
+    # not by a handler for `Exception`).
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(BodyTooLarge, too_large)
-    app.add_exception_handler(Exception, internal)
 
 
 def _include_routers(app: FastAPI) -> None:
@@ -106,6 +100,8 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     _include_routers(app)
+    # Added first, so it runs inside the body limit: its 500s are counted and timed too.
+    app.add_middleware(InternalErrorAnswer)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.api.max_body_bytes, metrics=metrics)
     _install_error_handlers(app)
     return app

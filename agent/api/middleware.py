@@ -1,4 +1,11 @@
-"""ASGI middleware of the agent's API: the request-body limit and the mutual-TLS gate.
+"""ASGI middleware of the agent's API: the answer to unexpected errors, the request-body
+limit and the mutual-TLS gate.
+
+Why unexpected errors are answered here and not by an exception handler for `Exception`:
+Starlette hands such a handler to its outermost middleware, which sends the handler's answer
+and then re-raises, so that the server logs the same traceback a second time and, the answer
+being already sent, drops the keep-alive connection without `Connection: close` (a client
+that reuses it sees a reset). `InternalErrorAnswer` ends the error where it is caught.
 
 Why the client-certificate subject check lives in the application and not in the TLS
 handshake: a refused client must leave a trace in the audit log, and a handshake failure never
@@ -17,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from cryptography import x509
@@ -30,22 +38,81 @@ from agent.tls.files import parse_subject, subject_pairs
 
 # The gate's refusals keep the logger name they had when TLS was one module.
 log = logging.getLogger("fedsite.tls")
+# Internal errors keep the logger name they had when the app's exception handler logged them.
+api_log = logging.getLogger("fedsite.api")
 
 # Paths reachable without a client certificate (and without a token): liveness only.
 UNGATED_PATHS = frozenset({"/v1/health"})
 
 
-async def json_answer(send: Send, status: int, detail: str) -> None:
-    """Answer `{"detail": DETAIL}` with STATUS before the app sees the request."""
+async def json_answer(
+    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer `{"detail": DETAIL}` with STATUS (and HEADERS) without the app's response classes."""
     body = json.dumps({"detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- internal errors
+
+
+class InternalErrorAnswer:
+    """Answers any exception the app leaves unhandled with a JSON 500, logged once.
+
+    The answer carries a reference (also in the ``X-Request-ID`` header) and no internals;
+    the one log record carries the same reference, the request and the traceback. The
+    exception ends here, so the server neither logs it again nor closes the connection: a
+    keep-alive client goes on using it. Only when the app had already started its answer can
+    none be given; the record then says so, and the server closes the connection (the one way
+    left to tell the client that the answer is incomplete).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            ref = uuid.uuid4().hex[:12]
+            after = " after the answer had started" if started else ""
+            api_log.error(
+                "internal error %s on %s %s%s",
+                ref,
+                scope.get("method"),
+                scope.get("path"),
+                after,
+                exc_info=exc,
+            )
+            if not started:
+                await json_answer(
+                    send,
+                    500,
+                    f"internal error (reference {ref}); the agent's log has the details",
+                    [(b"x-request-id", ref.encode())],
+                )
 
 
 # --------------------------------------------------------------------------- body limit
