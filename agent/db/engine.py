@@ -14,7 +14,9 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,8 @@ from sqlalchemy.pool import StaticPool
 from agent.errors import DatabaseOpenError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+log = logging.getLogger("fedsite.db")
 
 
 def safe_url(url: str) -> str:
@@ -59,11 +63,47 @@ def sqlite_file(url: str) -> Path | None:
     return _sqlite_path(url) if url.startswith("sqlite") else None
 
 
+# SQLite's companion files: the write-ahead log and the shared-memory index (WAL mode).
+SQLITE_COMPANIONS = ("-wal", "-shm")
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the database file owner-only (0600) before SQLite would create it 0644.
+
+    The file holds the audit log, the token hashes and the job records, and the key files next
+    to it are already 0600. SQLite gives its ``-wal`` and ``-shm`` files the database file's
+    permissions, so creating the database file private makes all three private. A file left
+    world-readable by an earlier version (or a careless copy) loses its world bits here, its
+    companions too; its group bits are kept, as a site may share the file with a group on
+    purpose.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for candidate in (path, *(path.with_name(path.name + s) for s in SQLITE_COMPANIONS)):
+            _drop_world_access(candidate)
+        return
+    os.close(fd)
+
+
+def _drop_world_access(path: Path) -> None:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o007:
+            path.chmod(mode & ~0o007)
+            log.warning("%s was readable by any user; now %s", path, oct(mode & ~0o007))
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:  # not ours to change; say so rather than fail the start
+        log.warning("%s is readable by any user and cannot be changed: %s", path, exc)
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            _private_sqlite_file(path)
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         else:
             # An in-memory database exists per connection: keep exactly one.
