@@ -22,6 +22,7 @@ from agent.api.metrics import AgentMetrics
 from agent.api.middleware import BodyLimitMiddleware, InternalErrorAnswer
 from agent.api.routers import audit, evaluations, health, info, rounds
 from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
+from agent.api.schemas import plan_schema_components
 from agent.errors import (
     BodyTooLarge,
     Conflict,
@@ -70,6 +71,22 @@ def _include_routers(app: FastAPI) -> None:
     app.include_router(prometheus.router)
 
 
+def _publish_plan_schema(app: FastAPI) -> None:
+    """Add the plan's JSON schema to the app's OpenAPI components, once, where the job form's
+    `plan` part refers to it (`agent.api.schemas.JOB_FORM_OPENAPI`). FastAPI only publishes
+    the models of parameters it parses itself, and the job form is parsed by hand."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()  # FastAPI keeps it as app.openapi_schema, and so do we
+            document.setdefault("components", {}).setdefault("schemas", {}).update(plan_schema_components())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     """The agent's ASGI app; starting it (lifespan) starts the service, stopping it closes it."""
     cfg = service.cfg
@@ -100,6 +117,7 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     _include_routers(app)
+    _publish_plan_schema(app)
     # Added first, so it runs inside the body limit: its 500s are counted and timed too.
     app.add_middleware(InternalErrorAnswer)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.api.max_body_bytes, metrics=metrics)

@@ -13,6 +13,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, GetPydanticSche
 from pydantic_core import core_schema
 
 from agent.jobs.states import JobStatus
+from agent.training.plan import Plan
 
 # A job's status: one of the values of `JobStatus`, published in the OpenAPI schema as an
 # inline enum, as the v1 contract always has. (Annotated with the enum type itself, FastAPI
@@ -117,6 +118,31 @@ class AuditVerifyOut(BaseModel):
     reason: str
 
 
+# Where the plan's JSON schema is published: as components of the OpenAPI document, under the
+# names of the plan's pydantic models (`Plan`, `ModelSpec`, ...), so that a client generator
+# names them as the agent does.
+COMPONENTS_REF = "#/components/schemas/{model}"
+
+
+def plan_schema_components() -> dict[str, dict[str, Any]]:
+    """The JSON schema of the job form's `plan` part (`agent.training.plan.Plan`) and of each
+    model it refers to, by component name; every reference points into the components.
+
+    The schema is the plan model's own, so it cannot drift from what the server validates:
+    the same keys, types, bounds, and no keys besides (the plan refuses unknown keys). What
+    pydantic cannot express (the model arguments the registry checks, the consistency of
+    model and data dimensions) is still refused by the server with a 422 naming the key.
+    """
+    schema = Plan.model_json_schema(ref_template=COMPONENTS_REF)
+    defs: dict[str, dict[str, Any]] = schema.pop("$defs", {})
+    return {"Plan": schema, **defs}
+
+
+# The multipart form of a job request (read by `agent.api.forms`, which refuses other fields,
+# repeated fields and a missing plan): the plan as a JSON part, the weights as a file part.
+# The form is declared closed (`additionalProperties: false`) and the plan part by its schema,
+# rather than as "any string", so that a schema-driven client or fuzzer sends what the server
+# takes. The server also takes the plan as a file part or a text part without a content type.
 JOB_FORM_OPENAPI: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -125,16 +151,24 @@ JOB_FORM_OPENAPI: dict[str, Any] = {
                 "schema": {
                     "type": "object",
                     "required": ["plan"],
+                    "additionalProperties": False,
                     "properties": {
-                        "plan": {"type": "string", "description": "The plan as JSON text."},
+                        "plan": {
+                            "$ref": COMPONENTS_REF.format(model="Plan"),
+                            "description": "The plan as JSON (at most limits.max_plan_bytes).",
+                        },
                         "weights": {
                             "type": "string",
-                            "format": "binary",
+                            "contentMediaType": "application/octet-stream",
                             "description": "Global weights as a safetensors file "
                             "(may be omitted for a round whose plan.init is 'random').",
                         },
                     },
-                }
+                },
+                "encoding": {
+                    "plan": {"contentType": "application/json"},
+                    "weights": {"contentType": "application/octet-stream"},
+                },
             }
         },
     }
