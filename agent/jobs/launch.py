@@ -3,8 +3,9 @@
 `JobRunner` needs of a launcher only `spawn()` (a new worker whose stdin takes job lines
 and whose stdout gives reply lines) and `close()`. There are two launchers:
 
-- `SubprocessLauncher` runs `python -m agent.jobs.worker`: works everywhere, and a worker
-  so started may use a GPU; it pays the interpreter start and the torch/MONAI import.
+- `SubprocessLauncher` runs `python -I -m agent.jobs.worker` (isolated: nothing is imported
+  from the working directory): works everywhere, and a worker so started may use a GPU; it
+  pays the interpreter start and the torch/MONAI import.
 - `ForkServerLauncher` asks a fork server (`agent.jobs.forkserver`) that already imported
   them: no import per worker, but Linux only and never with a GPU in reach.
 
@@ -28,7 +29,13 @@ from agent.jobs.forkserver import ForkServer
 
 log = logging.getLogger("fedsite.jobs")
 
-WORKER_COMMAND = (sys.executable, "-m", "agent.jobs.worker")
+# `-I` (isolated mode): the worker's working directory is not put on its import path, and
+# no PYTHON* environment variable nor user site-packages changes what it imports. The
+# working directory is the agent's, in the container the writable work volume: without
+# `-I`, a `torch.py` or `agent.py` written there would be imported, and run, by the next
+# worker in place of the real one. The agent package is installed in the environment,
+# so it imports without the working directory.
+WORKER_COMMAND = (sys.executable, "-I", "-m", "agent.jobs.worker")
 
 # Device nodes of NVIDIA (CUDA) and AMD (ROCm) GPUs.
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
@@ -63,7 +70,7 @@ class WorkerLauncher(Protocol):
 
 
 class SubprocessLauncher:
-    """Workers as fresh interpreters running COMMAND (`python -m agent.jobs.worker`)."""
+    """Workers as fresh interpreters running COMMAND (`python -I -m agent.jobs.worker`)."""
 
     def __init__(self, command: Sequence[str] = WORKER_COMMAND) -> None:
         self.command = list(command)
