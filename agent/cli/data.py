@@ -19,7 +19,7 @@ from rich.table import Table
 
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load
 from agent.data.catalog import dataset_summaries, item_details, scan_datasets
-from agent.data.inspect import FolderView, convert_volume, read_folder, volume_summary
+from agent.data.inspect import FolderView, convert_volume, read_folder, source_folder, volume_summary
 from agent.db.engine import Database
 from agent.errors import CatalogError, DicomError, VolumeError
 
@@ -259,13 +259,22 @@ def convert_command(
             f"{len(view.skipped)} skipped); nothing written",
             1,
         )
-    outdir.mkdir(parents=True, exist_ok=True)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"error: {outdir}: cannot be created ({exc.strerror or exc})", 2)
     written: list[dict[str, Any]] = []
+    # A volume that cannot be written is reported and the others still are: an administrator
+    # converting a folder wants every volume that can be converted, and a list of the rest.
+    failed: list[dict[str, Any]] = []
     for index, volume in enumerate(view.volumes):
         try:
             entry = convert_volume(index, volume, outdir)
         except VolumeError as exc:
-            fail(f"error: {exc}", 2)
+            failed.append({"index": index, "from": str(source_folder(volume)), "error": str(exc)})
+            if not json_out:
+                typer.echo(f"error: {exc}", err=True)
+            continue
         written.append(entry)
         if not json_out:
             typer.echo(f"{entry['from']} ({entry['files']} file(s), {volume.source}) -> {entry['output']}")
@@ -274,12 +283,14 @@ def convert_command(
     if json_out:
         payload = {
             "written": written,
+            "failed": failed,
             "skipped": [{"path": str(s.path), "reason": s.reason} for s in view.skipped],
             "non_image": view.non_image,
         }
         typer.echo(json.dumps(payload, indent=2))
-        return
-    if view.skipped:
+    elif view.skipped:
         typer.echo(f"{len(view.skipped)} file(s) skipped:")
         for entry_skipped in view.skipped:
             typer.echo(f"    {entry_skipped}")
+    if failed:
+        raise typer.Exit(2)

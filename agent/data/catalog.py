@@ -345,7 +345,14 @@ def discover_subjects(ds: DatasetConfig) -> dict[str, dict[str, Path]]:
 
 
 def ras_geometry(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[list[int], list[float]]:
-    """Shape and spacing along R, A, S: what the volume looks like once reoriented to RAS."""
+    """Shape and spacing along R, A, S: what the volume looks like once reoriented to RAS.
+
+    A singular or non-finite affine has no RAS axes; it is refused with a clear reason here rather
+    than turned into NaN axis indices that fail later with an unrelated message.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(matrix)) or abs(float(np.linalg.det(matrix))) < 1e-9:
+        raise CatalogError("the volume's voxel-to-world transform is degenerate (a zero or unknown spacing?)")
     axes = nib.orientations.io_orientation(affine)[:, 0].astype(int)
     norms = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
     ras_shape = [0, 0, 0]

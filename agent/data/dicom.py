@@ -171,6 +171,8 @@ class _Frame:
     slope: float
     intercept: float
     pixels: np.ndarray  # stored values, shape (rows, cols)
+    # PixelSpacing was present but zero or negative (projection modalities write 0\\0): unknown.
+    spacing_zero: bool = False
 
 
 @dataclass
@@ -227,6 +229,22 @@ def _geometry_value(values: list[float], n: int, name: str) -> tuple[float, ...]
     if len(values) != n or not all(math.isfinite(v) for v in values):
         raise _Skip(f"{name} has {len(values)} value(s), expected {n} finite numbers")
     return tuple(values)
+
+
+def _pixel_spacing(values: list[float]) -> tuple[tuple[float, float] | None, bool]:
+    """PixelSpacing as (row, column) mm, or None when unknown; the flag says it was zero or negative.
+
+    Some projection modalities write ``0\\0`` (or a zero column spacing) instead of leaving the
+    element out. A zero spacing makes the voxel-to-world matrix singular, which breaks every consumer
+    of the affine (orientation codes, reorientation, NIfTI writing), so it is treated exactly like a
+    missing spacing: unknown, with a warning on the volume, never a reason to fail the file.
+    """
+    spacing = _geometry_value(values, 2, "PixelSpacing")
+    if spacing is None:
+        return None, False
+    if not all(v > 0 for v in spacing):
+        return None, True
+    return (spacing[0], spacing[1]), False
 
 
 def _sop_class_name(uid: str) -> str:
@@ -368,7 +386,7 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
     bits_stored = _us(elems.get(TAG_BITS_STORED)) or bits
     signed = (_us(elems.get(TAG_PIXEL_REPRESENTATION)) or 0) == 1
     pixels = _native_pixels(raw[TAG_PIXEL_DATA], rows, cols, bits, bits_stored, signed)
-    spacing = _geometry_value(_floats(elems.get(TAG_PIXEL_SPACING), TAG_PIXEL_SPACING), 2, "PixelSpacing")
+    spacing, spacing_zero = _pixel_spacing(_floats(elems.get(TAG_PIXEL_SPACING), TAG_PIXEL_SPACING))
     slope = _floats(elems.get(TAG_RESCALE_SLOPE), TAG_RESCALE_SLOPE)
     intercept = _floats(elems.get(TAG_RESCALE_INTERCEPT), TAG_RESCALE_INTERCEPT)
     thickness = _floats(elems.get(TAG_SPACING_BETWEEN), TAG_SPACING_BETWEEN) or _floats(
@@ -386,7 +404,8 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
         cols=cols,
         iop=_geometry_value(_floats(elems.get(TAG_IOP), TAG_IOP), 6, "ImageOrientationPatient"),
         ipp=(ipp[0], ipp[1], ipp[2]) if ipp else None,
-        pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+        pixel_spacing=spacing,
+        spacing_zero=spacing_zero,
         thickness=thickness[0] if thickness else None,
         instance=_int_string(elems.get(TAG_INSTANCE_NUMBER)),
         slope=slope[0] if slope and slope[0] != 0 else 1.0,
@@ -456,7 +475,7 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
         raise _Skip(f"PerFrameFunctionalGroupsSequence has {len(per_frame_seq)} items for {n_frames} frames")
     top_iop = _geometry_value(_as_floats(ds.get("ImageOrientationPatient")), 6, "ImageOrientationPatient")
     top_ipp = _geometry_value(_as_floats(ds.get("ImagePositionPatient")), 3, "ImagePositionPatient")
-    top_spacing = _geometry_value(_as_floats(ds.get("PixelSpacing")), 2, "PixelSpacing")
+    top_spacing, top_spacing_zero = _pixel_spacing(_as_floats(ds.get("PixelSpacing")))
     top_thickness = _as_floats(ds.get("SpacingBetweenSlices")) or _as_floats(ds.get("SliceThickness"))
     top_slope = _as_floats(ds.get("RescaleSlope")) or _as_floats(ds.get("DoseGridScaling")) or [1.0]
     top_intercept = _as_floats(ds.get("RescaleIntercept")) or [0.0]
@@ -483,10 +502,11 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
                 # RT dose and similar: frames lie along the normal at GridFrameOffsetVector offsets.
                 normal = np.cross(iop[:3], iop[3:])
                 ipp = tuple(np.asarray(top_ipp) + (offsets[f] - offsets[0]) * normal)
-        spacing = _geometry_value(
-            _as_floats(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing")), 2, "PixelSpacing"
+        spacing, spacing_zero = _pixel_spacing(
+            _as_floats(_functional(item, shared, "PixelMeasuresSequence", "PixelSpacing"))
         )
-        spacing = spacing or top_spacing
+        if spacing is None and not spacing_zero:
+            spacing, spacing_zero = top_spacing, top_spacing_zero
         thickness = _as_floats(
             _functional(item, shared, "PixelMeasuresSequence", "SpacingBetweenSlices")
         ) or _as_floats(_functional(item, shared, "PixelMeasuresSequence", "SliceThickness"))
@@ -508,7 +528,8 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
                 cols=int(ds.Columns),
                 iop=iop,
                 ipp=(float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None else None,
-                pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+                pixel_spacing=spacing,
+                spacing_zero=spacing_zero,
                 thickness=thickness[0] if thickness else None,
                 instance=int(instance) if instance not in (None, "") else None,
                 slope=slope_value if slope_value != 0 else 1.0,
@@ -780,7 +801,10 @@ def _assemble(group: _Group) -> Volume:
     frames = group.frames
     spacing = group.pixel_spacing
     if spacing is None:
-        warns.append("PixelSpacing missing: 1 mm assumed in-plane")
+        if any(f.spacing_zero for f in frames):
+            warns.append("PixelSpacing is zero (unknown): 1 mm assumed in-plane")
+        else:
+            warns.append("PixelSpacing missing: 1 mm assumed in-plane")
         spacing = (1.0, 1.0)
     has_positions = group.iop is not None and all(f.ipp is not None for f in frames)
     if group.iop is not None:
@@ -841,6 +865,10 @@ def _assemble(group: _Group) -> Volume:
     lps[:3, 2] = step
     lps[:3, 3] = first
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-9:
+        # Checked here, where it is a reason to skip one series, rather than when a viewer, the NIfTI
+        # writer or the catalog meets the singular matrix and fails the whole folder.
+        raise DicomError("the series' geometry gives no valid voxel-to-world transform")
 
     stack = np.empty((len(frames), group.rows, group.cols), dtype=np.float32)
     for k, f in enumerate(frames):
@@ -881,9 +909,10 @@ def assemble(results: Iterable[_FileResult]) -> DicomScan:
     for group in _group_frames(frames):
         try:
             scan.volumes.append(_assemble(group))
-        except DicomError as exc:
+        except Exception as exc:  # one odd series must never stop the rest of the folder
+            detail = str(exc) if isinstance(exc, DicomError) else f"{type(exc).__name__}: {exc}"
             for path in dict.fromkeys(f.path for f in group.frames):
-                scan.skipped.append(Skipped(path, f"series cannot be assembled: {exc}"))
+                scan.skipped.append(Skipped(path, f"series cannot be assembled: {detail}"))
     scan.volumes.sort(key=lambda v: str(v.files[0]))
     return scan
 

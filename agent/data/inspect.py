@@ -86,11 +86,13 @@ def output_name(index: int, volume: Volume) -> str:
 def convert_volume(index: int, volume: Volume, outdir: Path) -> dict[str, Any]:
     """Write VOLUME as OUTDIR/`output_name` and say what was written from where.
 
-    Raises VolumeError naming the target when it cannot be written."""
+    Raises VolumeError naming the target when it cannot be written, whatever the cause: nibabel has
+    its own exception types (a matrix it cannot decompose, a header it refuses), and the caller must
+    be able to report one failed volume and go on with the others."""
     target = outdir / output_name(index, volume)
     try:
         write_nifti(volume, target)
-    except (OSError, VolumeError) as exc:
+    except Exception as exc:  # OSError, VolumeError and nibabel's own types alike
         raise VolumeError(f"{target}: cannot be written ({exc})") from None
     return {
         "index": index,

@@ -50,8 +50,12 @@ class Volume:
 
     @property
     def orientation(self) -> str:
-        """Closest anatomical axis codes of I, J, K, e.g. "LPS" for a plain DICOM axial series."""
-        return "".join(nib.orientations.aff2axcodes(self.affine))
+        """Closest anatomical axis codes of I, J, K, e.g. "LPS" for a plain DICOM axial series.
+
+        An axis without direction (a degenerate affine) is "?" rather than an exception: this is a
+        display value, and one odd volume must not stop the listing of a folder.
+        """
+        return "".join(code or "?" for code in nib.orientations.aff2axcodes(self.affine))
 
 
 def _is_nifti_name(path: Path) -> bool:

@@ -409,3 +409,20 @@ def test_cli_scan_and_list(tmp_path: Path) -> None:
     assert res.exit_code == 1
     res = runner.invoke(app, ["data", "scan", "--config", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2
+
+
+def test_dicom_subject_with_zero_pixel_spacing_is_scanned_not_crashed(tmp_path: Path) -> None:
+    from tests.fixtures.dicom import write_projection, write_series
+
+    root = tmp_path / "data"
+    write_projection(root / "A", n_images=1, pixel_spacing=(0.0, 0.0))
+    write_series(root / "B", n_slices=4, seed=41)
+    ds = nifti_dataset_config(root, format="dicom", images="{subject}", label=None, modalities=["xr"])
+    cfg = make_config(tmp_path, [ds])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    assert report.ok and report.skipped == []
+    by_folder = {Path(next(iter(i.images.values()))).name: i for i in dataset_items(db, "brain")}
+    assert set(by_folder) == {"A", "B"}
+    spacings = {row["images"]["xr"]: row["spacing"] for row in catalog.item_details(db, "brain")}
+    assert spacings[str(root / "A")][:2] == [1.0, 1.0]

@@ -23,6 +23,7 @@ from tests.fixtures.dicom import (
     corrupt_copy,
     oblique_orientation,
     write_enhanced_mr,
+    write_projection,
     write_series,
     write_text_sr,
 )
@@ -421,3 +422,54 @@ def test_links_and_special_files_are_reported_not_opened(tmp_path: Path) -> None
     _assert_truth(vol, truth.array, truth.affine)
     assert any("dropped 1 duplicate slice" in w for w in vol.warnings)  # the link is the same slice
     assert scan.files_seen == 19
+
+
+# --------------------------------------------------------------------------------------------------
+# Zero or missing pixel spacing: unknown, a warning, never a crash
+
+REAL_CR = PYDICOM_FILES / "dicomdirtests" / "77654033" / "CR1" / "6154"
+
+
+def test_a_real_radiograph_with_zero_pixel_spacing_is_read_with_a_warning(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(REAL_CR)
+    ds.PixelSpacing = ["0", "0"]  # what some projection modalities write instead of leaving it out
+    ds.save_as(tmp_path / "cr")
+    vol = _only(tmp_path / "cr")
+    assert vol.shape == (int(ds.Columns), int(ds.Rows), 1)
+    assert vol.spacing[:2] == pytest.approx((1.0, 1.0))
+    assert abs(np.linalg.det(vol.affine[:3, :3])) > 0
+    assert vol.orientation.isalpha()
+    assert any("PixelSpacing is zero" in w for w in vol.warnings)
+
+
+def test_zero_spacing_in_a_multiframe_file_is_unknown(tmp_path: Path) -> None:
+    truth = write_enhanced_mr(tmp_path / "e" / "enhanced.dcm")
+    ds = pydicom.dcmread(truth.files[0])
+    ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = ["0", "0.7"]
+    ds.save_as(truth.files[0])
+    vol = _only(tmp_path / "e")
+    np.testing.assert_array_equal(vol.array, truth.array)
+    assert vol.spacing == pytest.approx((1.0, 1.0, 3.0))
+    assert any("PixelSpacing is zero" in w for w in vol.warnings)
+
+
+def test_a_series_with_degenerate_geometry_is_skipped_and_the_folder_goes_on(tmp_path: Path) -> None:
+    good = write_series(tmp_path / "good", n_slices=16, seed=31)
+    tiny = write_series(tmp_path / "tiny", n_slices=4, seed=32)
+    for path in tiny.files:
+        ds = pydicom.dcmread(path)
+        ds.PixelSpacing = ["1e-7", "1e-7"]
+        ds.save_as(path)
+    scan = scan_dicom_folder(tmp_path, workers=1)
+    (vol,) = scan.volumes
+    _assert_truth(vol, good.array, good.affine)
+    reasons = {s.path for s in scan.skipped if "no valid voxel-to-world transform" in s.reason}
+    assert reasons == set(tiny.files)
+
+
+def test_projection_fixture_with_zero_spacing_reads_the_pixels(tmp_path: Path) -> None:
+    ((path, expected),) = write_projection(tmp_path / "cr", n_images=1, pixel_spacing=(0.0, 0.0))
+    vol = _only(path)
+    np.testing.assert_array_equal(vol.array[:, :, 0], expected)
+    assert vol.modality == "CR"
+    assert any("PixelSpacing is zero" in w for w in vol.warnings)

@@ -19,6 +19,7 @@ from tests.fixtures.dicom import (
     FAKE_PATIENT_NAME,
     SeriesTruth,
     corrupt_copy,
+    write_projection,
     write_series,
     write_text_sr,
 )
@@ -145,3 +146,52 @@ def test_data_commands_are_merged_into_the_fedsite_cli(tmp_path: Path) -> None:
     volume = json.loads(result.stdout)["volumes"][0]
     assert volume["num_slices"] == 16
     assert any("duplicate" in w for w in volume["warnings"])
+
+
+def test_a_radiograph_with_zero_spacing_does_not_stop_inspect_or_convert(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    write_projection(root / "xr", n_images=1, pixel_spacing=(0.0, 0.0))
+    truth = write_series(root / "mr", n_slices=16, seed=26)
+    result = CliRunner().invoke(data_app, ["inspect", str(root), "--json", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    volumes = {v["modality"]: v for v in json.loads(result.stdout)["volumes"]}
+    assert set(volumes) == {"CR", "MR"}
+    assert volumes["CR"]["spacing"][:2] == [1.0, 1.0]
+    assert any("PixelSpacing is zero" in w for w in volumes["CR"]["warnings"])
+    table = CliRunner().invoke(data_app, ["inspect", str(root), "--workers", "1"])
+    assert table.exit_code == 0, table.output
+
+    outdir = tmp_path / "out"
+    converted = CliRunner().invoke(data_app, ["convert", str(root), str(outdir), "--workers", "1"])
+    assert converted.exit_code == 0, converted.output
+    assert sorted(p.name for p in outdir.iterdir()) == ["000_MR.nii.gz", "001_CR.nii.gz"]
+    np.testing.assert_array_equal(nib.load(outdir / "000_MR.nii.gz").get_fdata(), truth.array)
+    assert "PixelSpacing is zero" in converted.output
+
+
+def test_one_volume_that_cannot_be_written_does_not_stop_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nibabel.spatialimages import HeaderDataError
+
+    from agent.data import inspect as inspect_module
+
+    root = tmp_path / "site"
+    write_series(root / "a", n_slices=16, seed=27)
+    write_series(root / "b", n_slices=16, seed=28)
+    real_write = inspect_module.write_nifti
+
+    def write_or_fail(volume: object, path: Path) -> Path:
+        if path.name.startswith("000_"):
+            raise HeaderDataError("Could not decompose affine")  # what nibabel raises, not a VolumeError
+        return real_write(volume, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inspect_module, "write_nifti", write_or_fail)
+    outdir = tmp_path / "out"
+    result = CliRunner().invoke(data_app, ["convert", str(root), str(outdir), "--json", "--workers", "1"])
+    assert result.exit_code == 2
+    out = json.loads(result.stdout)
+    assert [w["output"] for w in out["written"]] == [str(outdir / "001_MR.nii.gz")]
+    (failure,) = out["failed"]
+    assert failure["index"] == 0 and "Could not decompose affine" in failure["error"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["001_MR.nii.gz"]
