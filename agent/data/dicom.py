@@ -17,9 +17,15 @@ How a folder is read:
   the scan goes on.
 * Images are grouped by SeriesInstanceUID, and a series is split further when image orientation,
   rows/columns or pixel spacing differ inside it (each part becomes its own volume, with a warning).
+* Projection images are 2D images, one volume per file (with one slice), as dcm2niix writes them:
+  files of a projection modality (CR, DX, MG, IO, PX, RG, XA, RF) and any file without slice position
+  (ImagePositionPatient and ImageOrientationPatient) are never stacked with other files, since the
+  views of a radiograph series do not lie at distances along a normal. A multi-frame file stays one
+  volume (its frames in frame order, a tomosynthesis stack along its positions).
 * Slices are ordered by their position along the slice normal (ImagePositionPatient projected on the
-  cross product of the ImageOrientationPatient cosines). Only when positions are missing are they
-  ordered by InstanceNumber (then file name), with a warning; such a volume gets an assumed spacing.
+  cross product of the ImageOrientationPatient cosines). The frames of a multi-frame file without
+  positions are ordered by frame number, with a warning; such a volume gets an assumed spacing.
+* Zero or missing PixelSpacing is unknown: 1 mm is assumed in-plane, with a warning.
 
 Documented behaviours for irregular series (all reported as warnings on the volume):
 
@@ -122,6 +128,9 @@ SAME_POSITION_MM = 0.01
 # Tolerances when deciding that two slices share orientation / pixel spacing.
 ORIENTATION_TOL = 1e-3
 PIXEL_SPACING_TOL = 1e-3
+# Modalities whose images are projections (radiographs, mammograms, fluoroscopy, intra-oral and
+# panoramic X-ray): each file is its own 2D image, never a slice of a stack with the other files.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "IO", "PX", "RG", "XA", "RF"})
 # Below this many files the scan reads in-process: starting workers would cost more than it saves.
 MIN_FILES_FOR_POOL = 16
 
@@ -711,21 +720,32 @@ def _close(a: tuple[float, ...] | None, b: tuple[float, ...] | None, tol: float)
     return max(abs(x - y) for x, y in zip(a, b, strict=True)) <= tol
 
 
+def _is_projection(f: _Frame) -> bool:
+    """A frame that is a 2D image of its own: a projection modality, or no slice position at all.
+
+    Stacking such files along an assumed 1 mm spacing would make a volume that does not exist (the
+    views of one radiograph series, a stack ordered only by InstanceNumber).
+    """
+    return f.modality.upper() in PROJECTION_MODALITIES or f.ipp is None or f.iop is None
+
+
 def _group_frames(frames: Iterable[_Frame]) -> list[_Group]:
     groups: list[_Group] = []
     by_series: dict[str, list[_Group]] = {}
     for f in frames:
         # Files without SeriesInstanceUID are grouped per folder rather than merged across the tree.
-        key = f.series_uid or f"folder:{f.path.parent}"
+        series = f.series_uid or f"folder:{f.path.parent}"
         if not f.series_uid:
-            f.series_uid = key
+            f.series_uid = series
+        # A projection file is a group of its own (its frames, if several, stay together).
+        key = f"{series}|file:{f.path}" if _is_projection(f) else series
         candidates = by_series.setdefault(key, [])
         for g in candidates:
             if g.accepts(f):
                 g.frames.append(f)
                 break
         else:
-            g = _Group(key, f.rows, f.cols, f.iop, f.pixel_spacing, [f])
+            g = _Group(series, f.rows, f.cols, f.iop, f.pixel_spacing, [f])
             candidates.append(g)
             groups.append(g)
     for parts in by_series.values():
@@ -846,12 +866,8 @@ def _assemble(group: _Group) -> Volume:
             step = normal * _fallback_thickness(frames)
     else:
         if len(frames) > 1:
-            if any(f.instance is None for f in frames):
-                warns.append(
-                    "slice positions and InstanceNumber missing: slices ordered by file name and frame number"
-                )
-            else:
-                warns.append("slice positions missing: slices ordered by InstanceNumber")
+            # Only the frames of one multi-frame file get here: files without positions are 2D images.
+            warns.append("slice positions missing: frames in the order they are stored")
             warns.append(
                 "slice spacing unknown without positions: SpacingBetweenSlices/SliceThickness assumed"
             )

@@ -172,12 +172,20 @@ def test_missing_instance_numbers_do_not_matter_when_positions_exist(tmp_path: P
     assert vol.warnings == []
 
 
-def test_missing_positions_fall_back_to_instance_number_with_a_warning(tmp_path: Path) -> None:
+def test_files_without_positions_are_2d_images_not_a_stack(tmp_path: Path) -> None:
+    # Without slice positions there is no third axis to stack along: each file is its own 2D image
+    # (as dcm2niix writes them), not a volume with an assumed spacing ordered by InstanceNumber.
     truth = write_series(tmp_path / "s", positions=False, seed=3)
-    vol = _only(tmp_path / "s")
-    np.testing.assert_array_equal(vol.array, truth.array)
-    assert any("ordered by InstanceNumber" in w for w in vol.warnings)
-    assert any("orientation" in w.lower() for w in vol.warnings)
+    scan = scan_dicom_folder(tmp_path / "s", workers=1)
+    assert len(scan.volumes) == 16 and scan.skipped == []
+    by_file = {vol.files[0]: vol for vol in scan.volumes}
+    for k, path in enumerate(sorted(truth.files, key=lambda p: int(pydicom.dcmread(p).InstanceNumber))):
+        vol = by_file[path]
+        assert vol.files == [path] and vol.shape == (32, 32, 1)
+        np.testing.assert_array_equal(vol.array[:, :, 0], truth.array[:, :, k])
+        assert vol.spacing[:2] == pytest.approx((0.8, 0.9))
+        assert not any("slice" in w for w in vol.warnings)
+        assert any("orientation" in w.lower() for w in vol.warnings)
 
 
 def test_a_missing_slice_keeps_the_volume_and_warns(tmp_path: Path) -> None:
@@ -473,3 +481,53 @@ def test_projection_fixture_with_zero_spacing_reads_the_pixels(tmp_path: Path) -
     np.testing.assert_array_equal(vol.array[:, :, 0], expected)
     assert vol.modality == "CR"
     assert any("PixelSpacing is zero" in w for w in vol.warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Projection images: one 2D image per file, never a stack
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "MG"])
+def test_projection_views_of_one_series_are_separate_2d_images(tmp_path: Path, modality: str) -> None:
+    views = write_projection(tmp_path / "xr", n_images=3, modality=modality, pixel_spacing=(0.15, 0.1))
+    scan = scan_dicom_folder(tmp_path / "xr", workers=1)
+    assert len(scan.volumes) == 3
+    by_file = {vol.files[0]: vol for vol in scan.volumes}
+    for path, expected in views:
+        vol = by_file[path]
+        assert vol.files == [path] and vol.shape == (24, 20, 1) and vol.modality == modality
+        np.testing.assert_array_equal(vol.array[:, :, 0], expected)
+        assert vol.spacing[:2] == pytest.approx((0.1, 0.15))
+        assert not any("slice" in w for w in vol.warnings)
+
+
+def test_projection_files_with_positions_are_not_stacked_either(tmp_path: Path) -> None:
+    # A DX detector may write a position and orientation; its views are still not slices.
+    truth = write_series(tmp_path / "dx", n_slices=4, seed=33, modality="DX")
+    scan = scan_dicom_folder(tmp_path / "dx", workers=1)
+    assert sorted(v.shape for v in scan.volumes) == [(32, 32, 1)] * 4
+    assert {v.files[0] for v in scan.volumes} == set(truth.files)
+
+
+def test_real_radiographs_of_one_study_are_one_image_each(tmp_path: Path) -> None:
+    # pydicom's CR views of one patient, put into one series as a PACS export may do.
+    uid = pydicom.uid.generate_uid()
+    for name in ("CR1/6154", "CR2/6247", "CR3/6278"):
+        ds = pydicom.dcmread(PYDICOM_FILES / "dicomdirtests" / "77654033" / name)
+        ds.SeriesInstanceUID = uid
+        ds.save_as(tmp_path / name.replace("/", "_"))
+    scan = scan_dicom_folder(tmp_path, workers=1)
+    assert [v.shape for v in scan.volumes] == [(16, 16, 1)] * 3
+    assert all(len(v.files) == 1 and v.modality == "CR" for v in scan.volumes)
+
+
+def test_a_multiframe_file_without_positions_stays_one_volume(tmp_path: Path) -> None:
+    # A cine or a multi-frame file without positions: one file, one volume, frames in stored order.
+    truth = write_enhanced_mr(tmp_path / "m" / "cine.dcm", shuffle_frames=False)
+    ds = pydicom.dcmread(truth.files[0])
+    for item in ds.PerFrameFunctionalGroupsSequence:
+        del item.PlanePositionSequence
+    ds.save_as(truth.files[0])
+    vol = _only(tmp_path / "m")
+    np.testing.assert_array_equal(vol.array, truth.array)
+    assert any("frames in the order they are stored" in w for w in vol.warnings)
