@@ -34,6 +34,7 @@ so that every layer, `agent.db` included, may raise from it::
     ├── AuditError [ValueError]
     ├── AccessError
     │   ├── TokenError [ValueError]
+    │   ├── TokenExpired [PermissionError]
     │   ├── ApprovalError [ValueError]
     │   └── PlanNotApproved [PermissionError]
     ├── JobError
@@ -68,6 +69,8 @@ classes themselves, so it cannot go stale.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class FedsiteError(Exception):
@@ -171,6 +174,20 @@ class AccessError(FedsiteError):
 
 class TokenError(AccessError, ValueError):
     """A token operation that cannot be done (bad name or role, duplicate, unknown); names it."""
+
+
+class TokenExpired(AccessError, PermissionError):
+    """A presented token is valid but past its expiry: refused like an unknown one, but said so.
+
+    Raised by authentication instead of answering "no such token", so that the refusal can
+    name the token in the audit log and tell its holder to ask for a new one, and so that a
+    caller that forgets the case refuses the request rather than admitting it.
+    """
+
+    def __init__(self, name: str, expires_at: datetime) -> None:
+        self.name = name
+        self.expires_at = expires_at
+        super().__init__(f"token {name!r} expired at {expires_at.isoformat()}")
 
 
 class ApprovalError(AccessError, ValueError):

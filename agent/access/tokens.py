@@ -9,6 +9,12 @@ Nothing here logs or records a token, nor its hash in the audit log.
 Roles follow the API contract: `coordinator` for the training endpoints, `admin` for the
 audit endpoints and metrics. Neither includes the other: an admin token cannot start a
 round, and a coordinator token cannot read the audit log.
+
+A database token may expire (`fedsite tokens add --expires 90d`): a credential handed to a
+coordinator for one study should not outlive it because nobody remembered to revoke it.
+An expired token is refused like a revoked one, but authentication says so
+(`TokenExpired`), so that the refusal is audited under the token's name and its holder
+learns why. Tokens in the config have no expiry: the config's owner removes them.
 """
 
 from __future__ import annotations
@@ -19,21 +25,25 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
 from sqlalchemy import select
 
+from agent.access.approvals import parse_expiry
 from agent.access.models import ApiToken
 from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
-from agent.errors import TokenError
+from agent.errors import ApprovalError, TokenError, TokenExpired
 
 Role = Literal["coordinator", "admin"]
 ROLES: tuple[Role, ...] = ("coordinator", "admin")
 MAX_TOKEN_CHARS = 512
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+# A lifetime: a count and a unit (minutes, hours, days, weeks), e.g. "90d" or "12h".
+_DURATION = re.compile(r"([1-9][0-9]{0,5})\s*([mhdw])")
+_UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
 
 class StaticTokenLike(Protocol):
@@ -67,10 +77,20 @@ class TokenRecord:
     created_by: str
     revoked_at: datetime | None
     revoked_by: str | None
+    expires_at: datetime | None = None
 
     @property
     def active(self) -> bool:
+        """Not revoked (an expired token is still listed as unrevoked; see `status`)."""
         return self.revoked_at is None
+
+    def status(self, now: datetime | None = None) -> Literal["active", "revoked", "expired"]:
+        now = now or utcnow()
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
 
 
 def token_sha256(token: str) -> str:
@@ -92,6 +112,25 @@ def check_role(role: str) -> Role:
     return role
 
 
+def parse_token_expiry(text: str, now: datetime | None = None) -> datetime:
+    """When a token given `--expires TEXT` stops working: a lifetime from NOW (`90d`, `12h`,
+    `30m`, `2w`), a date (valid through that day, UTC) or an ISO date-time with an offset."""
+    now = now or utcnow()
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match:
+        return now + int(match[1]) * _UNITS[match[2]]
+    try:
+        moment = parse_expiry(text)
+    except ApprovalError:
+        raise TokenError(
+            f"expiry {text!r}: expected a lifetime (e.g. 90d, 12h, 30m, 2w), "
+            "a date YYYY-MM-DD or an ISO-8601 date-time with an offset"
+        ) from None
+    if moment <= now:
+        raise TokenError(f"expiry {text!r} is in the past")
+    return moment
+
+
 def has_role(info: TokenInfo | None, required: str) -> bool:
     """Whether the authenticated caller may use an endpoint that needs `required`."""
     check_role(required)
@@ -106,21 +145,40 @@ def create_token(
     actor: str,
     *,
     reserved_names: Iterable[str] = (),
+    expires_at: datetime | None = None,
 ) -> str:
     """Create a token, store its SHA-256 and audit `token.created`; return the token (show it once).
 
-    `reserved_names` are names taken elsewhere (the config's static tokens).
+    `reserved_names` are names taken elsewhere (the config's static tokens). A token with
+    `expires_at` is refused from that moment on; without, it is valid until revoked.
     """
     check_name(name)
     check_role(role)
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise TokenError("a token's expiry needs a time zone")
+        if expires_at <= utcnow():
+            raise TokenError(f"expiry {expires_at.isoformat()} is in the past")
+    details: dict[str, str] = {"name": name, "role": role}
+    if expires_at is not None:
+        details["expires_at"] = expires_at.astimezone(UTC).isoformat()
     if name in set(reserved_names):
         raise TokenError(f"token name {name!r} is already used by a token in the config (api.tokens)")
     token = secrets.token_urlsafe(32)
     with audit.transaction() as tx:
-        taken = tx.session.scalar(
-            select(ApiToken.id).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
-        )
+        taken = tx.session.execute(
+            select(ApiToken.id, ApiToken.expires_at).where(
+                ApiToken.name == name, ApiToken.revoked_at.is_(None)
+            )
+        ).first()
         if taken is not None:
+            # An expired token keeps its name until revoked: the name stays tied to the
+            # token that the audit log's refusals name.
+            if taken.expires_at is not None and taken.expires_at <= utcnow():
+                raise TokenError(
+                    f"the token named {name!r} expired at {taken.expires_at.isoformat()} but is not "
+                    "revoked; revoke it first or choose another name"
+                )
             raise TokenError(f"an active token named {name!r} exists; revoke it first or choose another name")
         tx.session.add(
             ApiToken(
@@ -129,9 +187,10 @@ def create_token(
                 token_sha256=token_sha256(token),
                 created_at=utcnow(),
                 created_by=actor,
+                expires_at=expires_at,
             )
         )
-        tx.record("token.created", actor=actor, details={"name": name, "role": role})
+        tx.record("token.created", actor=actor, details=details)
     return token
 
 
@@ -153,7 +212,7 @@ def list_tokens(db: Database, *, include_revoked: bool = True) -> list[TokenReco
         query = query.where(ApiToken.revoked_at.is_(None))
     with db.session() as s:
         return [
-            TokenRecord(r.name, r.role, r.created_at, r.created_by, r.revoked_at, r.revoked_by)
+            TokenRecord(r.name, r.role, r.created_at, r.created_by, r.revoked_at, r.revoked_by, r.expires_at)
             for r in s.scalars(query)
         ]
 
@@ -163,21 +222,29 @@ def authenticate(
 ) -> TokenInfo | None:
     """The token's owner if `presented` is a valid, unrevoked token; else None.
 
-    Every candidate is compared (no early exit) with `hmac.compare_digest`.
+    Every candidate is compared (no early exit) with `hmac.compare_digest`. A matching
+    token past its expiry raises `TokenExpired` (the caller refuses it, naming it).
     """
     if not presented or len(presented) > MAX_TOKEN_CHARS:
         return None
     digest = token_sha256(presented).encode("ascii")
-    candidates: list[tuple[str, TokenInfo]] = [
-        (t.sha256, TokenInfo(t.name, t.role, "config")) for t in static_tokens
+    candidates: list[tuple[str, TokenInfo, datetime | None]] = [
+        (t.sha256, TokenInfo(t.name, t.role, "config"), None) for t in static_tokens
     ]
     with db.session() as s:
         rows = s.execute(
-            select(ApiToken.name, ApiToken.role, ApiToken.token_sha256).where(ApiToken.revoked_at.is_(None))
+            select(ApiToken.name, ApiToken.role, ApiToken.token_sha256, ApiToken.expires_at).where(
+                ApiToken.revoked_at.is_(None)
+            )
         ).all()
-    candidates.extend((r.token_sha256, TokenInfo(r.name, r.role, "database")) for r in rows)
-    found: TokenInfo | None = None
-    for stored, info in candidates:
+    candidates.extend((r.token_sha256, TokenInfo(r.name, r.role, "database"), r.expires_at) for r in rows)
+    found: tuple[TokenInfo, datetime | None] | None = None
+    for stored, info, expires_at in candidates:
         if hmac.compare_digest(digest, stored.lower().encode("ascii")) and found is None:
-            found = info
-    return found
+            found = (info, expires_at)
+    if found is None:
+        return None
+    info, expires_at = found
+    if expires_at is not None and expires_at <= utcnow():
+        raise TokenExpired(info.name, expires_at)
+    return info

@@ -6,7 +6,8 @@ Routes declare what they need with the `Annotated` aliases at the end of this mo
 
 Auth runs before any body is read, so a refused call changes nothing and costs little.
 Every refusal is counted and audited ("api.refused" with the reason, method, path and
-client address); the presented token itself is never stored or logged.
+client address; an expired token also by its name); the presented token itself is never
+stored or logged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from agent.api.metrics import AgentMetrics
+from agent.errors import TokenExpired
 from agent.service import SiteService
 
 COORDINATOR = "coordinator"
@@ -111,7 +113,17 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
             raise await run_in_threadpool(
                 _refuse, request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
             )
-        info = _service(request).authenticate(token)
+        try:
+            info = _service(request).authenticate(token)
+        except TokenExpired as exc:
+            raise await run_in_threadpool(
+                _refuse,
+                request,
+                401,
+                "expired token",
+                f"{exc}; ask the site for a new token",
+                exc.name,
+            ) from None
         if info is None:
             raise await run_in_threadpool(
                 _refuse, request, 401, "unknown or revoked token", "invalid or revoked token"

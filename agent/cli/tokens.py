@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from agent.access.tokens import ROLES, create_token, list_tokens, revoke_token
+from agent.access.tokens import ROLES, create_token, list_tokens, parse_token_expiry, revoke_token
 from agent.audit.chain import AuditLog
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table, when
 from agent.errors import TokenError
@@ -25,18 +25,35 @@ tokens_app = typer.Typer(help="Manage the REST API's bearer tokens.", no_args_is
 def tokens_add(
     name: str = typer.Argument(..., help="A name for the token's holder, e.g. 'coordinator-eu'."),
     role: str = typer.Option(..., "--role", help=f"One of: {', '.join(ROLES)}."),
+    expires: str | None = typer.Option(
+        None,
+        "--expires",
+        help="When the token stops working: a lifetime (90d, 12h, 30m, 2w), YYYY-MM-DD "
+        "(valid through that day, UTC) or an ISO date-time with offset. Default: never.",
+    ),
     config: Path = ConfigOption,
 ) -> None:
     """Create a token; it is printed once, as the last line, and only its SHA-256 is stored."""
     cfg = load(config)
+    try:
+        expires_at = parse_token_expiry(expires) if expires is not None else None
+    except TokenError as exc:
+        fail(f"error: {exc}", 1)
     with database(cfg) as db:
         try:
             token = create_token(
-                db, AuditLog(db), name, role, cli_actor(), reserved_names=[t.name for t in cfg.api.tokens]
+                db,
+                AuditLog(db),
+                name,
+                role,
+                cli_actor(),
+                reserved_names=[t.name for t in cfg.api.tokens],
+                expires_at=expires_at,
             )
         except TokenError as exc:
             fail(f"error: {exc}", 1)
-    typer.echo(f"Created token {name!r} with role {role}. It is shown only this once; store it now.")
+    until = f", valid until {when(expires_at)}" if expires_at is not None else ", without expiry"
+    typer.echo(f"Created token {name!r} with role {role}{until}. It is shown only this once; store it now.")
     typer.echo(token)
 
 
@@ -45,7 +62,8 @@ def tokens_list(
     config: Path = ConfigOption,
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """List tokens (names, roles, who created or revoked them; never the tokens or hashes)."""
+    """List tokens (names, roles, status, expiry, who created or revoked them; never the tokens
+    or hashes). An expired token is listed as `expired` until it is revoked."""
     cfg = load(config)
     with database(cfg) as db:
         records = list_tokens(db)
@@ -58,6 +76,7 @@ def tokens_list(
             "created_at": None,
             "created_by": None,
             "revoked_at": None,
+            "expires_at": None,
         }
         for t in cfg.api.tokens
     ] + [
@@ -65,10 +84,11 @@ def tokens_list(
             "name": r.name,
             "role": r.role,
             "source": "database",
-            "status": "active" if r.active else "revoked",
+            "status": r.status(),
             "created_at": when(r.created_at),
             "created_by": r.created_by,
             "revoked_at": when(r.revoked_at) if r.revoked_at else None,
+            "expires_at": when(r.expires_at) if r.expires_at else None,
         }
         for r in records
     ]
@@ -79,7 +99,7 @@ def tokens_list(
         typer.echo("no tokens; create one with `fedsite tokens add NAME --role coordinator`")
         return
     print_table(
-        ["NAME", "ROLE", "STATUS", "SOURCE", "CREATED", "BY", "REVOKED"],
+        ["NAME", "ROLE", "STATUS", "SOURCE", "CREATED", "BY", "EXPIRES", "REVOKED"],
         [
             [
                 r["name"],
@@ -88,6 +108,7 @@ def tokens_list(
                 r["source"],
                 r["created_at"] or "-",
                 r["created_by"] or "-",
+                r["expires_at"] or "never",
                 r["revoked_at"] or "-",
             ]
             for r in rows

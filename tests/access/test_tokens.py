@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from agent.access.tokens import (
     create_token,
     has_role,
     list_tokens,
+    parse_token_expiry,
     revoke_token,
     token_sha256,
 )
@@ -24,7 +27,7 @@ from agent.audit.chain import AuditLog
 from agent.cli import app
 from agent.config import StaticToken
 from agent.db.engine import Database, open_database
-from agent.errors import TokenError
+from agent.errors import TokenError, TokenExpired
 
 
 def _config(tmp_path: Path, db_url: str, **extra: object) -> Path:
@@ -180,3 +183,92 @@ def test_roles_do_not_include_each_other() -> None:
     assert not has_role(None, "coordinator")
     with pytest.raises(TokenError, match="role 'root'"):
         has_role(admin, "root")
+
+
+def _later(monkeypatch: pytest.MonkeyPatch, moment: datetime) -> None:
+    """Move the tokens module's clock to MOMENT."""
+    monkeypatch.setattr(tokens_mod, "utcnow", lambda: moment)
+
+
+def test_parse_token_expiry_takes_lifetimes_dates_and_date_times() -> None:
+    now = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+    assert parse_token_expiry("90d", now) == now + timedelta(days=90)
+    assert parse_token_expiry("12h", now) == now + timedelta(hours=12)
+    assert parse_token_expiry(" 30m ", now) == now + timedelta(minutes=30)
+    assert parse_token_expiry("2W", now) == now + timedelta(weeks=2)
+    # A date: valid through that day (UTC), as for plan approvals.
+    assert parse_token_expiry("2027-01-31", now) == datetime(2027, 2, 1, tzinfo=UTC)
+    assert parse_token_expiry("2027-01-31T10:00+01:00", now) == datetime(2027, 1, 31, 9, tzinfo=UTC)
+    for bad in ("soon", "0d", "-3d", "5y", "2027-01-31T10:00", ""):
+        with pytest.raises(TokenError, match="expiry"):
+            parse_token_expiry(bad, now)
+    with pytest.raises(TokenError, match="in the past"):
+        parse_token_expiry("2026-11-01", now)
+
+
+def test_an_expired_token_is_refused_naming_it_until_revoked(
+    db: Database, audit_log: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expires = datetime.now(UTC) + timedelta(hours=1)
+    token = create_token(db, audit_log, "c1", "coordinator", "test", expires_at=expires)
+    forever = create_token(db, audit_log, "c2", "coordinator", "test")
+    assert authenticate(db, [], token) == TokenInfo("c1", "coordinator", "database")
+    [record, _] = list_tokens(db)
+    assert record.expires_at == expires and record.status() == "active"
+
+    _later(monkeypatch, expires)
+    with pytest.raises(TokenExpired) as info:
+        authenticate(db, [], token)
+    assert info.value.name == "c1" and info.value.expires_at == expires
+    assert "token 'c1' expired at" in str(info.value)
+    assert authenticate(db, [], forever) == TokenInfo("c2", "coordinator", "database")
+    assert [r.status(expires) for r in list_tokens(db)] == ["expired", "active"]
+    # The name stays taken until the expired token is revoked.
+    with pytest.raises(TokenError, match=r"expired at .* but is not revoked"):
+        create_token(db, audit_log, "c1", "coordinator", "test")
+    revoke_token(db, audit_log, "c1", "test")
+    assert authenticate(db, [], token) is None
+    events = audit_log.events(action="token.created")
+    assert events[0]["details"] == {"name": "c1", "role": "coordinator", "expires_at": expires.isoformat()}
+
+
+def test_a_token_cannot_be_created_already_expired(db: Database, audit_log: AuditLog) -> None:
+    with pytest.raises(TokenError, match="in the past"):
+        create_token(db, audit_log, "c1", "coordinator", "test", expires_at=datetime.now(UTC))
+    with pytest.raises(TokenError, match="time zone"):
+        create_token(db, audit_log, "c1", "coordinator", "test", expires_at=datetime(2099, 1, 1))
+    assert list_tokens(db) == [] and audit_log.events() == []
+
+
+def test_cli_adds_tokens_with_an_expiry_and_lists_it(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path, db_url)
+    code, out = run(
+        "tokens", "add", "c1", "--role", "coordinator", "--expires", "7d", "--config", str(config)
+    )
+    assert code == 0 and "valid until" in out, out
+    token = out.strip().splitlines()[-1]
+    code, out = run(
+        "tokens", "add", "c2", "--role", "admin", "--expires", "2027-01-31", "--config", str(config)
+    )
+    assert code == 0, out
+    code, out = run("tokens", "add", "c3", "--role", "admin", "--expires", "later", "--config", str(config))
+    assert code == 1 and "expiry 'later'" in out
+
+    code, out = run("tokens", "list", "--config", str(config))
+    assert code == 0 and "EXPIRES" in out and "2027-02-01T00:00:00+00:00" in out
+    code, out = run("tokens", "list", "--json", "--config", str(config))
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["c2"]["expires_at"] == "2027-02-01T00:00:00+00:00" and rows["c1"]["status"] == "active"
+    assert "c3" not in rows
+
+    _later(monkeypatch, datetime.now(UTC) + timedelta(days=8))
+    code, out = run("tokens", "list", "--json", "--config", str(config))
+    assert {r["name"]: r["status"] for r in json.loads(out)} == {"c1": "expired", "c2": "active"}
+    db = open_database(db_url)
+    try:
+        with pytest.raises(TokenExpired):
+            authenticate(db, [], token)
+    finally:
+        db.dispose()

@@ -14,7 +14,7 @@ from sqlalchemy import inspect, text
 
 from agent.audit.chain import AuditLog
 from agent.db.base import Base
-from agent.db.engine import alembic_config, open_database
+from agent.db.engine import Database, alembic_config, open_database
 from agent.errors import DatabaseOpenError
 from agent.tables import load_all_models
 
@@ -109,3 +109,34 @@ def test_database_from_a_newer_version_is_refused_clearly(blank_db_url: str) -> 
     db.dispose()
     with pytest.raises(DatabaseOpenError, match="f00dface is unknown to this fedsite version"):
         open_database(blank_db_url)
+
+
+def test_tokens_made_before_expiry_existed_keep_working_after_the_upgrade(blank_db_url: str) -> None:
+    from agent.access.tokens import TokenInfo, authenticate, token_sha256
+
+    cfg = alembic_config(blank_db_url)
+    command.upgrade(cfg, "0001")
+    db = Database(blank_db_url)
+    try:
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (name, role, token_sha256, created_at, created_by) "
+                    "VALUES ('old', 'admin', :digest, '2026-11-01 00:00:00.000000', 'test')"
+                ),
+                {"digest": token_sha256("an-old-token")},
+            )
+    finally:
+        db.dispose()
+    db = open_database(blank_db_url)  # upgrades to head: api_tokens.expires_at
+    try:
+        assert "expires_at" in {c["name"] for c in inspect(db.engine).get_columns("api_tokens")}
+        assert authenticate(db, [], "an-old-token") == TokenInfo("old", "admin", "database")
+    finally:
+        db.dispose()
+    command.downgrade(cfg, "0001")
+    db = Database(blank_db_url)
+    try:
+        assert "expires_at" not in {c["name"] for c in inspect(db.engine).get_columns("api_tokens")}
+    finally:
+        db.dispose()
