@@ -45,7 +45,7 @@ from sqlalchemy import delete, insert, select
 from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, DatasetConfig
 from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
-from agent.data.volume import Volume, read_nifti_volume
+from agent.data.volume import Volume, count_nonfinite, read_nifti_volume
 from agent.db.engine import Database
 from agent.errors import CatalogError, FedsiteError, UnknownDataset
 
@@ -57,6 +57,9 @@ MAX_LABEL_VALUES = 1000
 _HASH_CHUNK = 1 << 20
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PATH_KEY_FILE = "catalog.key"
+# Version of the checks a volume passes before its facts are stored (2: non-finite voxels refused).
+# Volume facts stored by a scan with older checks are not reused: those volumes are read again once.
+VOLUME_CHECKS = 2
 
 
 @dataclass(frozen=True)
@@ -455,13 +458,20 @@ class _Scanner:
                 self.stats.volumes_reused += 1
         if cached is None:
             vol = _read_volume(fmt, path, modality)
+            self.stats.volumes_read += 1
             if vol.array.ndim != 3:
                 raise _SubjectSkipped(f"{path}: not a 3D volume (shape {vol.array.shape})")
+            nonfinite = count_nonfinite(vol.array)
+            if nonfinite:
+                # Caught here, with the subject named in the scan report, rather than as a NaN loss in
+                # the middle of a training round at every site that trains on this dataset.
+                raise _SubjectSkipped(
+                    f"{path}: {nonfinite} of {vol.array.size} voxel(s) are not finite (NaN or infinity)"
+                )
             shape, spacing = ras_geometry(vol.affine, vol.array.shape)
             pkey = subject_key_for(self.secret, vol.patient_id) if vol.patient_id else None
             counts = _label_counts(path, vol.array) if is_label else None
             cached = _VolumeFacts(shape, spacing, pkey, counts)
-            self.stats.volumes_read += 1
         self.volumes[checksum] = cached
         return checksum, cached
 
@@ -541,6 +551,7 @@ def _aggregate(items: list[dict[str, Any]], num_skipped: int) -> dict[str, Any]:
         "spacing_min": spacings.min(axis=0).tolist() if spacings is not None else None,
         "spacing_max": spacings.max(axis=0).tolist() if spacings is not None else None,
         "mean_label_fraction": float(np.mean(fractions)) if fractions else None,
+        "volume_checks": VOLUME_CHECKS,
     }
 
 
@@ -564,6 +575,7 @@ def _scan_one(
     with db.session() as s:
         row = s.get(CatalogDataset, ds.name)
         same_key = row is not None and row.key_id == key_id
+        same_checks = same_key and row is not None and (row.stats or {}).get("volume_checks") == VOLUME_CHECKS
         old_files = (
             {f.path_key: f for f in s.scalars(select(CatalogFile).where(CatalogFile.dataset == ds.name))}
             if same_key
@@ -571,7 +583,7 @@ def _scan_one(
         )
         old_volumes = (
             {v.checksum: v for v in s.scalars(select(CatalogVolume).where(CatalogVolume.dataset == ds.name))}
-            if same_key
+            if same_checks
             else {}
         )
         old_item_keys = set(s.scalars(select(CatalogItem.item_key).where(CatalogItem.dataset == ds.name)))

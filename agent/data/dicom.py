@@ -62,7 +62,7 @@ import numpy as np
 import pydicom
 from pydicom.uid import UID
 
-from agent.data.volume import Volume
+from agent.data.volume import Volume, count_nonfinite, nonfinite_warning
 from agent.errors import DicomError, FedsiteError
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -887,12 +887,19 @@ def _assemble(group: _Group) -> Volume:
         raise DicomError("the series' geometry gives no valid voxel-to-world transform")
 
     stack = np.empty((len(frames), group.rows, group.cols), dtype=np.float32)
-    for k, f in enumerate(frames):
-        if f.slope == 1.0 and f.intercept == 0.0:
-            stack[k] = f.pixels
-        else:
-            np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
-            stack[k] += np.float32(f.intercept)
+    # A rescale past float32's range gives infinity: counted and reported below, not a numpy warning.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, f in enumerate(frames):
+            if f.slope == 1.0 and f.intercept == 0.0:
+                stack[k] = f.pixels
+            else:
+                np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
+                stack[k] += np.float32(f.intercept)
+    # Float pixel data (and float rescale of integers) can hold NaN or infinity; say so here, where
+    # the administrator inspects a folder, not first in a training round.
+    nonfinite = count_nonfinite(stack)
+    if nonfinite:
+        warns.append(nonfinite_warning(nonfinite))
     files = list(dict.fromkeys(f.path for f in frames))
     ref = frames[0]
     return Volume(

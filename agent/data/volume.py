@@ -58,6 +58,23 @@ class Volume:
         return "".join(code or "?" for code in nib.orientations.aff2axcodes(self.affine))
 
 
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many voxels are NaN or infinite (0 for integer data, which cannot hold either).
+
+    Such voxels poison every statistic computed over a volume (normalisation, loss, gradients), so
+    a training round that meets one fails; the readers report them as a warning and the catalog
+    scan refuses the subject, naming it, long before a round starts.
+    """
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def nonfinite_warning(count: int) -> str:
+    """The volume warning for ``count`` non-finite voxels (the same words for DICOM and NIfTI)."""
+    return f"{count} voxel(s) are not finite (NaN or infinity): the catalog scan refuses this volume"
+
+
 def _is_nifti_name(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
@@ -98,12 +115,14 @@ def read_nifti_volume(path: Path, modality: str = "") -> Volume:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(f"{path}: the header's affine is not a valid voxel-to-world transform")
+    nonfinite = count_nonfinite(data)
     return Volume(
         array=data,
         affine=affine,
         modality=modality,
         source="nifti",
         files=[path],
+        warnings=[nonfinite_warning(nonfinite)] if nonfinite else [],
     )
 
 

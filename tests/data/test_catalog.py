@@ -426,3 +426,60 @@ def test_dicom_subject_with_zero_pixel_spacing_is_scanned_not_crashed(tmp_path: 
     assert set(by_folder) == {"A", "B"}
     spacings = {row["images"]["xr"]: row["spacing"] for row in catalog.item_details(db, "brain")}
     assert spacings[str(root / "A")][:2] == [1.0, 1.0]
+
+
+def test_non_finite_voxels_skip_the_subject_at_scan_with_its_name(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_nifti_dataset(root, SUBJECTS[:4])
+    for subject, bad in ((SUBJECTS[1], np.nan), (SUBJECTS[3], -np.inf)):
+        image, _ = subject_arrays(7)
+        image[3, 4, 5] = bad
+        write_nifti(root / subject / "flair.nii.gz", image)
+    cfg = make_config(tmp_path, [nifti_dataset_config(root)])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    skipped = {s.subject: s.reason for s in report.skipped}
+    assert set(skipped) == {SUBJECTS[1], SUBJECTS[3]}
+    for reason in skipped.values():
+        assert "flair.nii.gz" in reason and "1 of" in reason and "not finite" in reason
+    assert len(dataset_items(db, "brain")) == 2
+
+
+def test_non_finite_dicom_float_pixels_skip_the_subject(tmp_path: Path) -> None:
+    from tests.fixtures.dicom import write_float_series
+
+    root = tmp_path / "data"
+    values = np.random.default_rng(36).random((6, 5, 3)).astype(np.float32)
+    write_float_series(root / "good", values)
+    values[2, 2, 2] = np.nan
+    write_float_series(root / "bad", values)
+    ds = nifti_dataset_config(root, format="dicom", images="{subject}", label=None, modalities=["map"])
+    cfg = make_config(tmp_path, [ds])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    ((sk),) = report.skipped
+    assert sk.subject == "bad" and "not finite" in sk.reason
+    assert len(dataset_items(db, "brain")) == 1
+
+
+def test_volumes_stored_before_the_non_finite_check_are_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "data"
+    make_nifti_dataset(root, SUBJECTS[:3])
+    image, _ = subject_arrays(8)
+    image[1, 1, 1] = np.nan
+    write_nifti(root / SUBJECTS[0] / "flair.nii.gz", image)
+    cfg = make_config(tmp_path, [nifti_dataset_config(root)])
+    db = _db(cfg)
+    # A catalog written by an agent whose scan did not check: the NaN volume's facts are stored.
+    monkeypatch.setattr(catalog, "count_nonfinite", lambda array: 0)
+    monkeypatch.setattr(catalog, "VOLUME_CHECKS", 1)
+    assert scan_datasets(cfg, db).skipped == []
+    monkeypatch.undo()
+    report = scan_datasets(cfg, db)
+    assert [s.subject for s in report.skipped] == [SUBJECTS[0]]
+    assert report.datasets[0].volumes_reused == 0
+    # Once scanned with the current checks, unchanged volumes are reused again.
+    again = scan_datasets(cfg, db)
+    assert again.datasets[0].volumes_read == 1 and again.datasets[0].volumes_reused >= 4

@@ -23,6 +23,7 @@ from tests.fixtures.dicom import (
     corrupt_copy,
     oblique_orientation,
     write_enhanced_mr,
+    write_float_series,
     write_projection,
     write_series,
     write_text_sr,
@@ -531,3 +532,44 @@ def test_a_multiframe_file_without_positions_stays_one_volume(tmp_path: Path) ->
     vol = _only(tmp_path / "m")
     np.testing.assert_array_equal(vol.array, truth.array)
     assert any("frames in the order they are stored" in w for w in vol.warnings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite voxels: reported by the readers (the catalog scan refuses them)
+
+
+def test_float_pixel_data_with_nan_and_inf_is_read_and_reported(tmp_path: Path) -> None:
+    values = np.random.default_rng(34).random((6, 5, 3)).astype(np.float32)
+    values[1, 2, 1] = np.nan
+    values[0, 0, 2] = np.inf
+    write_float_series(tmp_path / "map", values)
+    vol = _only(tmp_path / "map")
+    np.testing.assert_array_equal(vol.array, values)
+    assert any("2 voxel(s) are not finite" in w for w in vol.warnings)
+
+
+def test_a_rescale_that_overflows_float32_is_reported(tmp_path: Path) -> None:
+    truth = write_series(tmp_path / "s", n_slices=16, seed=35)
+    for path in truth.files:
+        ds = pydicom.dcmread(path)
+        ds.RescaleSlope = "1e38"
+        ds.RescaleIntercept = "0"
+        ds.save_as(path)
+    vol = _only(tmp_path / "s")
+    assert not np.all(np.isfinite(vol.array))
+    assert any("not finite" in w for w in vol.warnings)
+
+
+def test_nifti_with_nan_is_read_with_a_warning(tmp_path: Path) -> None:
+    data = np.ones((4, 5, 6), np.float32)
+    data[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    vol = read_nifti_volume(tmp_path / "nan.nii.gz")
+    assert any("1 voxel(s) are not finite" in w for w in vol.warnings)
+    clean = read_nifti_volume(_write_clean(tmp_path))
+    assert clean.warnings == []
+
+
+def _write_clean(tmp_path: Path) -> Path:
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4)), tmp_path / "ok.nii.gz")
+    return tmp_path / "ok.nii.gz"
