@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -175,13 +175,28 @@ def list_(
 # -- bare folders: no config, no catalog -------------------------------------------------------
 
 
-def _read_or_exit(path: Path, workers: int | None) -> FolderView:
+def _fail(message: str, code: int, *, json_out: bool, payload: dict[str, Any] | None = None) -> NoReturn:
+    """Exit with CODE; with --json, first print the reason (and what is known) as JSON on stdout.
+
+    A script that asked for JSON reads standard output only: an error that reached standard error
+    alone would leave it with an empty document and no reason.
+    """
+    if json_out:
+        typer.echo(json.dumps({"error": message, **(payload or {})}, indent=2))
+    fail(f"error: {message}", code)
+
+
+def _skipped_json(view: FolderView) -> list[dict[str, str]]:
+    return [{"path": str(s.path), "reason": s.reason} for s in view.skipped]
+
+
+def _read_or_exit(path: Path, workers: int | None, *, json_out: bool = False) -> FolderView:
     if not path.exists():
-        fail(f"error: {path}: no such file or folder", 2)
+        _fail(f"{path}: no such file or folder", 2, json_out=json_out)
     try:
         return read_folder(path, workers=workers)
     except (DicomError, OSError) as exc:
-        fail(f"error: {exc}", 2)
+        _fail(str(exc), 2, json_out=json_out)
 
 
 def _fmt_tuple(values: list[Any]) -> str:
@@ -229,11 +244,11 @@ def inspect_command(
     workers: int | None = typer.Option(None, "--workers", min=1, help="Reader processes (default: CPUs)."),
 ) -> None:
     """Show the volumes the agent assembles from PATH (DICOM series, NIfTI files) and what it skipped."""
-    view = _read_or_exit(path, workers)
+    view = _read_or_exit(path, workers, json_out=json_out)
     if json_out:
         payload = {
             "volumes": [volume_summary(i, v) for i, v in enumerate(view.volumes)],
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in view.skipped],
+            "skipped": _skipped_json(view),
             "non_image": view.non_image,
             "files_seen": view.files_seen,
         }
@@ -251,18 +266,28 @@ def convert_command(
 ) -> None:
     """Write every volume found under PATH as NIfTI into OUTDIR, exactly as the agent sees it."""
     if outdir.exists() and not outdir.is_dir():
-        fail(f"error: {outdir}: exists and is not a folder", 2)
-    view = _read_or_exit(path, workers)
+        _fail(f"{outdir}: exists and is not a folder", 2, json_out=json_out)
+    view = _read_or_exit(path, workers, json_out=json_out)
+    found = {
+        "written": [],
+        "failed": [],
+        "skipped": _skipped_json(view),
+        "non_image": view.non_image,
+        "files_seen": view.files_seen,
+    }
     if not view.volumes:
-        fail(
-            f"error: no volume found under {path} ({view.files_seen} file(s) read, "
+        # The skipped files and their reasons are the answer to "why was nothing converted?".
+        _fail(
+            f"no volume found under {path} ({view.files_seen} file(s) read, "
             f"{len(view.skipped)} skipped); nothing written",
             1,
+            json_out=json_out,
+            payload=found,
         )
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        fail(f"error: {outdir}: cannot be created ({exc.strerror or exc})", 2)
+        _fail(f"{outdir}: cannot be created ({exc.strerror or exc})", 2, json_out=json_out, payload=found)
     written: list[dict[str, Any]] = []
     # A volume that cannot be written is reported and the others still are: an administrator
     # converting a folder wants every volume that can be converted, and a list of the rest.
@@ -281,12 +306,7 @@ def convert_command(
             for warning in volume.warnings:
                 typer.echo(f"    warning: {warning}")
     if json_out:
-        payload = {
-            "written": written,
-            "failed": failed,
-            "skipped": [{"path": str(s.path), "reason": s.reason} for s in view.skipped],
-            "non_image": view.non_image,
-        }
+        payload = {**found, "written": written, "failed": failed}
         typer.echo(json.dumps(payload, indent=2))
     elif view.skipped:
         typer.echo(f"{len(view.skipped)} file(s) skipped:")

@@ -18,7 +18,9 @@ Why it is built this way:
 - Splits are per subject and a pure function of (dataset, subject key, fraction), so adding or
   removing other subjects never moves a subject between train and validation (the only
   exception: the rule that a dataset of two or more subjects has at least one of each).
-- A subject with a missing or broken file is skipped with a reason; the scan goes on.
+- A subject with a missing or broken file is skipped with a reason; the scan goes on. So is
+  one whose file is there but does not match the `images` pattern (another case, another
+  extension), and one whose volume holds non-finite voxels: nothing leaves silently.
 """
 
 from __future__ import annotations
@@ -344,6 +346,92 @@ def discover_subjects(ds: DatasetConfig) -> dict[str, dict[str, Path]]:
     return dict(sorted(found.items()))
 
 
+# File names that hold an image (a NIfTI file, an Analyze pair, a DICOM file, other volume formats):
+# a file with one of these endings next to a dataset's images is a subject, even when misnamed.
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".dcm", ".ima", ".mgz", ".nrrd", ".mha", ".mhd")
+
+
+def _loose_component(component: str, *, greedy: bool) -> re.Pattern[str]:
+    """One path component of a pattern with `{subject}` captured and `{modality}` as a wildcard,
+    ignoring case, to be matched against names without their image suffix: it finds the subject
+    of a name that is close to the pattern but not equal (another case, another extension)."""
+    component = _strip_image_suffix(component)
+    regex = ""
+    for i, part in enumerate(component.split("{subject}")):
+        if i == 1:
+            regex += "(?P<subject>.+)" if greedy else "(?P<subject>.+?)"
+        elif i > 1:
+            regex += ".+?"
+        regex += ".+?".join(re.escape(p) for p in part.split("{modality}"))
+    return re.compile(regex, re.IGNORECASE)
+
+
+def _strip_image_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def unmatched_subjects(ds: DatasetConfig, found: dict[str, dict[str, Path]]) -> dict[str, str]:
+    """Subject name -> reason, for what sits where the `images` pattern looks but matches no pattern.
+
+    `discover_subjects` knows only what matches; a subject whose file is misnamed (another case,
+    another extension, a `{subject}` part that differs from the folder name) would drop out of the
+    catalog without a word. This looks at the level of the pattern's first `{subject}` component:
+    with a folder per subject, every folder there that is not a found subject; with files side by
+    side, every image file there that matches neither the images nor the label pattern and whose
+    name does not belong to a found subject. Hidden names are ignored, as in discovery.
+    """
+    strict = [compile_pattern(ds.images.replace("{modality}", m)).regex for m in ds.modalities]
+    if ds.label is not None:
+        strict.append(compile_pattern(ds.label).regex)
+    component_parts = ds.images.split("/")
+    level = next((n for n, part in enumerate(component_parts) if "{subject}" in part), None)
+    if level is None:
+        return {}
+    loose = [_loose_component(component_parts[level], greedy=g) for g in (True, False)]
+    per_subject_folder = level < len(component_parts) - 1
+    out: dict[str, str] = {}
+    parents = {
+        ds.root.joinpath(*ds.images.replace("{modality}", m).split("/")[:level]) for m in ds.modalities
+    }
+    for parent in sorted(parents):
+        if not parent.is_dir():
+            continue
+        for entry in sorted(parent.iterdir()):
+            name = entry.name
+            if name.startswith("."):
+                continue
+            rel = entry.relative_to(ds.root).as_posix()
+            stem = _strip_image_suffix(name)
+            candidates = [m.group("subject") for m in (r.fullmatch(stem) for r in loose) if m is not None]
+            if per_subject_folder:
+                if not entry.is_dir() or not candidates or any(c in found for c in candidates):
+                    continue
+                out.setdefault(
+                    candidates[0], f"{rel}/: no file in it matches the images pattern {ds.images!r}"
+                )
+                continue
+            if any(r.fullmatch(rel) for r in strict) or any(c in found for c in candidates):
+                continue
+            # Files side by side: another image of a found subject ("case1_t2.nii.gz" next to the
+            # dataset's "case1_flair.nii.gz") is not a subject of its own.
+            cuts = [n for n, ch in enumerate(stem) if not ch.isalnum()]
+            if any(stem[:n] in found for n in cuts):
+                continue
+            if candidates:
+                subject = candidates[0]
+            elif entry.is_file() and name.lower().endswith(_IMAGE_SUFFIXES):
+                subject = stem
+            else:
+                continue  # not an image: a README, a table of participants, ...
+            if subject not in found:
+                out.setdefault(subject, f"{rel} does not match the images pattern {ds.images!r}")
+    return dict(sorted(out.items()))
+
+
 # ----------------------------------------------------------------------------- volume facts
 
 
@@ -570,6 +658,8 @@ def _scan_one(
         stats.error = f"dataset root is not a readable folder: {ds.root}"
         return stats
     subjects = discover_subjects(ds)
+    for subject, reason in unmatched_subjects(ds, subjects).items():
+        report.skipped.append(SkippedSubject(ds.name, subject, reason))
     set_total(len(subjects))
     key_id = _key_id(secret)
     with db.session() as s:

@@ -483,3 +483,94 @@ def test_volumes_stored_before_the_non_finite_check_are_read_again(
     # Once scanned with the current checks, unchanged volumes are reused again.
     again = scan_datasets(cfg, db)
     assert again.datasets[0].volumes_read == 1 and again.datasets[0].volumes_reused >= 4
+
+
+def test_a_subject_whose_file_does_not_match_the_pattern_is_listed_as_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_nifti_dataset(root, SUBJECTS[:3])
+    image, label = subject_arrays(9)
+    write_nifti(root / "PAT-0042" / "FLAIR.nii.gz", image)  # another case
+    write_nifti(root / "PAT-0042" / "seg.nii.gz", label)
+    write_nifti(root / "PAT-0043" / "flair.nii", image)  # another extension
+    (root / "PAT-0044").mkdir()  # nothing in it yet
+    (root / "README.txt").write_text("a file, not a subject folder")
+    write_nifti(root / ".trash" / "flair.nii.gz", image)  # hidden: ignored as in discovery
+    cfg = make_config(tmp_path, [nifti_dataset_config(root)])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    skipped = {s.subject: s.reason for s in report.skipped}
+    assert set(skipped) == {"PAT-0042", "PAT-0043", "PAT-0044"}
+    for subject, reason in skipped.items():
+        assert (
+            reason
+            == f"{subject}/: no file in it matches the images pattern '{{subject}}/{{modality}}.nii.gz'"
+        )
+    assert len(dataset_items(db, "brain")) == 3
+    assert report.datasets[0].num_skipped == 3
+    (summary,) = dataset_summaries(db)
+    assert summary.num_skipped == 3
+
+
+def test_repeated_subject_that_differs_is_listed_as_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    image, label = subject_arrays(10)
+    write_nifti(root / "sub-01" / "sub-01_flair.nii.gz", image)
+    write_nifti(root / "sub-01" / "sub-01_seg.nii.gz", label)
+    write_nifti(root / "sub-02" / "sub-2_flair.nii.gz", image)  # the {subject} parts differ
+    write_nifti(root / "sub-02" / "sub-2_seg.nii.gz", label)
+    ds = nifti_dataset_config(
+        root, images="{subject}/{subject}_{modality}.nii.gz", label="{subject}/{subject}_seg.nii.gz"
+    )
+    cfg = make_config(tmp_path, [ds])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    (sk,) = report.skipped
+    assert sk.subject == "sub-02" and "matches the images pattern" in sk.reason
+    assert len(dataset_items(db, "brain")) == 1
+
+
+def test_flat_layout_lists_misnamed_images_but_not_other_files(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    image, label = subject_arrays(11)
+    for subject in ("case1", "case_2"):
+        write_nifti(root / "images" / f"{subject}_flair.nii.gz", image)
+        write_nifti(root / "images" / f"{subject}_seg.nii.gz", label)
+        write_nifti(root / "images" / f"{subject}_t1.nii.gz", image)  # a modality the dataset does not use
+    write_nifti(root / "images" / "case3_FLAIR.nii.gz", image)  # another case
+    write_nifti(root / "images" / "case4_flair.nii", image)  # another extension
+    write_nifti(root / "images" / "case5.nii.gz", image)  # another name altogether
+    (root / "images" / "participants.tsv").write_text("id\n")
+    ds = nifti_dataset_config(
+        root, images="images/{subject}_flair.nii.gz", label="images/{subject}_seg.nii.gz"
+    )
+    cfg = make_config(tmp_path, [ds])
+    db = _db(cfg)
+    report = scan_datasets(cfg, db)
+    skipped = {s.subject: s.reason for s in report.skipped}
+    tail = " does not match the images pattern 'images/{subject}_flair.nii.gz'"
+    assert skipped == {
+        "case3": "images/case3_FLAIR.nii.gz" + tail,
+        "case4": "images/case4_flair.nii" + tail,
+        "case5": "images/case5.nii.gz" + tail,
+    }
+    assert len(dataset_items(db, "brain")) == 2
+
+
+def test_cli_scan_prints_the_unmatched_subject(tmp_path: Path) -> None:
+    from agent.cli import app
+
+    root = tmp_path / "data"
+    make_nifti_dataset(root, SUBJECTS[:2])
+    write_nifti(root / "PAT-0099" / "Flair.nii.gz", subject_arrays(12)[0])
+    (tmp_path / "config.yaml").write_text(
+        "site: {id: site-cli, secret: s3cret}\n"
+        "work_dir: work\n"
+        "datasets:\n"
+        "  - {name: brain, format: nifti, root: data, modalities: [flair], target_labels: [1, 2, 4]}\n"
+    )
+    res = CliRunner().invoke(
+        app, ["data", "scan", "--config", str(tmp_path / "config.yaml"), "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    printed = " ".join(res.output.split())  # the console may wrap long lines
+    assert "skipped brain/PAT-0099: PAT-0099/: no file in it matches the images pattern" in printed

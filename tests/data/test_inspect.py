@@ -195,3 +195,31 @@ def test_one_volume_that_cannot_be_written_does_not_stop_convert(
     (failure,) = out["failed"]
     assert failure["index"] == 0 and "Could not decompose affine" in failure["error"]
     assert sorted(p.name for p in outdir.iterdir()) == ["001_MR.nii.gz"]
+
+
+def test_convert_json_explains_why_nothing_was_converted(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("x")
+    truth = write_series(tmp_path / "s", n_slices=16, seed=29)
+    corrupt_copy(truth.files[0], tmp_path / "empty" / "broken.dcm", keep_fraction=0.3)
+    result = CliRunner().invoke(
+        data_app, ["convert", str(tmp_path / "empty"), str(tmp_path / "out"), "--json"]
+    )
+    assert result.exit_code == 1
+    out = json.loads(result.stdout)
+    assert "no volume found" in out["error"]
+    assert out["written"] == [] and out["files_seen"] == 2
+    reasons = {Path(s["path"]).name: s["reason"] for s in out["skipped"]}
+    assert set(reasons) == {"readme.txt", "broken.dcm"} and "truncated" in reasons["broken.dcm"]
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "afile").write_text("x")
+    bad = CliRunner().invoke(data_app, ["convert", str(truth.folder), str(tmp_path / "afile"), "--json"])
+    assert bad.exit_code == 2 and "not a folder" in json.loads(bad.stdout)["error"]
+    missing = CliRunner().invoke(
+        data_app, ["convert", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--json"]
+    )
+    assert missing.exit_code == 2 and "no such file or folder" in json.loads(missing.stdout)["error"]
+    inspect_missing = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "nowhere"), "--json"])
+    assert inspect_missing.exit_code == 2
+    assert "no such file or folder" in json.loads(inspect_missing.stdout)["error"]
