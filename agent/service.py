@@ -51,7 +51,7 @@ from agent.exchange.egress import EgressGate
 from agent.jobs.runner import JobRunner
 from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
-from agent.training.plan import Plan, parse_plan, plan_hash
+from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
 from agent.training.registry import expected_shapes
 
 log = logging.getLogger("fedsite.service")
@@ -222,18 +222,44 @@ class SiteService:
             lines = [ln if ln.startswith("plan") else f"plan.{ln}" for ln in str(exc).splitlines()]
             raise InvalidRequest("; ".join(lines)) from None
 
-    def _check_dataset(self, plan: Plan) -> None:
+    def _check_dataset(self, plan: Plan, kind: JobKind) -> None:
+        """Refuse now what the worker would refuse for want of data: an unknown or empty
+        dataset, an empty split the job needs, channels the dataset cannot give."""
         names = [ds.name for ds in self.cfg.datasets]
         if plan.dataset not in names:
             have = ", ".join(repr(n) for n in names) or "none"
             raise InvalidRequest(f"plan.dataset: unknown dataset {plan.dataset!r}; this site has: {have}")
-        if not self._items(plan.dataset):
+        items = self._items(plan.dataset)
+        if not items:
             # First use after a fresh install or new data: index before refusing.
             self.scan()
-            if not self._items(plan.dataset):
+            items = self._items(plan.dataset)
+            if not items:
                 raise InvalidRequest(
                     f"plan.dataset: dataset {plan.dataset!r} has no usable subjects at this site"
                 )
+        splits = {item.split for item in items}
+        if kind == JobKind.TRAIN and "train" not in splits:
+            raise InvalidRequest(f"plan.dataset: dataset {plan.dataset!r} has no training subjects")
+        if "val" not in splits and (kind == JobKind.EVALUATE or plan.early_stopping is not None):
+            need = "an evaluation" if kind == JobKind.EVALUATE else "early_stopping"
+            raise InvalidRequest(
+                f"plan.dataset: dataset {plan.dataset!r} has no validation subjects, which {need} needs"
+            )
+        # The modalities every subject has, in the config's order (the order of the channels).
+        configured = next(ds.modalities for ds in self.cfg.datasets if ds.name == plan.dataset)
+        kinds = [frozenset(item.images) for item in items]
+        common = frozenset.intersection(*kinds)
+        if plan.data.modalities is None and any(k != common for k in kinds):
+            raise InvalidRequest(
+                f"plan.data.modalities: subjects of dataset {plan.dataset!r} have different modalities; "
+                f"name the channels (all subjects have {', '.join(sorted(common)) or 'none in common'})"
+            )
+        order = [m for m in configured if m in common] + sorted(common - set(configured))
+        try:
+            check_channels(plan, order)
+        except PlanError as exc:
+            raise InvalidRequest(f"plan.{exc}") from None
 
     def _items(self, dataset: str) -> list[Any]:
         try:
@@ -252,7 +278,7 @@ class SiteService:
 
     def _submit(self, kind: JobKind, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobView:
         plan = self._parse_plan(plan_text)
-        self._check_dataset(plan)
+        self._check_dataset(plan, kind)
         digest = plan_hash(plan)
         try:
             check_plan_allowed(self.cfg.approval, self.db, digest)
@@ -276,7 +302,11 @@ class SiteService:
         if weights is not None:
             self._decode(plan, weights)
         round_id = round_id or uuid.uuid4().hex
-        stored = plan.model_copy(update={"round_id": round_id})
+        try:
+            # Exactly the text the worker will validate again, validated here.
+            stored_json = stored_form(plan.model_copy(update={"round_id": round_id}))
+        except PlanError as exc:
+            raise InvalidRequest(str(exc)) from None
         job_dir = self.cfg.work_dir / "jobs" / uuid.uuid4().hex
         job_dir.mkdir(parents=True)
         weights_path: Path | None = None
@@ -296,7 +326,7 @@ class SiteService:
                     kind=kind,
                     actor=actor,
                     dataset=plan.dataset,
-                    plan_json=stored.model_dump_json(),
+                    plan_json=stored_json,
                     plan_hash=digest,
                     weights_sha256=weights_sha,
                     weights_path=str(weights_path) if weights_path else None,

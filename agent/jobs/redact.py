@@ -13,6 +13,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from agent.errors import FedsiteError
+from agent.validation import format_validation_error
+
 MAX_ERROR_CHARS = 2000
 
 # Two or more path components, POSIX or Windows: "/data/PAT-1/flair", "C:\\scans\\x".
@@ -50,7 +55,21 @@ class Redactor:
         return out
 
 
+def one_line(text: str) -> str:
+    """TEXT's non-blank lines, stripped and joined with "; ": an error is one line in a status
+    answer, a table cell or a log line, whatever the library that wrote it."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def public_error(exc: BaseException, redact: Callable[[str], str]) -> str:
-    """The exception as "Type: message", redacted: what a job records as its error."""
-    message = str(exc).strip() or "no message"
-    return redact(f"{type(exc).__name__}: {message}")
+    """The exception as one line, redacted: what a job records as its error.
+
+    Our own errors (`FedsiteError`) are written for the reader and are shown as they are; a
+    pydantic validation error is shown as key paths and problems, without pydantic's
+    Python-side wording and links; any other error is "Type: message", its lines joined.
+    """
+    if isinstance(exc, ValidationError):
+        problems = one_line(format_validation_error(exc))
+        return redact(f"invalid {exc.title}: {problems}")
+    message = one_line(str(exc)) or "no message"
+    return redact(message if isinstance(exc, FedsiteError) else f"{type(exc).__name__}: {message}")

@@ -127,10 +127,10 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
     from agent.exchange.egress import EgressGate
     from agent.training.client_algo import FedsiteClientAlgo
     from agent.training.engine import EngineContext
-    from agent.training.plan import Plan
+    from agent.training.plan import load_stored_plan
 
     # The stored plan carries the job's round id, under which the gate files the update.
-    plan = Plan.model_validate_json(job.plan_json).model_copy(update={"round_id": job.round_id})
+    plan = load_stored_plan(job.plan_json).model_copy(update={"round_id": job.round_id})
     items = dataset_items(db, plan.dataset)
     train = [i for i in items if i.split == "train"]
     val = [i for i in items if i.split == "val"]

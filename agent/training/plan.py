@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import sys
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -32,6 +34,12 @@ ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 # exhaust Python's recursion limit in the JSON parser or in pydantic (an uncaught
 # RecursionError, i.e. a 500 and a traceback hundreds of lines long).
 MAX_PLAN_DEPTH = 16
+# The most values one training batch may hold (batch_size x channels x roi_size): 2**28
+# float32 values are 1 GiB for the input alone, and the network's activations are many
+# times that. A plan past it cannot fit in a site's memory; it is refused when submitted
+# rather than killed by the kernel in the worker hours later. A 3D batch of 4 x 4 x 256^3
+# is exactly at the limit.
+MAX_BATCH_VALUES = 2**28
 
 
 class ModelSpec(BaseModel):
@@ -111,6 +119,16 @@ class Plan(StrictModel):
     data: DataSettings = Field(default_factory=DataSettings)
     early_stopping: EarlyStopping | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        """Every number finite, model arguments included: JSON's 1e999 parses as infinity,
+        which pydantic would accept and then write back as null (the worker's copy)."""
+        found = non_finite(data)
+        if found is not None:
+            raise ValueError(_not_finite(*found))
+        return data
+
     @field_validator("model")
     @classmethod
     def _model_known(cls, spec: ModelSpec) -> ModelSpec:
@@ -136,6 +154,13 @@ class Plan(StrictModel):
             raise ValueError(
                 f"model.in_channels is {in_channels} but data.modalities lists {len(self.data.modalities)}"
             )
+        values = self.batch_size * in_channels * math.prod(self.data.roi_size)
+        if values > MAX_BATCH_VALUES:
+            raise ValueError(
+                f"a batch of batch_size {self.batch_size} x {in_channels} channel(s) x roi_size "
+                f"{self.data.roi_size} is {values} values; at most {MAX_BATCH_VALUES} fit "
+                "(lower batch_size or roi_size)"
+            )
         if self.send == "diff" and self.init == "random":
             raise ValueError("send 'diff' needs init 'global': a difference to random weights means nothing")
         # Two samples: batch-norm refuses a batch of one sample with one voxel per channel in
@@ -146,6 +171,28 @@ class Plan(StrictModel):
 
 
 _TOO_DEEP = f"plan: JSON nested more than {MAX_PLAN_DEPTH} levels deep; a plan needs far fewer"
+
+
+def non_finite(value: Any) -> tuple[str, float] | None:
+    """The key path and value of the first NaN or infinite number in VALUE, else None.
+
+    Counted without recursion, like `json_depth`. The path reads like the validation
+    errors' (`optimizer.lr`, `model.channels[1]`).
+    """
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path, item
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return None
+
+
+def _not_finite(path: str, value: float) -> str:
+    return f"{path or '(top level)'}: {value} is not a finite number; every number in a plan must be finite"
 
 
 def json_depth(value: Any) -> int:
@@ -196,10 +243,59 @@ def parse_plan(raw: Any) -> Plan:
         raise PlanError(f"plan: must be a JSON object, got {type(raw).__name__}")
     if json_depth(raw) > MAX_PLAN_DEPTH:
         raise PlanError(_TOO_DEEP)
+    found = non_finite(raw)
+    if found is not None:  # also refused by the model; here to name the key in the same words
+        raise PlanError(_not_finite(*found))
     try:
         return Plan.model_validate(raw)
     except ValidationError as exc:
         raise PlanError(format_validation_error(exc, top="plan")) from None
+
+
+def stored_form(plan: Plan) -> str:
+    """The JSON the worker will read the plan back from, checked to read back as the same plan.
+
+    What the worker would refuse must be refused at submission: a plan that does not survive
+    its own serialisation (a value that JSON cannot carry) is a PlanError here, not a failed
+    round later.
+    """
+    text = plan.model_dump_json()
+    if load_stored_plan(text) != plan:
+        raise PlanError("plan: does not read back unchanged from its stored form")
+    return text
+
+
+def load_stored_plan(text: str) -> Plan:
+    """The plan of a queued job, as the worker reads it; a PlanError of one line if it is invalid
+    (the dataset's models or the registry changed since it was submitted, say)."""
+    try:
+        return Plan.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(format_validation_error(exc, top="plan").splitlines())
+        raise PlanError(f"the stored plan is no longer valid: {problems}") from None
+
+
+def check_channels(plan: Plan, dataset_modalities: Sequence[str]) -> None:
+    """That the plan's input channels are modalities the dataset has, as many as the model takes.
+
+    DATASET_MODALITIES are those every subject of the dataset has, in config order; without
+    `data.modalities` the plan trains on all of them. A PlanError names the key to change.
+    """
+    have = ", ".join(repr(m) for m in dataset_modalities) or "none"
+    wanted = plan.data.modalities
+    if wanted is not None:
+        missing = [m for m in wanted if m not in dataset_modalities]
+        if missing:
+            raise PlanError(
+                f"data.modalities: dataset {plan.dataset!r} has no modality {missing[0]!r} (it has {have})"
+            )
+        return  # the model validator has matched their number to model.in_channels
+    in_channels = plan.model.argument("in_channels")
+    if in_channels != len(dataset_modalities):
+        raise PlanError(
+            f"model.in_channels: is {in_channels} but dataset {plan.dataset!r} gives "
+            f"{len(dataset_modalities)} channel(s) ({have}); set in_channels or choose data.modalities"
+        )
 
 
 def canonical_json(plan: Plan) -> str:

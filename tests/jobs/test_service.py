@@ -232,3 +232,62 @@ def test_the_api_models_show_the_snapshot_public_fields_only(service: SiteServic
     assert EvaluationOut.model_validate(service.get_evaluation("shown")).model_dump_json() == (
         '{"evaluation_id":"shown","status":"queued","progress":{},"metrics":{},"num_samples":null,"error":null}'
     )
+
+
+def _with(plan: dict[str, object], path: tuple[str, ...], value: object) -> dict[str, object]:
+    node: dict = plan
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    return plan
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        # Each of these passed the submission check and failed only in the worker.
+        ((("fedprox_mu",), 1e999), "plan.fedprox_mu: inf is not a finite number"),
+        ((("optimizer", "lr"), float("nan")), "plan.optimizer.lr: nan is not a finite number"),
+        (
+            (("data", "modalities"), ["t2"]),
+            "plan.data.modalities: dataset 'brain' has no modality 't2' (it has 'flair')",
+        ),
+        (
+            (("model", "in_channels"), 2),
+            "plan.model.in_channels: is 2 but dataset 'brain' gives 1 channel(s)",
+        ),
+        ((("batch_size",), 4096), "at most 268435456 fit"),
+    ],
+    ids=["overflow", "nan", "unknown-modality", "channels", "batch-too-big"],
+)
+def test_what_the_worker_would_refuse_is_refused_at_submission(
+    service: SiteService, change: tuple[tuple[str, ...], object], needle: str
+) -> None:
+    plan = _with(tiny_plan(init="random"), *change)
+    if change[0] == ("batch_size",):
+        plan["data"]["roi_size"] = [4096, 4096]  # type: ignore[index]
+    with pytest.raises(InvalidRequest) as info:
+        service.start_round(text(plan), None, "token:c")
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+    assert service.store.count("queued") == 0
+
+
+def test_a_plan_as_json_text_with_an_overflowing_number_is_refused(service: SiteService) -> None:
+    body = text(tiny_plan(init="random")).replace('"lr": 0.001', '"lr": 1e999')
+    assert "1e999" in body
+    with pytest.raises(InvalidRequest, match=r"plan\.optimizer\.lr: inf is not a finite number"):
+        service.start_round(body, None, "token:c")
+
+
+def test_an_evaluation_or_early_stopping_needs_validation_subjects(
+    service: SiteService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_only = [item for item in service._items("brain") if item.split == "train"]
+    monkeypatch.setattr(service, "_items", lambda dataset: train_only)
+    plan = tiny_plan(early_stopping={"patience": 1, "max_epochs": 2}, init="random")
+    with pytest.raises(InvalidRequest, match="no validation subjects, which early_stopping needs"):
+        service.start_round(text(plan), None, "token:c")
+    with pytest.raises(InvalidRequest, match="no validation subjects, which an evaluation needs"):
+        service.start_evaluation(text(tiny_plan()), weights_for(tiny_plan()), "token:c")
+    assert service.store.count("queued") == 0

@@ -6,12 +6,17 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from agent.audit.chain import AuditLog
 from agent.db.engine import Database
+from agent.errors import PlanError
 from agent.jobs.redact import Redactor, public_error
 from agent.jobs.runner import describe_exit
 from agent.jobs.states import TERMINAL, JobKind, JobStatus, audit_action, is_terminal, sources_of
 from agent.jobs.store import JobStore, dumps
+from agent.training.plan import Plan
 from tests.fixtures.db import queue_job
 
 
@@ -144,3 +149,17 @@ def test_states_and_kinds_are_the_strings_in_the_database_and_the_api() -> None:
     assert audit_action(JobKind.EVALUATE, JobStatus.CANCELLED) == "evaluation.cancelled"
     assert set(TERMINAL) == {"completed", "failed", "cancelled", "interrupted"}
     assert not is_terminal("queued") and not is_terminal("running") and is_terminal("interrupted")
+
+
+def test_a_job_error_is_one_line_and_our_own_messages_are_shown_as_written() -> None:
+    redact = Redactor()
+    with pytest.raises(ValidationError) as info:
+        Plan.model_validate_json('{"dataset": "brain", "fedprox_mu": null}')
+    text = public_error(info.value, redact)
+    assert text.startswith("invalid Plan: ")
+    assert "fedprox_mu: Input should be a valid number" in text and "model: required key is missing" in text
+    assert "\n" not in text and "pydantic" not in text and "validation error for" not in text
+    assert public_error(PlanError("plan: not valid JSON"), redact) == "plan: not valid JSON"
+    assert public_error(RuntimeError("first line\n\n  second line  \n"), redact) == (
+        "RuntimeError: first line; second line"
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_config
+from agent.jobs.states import JobKind
 from agent.jobs.store import JobView
 from agent.service import SiteService
 from tests.fixtures.agents import GeneratedSite, make_site, tiny_plan
@@ -120,3 +121,24 @@ def test_a_round_over_its_time_limit_is_stopped(service: SiteService) -> None:
         service.cfg.limits.max_round_seconds = 24 * 3600
     assert st.status == "failed"
     assert st.error == "stopped after running longer than limits.max_round_seconds (3 s)"
+
+
+def test_a_stored_plan_the_worker_cannot_read_fails_with_one_sentence(service: SiteService) -> None:
+    # What `fedprox_mu: 1e999` became once stored (null) before plans refused non-finite numbers.
+    plan = tiny_plan(init="random", round_id="r-stale")
+    plan["fedprox_mu"] = None
+    service.store.create(
+        round_id="r-stale",
+        kind=JobKind.TRAIN,
+        actor="token:test",
+        dataset=str(plan["dataset"]),
+        plan_json=json.dumps(plan),
+        plan_hash="b" * 64,
+        weights_sha256=None,
+        weights_path=None,
+        job_dir=str(service.cfg.work_dir / "jobs" / "r-stale"),
+    )
+    service.runner.wake()
+    st = wait(service, "r-stale", TERMINAL)
+    assert st.status == "failed"
+    assert st.error == "the stored plan is no longer valid: fedprox_mu: Input should be a valid number"

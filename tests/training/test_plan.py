@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from agent.errors import PlanError
-from agent.training.plan import parse_plan, plan_hash
+from agent.training.plan import (
+    MAX_BATCH_VALUES,
+    Plan,
+    check_channels,
+    load_stored_plan,
+    parse_plan,
+    plan_hash,
+    stored_form,
+)
 from agent.training.registry import build_model, expected_shapes, known_models
 from tests.fixtures.training import tiny_plan, tiny_plan_dict
 
@@ -190,3 +199,71 @@ def test_a_new_model_starts_by_predicting_background(model: dict) -> None:
     with torch.no_grad():
         positive = (net(torch.randn(4, 1, 32, 32)) > 0).float().mean().item()
     assert positive < 0.05
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('"fedprox_mu": 1e999', "fedprox_mu: inf is not a finite number"),
+        ('"fedprox_mu": -1e999', "fedprox_mu: -inf is not a finite number"),
+        ('"fedprox_mu": NaN', "fedprox_mu: nan is not a finite number"),
+        ('"optimizer": {"name": "adam", "lr": Infinity}', "optimizer.lr: inf is not a finite number"),
+        ('"privacy": {"clip_norm": 1e400}', "privacy.clip_norm: inf"),
+        ('"early_stopping": {"patience": 2, "max_epochs": 1e999}', "early_stopping.max_epochs: inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_anywhere_naming_the_key(text: str, expected: str) -> None:
+    body = json.dumps(tiny_plan_dict())
+    key = text.split(":", 1)[0]
+    raw = json.loads(body)
+    raw.pop(key.strip('"'), None)
+    plan_text = json.dumps(raw)[:-1] + ", " + text + "}"
+    assert expected in _refused(plan_text)
+
+
+def test_non_finite_numbers_inside_model_arguments_and_lists_are_refused() -> None:
+    raw = tiny_plan_dict()
+    raw["model"]["dropout"] = float("nan")
+    assert "model.dropout: nan is not a finite number" in _refused(raw)
+    raw = tiny_plan_dict()
+    raw["data"]["spacing"] = [1.0, float("inf"), 1.0]
+    assert "data.spacing[1]: inf is not a finite number" in _refused(raw)
+    # The model itself refuses them too, for plans built without parse_plan.
+    raw = tiny_plan_dict(fedprox_mu=float("inf"))
+    with pytest.raises(ValueError, match=re.escape("fedprox_mu: inf is not a finite number")):
+        Plan.model_validate(raw)
+
+
+def test_a_batch_that_cannot_fit_is_refused() -> None:
+    raw = tiny_plan_dict(batch_size=4096, data={"spatial_dims": 2, "roi_size": [4096, 4096]})
+    msg = _refused(raw)
+    assert f"is {4096**3} values; at most {MAX_BATCH_VALUES} fit" in msg
+    assert "\n" not in msg
+
+
+def test_the_stored_form_reads_back_as_the_same_plan_and_a_bad_one_is_one_line() -> None:
+    plan = tiny_plan(fedprox_mu=0.01, round_id="r-1")
+    assert load_stored_plan(stored_form(plan)) == plan
+    broken = json.loads(stored_form(plan))
+    broken["fedprox_mu"] = None  # what 1e999 became once stored, before plans refused it
+    broken["optimizer"]["lr"] = None
+    with pytest.raises(PlanError) as info:
+        load_stored_plan(json.dumps(broken))
+    message = str(info.value)
+    assert message.startswith("the stored plan is no longer valid: ")
+    assert "optimizer.lr:" in message and "fedprox_mu:" in message
+    assert "\n" not in message and "pydantic" not in message
+
+
+def test_channels_must_be_modalities_the_dataset_has() -> None:
+    check_channels(tiny_plan(), ["flair"])
+    with pytest.raises(
+        PlanError, match=re.escape("data.modalities: dataset 'brain' has no modality 't1' (it has 'flair')")
+    ):
+        check_channels(
+            tiny_plan(data={"spatial_dims": 2, "roi_size": [32, 32], "modalities": ["t1"]}), ["flair"]
+        )
+    with pytest.raises(
+        PlanError, match=re.escape("model.in_channels: is 1 but dataset 'brain' gives 2 channel")
+    ):
+        check_channels(tiny_plan(), ["flair", "t1"])
