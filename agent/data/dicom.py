@@ -27,6 +27,16 @@ How a folder is read:
   positions are ordered by frame number, with a warning; such a volume gets an assumed spacing.
 * Zero or missing PixelSpacing is unknown: 1 mm is assumed in-plane, with a warning.
 
+Pixel values are the modality's values, as pydicom's ``apply_modality_lut`` gives them:
+
+* a Modality LUT (ModalityLUTSequence) is applied when present, and then takes the place of
+  RescaleSlope/RescaleIntercept, as the standard says; otherwise the rescale is applied;
+* MONOCHROME1 images (higher values darker, as CR, DX and MG often write them) are inverted within the
+  range their stored values can take, so that higher values are brighter as in MONOCHROME2 and a
+  dataset mixing both looks alike to training; the volume's warning says so;
+* colour images are refused, whether RGB/YBR (three samples per pixel) or PALETTE COLOR (one sample
+  that is an index into a colour table, not an intensity): only greyscale images form volumes.
+
 Documented behaviours for irregular series (all reported as warnings on the volume):
 
 * duplicate positions: a slice whose position and pixel data equal an earlier one is dropped; a slice at
@@ -60,9 +70,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID
 
-from agent.data.volume import Volume, count_nonfinite, nonfinite_warning
+from agent.config import WarningCategory
+from agent.data.volume import Volume, VolumeWarning, count_nonfinite, nonfinite_warning
 from agent.errors import DicomError, FedsiteError
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -91,6 +103,7 @@ TAG_BITS_STORED = 0x00280101
 TAG_PIXEL_REPRESENTATION = 0x00280103
 TAG_RESCALE_INTERCEPT = 0x00281052
 TAG_RESCALE_SLOPE = 0x00281053
+TAG_MODALITY_LUT_SEQUENCE = 0x00283000
 TAG_FLOAT_PIXEL_DATA = 0x7FE00008
 TAG_DOUBLE_PIXEL_DATA = 0x7FE00009
 TAG_PIXEL_DATA = 0x7FE00010
@@ -118,6 +131,7 @@ FAST_TAGS = [
     TAG_PIXEL_REPRESENTATION,
     TAG_RESCALE_INTERCEPT,
     TAG_RESCALE_SLOPE,
+    TAG_MODALITY_LUT_SEQUENCE,
     TAG_FLOAT_PIXEL_DATA,
     TAG_DOUBLE_PIXEL_DATA,
     TAG_PIXEL_DATA,
@@ -182,6 +196,9 @@ class _Frame:
     pixels: np.ndarray  # stored values, shape (rows, cols)
     # PixelSpacing was present but zero or negative (projection modalities write 0\\0): unknown.
     spacing_zero: bool = False
+    # MONOCHROME1: the range (low, high) of the modality values the stored values can map to; the
+    # assembly inverts each value v to low + high - v. None for MONOCHROME2.
+    invert_range: tuple[float, float] | None = None
 
 
 @dataclass
@@ -254,6 +271,48 @@ def _pixel_spacing(values: list[float]) -> tuple[tuple[float, float] | None, boo
     if not all(v > 0 for v in spacing):
         return None, True
     return (spacing[0], spacing[1]), False
+
+
+GREYSCALE = frozenset({"MONOCHROME1", "MONOCHROME2"})
+
+
+def _check_greyscale(samples: int, photometric: str) -> None:
+    """Skip colour images: several samples per pixel (RGB, YBR) or a PALETTE COLOR index image.
+
+    A palette image has one sample per pixel like a greyscale one, but its values are indices into a
+    colour table: read as intensities they would look like an image and mean nothing. A missing
+    PhotometricInterpretation is taken as MONOCHROME2, as readers commonly do.
+    """
+    photometric = photometric.strip().upper()
+    if samples != 1:
+        raise _Skip(
+            f"colour image (SamplesPerPixel={samples}, {photometric}): only greyscale images form volumes"
+        )
+    if photometric and photometric not in GREYSCALE:
+        kind = "palette colour image" if photometric == "PALETTE COLOR" else "colour image"
+        raise _Skip(f"{kind} ({photometric}): only greyscale images (MONOCHROME1/2) form volumes")
+
+
+def _stored_range(bits_stored: int, signed: bool) -> tuple[int, int]:
+    """The smallest and largest value ``bits_stored`` bits can hold."""
+    if signed:
+        return -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    return 0, (1 << bits_stored) - 1
+
+
+def _rescaled_range(
+    photometric: str, bits_stored: int, signed: bool, slope: float, intercept: float
+) -> tuple[float, float] | None:
+    """For a MONOCHROME1 image, the range of its rescaled values; None for any other image.
+
+    Inverting within the range the stored values can take (not the range one image happens to use)
+    maps the same stored value to the same output in every slice and every file of a series.
+    """
+    if photometric.strip().upper() != "MONOCHROME1":
+        return None
+    low, high = _stored_range(bits_stored, signed)
+    a, b = low * slope + intercept, high * slope + intercept
+    return (min(a, b), max(a, b))
 
 
 def _sop_class_name(uid: str) -> str:
@@ -334,6 +393,8 @@ def _walk(
         if length == _UNDEFINED:
             if tag in (TAG_PIXEL_DATA, TAG_FLOAT_PIXEL_DATA, TAG_DOUBLE_PIXEL_DATA):
                 raise _Fallback  # encapsulated pixel data in a native transfer syntax: let pydicom judge
+            if out is not None and tag in _FAST_TAG_SET:
+                out[tag] = view[pos:pos]  # a sequence's presence is what matters (the Modality LUT)
             pos = _skip_sequence(data, pos, implicit or vr == b"UN")
             continue
         if pos + length > end:
@@ -386,7 +447,10 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
     frames = _int_string(elems.get(TAG_NUMBER_OF_FRAMES))
     samples = _us(elems.get(TAG_SAMPLES)) or 1
     bits = _us(elems.get(TAG_BITS_ALLOCATED))
-    if (frames or 1) != 1 or samples != 1 or bits not in (8, 16, 32):
+    photometric = _text(elems.get(TAG_PHOTOMETRIC))
+    _check_greyscale(samples, photometric)
+    if (frames or 1) != 1 or bits not in (8, 16, 32) or TAG_MODALITY_LUT_SEQUENCE in raw:
+        # A Modality LUT is applied by pydicom's own function, on the general path.
         return None
     rows, cols = _us(elems.get(TAG_ROWS)), _us(elems.get(TAG_COLUMNS))
     if not rows or not cols:
@@ -402,6 +466,8 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
         elems.get(TAG_SLICE_THICKNESS), TAG_SLICE_THICKNESS
     )
     ipp = _geometry_value(_floats(elems.get(TAG_IPP), TAG_IPP), 3, "ImagePositionPatient")
+    slope_value = slope[0] if slope and slope[0] != 0 else 1.0
+    intercept_value = intercept[0] if intercept else 0.0
     frame = _Frame(
         path=path,
         frame=0,
@@ -417,9 +483,10 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
         spacing_zero=spacing_zero,
         thickness=thickness[0] if thickness else None,
         instance=_int_string(elems.get(TAG_INSTANCE_NUMBER)),
-        slope=slope[0] if slope and slope[0] != 0 else 1.0,
-        intercept=intercept[0] if intercept else 0.0,
+        slope=slope_value,
+        intercept=intercept_value,
         pixels=pixels,
+        invert_range=_rescaled_range(photometric, bits_stored, signed, slope_value, intercept_value),
     )
     return _FileResult(path, frames=[frame])
 
@@ -458,11 +525,8 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         return _no_pixels(path, sop)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    if samples != 1:
-        photometric = ds.get("PhotometricInterpretation", "")
-        raise _Skip(
-            f"colour image (SamplesPerPixel={samples}, {photometric}): only greyscale images form volumes"
-        )
+    photometric = str(ds.get("PhotometricInterpretation", "") or "")
+    _check_greyscale(samples, photometric)
     if not ds.get("Rows") or not ds.get("Columns"):
         raise _Skip("image without Rows/Columns")
     syntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
@@ -478,6 +542,9 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
         pixels = pixels[np.newaxis]
     if pixels.ndim != 3 or pixels.shape[0] != n_frames:
         raise _Skip(f"pixel data of shape {pixels.shape} does not match NumberOfFrames={n_frames}")
+    modality_lut = _modality_lut(ds, pixels)
+    if modality_lut is not None:
+        pixels, lut_range = modality_lut
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame_seq is not None and len(per_frame_seq) != n_frames:
@@ -525,6 +592,18 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
             _functional(item, shared, "PixelValueTransformationSequence", "RescaleIntercept")
         )
         slope_value = (slope or top_slope)[0]
+        slope_value = slope_value if slope_value != 0 else 1.0
+        intercept_value = (intercept or top_intercept)[0]
+        if modality_lut is not None:
+            # The LUT replaced the rescale: the pixels are modality values already.
+            slope_value, intercept_value = 1.0, 0.0
+            invert = lut_range if photometric.strip().upper() == "MONOCHROME1" else None
+        elif np.issubdtype(pixels.dtype, np.integer):
+            bits_stored = int(ds.get("BitsStored", 0) or 0) or pixels.dtype.itemsize * 8
+            signed = np.issubdtype(pixels.dtype, np.signedinteger)
+            invert = _rescaled_range(photometric, bits_stored, signed, slope_value, intercept_value)
+        else:
+            invert = None  # float pixel data has no stored range to invert within
         result.frames.append(
             _Frame(
                 path=path,
@@ -541,12 +620,32 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
                 spacing_zero=spacing_zero,
                 thickness=thickness[0] if thickness else None,
                 instance=int(instance) if instance not in (None, "") else None,
-                slope=slope_value if slope_value != 0 else 1.0,
-                intercept=(intercept or top_intercept)[0],
+                slope=slope_value,
+                intercept=intercept_value,
                 pixels=pixels[f],
+                invert_range=invert,
             )
         )
     return result
+
+
+def _modality_lut(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """Pixels through the data set's Modality LUT, and the LUT's output range; None without a LUT.
+
+    pydicom's ``apply_modality_lut`` does the lookup (values past the table take its first or last
+    entry), so a LUT means here exactly what it means to pydicom.
+    """
+    if "ModalityLUTSequence" not in ds or not ds.ModalityLUTSequence:
+        return None
+    item = ds.ModalityLUTSequence[0]
+    try:
+        out = np.asarray(apply_modality_lut(pixels, ds))
+        entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+        # Every input the table maps, through pydicom too: the table as pydicom reads it (OW or US).
+        table = np.asarray(apply_modality_lut(np.arange(first, first + entries), ds))
+    except Exception as exc:  # a malformed LUT is a reason to skip this file, not the folder
+        raise _Skip(f"Modality LUT cannot be applied: {type(exc).__name__}: {exc}") from None
+    return out, (float(table.min()), float(table.max()))
 
 
 def _looks_like_dataset_start(head: bytes) -> bool:
@@ -797,12 +896,18 @@ def _dedupe(frames: list[_Frame], dist: list[float], warns: list[str]) -> tuple[
         i = j
     if exact:
         warns.append(
-            f"dropped {exact} duplicate slice(s): same position and same pixel data as another slice"
+            VolumeWarning(
+                f"dropped {exact} duplicate slice(s): same position and same pixel data as another slice",
+                WarningCategory.SLICES,
+            )
         )
     if differing:
         warns.append(
-            f"dropped {differing} slice(s) at an already occupied position with different pixel data "
-            "(another echo, phase or repeat?); kept the one with the lowest InstanceNumber"
+            VolumeWarning(
+                f"dropped {differing} slice(s) at an already occupied position with different pixel data "
+                "(another echo, phase or repeat?); kept the one with the lowest InstanceNumber",
+                WarningCategory.SLICES,
+            )
         )
     return kept, kept_d
 
@@ -817,21 +922,31 @@ def _fallback_thickness(frames: list[_Frame]) -> float:
 def _assemble(group: _Group) -> Volume:
     warns: list[str] = []
     if group.note:
-        warns.append(group.note)
+        warns.append(VolumeWarning(group.note, WarningCategory.SERIES))
     frames = group.frames
     spacing = group.pixel_spacing
     if spacing is None:
         if any(f.spacing_zero for f in frames):
-            warns.append("PixelSpacing is zero (unknown): 1 mm assumed in-plane")
+            warns.append(
+                VolumeWarning(
+                    "PixelSpacing is zero (unknown): 1 mm assumed in-plane", WarningCategory.GEOMETRY
+                )
+            )
         else:
-            warns.append("PixelSpacing missing: 1 mm assumed in-plane")
+            warns.append(
+                VolumeWarning("PixelSpacing missing: 1 mm assumed in-plane", WarningCategory.GEOMETRY)
+            )
         spacing = (1.0, 1.0)
     has_positions = group.iop is not None and all(f.ipp is not None for f in frames)
     if group.iop is not None:
         row, col, normal = _orientation_vectors(group.iop)
     else:
         row, col, normal = np.array([1.0, 0, 0]), np.array([0, 1.0, 0]), np.array([0, 0, 1.0])
-        warns.append("ImageOrientationPatient missing: axial orientation assumed")
+        warns.append(
+            VolumeWarning(
+                "ImageOrientationPatient missing: axial orientation assumed", WarningCategory.GEOMETRY
+            )
+        )
 
     if has_positions:
         dist = [float(np.dot(f.ipp, normal)) for f in frames]  # type: ignore[arg-type]
@@ -848,9 +963,12 @@ def _assemble(group: _Group) -> Volume:
                 largest = float(gaps.max())
                 missing = max(0, round(largest / step_mm) - 1)
                 warns.append(
-                    f"non-uniform slice spacing: {int(irregular.sum())} gap(s) differ from the median "
-                    f"{step_mm:.4g} mm (largest {largest:.4g} mm, about {missing} missing slice(s)); "
-                    "the volume is kept and its affine uses the median spacing"
+                    VolumeWarning(
+                        f"non-uniform slice spacing: {int(irregular.sum())} gap(s) differ from the median "
+                        f"{step_mm:.4g} mm (largest {largest:.4g} mm, about {missing} missing slice(s)); "
+                        "the volume is kept and its affine uses the median spacing",
+                        WarningCategory.GEOMETRY,
+                    )
                 )
             last = np.asarray(frames[-1].ipp, dtype=np.float64)
             travel = last - first
@@ -859,17 +977,27 @@ def _assemble(group: _Group) -> Volume:
             shear = travel - along * normal
             if np.linalg.norm(shear) > 1e-3 * max(1.0, abs(along)):
                 warns.append(
-                    "slice positions are not along the slice normal (gantry tilt?): the affine follows "
-                    "the positions and is not orthogonal"
+                    VolumeWarning(
+                        "slice positions are not along the slice normal (gantry tilt?): the affine follows "
+                        "the positions and is not orthogonal",
+                        WarningCategory.TILT,
+                    )
                 )
         else:
             step = normal * _fallback_thickness(frames)
     else:
         if len(frames) > 1:
             # Only the frames of one multi-frame file get here: files without positions are 2D images.
-            warns.append("slice positions missing: frames in the order they are stored")
             warns.append(
-                "slice spacing unknown without positions: SpacingBetweenSlices/SliceThickness assumed"
+                VolumeWarning(
+                    "slice positions missing: frames in the order they are stored", WarningCategory.GEOMETRY
+                )
+            )
+            warns.append(
+                VolumeWarning(
+                    "slice spacing unknown without positions: SpacingBetweenSlices/SliceThickness assumed",
+                    WarningCategory.GEOMETRY,
+                )
             )
         frames = sorted(frames, key=_order_key)
         first = np.asarray(frames[0].ipp if frames[0].ipp is not None else (0.0, 0.0, 0.0), dtype=np.float64)
@@ -895,6 +1023,14 @@ def _assemble(group: _Group) -> Volume:
             else:
                 np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
                 stack[k] += np.float32(f.intercept)
+            if f.invert_range is not None:
+                low, high = f.invert_range
+                np.subtract(np.float32(low + high), stack[k], out=stack[k])
+    if any(f.invert_range is not None for f in frames):
+        warns.append(
+            "MONOCHROME1 (higher values darker): values inverted so that higher values are brighter, "
+            "as in MONOCHROME2"
+        )
     # Float pixel data (and float rescale of integers) can hold NaN or infinity; say so here, where
     # the administrator inspects a folder, not first in a training round.
     nonfinite = count_nonfinite(stack)
@@ -973,5 +1109,7 @@ def read_dicom_series(folder: Path, *, workers: int | None = None) -> Volume:
         )
     volume = scan.volumes[0]
     if scan.skipped:
-        volume.warnings.append(f"{len(scan.skipped)} file(s) in the folder were skipped")
+        volume.warnings.append(
+            VolumeWarning(f"{len(scan.skipped)} file(s) in the folder were skipped", WarningCategory.SERIES)
+        )
     return volume
