@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,32 @@ class SiteConfig(StrictModel):
     @classmethod
     def _id_shape(cls, v: str) -> str:
         return check_name(v)
+
+
+class WarningCategory(StrEnum):
+    """What kind of doubt a volume warning raises; the vocabulary of `datasets[].exclude_warnings`.
+
+    The readers (agent/data/dicom.py, agent/data/volume.py) give each warning its category where they
+    create it (`agent.data.volume.VolumeWarning`), so that nothing downstream matches warning text.
+    It lives here, below the data layer, because the config validates the option against it.
+    """
+
+    # Geometry that cannot be trusted: slices missing or misplaced beyond the spacing tolerance,
+    # assumed in-plane spacing (zero or missing PixelSpacing), assumed slice spacing (no positions),
+    # assumed orientation (DICOM without ImageOrientationPatient, Analyze or NIfTI without sform/qform).
+    GEOMETRY = "geometry"
+    # Slices along a tilted axis (CT gantry tilt): the affine follows them, so it is right but not orthogonal.
+    TILT = "tilt"
+    # Slices dropped: duplicates at the same position, other echoes or repeats at an occupied one.
+    SLICES = "slices"
+    # The series was split, or files of its folder were skipped.
+    SERIES = "series"
+    # Mosaic, 4D or multi-volume acquisitions reduced to a 3D volume.
+    ACQUISITION = "acquisition"
+    # Pixel values transformed or assumed (a lookup table applied, an inverted photometric interpretation).
+    PIXELS = "pixels"
+    # Anything a reader did not classify.
+    OTHER = "other"
 
 
 class DatasetConfig(StrictModel):

@@ -15,7 +15,34 @@ from typing import Literal
 import nibabel as nib
 import numpy as np
 
+from agent.config import WarningCategory
 from agent.errors import VolumeError
+
+
+class VolumeWarning(str):
+    """A volume warning: the text shown to the admin, with the category it was given where it was made.
+
+    A ``str``, so that every consumer that prints, joins or compares warnings keeps working; the
+    category travels with it to the catalog, which decides from it (and the dataset's
+    ``exclude_warnings``) whether the subject may be trained on. Text alone has no category:
+    :func:`warning_category` calls it ``other``.
+    """
+
+    category: WarningCategory
+
+    def __new__(cls, message: str, category: WarningCategory = WarningCategory.OTHER) -> VolumeWarning:
+        self = super().__new__(cls, message)
+        self.category = WarningCategory(category)
+        return self
+
+    def __getnewargs__(self) -> tuple[str, WarningCategory]:  # type: ignore[override]
+        # Pickling (volumes read in worker processes) must keep the category.
+        return (str(self), self.category)
+
+
+def warning_category(warning: str) -> WarningCategory:
+    """The category of a warning: the one it was made with, ``other`` for plain text."""
+    return warning.category if isinstance(warning, VolumeWarning) else WarningCategory.OTHER
 
 
 @dataclass
@@ -70,9 +97,12 @@ def count_nonfinite(array: np.ndarray) -> int:
     return int(array.size - np.count_nonzero(np.isfinite(array)))
 
 
-def nonfinite_warning(count: int) -> str:
+def nonfinite_warning(count: int) -> VolumeWarning:
     """The volume warning for ``count`` non-finite voxels (the same words for DICOM and NIfTI)."""
-    return f"{count} voxel(s) are not finite (NaN or infinity): the catalog scan refuses this volume"
+    return VolumeWarning(
+        f"{count} voxel(s) are not finite (NaN or infinity): the catalog scan refuses this volume",
+        WarningCategory.PIXELS,
+    )
 
 
 def _is_nifti_name(path: Path) -> bool:
