@@ -300,14 +300,14 @@ class AuditLog:
             return ChainReport(False, count, event_id, reason, expected_id - 1, prev_hash)
 
         with self.db.read_snapshot() as conn:
-            last_seen = 0
+            # No lower bound on the first batch: a row forged with id 0 or below is invisible
+            # to `events` and export but not to `find`, so verify must read and name it.
+            last_seen: int | None = None
             while True:
-                rows = conn.execute(
-                    select(*_EVENT_COLUMNS)
-                    .where(AuditEvent.id > last_seen)
-                    .order_by(AuditEvent.id)
-                    .limit(batch)
-                ).all()
+                query = select(*_EVENT_COLUMNS)
+                if last_seen is not None:
+                    query = query.where(AuditEvent.id > last_seen)
+                rows = conn.execute(query.order_by(AuditEvent.id).limit(batch)).all()
                 for row in rows:
                     if row.id != expected_id:
                         if row.id < expected_id:

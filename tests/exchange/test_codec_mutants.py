@@ -1,0 +1,166 @@
+"""Codec checks that a mutation run showed could be deleted with every other test still passing.
+
+Each test here names the refusal it expects by its own message: without the check, the same
+input is either accepted, refused by a later check with another message, or escapes as a bare
+`ValueError`/`TypeError`/`IndexError`, so a loose pattern would let the check go unnoticed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from agent.errors import WeightError
+from agent.exchange.codec import MAX_HEADER_BYTES, decode_weights, encode_weights, parse_header
+
+LIMIT = 1 << 20
+F32_ONE = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
+
+
+def _with_header(header: dict[str, Any], body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
+
+
+def test_a_well_formed_single_tensor_header_is_returned() -> None:
+    header = parse_header(_with_header({"w": F32_ONE}, b"\0" * 4), max_bytes=LIMIT)
+    assert header == {"w": F32_ONE}
+
+
+@pytest.mark.parametrize(
+    "offsets",
+    [
+        pytest.param("0,4", id="not-a-list"),
+        pytest.param({"begin": 0, "end": 4}, id="an-object"),
+        pytest.param(None, id="missing"),
+        pytest.param([4], id="one-value"),
+        pytest.param([0, 4, 8], id="three-values"),
+        pytest.param([0, 4.0], id="a-float"),
+        pytest.param(["0", 4], id="a-string"),
+        pytest.param([-4, 0], id="negative"),
+        pytest.param([4, 0], id="reversed"),
+    ],
+)
+def test_malformed_data_offsets_are_named(offsets: Any) -> None:
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": offsets}
+    with pytest.raises(WeightError, match=r"^tensor 'w': malformed data offsets"):
+        parse_header(_with_header({"w": entry}, b"\0" * 4), max_bytes=LIMIT)
+
+
+def test_reversed_offsets_of_an_empty_tensor_are_malformed_not_a_size_mismatch() -> None:
+    entry = {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}
+    with pytest.raises(WeightError, match=r"^tensor 'w': malformed data offsets \[4, 0\]"):
+        parse_header(_with_header({"w": entry}, b"\0" * 4), max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("entry", [[0, 4], "F32", 7, None], ids=["list", "string", "number", "null"])
+def test_a_header_entry_that_is_not_an_object_is_named(entry: Any) -> None:
+    with pytest.raises(WeightError, match=r"^tensor 'w': malformed header entry$"):
+        parse_header(_with_header({"w": entry}, b"\0" * 4), max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [{"format": 1}, {"format": None}, {"a": "b", "c": ["d"]}, "pt", ["format", "pt"], 3],
+    ids=["int-value", "null-value", "list-value", "string", "list", "number"],
+)
+def test_metadata_that_is_not_strings_to_strings_is_refused(meta: Any) -> None:
+    with pytest.raises(WeightError, match=r"^safetensors __metadata__ must map strings to strings$"):
+        parse_header(_with_header({"__metadata__": meta, "w": F32_ONE}, b"\0" * 4), max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"format": "pt", "note": "x"}], ids=["null", "empty", "strings"])
+def test_metadata_of_strings_or_null_is_accepted_and_not_a_tensor(meta: Any) -> None:
+    header = parse_header(_with_header({"__metadata__": meta, "w": F32_ONE}, b"\0" * 4), max_bytes=LIMIT)
+    assert header == {"w": F32_ONE}
+
+
+def test_a_header_without_metadata_is_accepted() -> None:
+    data = st_save(_state())
+    assert b"__metadata__" not in data
+    assert set(decode_weights(data, expected=None, max_bytes=LIMIT)) == {"w", "b"}
+
+
+def test_an_error_of_the_safetensors_library_becomes_a_weight_error() -> None:
+    # A dimension of 2**70 next to a zero one needs no bytes, so our header check passes it;
+    # safetensors (dimensions are usize) refuses it. The caller must still see a WeightError.
+    entry = {"dtype": "F32", "shape": [1, 2**70, 0], "data_offsets": [0, 0]}
+    data = _with_header({"w": entry}, b"")
+    assert parse_header(data, max_bytes=LIMIT) == {"w": entry}
+    with pytest.raises(WeightError, match=r"^safetensors payload could not be decoded: "):
+        decode_weights(data, expected=None, max_bytes=LIMIT)
+
+
+def test_gzip_compressed_safetensors_are_named() -> None:
+    data = gzip.compress(encode_weights(_state()))
+    with pytest.raises(WeightError, match=r"^payload is gzip-compressed, not safetensors; refused$"):
+        decode_weights(data, expected=None, max_bytes=LIMIT)
+
+
+def test_a_payload_exactly_at_the_size_limit_is_accepted_one_byte_more_is_not() -> None:
+    data = encode_weights(_state())
+    assert set(decode_weights(data, expected=None, max_bytes=len(data))) == {"w", "b"}
+    with pytest.raises(
+        WeightError, match=rf"^payload is {len(data)} bytes, over the limit of {len(data) - 1} "
+    ):
+        decode_weights(data, expected=None, max_bytes=len(data) - 1)
+
+
+def test_a_header_length_exactly_at_the_limit_is_plausible_one_more_is_not() -> None:
+    # The claim alone decides: at the limit the payload is merely truncated, past it implausible.
+    at_limit = struct.pack("<Q", MAX_HEADER_BYTES) + b"{}"
+    with pytest.raises(WeightError, match=rf"^payload is truncated: header claims {MAX_HEADER_BYTES} bytes"):
+        parse_header(at_limit, max_bytes=LIMIT)
+    over = struct.pack("<Q", MAX_HEADER_BYTES + 1) + b"{}"
+    with pytest.raises(WeightError, match=rf"header length {MAX_HEADER_BYTES + 1} is implausible$"):
+        parse_header(over, max_bytes=LIMIT)
+
+
+def test_a_header_that_fills_the_payload_exactly_is_not_truncated() -> None:
+    raw = json.dumps({"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}).encode()
+    exact = struct.pack("<Q", len(raw)) + raw
+    assert parse_header(exact, max_bytes=LIMIT)["w"]["shape"] == [0]
+    with pytest.raises(WeightError, match=rf"^payload is truncated: header claims {len(raw) + 1} bytes"):
+        parse_header(struct.pack("<Q", len(raw) + 1) + raw, max_bytes=LIMIT)
+
+
+def test_an_eight_byte_payload_is_a_header_length_without_a_header_not_truncated() -> None:
+    with pytest.raises(WeightError, match=r"^not a safetensors file: the header is not a JSON object$"):
+        parse_header(b"\0" * 8, max_bytes=LIMIT)
+    with pytest.raises(WeightError, match=r"^payload is truncated: 7 bytes"):
+        parse_header(b"\0" * 7, max_bytes=LIMIT)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_encode_names_non_finite_values_not_an_overflow(bad: float) -> None:
+    # Without the check on the input, the same tensor is refused after conversion as an
+    # "overflow of the transfer dtype", which misleads; the message must say what it is.
+    state = _state()
+    state["w"][1, 1] = bad
+    for dtype in ("float32", "float16"):
+        with pytest.raises(WeightError, match=r"^tensor 'w': contains NaN or Inf values$"):
+            encode_weights(state, dtype)
+
+
+def test_encode_refuses_what_is_not_a_float_tensor() -> None:
+    with pytest.raises(WeightError, match=r"^tensor 'w': not a tensor but list$"):
+        encode_weights({"w": [1.0, 2.0]})  # type: ignore[dict-item]
+    with pytest.raises(WeightError, match=r"^tensor 'w': dtype torch.int64 is not a floating-point type$"):
+        encode_weights({"w": torch.arange(3)})
+    with pytest.raises(
+        WeightError, match=r"^transfer dtype 'bfloat16' is not one of \['float16', 'float32'\]$"
+    ):
+        encode_weights(_state(), "bfloat16")
+    with pytest.raises(WeightError, match=r"^no tensors to encode$"):
+        encode_weights({})
