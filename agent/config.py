@@ -91,6 +91,11 @@ class DatasetConfig(StrictModel):
     # Label values that make up the training target (whole tumour in BraTS: 1, 2 and 4).
     target_labels: list[int] = Field(default_factory=lambda: [1], min_length=1)
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # A 4D image (a NIfTI time series or DWI, a DICOM series with several images per slice position,
+    # a series of Siemens mosaics) is refused unless this names the volume to take, 0-based in
+    # acquisition order, for every subject of the dataset; one rule for both formats, in
+    # agent.data.volume.choose_volume. 3D images ignore it.
+    volume_index: int | None = Field(default=None, ge=0)
 
     @field_validator("name")
     @classmethod

@@ -39,9 +39,13 @@ Pixel values are the modality's values, as pydicom's ``apply_modality_lut`` give
 
 Documented behaviours for irregular series (all reported as warnings on the volume):
 
-* duplicate positions: a slice whose position and pixel data equal an earlier one is dropped; a slice at
-  the same position with different pixel data (a second echo, a repeated acquisition) is also dropped,
-  keeping the one with the lowest InstanceNumber, and the warning says so;
+* duplicate positions: a slice whose position and pixel data equal an earlier one is dropped;
+* 4D series: when every position holds the same number N > 1 of different images (echoes, phases,
+  repeats, diffusion directions, a time series), the series is N volumes
+  and follows the 4D rule of :func:`agent.data.volume.choose_volume`, the same as for a 4D NIfTI: refused
+  with the reason, unless a ``volume_index`` is given (volumes in InstanceNumber order at each
+  position). Positions that repeat unevenly are neither one volume nor a complete 4D acquisition: the
+  series is refused;
 * non-uniform spacing (a missing slice): the volume is kept as it is, and its affine uses the median
   slice spacing, so voxels beyond the gap are displaced by the missing distance: check the warning;
 * sheared stacks (CT gantry tilt): the affine follows the actual slice positions, so it is not
@@ -55,6 +59,7 @@ Volume warnings never contain file names or header values, so they are safe to s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import multiprocessing
@@ -74,8 +79,8 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID
 
 from agent.config import WarningCategory
-from agent.data.volume import Volume, VolumeWarning, count_nonfinite, nonfinite_warning
-from agent.errors import DicomError, FedsiteError
+from agent.data.volume import Volume, VolumeWarning, choose_volume, count_nonfinite, nonfinite_warning
+from agent.errors import DicomError, FedsiteError, VolumeError
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -871,28 +876,37 @@ def _order_key(f: _Frame) -> tuple[int, str, int]:
     return (f.instance if f.instance is not None else 1 << 30, str(f.path), f.frame)
 
 
-def _same_pixels(a: _Frame, b: _Frame) -> bool:
-    return a.slope == b.slope and a.intercept == b.intercept and np.array_equal(a.pixels, b.pixels)
+def _pixel_key(f: _Frame) -> tuple[Any, ...]:
+    """Equal for two frames exactly when they give the same voxels (a digest stands for the pixels)."""
+    digest = hashlib.blake2b(np.ascontiguousarray(f.pixels).tobytes(), digest_size=16).digest()
+    return (f.slope, f.intercept, f.invert_range, f.pixels.dtype.str, f.pixels.shape, digest)
 
 
-def _dedupe(frames: list[_Frame], dist: list[float], warns: list[str]) -> tuple[list[_Frame], list[float]]:
-    kept: list[_Frame] = []
-    kept_d: list[float] = []
-    exact = differing = 0
+def _by_position(
+    frames: list[_Frame], dist: list[float], warns: list[str], volume_index: int | None
+) -> tuple[list[_Frame], list[float]]:
+    """One frame per slice position: exact duplicates dropped, and the 4D rule where positions repeat.
+
+    ``frames`` are sorted along the normal. At each position the frames are taken in InstanceNumber
+    order, so that the k-th image at every position belongs to the k-th volume of a 4D series.
+    """
+    runs: list[tuple[float, list[_Frame]]] = []
+    exact = 0
     i = 0
     while i < len(frames):
         j = i + 1
         while j < len(frames) and dist[j] - dist[i] < SAME_POSITION_MM:
             j += 1
-        run = sorted(frames[i:j], key=_order_key)
-        first = run[0]
-        kept.append(first)
-        kept_d.append(dist[i])
-        for other in run[1:]:
-            if _same_pixels(first, other):
+        seen: set[tuple[Any, ...]] = set()
+        unique: list[_Frame] = []
+        for f in sorted(frames[i:j], key=_order_key):
+            key = _pixel_key(f)
+            if key in seen:
                 exact += 1
             else:
-                differing += 1
+                seen.add(key)
+                unique.append(f)
+        runs.append((dist[i], unique))
         i = j
     if exact:
         warns.append(
@@ -901,15 +915,16 @@ def _dedupe(frames: list[_Frame], dist: list[float], warns: list[str]) -> tuple[
                 WarningCategory.SLICES,
             )
         )
-    if differing:
-        warns.append(
-            VolumeWarning(
-                f"dropped {differing} slice(s) at an already occupied position with different pixel data "
-                "(another echo, phase or repeat?); kept the one with the lowest InstanceNumber",
-                WarningCategory.SLICES,
-            )
+    counts = sorted({len(images) for _, images in runs})
+    if len(counts) > 1:
+        raise DicomError(
+            f"slice positions repeat unevenly ({counts[0]} to {counts[-1]} different images at a "
+            "position): neither one 3D volume nor a complete 4D acquisition"
         )
-    return kept, kept_d
+    index, taken = choose_volume(counts[0], volume_index, "the series")
+    if taken:
+        warns.append(taken)
+    return [images[index] for _, images in runs], [d for d, _ in runs]
 
 
 def _fallback_thickness(frames: list[_Frame]) -> float:
@@ -919,7 +934,7 @@ def _fallback_thickness(frames: list[_Frame]) -> float:
     return 1.0
 
 
-def _assemble(group: _Group) -> Volume:
+def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
     warns: list[str] = []
     if group.note:
         warns.append(VolumeWarning(group.note, WarningCategory.SERIES))
@@ -953,7 +968,7 @@ def _assemble(group: _Group) -> Volume:
         order = sorted(range(len(frames)), key=lambda n: (dist[n], _order_key(frames[n])))
         frames = [frames[n] for n in order]
         dist = [dist[n] for n in order]
-        frames, dist = _dedupe(frames, dist, warns)
+        frames, dist = _by_position(frames, dist, warns, volume_index)
         first = np.asarray(frames[0].ipp, dtype=np.float64)
         if len(frames) > 1:
             gaps = np.diff(dist)
@@ -1028,8 +1043,11 @@ def _assemble(group: _Group) -> Volume:
                 np.subtract(np.float32(low + high), stack[k], out=stack[k])
     if any(f.invert_range is not None for f in frames):
         warns.append(
-            "MONOCHROME1 (higher values darker): values inverted so that higher values are brighter, "
-            "as in MONOCHROME2"
+            VolumeWarning(
+                "MONOCHROME1 (higher values darker): values inverted so that higher values are "
+                "brighter, as in MONOCHROME2",
+                WarningCategory.PIXELS,
+            )
         )
     # Float pixel data (and float rescale of integers) can hold NaN or infinity; say so here, where
     # the administrator inspects a folder, not first in a training round.
@@ -1051,8 +1069,12 @@ def _assemble(group: _Group) -> Volume:
     )
 
 
-def assemble(results: Iterable[_FileResult]) -> DicomScan:
-    """Turn per-file read results into volumes, skipped entries and non-image counts."""
+def assemble(results: Iterable[_FileResult], *, volume_index: int | None = None) -> DicomScan:
+    """Turn per-file read results into volumes, skipped entries and non-image counts.
+
+    ``volume_index`` is the volume to take from a 4D series (see :func:`choose_volume`); without it a
+    4D series is skipped with the reason.
+    """
     scan = DicomScan()
     frames: list[_Frame] = []
     non_image: Counter[str] = Counter()
@@ -1067,35 +1089,41 @@ def assemble(results: Iterable[_FileResult]) -> DicomScan:
     scan.non_image = dict(sorted(non_image.items()))
     for group in _group_frames(frames):
         try:
-            scan.volumes.append(_assemble(group))
+            scan.volumes.append(_assemble(group, volume_index))
         except Exception as exc:  # one odd series must never stop the rest of the folder
-            detail = str(exc) if isinstance(exc, DicomError) else f"{type(exc).__name__}: {exc}"
+            ours = isinstance(exc, DicomError | VolumeError)
+            detail = str(exc) if ours else f"{type(exc).__name__}: {exc}"
             for path in dict.fromkeys(f.path for f in group.frames):
                 scan.skipped.append(Skipped(path, f"series cannot be assembled: {detail}"))
     scan.volumes.sort(key=lambda v: str(v.files[0]))
     return scan
 
 
-def scan_dicom_folder(root: Path, *, workers: int | None = None, processes: bool = False) -> DicomScan:
+def scan_dicom_folder(
+    root: Path, *, workers: int | None = None, processes: bool = False, volume_index: int | None = None
+) -> DicomScan:
     """Find and assemble every DICOM image series under ``root`` (a folder, or a single file).
 
     ``workers`` is the number of parallel readers (default: the CPUs available, between 4 and 8; 1 reads
     everything in the calling thread); ``processes`` reads in worker processes rather than threads (see
-    :func:`read_files`).
+    :func:`read_files`); ``volume_index`` takes that volume of a 4D series (see :func:`assemble`).
     """
     root = Path(root)
     if not root.exists():
         raise DicomError(f"{root}: no such file or folder")
     files, problems = _list_files(root)
-    scan = assemble(read_files(files, workers, processes=processes))
+    scan = assemble(read_files(files, workers, processes=processes), volume_index=volume_index)
     scan.skipped = problems + scan.skipped
     scan.files_seen += sum(1 for p in problems if not p.reason.startswith("folder cannot be listed"))
     return scan
 
 
-def read_dicom_series(folder: Path, *, workers: int | None = None) -> Volume:
-    """Read the one image series in ``folder``; DicomError when there is none or more than one."""
-    scan = scan_dicom_folder(folder, workers=workers)
+def read_dicom_series(folder: Path, *, workers: int | None = None, volume_index: int | None = None) -> Volume:
+    """Read the one image series in ``folder``; DicomError when there is none or more than one.
+
+    A 4D series is refused (its reason is the first skipped file's), or read at ``volume_index``.
+    """
+    scan = scan_dicom_folder(folder, workers=workers, volume_index=volume_index)
     if not scan.volumes:
         detail = f"; first skipped file: {scan.skipped[0]}" if scan.skipped else ""
         raise DicomError(

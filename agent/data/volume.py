@@ -105,18 +105,48 @@ def nonfinite_warning(count: int) -> VolumeWarning:
     )
 
 
+def choose_volume(count: int, volume_index: int | None, what: str) -> tuple[int, VolumeWarning | None]:
+    """The 4D rule, one for NIfTI files and DICOM series: which of ``count`` volumes to read.
+
+    A 4D acquisition (an fMRI time series, the directions of a diffusion series, the echoes or
+    repeats of a DICOM series, a series of Siemens mosaics) is refused by default with a
+    :class:`VolumeError` naming the volume count: silently picking one of its volumes would hand
+    training data that nobody chose, and mixing them would not be an image at all. A caller that was
+    told which volume to take passes ``volume_index`` (0-based, in acquisition order); the volume then
+    carries a warning that says it is one of several. Returns the index and that warning (None for a
+    3D image, ``count`` 1).
+    """
+    if count == 1:
+        return 0, None
+    if volume_index is None:
+        raise VolumeError(
+            f"{what} is 4D: {count} volumes (a time series, diffusion directions, echoes or repeats) "
+            "where one 3D volume is expected; set the dataset's volume_index to the one to use "
+            f"(0 to {count - 1}), or split it into 3D files"
+        )
+    if not 0 <= volume_index < count:
+        raise VolumeError(
+            f"{what} is 4D with {count} volumes: volume_index {volume_index} is out of range "
+            f"(0 to {count - 1})"
+        )
+    return volume_index, VolumeWarning(
+        f"4D acquisition of {count} volumes: volume {volume_index} taken (volume_index)",
+        WarningCategory.ACQUISITION,
+    )
+
+
 def _is_nifti_name(path: Path) -> bool:
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
-def read_nifti_volume(path: Path, modality: str = "") -> Volume:
+def read_nifti_volume(path: Path, modality: str = "", *, volume_index: int | None = None) -> Volume:
     """Read a 3D NIfTI file, applying its scl_slope/scl_inter scaling.
 
     The affine is the one nibabel reports (sform if set, else qform). A 4D file whose fourth dimension
-    is 1 is read as 3D; a 4D file with several volumes (a time series, a DWI) is refused with a
-    :class:`VolumeError`, because silently picking one of its volumes would hand training data that the
-    user never chose. A 2D image becomes a volume with one slice.
+    is 1 is read as 3D; a 4D file with several volumes (a time series, a DWI) follows the 4D rule of
+    :func:`choose_volume`: refused, unless ``volume_index`` names the volume to read. Files of more
+    than four dimensions are refused. A 2D image becomes a volume with one slice.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,31 +158,35 @@ def read_nifti_volume(path: Path, modality: str = "") -> Volume:
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise VolumeError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    elif len(shape) > 3:
+    if len(shape) > 4:
         raise VolumeError(
-            f"{path}: {len(shape)}D NIfTI of shape {tuple(shape)}; only 3D volumes are read "
-            "(split the series into 3D files first)"
+            f"{path}: {len(shape)}D NIfTI of shape {tuple(shape)}; only 3D volumes (or one volume of "
+            "a 4D file) are read"
         )
+    index, taken = choose_volume(int(shape[3]) if len(shape) == 4 else 1, volume_index, f"{path}")
     try:
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        # Only the chosen volume is read from disk (an fMRI run may be gigabytes).
+        data = np.asarray(img.dataobj[..., index] if len(shape) == 4 else img.dataobj, dtype=np.float32)
     except Exception as exc:  # truncated or corrupt data block
         raise VolumeError(f"{path}: cannot read the voxel data ({exc})") from exc
+    shape = shape[:3]
     if data.ndim == 2:
         data = data[:, :, np.newaxis]
     data = data.reshape(tuple(int(s) for s in shape) + (1,) * (3 - len(shape)))
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(f"{path}: the header's affine is not a valid voxel-to-world transform")
+    warnings: list[str] = [taken] if taken else []
     nonfinite = count_nonfinite(data)
+    if nonfinite:
+        warnings.append(nonfinite_warning(nonfinite))
     return Volume(
         array=data,
         affine=affine,
         modality=modality,
         source="nifti",
         files=[path],
-        warnings=[nonfinite_warning(nonfinite)] if nonfinite else [],
+        warnings=warnings,
     )
 
 

@@ -210,21 +210,20 @@ def test_an_exact_duplicate_slice_is_dropped_with_a_warning(tmp_path: Path) -> N
     assert any("dropped 1 duplicate slice" in w for w in vol.warnings)
 
 
-def test_a_different_image_at_an_occupied_position_keeps_the_first_and_warns(tmp_path: Path) -> None:
+def test_a_different_image_at_one_occupied_position_refuses_the_series(tmp_path: Path) -> None:
+    """One position with two different images is neither a 3D volume nor a complete 4D series."""
     truth = write_series(tmp_path / "s", seed=6)
-    victim = truth.files[0]
-    ds = pydicom.dcmread(victim)
-    k = int(ds.InstanceNumber) - 1
+    ds = pydicom.dcmread(truth.files[0])
     arr = ds.pixel_array.copy()
     arr[0, 0] += 1
     ds.PixelData = arr.astype("<i2").tobytes()
     ds.InstanceNumber = 999
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(tmp_path / "s" / "zz-second-echo")
-    vol = _only(tmp_path / "s")
-    _assert_truth(vol, truth.array, truth.affine)
-    assert any("different pixel data" in w for w in vol.warnings)
-    assert vol.array[0, 0, k] == truth.array[0, 0, k]
+    scan = scan_dicom_folder(tmp_path / "s", workers=1)
+    assert scan.volumes == []
+    assert len(scan.skipped) == 17
+    assert all("repeat unevenly (1 to 2 different images" in s.reason for s in scan.skipped)
 
 
 @pytest.mark.parametrize("orientation", ["sagittal", "coronal", "oblique"])
@@ -366,7 +365,7 @@ def test_nifti_shapes_and_errors(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((3, 4), np.float32), np.eye(4)), tmp_path / "flat.nii")
     assert read_nifti_volume(tmp_path / "flat.nii").shape == (3, 4, 1)
     nib.save(nib.Nifti1Image(np.zeros((3, 4, 5, 2), np.float32), np.eye(4)), tmp_path / "four.nii.gz")
-    with pytest.raises(VolumeError, match=r"four\.nii\.gz.*4D NIfTI"):
+    with pytest.raises(VolumeError, match=r"four\.nii\.gz is 4D: 2 volumes"):
         read_nifti_volume(tmp_path / "four.nii.gz")
     (tmp_path / "bad.nii.gz").write_bytes(b"not gzip at all")
     with pytest.raises(VolumeError, match=r"bad\.nii\.gz"):

@@ -68,7 +68,7 @@ def test_inspect_json_lists_volumes_skips_and_non_images(
     skipped = {Path(s["path"]).name: s["reason"] for s in out["skipped"]}
     assert set(skipped) == {"broken.dcm", "notes.txt", "dwi.nii.gz"}
     assert "truncated" in skipped["broken.dcm"]
-    assert "4D NIfTI" in skipped["dwi.nii.gz"]
+    assert "is 4D: 3 volumes" in skipped["dwi.nii.gz"]
     assert out["non_image"] == {"Basic Text SR Storage": 1}
     for secret in IDENTITY:
         assert secret not in result.output
