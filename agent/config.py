@@ -192,6 +192,24 @@ class AgentConfig(StrictModel):
     def _unique_dataset_names(self) -> AgentConfig:
         seen: set[str] = set()
         for ds in self.datasets:
+class JobsConfig(StrictModel):
+    """What happens to rounds that a crash, a reboot or a shutdown interrupted."""
+
+    # auto: at start, an interrupted round whose checkpoint and received weights are
+    # intact is queued again and continues from its last completed epoch (for a fixed
+    # seed on the CPU its update is bit-identical to an uninterrupted round's); never: an
+    # interrupted round stays interrupted, as before. auto is the default: the coordinator
+    # gets its round after an outage without starting it again, and a resumed round is the
+    # round it asked for.
+    resume: Literal["auto", "never"] = "auto"
+    # A round that was resumed this often and was interrupted again is not resumed any
+    # more: a round that brings the host down must not do so at every start.
+    max_resumes: int = Field(default=3, ge=0)
+    # Rounds interrupted longer ago than this are not resumed at start (the coordinator has
+    # moved on); a coordinator that resends such a round's id resumes it all the same.
+    resume_window_hours: float = Field(default=24.0, gt=0)
+
+
             if ds.name in seen:
                 raise ValueError(f"dataset name {ds.name!r} appears twice")
             seen.add(ds.name)
@@ -204,6 +222,7 @@ class AgentConfig(StrictModel):
         return f"sqlite:///{(self.work_dir / 'fedsite.db').as_posix()}"
 
     def dataset(self, name: str) -> DatasetConfig:
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
         for ds in self.datasets:
             if ds.name == name:
                 return ds

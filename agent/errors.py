@@ -27,6 +27,7 @@ so that every layer, `agent.db` included, may raise from it::
     │   ├── PlanError [ValueError]
     │   ├── ModelError [ValueError]
     │   ├── EngineError [RuntimeError]
+    │   │   └── CheckpointError
     │   └── TrainingCancelled
     ├── ExchangeError
     │   ├── WeightError [ValueError]
@@ -140,6 +141,10 @@ class ModelError(TrainingError, ValueError):
 
 class EngineError(TrainingError, RuntimeError):
     """A round or evaluation that cannot run as asked; the message says why."""
+
+
+class CheckpointError(EngineError):
+    """A round's checkpoint that cannot be resumed from: cut short, unreadable, not ours."""
 
 
 class TrainingCancelled(TrainingError):

@@ -50,6 +50,7 @@ from agent.exchange.codec import decode_weights
 from agent.exchange.egress import EgressGate
 from agent.jobs.runner import JobRunner
 from agent.jobs.states import JobKind, JobStatus, is_terminal
+from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.store import JobStore, JobView
 from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
 from agent.training.registry import expected_shapes
@@ -89,9 +90,17 @@ class SiteService:
 
     def start(self, *, scan: bool = True) -> None:
         """Recover from a previous run, index the datasets, and start running jobs."""
-        interrupted = self.store.recover_after_restart()
-        if interrupted:
-            log.warning("marked %d job(s) interrupted after a restart: %s", len(interrupted), interrupted)
+        recovery = recover_after_restart(self.store, self.cfg.jobs)
+        if recovery.interrupted:
+            log.warning(
+                "marked %d job(s) interrupted after a restart: %s",
+                len(recovery.interrupted),
+                recovery.interrupted,
+            )
+        if recovery.resumed:
+            log.warning("resuming %d interrupted job(s): %s", len(recovery.resumed), recovery.resumed)
+        for round_id, why in recovery.not_resumed.items():
+            log.warning("job %s cannot resume: %s", round_id, why)
         if scan and self.cfg.datasets:
             self.scan()
         self.runner.start()
@@ -298,7 +307,9 @@ class SiteService:
         if round_id is not None:
             existing = self.store.get(kind, round_id)
             if existing is not None:
-                return self._same_or_conflict(existing, digest, weights_sha)
+                return self._resume_if_interrupted(
+                    self._same_or_conflict(existing, digest, weights_sha), actor
+                )
         if weights is not None:
             self._decode(plan, weights)
         round_id = round_id or uuid.uuid4().hex
@@ -363,8 +374,8 @@ class SiteService:
             return job
         if is_terminal(job.status):
             raise Conflict(f"{kind.noun} {round_id} is already {job.status}")
-        if job.status == JobStatus.QUEUED and self.store.transition(
-            job.id, JobStatus.CANCELLED, actor=actor, details={"reason": "cancelled while queued"}
+        if job.status in (JobStatus.QUEUED, JobStatus.INTERRUPTED) and self.store.transition(
+            job.id, JobStatus.CANCELLED, actor=actor, details={"reason": f"cancelled while {job.status}"}
         ):
             return self._job(kind, round_id)
         if self.store.request_cancel(job.id):
@@ -381,3 +392,20 @@ class SiteService:
                 break
             time.sleep(0.1)
         return self._job(kind, round_id)
+    def _resume_if_interrupted(self, job: JobView, actor: str) -> JobView:
+        """A resend of an interrupted round asks for it again: resume it if it can be.
+
+        Whatever its age: the coordinator's resend is the reason to (`jobs.resume_window_hours`
+        bounds only the resumes the agent starts by itself). One that cannot resume is
+        returned interrupted, its error and the audit log saying why.
+        """
+        if job.status != JobStatus.INTERRUPTED:
+            return job
+        check = check_resumable(job, self.cfg.jobs)
+        if check.ok:
+            if resume(self.store, job, check, actor=actor, reason="resumed on resubmission"):
+                self.runner.wake()
+        elif not (job.error or "").endswith(str(check.why)):
+            self.store.note_not_resumed(job, str(check.why), actor=actor, reason="resubmission")
+        return self._job(job.kind, job.round_id)
+

@@ -8,7 +8,7 @@ crash of the worker therefore fails one round and never the API (the next job ge
 worker); a cancel, an overrun or a shutdown that the worker does not honour in time ends it
 by signal, and the runner records what the worker could not. A dead agent takes its worker
 with it (parent-death signal plus a watchdog), and on restart a round left running becomes
-`interrupted` (`JobStore.recover_after_restart`).
+`interrupted` and, where the site allows it, resumes (`agent.jobs.recovery`).
 
 This module imports neither torch nor the worker's code: the API process stays light.
 """
@@ -342,9 +342,14 @@ class JobRunner:
                 None,
             )
         if reason == "shutdown":
+            then = (
+                "it resumes when the agent starts again"
+                if self.cfg.jobs.resume == "auto"
+                else "start a new round"
+            )
             return (
                 JobStatus.INTERRUPTED,
-                "the agent was shut down while this job was running; start a new round",
+                f"the agent was shut down while this job was running; {then}",
                 {"reason": "agent shutdown"},
             )
         if code is None:

@@ -4,6 +4,13 @@ A job (a training round or an evaluation) moves through
 
     queued -> running -> completed | failed | cancelled | interrupted
     queued -> cancelled
+    interrupted -> queued | cancelled
+
+`interrupted` is where a round stopped by a crash, a reboot or a shutdown waits: with
+`jobs.resume: auto` the agent queues it again at its next start when its checkpoint and
+received weights are intact (`agent.jobs.recovery`), and it continues from its last
+completed epoch; otherwise it stays there, with the reason in its error, until the
+coordinator cancels it or resubmits it.
 
 Every other module, the database column, the API schema and the metrics take their values
 from here. They are `StrEnum`s, so a member is its database string ("queued", "train"),
@@ -45,9 +52,13 @@ TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
     JobStatus.RUNNING: frozenset(
         {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.INTERRUPTED}
     ),
+    # Resumed (queued again) or given up by the coordinator.
+    JobStatus.INTERRUPTED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
 }
 
 TERMINAL: frozenset[JobStatus] = frozenset(s for s in JobStatus if s not in TRANSITIONS)
+# The states in which no worker runs the job any more: `finished_at` is set on entering one.
+STOPPED: frozenset[JobStatus] = TERMINAL | {JobStatus.INTERRUPTED}
 
 
 def is_terminal(status: str) -> bool:

@@ -25,7 +25,7 @@ from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
 from agent.jobs.models import RoundJob
-from agent.jobs.states import TERMINAL, JobKind, JobStatus, audit_action, sources_of
+from agent.jobs.states import STOPPED, JobKind, JobStatus, audit_action, sources_of
 
 log = logging.getLogger("fedsite.jobs")
 
@@ -77,6 +77,7 @@ class JobView:
     error: str | None
     worker_pid: int | None
     cancel_requested: bool
+    resumes: int
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -106,6 +107,7 @@ class JobView:
             error=row.error,
             worker_pid=row.worker_pid,
             cancel_requested=bool(row.cancel_requested),
+            resumes=int(row.resumes or 0),
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
@@ -161,6 +163,7 @@ class JobStore:
                 progress_json="{}",
                 metrics_json="{}",
                 cancel_requested=False,
+                resumes=0,
             )
             tx.session.add(row)
             tx.session.flush()
@@ -221,7 +224,7 @@ class JobStore:
         values: dict[str, Any] = {"status": target.value, "updated_at": utcnow()}
         if target == JobStatus.RUNNING:
             values["started_at"] = utcnow()
-        if target in TERMINAL:
+        if target in STOPPED:
             values["finished_at"] = utcnow()
         values.update(fields or {})
         # Read and write in separate transactions: a SQLite reader that later writes can be
@@ -283,16 +286,38 @@ class JobStore:
     def request_cancel(self, job_id: int) -> bool:
         return self._set(job_id, only_if=JobStatus.RUNNING, cancel_requested=True)
 
-    def recover_after_restart(self, *, actor: str = "agent") -> list[str]:
-        """Rounds a dead agent left running become `interrupted`; queued ones stay queued."""
-        moved: list[str] = []
-        for job in self.jobs_with_status(JobStatus.RUNNING):
-            if self.transition(
-                job.id,
-                JobStatus.INTERRUPTED,
+    def requeue(self, job: JobView, *, actor: str, details: dict[str, Any]) -> bool:
+        """Queue an interrupted job again (a resume), counting it; audited as "round.queued"."""
+        resumes = job.resumes + 1
+        return self.transition(
+            job.id,
+            JobStatus.QUEUED,
+            actor=actor,
+            fields={
+                "resumes": resumes,
+                "error": None,
+                "finished_at": None,
+                "cancel_requested": False,
+                "worker_pid": None,
+            },
+            details={**details, "resumes": resumes},
+        )
+
+    def note_not_resumed(self, job: JobView, why: str, *, actor: str, reason: str) -> bool:
+        """Record on an interrupted job, and in the audit log, why it is not resumed."""
+        error = f"{job.kind.noun} interrupted; it cannot resume: {why}"
+        with self.audit.transaction() as tx:
+            changed = tx.session.execute(
+                update(RoundJob)
+                .where(RoundJob.id == job.id, RoundJob.status == JobStatus.INTERRUPTED.value)
+                .values(error=error, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            if getattr(changed, "rowcount", 0) != 1:
+                return False
+            tx.record(
+                f"{job.kind.noun}.not_resumed",
                 actor=actor,
-                fields={"error": "the agent stopped while this job was running; start a new round"},
-                details={"reason": "agent restarted"},
-            ):
-                moved.append(job.round_id)
-        return moved
+                details={"round_id": job.round_id, "kind": job.kind.value, "reason": reason, "why": why},
+            )
+        return True

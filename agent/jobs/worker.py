@@ -153,7 +153,8 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
     elif not train:
         raise JobInputError(f"dataset {plan.dataset!r} has no training subjects")
     gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress)
-    algo = FedsiteClientAlgo(plan, train, val, ctx, gate=gate)
+    # A job queued again after an interruption continues from its last completed epoch.
+    algo = FedsiteClientAlgo(plan, train, val, ctx, gate=gate, resume_from_checkpoint=job.resumes > 0)
     # A round whose plan starts from random weights may come without any.
     given = ExchangeObject(weights=weights, weight_type=WeightType.WEIGHTS if weights is not None else None)
     algo.initialize()

@@ -6,7 +6,9 @@ in an ``ExchangeObject`` (``WeightType.WEIGHTS``; none at all for a plan that st
 random weights), ``get_weights`` returns the update as full weights or as the difference
 to the global weights according to the plan's ``send`` (``WeightType.WEIGHTS`` /
 ``WeightType.WEIGHT_DIFF``), ``evaluate`` scores given weights on the validation split,
-``abort`` cancels a running ``train`` between steps.
+``abort`` cancels a running ``train`` between steps. With ``resume_from_checkpoint``,
+``train`` continues from the checkpoint in the context's work folder, if there is one (a
+round that a crash interrupted and the agent queued again).
 
 When an egress gate is given, ``get_weights`` returns what the gate released (filters
 applied, audit event written, bytes re-read through ``read_released``) and keeps the
@@ -47,11 +49,13 @@ class FedsiteClientAlgo(ClientAlgo):
         ctx: EngineContext,
         *,
         gate: EgressGate | None = None,
+        resume_from_checkpoint: bool = False,
     ) -> None:
         self.plan = plan
         self.train_items = list(train_items)
         self.val_items = list(val_items)
         self.gate = gate
+        self.resume_from_checkpoint = resume_from_checkpoint
         self._abort = threading.Event()
         outer_stop = ctx.should_stop
         self.ctx = dataclasses.replace(ctx, should_stop=lambda: self._abort.is_set() or outer_stop())
@@ -96,7 +100,14 @@ class FedsiteClientAlgo(ClientAlgo):
         self._abort.clear()
         self.result, self.released = None, None
         self.received = self._weights_in(data, optional=True)
-        self.result = train_round(self.plan, self.received, self.train_items, self.val_items, self.ctx)
+        self.result = train_round(
+            self.plan,
+            self.received,
+            self.train_items,
+            self.val_items,
+            self.ctx,
+            resume_from_checkpoint=self.resume_from_checkpoint,
+        )
         self.rounds += 1
 
     def get_weights(self, extra: dict | None = None) -> ExchangeObject:

@@ -14,7 +14,14 @@ Decisions worth knowing:
   the CPU (where deterministic algorithms are switched on for the round).
 - Checkpoints: after every epoch ``work_dir/checkpoint.safetensors`` holds the full model
   state, the optimizer state and the epoch (plus the best weights so far under early
-  stopping), written atomically. ``resume_from_checkpoint=True`` continues from it.
+  stopping), written atomically. ``resume_from_checkpoint=True`` continues from it: this is
+  how a round interrupted by a crash resumes (`agent.jobs.recovery`). The checkpoint holds no
+  RNG state on purpose: every RNG, and the loader's sampling and augmentation, is seeded
+  afresh from ``(plan.seed, epoch)`` when an epoch starts, so the state at the end of epoch
+  k is a function of the plan alone and epoch k+1 draws the same numbers whether or not the
+  process in between was a new one. The bookkeeping that is not recomputed (losses, steps,
+  best epoch, whether kept optimizer state was restored) is in the metadata, so that a
+  resumed round's metrics equal the uninterrupted round's too.
 - Optimizer state starts fresh each round. With ``optimizer.keep_state`` it is saved at
   the end of a round to ``work_dir/../optimizer_state/<key>.safetensors`` (the key hashes
   the dataset, the model and the optimizer name, so state never crosses models) and
@@ -48,9 +55,10 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from agent.data import loading
-from agent.errors import EngineError, TrainingCancelled, WeightError
+from agent.errors import CheckpointError, EngineError, TrainingCancelled, WeightError
 from agent.exchange.codec import check_names_and_shapes
 from agent.fileio import atomic_write_bytes
+from agent.training.checkpoint import CHECKPOINT_NAME
 from agent.training.losses import make_loss
 from agent.training.plan import Plan, plan_hash
 from agent.training.registry import build_model, exchanged_state, expected_shapes
@@ -58,7 +66,6 @@ from agent.training.registry import build_model, exchanged_state, expected_shape
 if TYPE_CHECKING:
     from agent.data.catalog import ItemRef
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 # Progress is reported at most this often (plus at every epoch's end); the consumer persists it.
 PROGRESS_INTERVAL_S = 1.0
 
@@ -114,6 +121,9 @@ class _RunState:
     best_metrics: dict[str, float] = field(default_factory=dict)
     since_best: int = 0
     best_state: dict[str, torch.Tensor] | None = None
+    # 1.0 when `optimizer.keep_state` found state of an earlier round to start from: decided
+    # when the round first started, and kept, since a resumed round starts from the checkpoint.
+    kept_state_restored: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -250,6 +260,9 @@ class _Trainer:
         self.checkpoint = ctx.work_dir / CHECKPOINT_NAME
         self.total_epochs = plan.early_stopping.max_epochs if plan.early_stopping else plan.local_epochs
         self.last_report = 0.0
+        # The last progress reported: kept in the checkpoint, and reported again by a round
+        # resumed from it, so that its progress is where it stands, even with no epoch left.
+        self.last_progress: dict[str, Any] = {}
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
@@ -277,6 +290,8 @@ class _Trainer:
             "best_metrics": json.dumps(run.best_metrics),
             "since_best": str(run.since_best),
             "scaler": json.dumps(scaler.state_dict() if self.amp else {}),
+            "kept_state_restored": repr(run.kept_state_restored),
+            "progress": json.dumps(self.last_progress),
         }
         _atomic_save(tensors, self.checkpoint, meta)
 
@@ -288,15 +303,23 @@ class _Trainer:
         with safe_open(str(self.checkpoint), framework="pt") as fh:
             meta = fh.metadata() or {}
         if meta.get("plan_hash") != plan_hash(self.plan):
-            raise EngineError(f"checkpoint {self.checkpoint} belongs to another plan; not resuming from it")
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint} belongs to another plan; not resuming from it"
+            )
         if meta.get("global") != tag:
-            raise EngineError(f"checkpoint {self.checkpoint} started from other global weights; not resuming")
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint} started from other global weights; not resuming"
+            )
         tensors = load_file(str(self.checkpoint))
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         optim = {k[6:]: v for k, v in tensors.items() if k.startswith("optim.")}
         if optim and not _restore_optimizer(opt, model, optim):
-            raise EngineError(f"checkpoint {self.checkpoint}: optimizer state does not fit the model")
+            raise CheckpointError(f"checkpoint {self.checkpoint}: optimizer state does not fit the model")
         best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        progress = json.loads(meta.get("progress", "{}"))
+        if progress:
+            self.last_progress = progress
+            self.ctx.progress(dict(progress))
         scaler_state = json.loads(meta.get("scaler", "{}"))
         if self.amp and scaler_state:
             scaler.load_state_dict(scaler_state)
@@ -309,6 +332,7 @@ class _Trainer:
             best_metrics=json.loads(meta["best_metrics"]),
             since_best=int(meta["since_best"]),
             best_state=best or None,
+            kept_state_restored=float(meta.get("kept_state_restored", "0.0")),
         )
 
     def report(self, epoch: int, step: int, steps: int | None, loss: float, *, force: bool) -> None:
@@ -316,9 +340,14 @@ class _Trainer:
         if not force and now - self.last_report < PROGRESS_INTERVAL_S:
             return
         self.last_report = now
-        self.ctx.progress(
-            {"epoch": epoch, "epochs": self.total_epochs, "step": step, "steps": steps or step, "loss": loss}
-        )
+        self.last_progress = {
+            "epoch": epoch,
+            "epochs": self.total_epochs,
+            "step": step,
+            "steps": steps or step,
+            "loss": loss,
+        }
+        self.ctx.progress(dict(self.last_progress))
 
     def run_epoch(
         self,
@@ -414,11 +443,10 @@ def train_round(
         scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp)
         tag = _weights_digest(start if plan.init == "global" else None)
         run = _RunState()
-        restored_state = 0.0
         if resume_from_checkpoint and trainer.checkpoint.exists():
             run = trainer.load_checkpoint(model, opt, scaler, tag)
         elif plan.optimizer.keep_state:
-            restored_state = float(_load_kept_state(plan, ctx, opt, model))
+            run.kept_state_restored = float(_load_kept_state(plan, ctx, opt, model))
         prox = []
         if plan.fedprox_mu > 0 and start is not None:
             prox = [(p, start[n].to(device)) for n, p in model.named_parameters()]
@@ -459,7 +487,7 @@ def train_round(
         }
     )
     if plan.optimizer.keep_state:
-        metrics["optimizer_state_restored"] = restored_state
+        metrics["optimizer_state_restored"] = run.kept_state_restored
     final = exchanged_state(model)
     if plan.send == "diff":
         assert start is not None

@@ -1,8 +1,13 @@
 """An agent killed with -9 mid-round, and one stopped with SIGTERM mid-round.
 
-After kill -9 and a restart: the round is `interrupted`, the database is intact, the audit
-chain verifies, the worker died with the agent, and a new round runs. After SIGTERM: the
-agent exits on its own, the running round is `interrupted` and the chain verifies.
+With `jobs.resume: never`, after kill -9 and a restart: the round is `interrupted`, the
+database is intact, the audit chain verifies, the worker died with the agent, and a new
+round runs. After SIGTERM: the agent exits on its own, the running round is `interrupted`
+and the chain verifies.
+
+With `jobs.resume: auto` (the default), a round killed with -9 after some epochs resumes
+when the agent starts again: the coordinator sees it running, then completed, with every
+epoch of the plan run once.
 """
 
 from __future__ import annotations
@@ -74,7 +79,10 @@ def _start_long_round(client: object, round_id: str) -> None:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     generated = make_site(
-        tmp_path_factory.mktemp("restart") / "fed", subjects=4, fmt="nifti", overrides={"device": "cpu"}
+        tmp_path_factory.mktemp("restart") / "fed",
+        subjects=4,
+        fmt="nifti",
+        overrides={"device": "cpu", "jobs": {"resume": "never"}},
     )
     tokens = add_tokens(generated.config_path, coordinator="coord", admin="admin")
     return generated.config_path, tokens
@@ -151,3 +159,59 @@ def test_kill_9_mid_round_then_restart_then_sigterm(site: tuple[Path, dict[str, 
         assert last and last[-1]["details"]["reason"] == "agent shutdown"
     finally:
         database.dispose()
+
+
+def test_kill_9_mid_round_then_the_round_resumes_at_restart(tmp_path: Path) -> None:
+    generated = make_site(tmp_path / "fed", subjects=4, fmt="nifti", overrides={"device": "cpu"})
+    tokens = add_tokens(generated.config_path, coordinator="coord", admin="admin")
+    epochs = 8
+    # Enough samples that an epoch is seen running; few epochs, so the round ends soon.
+    plan = tiny_plan(init="random", round_id="r-resumed", local_epochs=epochs)
+    plan["data"]["samples_per_subject"] = 32
+    agent = start_agent(generated.config_path)
+    try:
+        with agent.client(tokens["coord"]) as c:
+            r = c.post("/v1/rounds", files={"plan": (None, plan_text(plan))})
+            assert r.status_code == 202, r.text
+            # Killed once the worker reports epoch 3: epochs 1 and 2 are in the checkpoint.
+            deadline = time.monotonic() + 120
+            while True:
+                body = c.get("/v1/rounds/r-resumed").json()
+                assert body["status"] == "running" or body["status"] == "queued", body
+                if (body.get("progress") or {}).get("epoch", 0) >= 3:
+                    break
+                assert time.monotonic() < deadline, body
+                time.sleep(0.05)
+        agent.kill()
+    finally:
+        agent.kill()
+
+    agent = start_agent(generated.config_path)
+    try:
+        with agent.client(tokens["coord"]) as c:
+            seen = c.get("/v1/rounds/r-resumed").json()
+            assert seen["status"] in ("queued", "running", "completed"), seen
+            done = wait_status(c, "/v1/rounds/r-resumed", TERMINAL)
+            assert done["status"] == "completed", done
+            assert done["metrics"]["epochs_run"] == epochs
+            assert c.get("/v1/rounds/r-resumed/update").status_code == 200
+        with agent.client(tokens["admin"]) as a:
+            assert a.get("/v1/audit/verify").json()["ok"] is True
+            events = a.get("/v1/audit", params={"limit": 1000}).json()["events"]
+    finally:
+        agent.kill()
+    moves = [
+        e for e in events if e["action"].startswith("round.") and e["details"].get("round_id") == "r-resumed"
+    ]
+    assert [e["action"] for e in moves] == [
+        "round.queued",
+        "round.running",
+        "round.interrupted",
+        "round.queued",
+        "round.running",
+        "round.completed",
+    ]
+    resumed = moves[3]["details"]
+    assert resumed["reason"] == "resumed at agent start" and resumed["resumes"] == 1
+    # It continued after a completed epoch, not from the start, and not past the plan.
+    assert 2 <= resumed["from_epoch"] < epochs

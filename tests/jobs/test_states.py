@@ -10,8 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from agent.audit.chain import AuditLog
+from agent.config import JobsConfig
 from agent.db.engine import Database
 from agent.errors import PlanError
+from agent.jobs.recovery import recover_after_restart
 from agent.jobs.redact import Redactor, public_error
 from agent.jobs.runner import describe_exit
 from agent.jobs.states import TERMINAL, JobKind, JobStatus, audit_action, is_terminal, sources_of
@@ -90,7 +92,8 @@ def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> 
     running = queue_job(store, "run")
     queued = queue_job(store, "wait")
     assert store.claim_next(actor="agent") is not None
-    assert store.recover_after_restart() == ["run"]
+    recovery = recover_after_restart(store, JobsConfig(resume="never"))
+    assert recovery.interrupted == ["run"] and recovery.resumed == []
     run_view, wait_view = store.get_by_id(running), store.get_by_id(queued)
     assert run_view is not None and wait_view is not None
     assert run_view.status == JobStatus.INTERRUPTED and "agent stopped" in (run_view.error or "")
@@ -103,12 +106,14 @@ def test_restart_interrupts_running_jobs_and_keeps_queued_ones(db: Database) -> 
     assert audit.verify().ok
 
 
-def test_every_state_but_queued_and_running_is_final() -> None:
+def test_every_state_but_queued_running_and_interrupted_is_final() -> None:
     assert sources_of(JobStatus.RUNNING) == {JobStatus.QUEUED}
-    assert sources_of(JobStatus.CANCELLED) == {JobStatus.QUEUED, JobStatus.RUNNING}
+    assert sources_of(JobStatus.CANCELLED) == {JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.INTERRUPTED}
     assert sources_of(JobStatus.INTERRUPTED) == {JobStatus.RUNNING}
     assert sources_of(JobStatus.COMPLETED) == {JobStatus.RUNNING}
-    assert sources_of(JobStatus.QUEUED) == set()
+    # An interrupted job may be queued again: a resume (agent.jobs.recovery).
+    assert sources_of(JobStatus.QUEUED) == {JobStatus.INTERRUPTED}
+    assert {JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED} == TERMINAL
 
 
 def test_metrics_json_is_strict() -> None:
@@ -147,8 +152,8 @@ def test_states_and_kinds_are_the_strings_in_the_database_and_the_api() -> None:
     assert [k.value for k in JobKind] == ["train", "evaluate"]
     assert JobStatus.QUEUED == "queued" and json.dumps({"status": JobStatus.FAILED}) == '{"status": "failed"}'
     assert audit_action(JobKind.EVALUATE, JobStatus.CANCELLED) == "evaluation.cancelled"
-    assert set(TERMINAL) == {"completed", "failed", "cancelled", "interrupted"}
-    assert not is_terminal("queued") and not is_terminal("running") and is_terminal("interrupted")
+    assert set(TERMINAL) == {"completed", "failed", "cancelled"}
+    assert not is_terminal("queued") and not is_terminal("running") and not is_terminal("interrupted")
 
 
 def test_a_job_error_is_one_line_and_our_own_messages_are_shown_as_written() -> None:
