@@ -26,6 +26,15 @@ How a folder is read:
   cross product of the ImageOrientationPatient cosines). The frames of a multi-frame file without
   positions are ordered by frame number, with a warning; such a volume gets an assumed spacing.
 * Zero or missing PixelSpacing is unknown: 1 mm is assumed in-plane, with a warning.
+* Siemens mosaics (ImageType MOSAIC: EPI, DWI, fMRI) hold a whole volume as tiles of one 2D image. They
+  are split as dcm2niix and nibabel split them: NumberOfImagesInMosaic from the CSA image header
+  (read by nibabel's ``nicom.csareader``), a square grid of ceil(sqrt(N)) tiles filled row by row,
+  ImagePositionPatient moved from the corner of the whole mosaic to the corner of the first tile, and
+  slice k placed k x SpacingBetweenSlices along the CSA header's SliceNormalVector. Each tile is then a
+  slice like any other, so the several mosaics of one series (its time points or diffusion
+  directions) repeat the same positions and follow the 4D rule below. A mosaic whose CSA header is
+  missing or unreadable (private tags stripped by an anonymiser) is skipped with the reason, never read
+  as one tile image.
 
 Pixel values are the modality's values, as pydicom's ``apply_modality_lut`` gives them:
 
@@ -41,7 +50,7 @@ Documented behaviours for irregular series (all reported as warnings on the volu
 
 * duplicate positions: a slice whose position and pixel data equal an earlier one is dropped;
 * 4D series: when every position holds the same number N > 1 of different images (echoes, phases,
-  repeats, diffusion directions, a time series), the series is N volumes
+  repeats, diffusion directions, a time series; a series of Siemens mosaics), the series is N volumes
   and follows the 4D rule of :func:`agent.data.volume.choose_volume`, the same as for a 4D NIfTI: refused
   with the reason, unless a ``volume_index`` is given (volumes in InstanceNumber order at each
   position). Positions that repeat unevenly are neither one volume nor a complete 4D acquisition: the
@@ -69,7 +78,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +91,18 @@ from agent.config import WarningCategory
 from agent.data.volume import Volume, VolumeWarning, choose_volume, count_nonfinite, nonfinite_warning
 from agent.errors import DicomError, FedsiteError, VolumeError
 
+with warnings.catch_warnings():
+    # nibabel warns on import that its DICOM *readers* are experimental; only its CSA header parser
+    # (stable, and what dcm2niix's own parser mirrors) is used here.
+    warnings.simplefilter("ignore", UserWarning)
+    from nibabel.nicom import csareader
+
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 
 # Tags the assembly reads; the fast path skips every other element without decoding it.
+TAG_IMAGE_TYPE = 0x00080008
 TAG_SOP_CLASS = 0x00080016
 TAG_MODALITY = 0x00080060
 TAG_SERIES_DESCRIPTION = 0x0008103E
@@ -115,6 +131,7 @@ TAG_PIXEL_DATA = 0x7FE00010
 FAST_TAGS = [
     0x00020002,  # MediaStorageSOPClassUID
     0x00020010,  # TransferSyntaxUID
+    TAG_IMAGE_TYPE,
     TAG_SOP_CLASS,
     TAG_MODALITY,
     TAG_SERIES_DESCRIPTION,
@@ -204,6 +221,8 @@ class _Frame:
     # MONOCHROME1: the range (low, high) of the modality values the stored values can map to; the
     # assembly inverts each value v to low + high - v. None for MONOCHROME2.
     invert_range: tuple[float, float] | None = None
+    # A tile of a Siemens mosaic of this many images (0: not from a mosaic).
+    mosaic: int = 0
 
 
 @dataclass
@@ -454,8 +473,14 @@ def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: st
     bits = _us(elems.get(TAG_BITS_ALLOCATED))
     photometric = _text(elems.get(TAG_PHOTOMETRIC))
     _check_greyscale(samples, photometric)
-    if (frames or 1) != 1 or bits not in (8, 16, 32) or TAG_MODALITY_LUT_SEQUENCE in raw:
-        # A Modality LUT is applied by pydicom's own function, on the general path.
+    if (
+        (frames or 1) != 1
+        or bits not in (8, 16, 32)
+        or TAG_MODALITY_LUT_SEQUENCE in raw
+        or "MOSAIC" in _text(elems.get(TAG_IMAGE_TYPE)).upper().split("\\")
+    ):
+        # A Modality LUT is applied by pydicom's own function, and a mosaic needs its CSA header
+        # (a private element the fast walker skips): both on the general path.
         return None
     rows, cols = _us(elems.get(TAG_ROWS)), _us(elems.get(TAG_COLUMNS))
     if not rows or not cols:
@@ -631,7 +656,81 @@ def _dataset_frames(path: Path, ds: pydicom.Dataset, meta_sop: str) -> _FileResu
                 invert_range=invert,
             )
         )
+    if _is_mosaic(ds):
+        if n_frames != 1:
+            raise _Skip(f"Siemens mosaic with {n_frames} frames: only single-frame mosaics are split")
+        result.frames = _demosaic(ds, result.frames[0])
     return result
+
+
+def _is_mosaic(ds: pydicom.Dataset) -> bool:
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)
+    return any(str(v).strip().upper() == "MOSAIC" for v in values)
+
+
+def _demosaic(ds: pydicom.Dataset, mosaic: _Frame) -> list[_Frame]:
+    """The slices of a Siemens mosaic, each a frame with its own position, as dcm2niix makes them.
+
+    NumberOfImagesInMosaic and SliceNormalVector come from the CSA image header. The tiles fill a
+    square grid of ceil(sqrt(N)) tiles row by row (the grid's last tiles are padding). The mosaic's
+    ImagePositionPatient is that of a slice as large as the whole mosaic, centred like the tiles: it is
+    moved by half the size difference along the row and column directions to the first tile's corner
+    (nibabel's ``MosaicWrapper.image_position``, dcm2niix's mosaic correction). Slice k lies k slice
+    spacings (SpacingBetweenSlices, else SliceThickness) along the slice normal.
+    """
+    try:
+        csa = csareader.get_csa_header(ds, "image")
+        count = csareader.get_n_mosaic(csa) if csa else None
+        csa_normal = csareader.get_slice_normal(csa) if csa else None
+    except Exception as exc:  # nibabel raises its own and plain errors for a damaged header
+        raise _Skip(f"Siemens mosaic whose CSA header cannot be read ({type(exc).__name__}): {exc}") from None
+    if not count:
+        raise _Skip(
+            "Siemens mosaic without NumberOfImagesInMosaic in a CSA image header (private tags "
+            "removed?): its tiles cannot be split into slices"
+        )
+    count = int(count)
+    grid = math.ceil(math.sqrt(count))
+    if mosaic.rows % grid or mosaic.cols % grid:
+        raise _Skip(
+            f"Siemens mosaic of {mosaic.rows}x{mosaic.cols} pixels cannot hold a {grid}x{grid} grid "
+            f"of tiles for its {count} images"
+        )
+    if mosaic.iop is None or mosaic.ipp is None:
+        raise _Skip("Siemens mosaic without ImagePositionPatient/ImageOrientationPatient")
+    if not mosaic.thickness or mosaic.thickness <= 0:
+        raise _Skip("Siemens mosaic without SpacingBetweenSlices or SliceThickness")
+    tile_rows, tile_cols = mosaic.rows // grid, mosaic.cols // grid
+    row_dir, col_dir, normal = _orientation_vectors(mosaic.iop)
+    if csa_normal is not None and len(csa_normal) == 3 and np.all(np.isfinite(csa_normal)):
+        length = float(np.linalg.norm(csa_normal))
+        if length > 1e-6:
+            normal = np.asarray(csa_normal, dtype=np.float64) / length
+    spacing = mosaic.pixel_spacing or (1.0, 1.0)  # unknown spacing: warned about at assembly
+    corner = (
+        np.asarray(mosaic.ipp, dtype=np.float64)
+        + col_dir * spacing[0] * (mosaic.rows - tile_rows) / 2
+        + row_dir * spacing[1] * (mosaic.cols - tile_cols) / 2
+    )
+    slices: list[_Frame] = []
+    for k in range(count):
+        r, c = divmod(k, grid)
+        position = corner + normal * mosaic.thickness * k
+        slices.append(
+            replace(
+                mosaic,
+                frame=k,
+                rows=tile_rows,
+                cols=tile_cols,
+                ipp=(float(position[0]), float(position[1]), float(position[2])),
+                pixels=mosaic.pixels[
+                    r * tile_rows : (r + 1) * tile_rows, c * tile_cols : (c + 1) * tile_cols
+                ],
+                mosaic=count,
+            )
+        )
+    return slices
 
 
 def _modality_lut(ds: pydicom.Dataset, pixels: np.ndarray) -> tuple[np.ndarray, tuple[float, float]] | None:
@@ -897,6 +996,10 @@ def _by_position(
         j = i + 1
         while j < len(frames) and dist[j] - dist[i] < SAME_POSITION_MM:
             j += 1
+        if j == i + 1:  # the usual case: one image at this position, nothing to compare
+            runs.append((dist[i], [frames[i]]))
+            i = j
+            continue
         seen: set[tuple[Any, ...]] = set()
         unique: list[_Frame] = []
         for f in sorted(frames[i:j], key=_order_key):
@@ -1041,6 +1144,15 @@ def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
             if f.invert_range is not None:
                 low, high = f.invert_range
                 np.subtract(np.float32(low + high), stack[k], out=stack[k])
+    mosaic = max((f.mosaic for f in frames), default=0)
+    if mosaic:
+        # Not a doubt about the data: it says where the slices came from, for whoever checks them.
+        warns.append(
+            VolumeWarning(
+                f"Siemens mosaic: {mosaic} slices split from its tiles, placed by the CSA header",
+                WarningCategory.ACQUISITION,
+            )
+        )
     if any(f.invert_range is not None for f in frames):
         warns.append(
             VolumeWarning(
