@@ -8,6 +8,8 @@ stays usable (`agent.api.middleware.InternalErrorAnswer`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from agent.api.middleware import BodyLimitMiddleware, InternalErrorAnswer
 from agent.api.routers import audit, evaluations, health, info, rounds
 from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
 from agent.api.schemas import plan_schema_components
+from agent.api.throttle import RefusalGuard
 from agent.errors import (
     BodyTooLarge,
     Conflict,
@@ -91,6 +94,18 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     """The agent's ASGI app; starting it (lifespan) starts the service, stopping it closes it."""
     cfg = service.cfg
     metrics = AgentMetrics(service.db)
+    refusals = RefusalGuard(service.audit, cfg.api.refusals)
+
+    async def summarise_refusals() -> None:
+        # Summaries of refused requests are recorded when their window ends, even when no
+        # further request comes to close it.
+        period = max(1.0, cfg.api.refusals.window_seconds / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await run_in_threadpool(refusals.flush_due)
+            except Exception:
+                log.exception("could not record the summary of refused requests")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -99,13 +114,21 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
         if cfg.api.metrics_port is not None:
             side = metrics.serve(cfg.api.host, cfg.api.metrics_port)
             log.info("metrics without auth on http://%s:%d/metrics", cfg.api.host, cfg.api.metrics_port)
+        summaries = asyncio.create_task(summarise_refusals())
         log.info("site %s ready", cfg.site.id)
         try:
             yield
         finally:
+            summaries.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await summaries
             if isinstance(side, tuple) and side:
                 side[0].shutdown()
             log.info("stopping: jobs and database")
+            try:
+                await run_in_threadpool(refusals.flush)
+            except Exception:
+                log.exception("could not record the summary of refused requests")
             await run_in_threadpool(service.close)
 
     app = FastAPI(
@@ -116,6 +139,9 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     )
     app.state.service = service
     app.state.metrics = metrics
+    # Refused callers: throttled per address, audited in bounded events (the token check and
+    # the mutual-TLS gate of `agent.api.server` share it).
+    app.state.refusals = refusals
     _include_routers(app)
     _publish_plan_schema(app)
     # Added first, so it runs inside the body limit: its 500s are counted and timed too.

@@ -6,8 +6,10 @@ Routes declare what they need with the `Annotated` aliases at the end of this mo
 
 Auth runs before any body is read, so a refused call changes nothing and costs little.
 Every refusal is counted and audited ("api.refused" with the reason, method, path and
-client address; an expired token also by its name); the presented token itself is never
-stored or logged.
+client address; an expired token also by its name) through the app's `RefusalGuard`
+(`agent.api.throttle`), which bounds what refusals can write (the first few of a window in
+full, the rest counted in one summary per reason) and answers 429 with ``Retry-After`` to an
+address that collected too many. The presented token itself is never stored or logged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from agent.api.metrics import AgentMetrics
+from agent.api.throttle import THROTTLED_REASON, RefusalGuard
 from agent.errors import TokenExpired
 from agent.service import SiteService
 
@@ -66,24 +69,49 @@ def _client(request: Request) -> str:
     return request.client.host if request.client is not None else "unknown"
 
 
+def _guard(request: Request) -> RefusalGuard:
+    guard: RefusalGuard = request.app.state.refusals
+    return guard
+
+
 def _refuse(
     request: Request, status: int, reason: str, detail: str, token_name: str | None = None
 ) -> HTTPException:
-    service = _service(request)
     _metrics(request).auth_failures.labels(reason=reason).inc()
+    client = _client(request)
     details = {
         "reason": reason,
         "method": request.method,
         "path": request.url.path,
-        "client": _client(request),
+        "client": client,
     }
     if token_name is not None:
         details["token_name"] = token_name
-    service.audit.append(
-        "api.refused", actor=f"token:{token_name}" if token_name else "anonymous", details=details
+    _guard(request).refused(
+        client, actor=f"token:{token_name}" if token_name else "anonymous", reason=reason, details=details
     )
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return HTTPException(status_code=status, detail=detail, headers=headers)
+
+
+def _throttle(request: Request, retry_after: int) -> HTTPException:
+    _metrics(request).auth_failures.labels(reason=THROTTLED_REASON).inc()
+    guard = _guard(request)
+    guard.throttled(_client(request), method=request.method, path=request.url.path)
+    detail, headers = guard.too_many(retry_after)
+    return HTTPException(status_code=429, detail=detail, headers=headers)
+
+
+async def _refusal(
+    request: Request, status: int, reason: str, detail: str, token_name: str | None = None
+) -> HTTPException:
+    """The refusal to raise: 429 when the caller's address is throttled, else STATUS. Either
+    is recorded (bounded) in the audit log, which may wait for the database's write lock, so
+    in the thread pool."""
+    retry_after = _guard(request).charge(_client(request))
+    if retry_after is not None:
+        return await run_in_threadpool(_throttle, request, retry_after)
+    return await run_in_threadpool(_refuse, request, status, reason, detail, token_name)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -102,7 +130,8 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
     The token check is one small indexed read and runs on the event loop: status polls are
     the hot path, and a hop to the thread pool and back costs more than the read itself
     on a busy machine. A refusal writes an audit event, which may wait for the database's
-    write lock, so that path runs in the thread pool.
+    write lock, so that path runs in the thread pool. The token is checked before the
+    throttle, so that a valid token is never answered 429.
     """
 
     async def dependency(request: Request) -> Caller:
@@ -110,14 +139,13 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
         token = bearer_token(request)
         if token is None:
             reason = "missing token" if header is None else "malformed authorization header"
-            raise await run_in_threadpool(
-                _refuse, request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
+            raise await _refusal(
+                request, 401, reason, "authentication required: send 'Authorization: Bearer <token>'"
             )
         try:
             info = _service(request).authenticate(token)
         except TokenExpired as exc:
-            raise await run_in_threadpool(
-                _refuse,
+            raise await _refusal(
                 request,
                 401,
                 "expired token",
@@ -125,12 +153,9 @@ def require_role(*roles: str) -> Callable[[Request], Awaitable[Caller]]:
                 exc.name,
             ) from None
         if info is None:
-            raise await run_in_threadpool(
-                _refuse, request, 401, "unknown or revoked token", "invalid or revoked token"
-            )
+            raise await _refusal(request, 401, "unknown or revoked token", "invalid or revoked token")
         if info.role not in roles:
-            raise await run_in_threadpool(
-                _refuse,
+            raise await _refusal(
                 request,
                 403,
                 "wrong role",

@@ -13,7 +13,9 @@ reaches the application. So with ``api.tls.client_ca_file`` set, the TLS layer *
 client certificate and rejects any certificate not signed by that CA during the handshake
 (`agent.tls.contexts`); the gate below then refuses, with 403 and an ``api.refused`` audit
 event, every request that came without a certificate or with a subject outside
-``api.tls.allowed_client_subjects``. ``/v1/health`` stays open (it says only "ok"), so that
+``api.tls.allowed_client_subjects`` (refusals go through the app's `RefusalGuard`: bounded in
+the audit log, and an address with too many of them is answered 429 with ``Retry-After``).
+``/v1/health`` stays open (it says only "ok"), so that
 container health probes need no key material. A certificate from a foreign CA fails the
 handshake itself and is only visible in the server log.
 """
@@ -31,6 +33,7 @@ from cryptography import x509
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.api.metrics import AgentMetrics
+from agent.api.throttle import RefusalGuard
 from agent.audit.sink import AuditSink
 from agent.config import TlsConfig
 from agent.errors import BodyTooLarge
@@ -196,12 +199,12 @@ class ClientCertGate:
         *,
         enforce: bool,
         allowed: list[str],
-        audit: AuditSink | None,
+        guard: RefusalGuard | None,
     ) -> None:
         self.app = app
         self.enforce = enforce
         self.allowed = allowed
-        self.audit = audit
+        self.guard = guard
         self.peer_der = peer_der
         self.subject: x509.Name | None = None
         self.subject_text: str | None = None
@@ -237,27 +240,44 @@ class ClientCertGate:
 
     async def _refuse(self, scope: Scope, send: Send, reason: str, detail: str) -> None:
         client = scope.get("client")
+        address = str(client[0]) if client else "unknown"
+        method, path = str(scope.get("method")), str(scope.get("path"))
+        retry_after = self.guard.charge(address) if self.guard is not None else None
+        if retry_after is not None:
+            # A flood is answered without a log line or an audit row per request.
+            assert self.guard is not None
+            await self._record(self.guard.throttled, address, method=method, path=path)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            too_many, headers = self.guard.too_many(retry_after)
+            await json_answer(
+                send, 429, too_many, [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+            )
+            return
         details = {
             "reason": reason,
             "subject": self.subject_text,
-            "method": scope.get("method"),
-            "path": scope.get("path"),
-            "client": client[0] if client else None,
+            "method": method,
+            "path": path,
+            "client": address,
         }
-        log.warning(
-            "refused %s %s from %s: %s", details["method"], details["path"], details["client"], detail
-        )
-        if self.audit is not None:
+        log.warning("refused %s %.200s from %s: %s", method, path, address, detail)
+        if self.guard is not None:
             actor = f"tls:{self.subject_text}" if self.subject_text else "anonymous"
-            try:
-                await asyncio.to_thread(self.audit.append, "api.refused", actor=actor, details=details)
-            except Exception:
-                # The refusal stands even when the audit database is unavailable.
-                log.exception("could not audit a refused client certificate")
+            await self._record(self.guard.refused, address, actor=actor, reason=reason, details=details)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
         await json_answer(send, 403, detail)
+
+    @staticmethod
+    async def _record(record: Any, address: str, **kwargs: Any) -> None:
+        try:
+            await asyncio.to_thread(record, address, **kwargs)
+        except Exception:
+            # The refusal stands even when the audit database is unavailable.
+            log.exception("could not audit a refused client certificate")
 
 
 def _peer_der(transport: Any) -> bytes | None:
@@ -268,13 +288,18 @@ def _peer_der(transport: Any) -> bytes | None:
     return bytes(der) if der else None
 
 
-def gated_protocol_class(tls: TlsConfig, audit: AuditSink | None) -> type:
+def gated_protocol_class(tls: TlsConfig, audit: AuditSink | None, guard: RefusalGuard | None = None) -> type:
     """A uvicorn HTTP protocol class that wraps the app in a ClientCertGate per connection
-    (the peer certificate is fixed for a connection's lifetime, so it is read once)."""
+    (the peer certificate is fixed for a connection's lifetime, so it is read once).
+
+    Refusals go through GUARD (the app's, shared with the token check); without one, through
+    a guard of its own on AUDIT with the default limits (or nowhere, without AUDIT)."""
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     enforce = tls.client_ca_file is not None
     allowed = list(tls.allowed_client_subjects)
+    if guard is None and audit is not None:
+        guard = RefusalGuard(audit)
 
     class GatedHTTPProtocol(AutoHTTPProtocol):  # type: ignore[valid-type,misc]
         app: Any
@@ -282,7 +307,7 @@ def gated_protocol_class(tls: TlsConfig, audit: AuditSink | None) -> type:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self.app = ClientCertGate(
-                self.app, _peer_der(transport), enforce=enforce, allowed=allowed, audit=audit
+                self.app, _peer_der(transport), enforce=enforce, allowed=allowed, guard=guard
             )
 
     return GatedHTTPProtocol

@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from agent.api.middleware import gated_protocol_class
+from agent.api.throttle import RefusalGuard
 from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, TlsConfig
 from agent.tls.contexts import uvicorn_ssl_kwargs
@@ -21,16 +22,18 @@ log = logging.getLogger("fedsite.serve")
 GRACEFUL_SHUTDOWN_S = 10
 
 
-def tls_options(tls: TlsConfig | None, audit: AuditSink | None = None) -> dict[str, Any]:
+def tls_options(
+    tls: TlsConfig | None, audit: AuditSink | None = None, guard: RefusalGuard | None = None
+) -> dict[str, Any]:
     """uvicorn's TLS options from `api.tls` (empty without TLS): HTTPS from the config's
     certificate, and every connection wrapped in the mutual-TLS gate, so that with
     `client_ca_file` requests without an allowed client certificate get 403 and an
-    `api.refused` event in AUDIT (see agent.api.middleware for why this is enforced per
-    request, not in the handshake). Raises TlsError naming the file or key when the TLS
-    material cannot be used."""
+    `api.refused` event in AUDIT, through GUARD, the app's throttle of refused callers (see
+    agent.api.middleware for why this is enforced per request, not in the handshake). Raises
+    TlsError naming the file or key when the TLS material cannot be used."""
     if tls is None:
         return {}
-    return {**uvicorn_ssl_kwargs(tls), "http": gated_protocol_class(tls, audit)}
+    return {**uvicorn_ssl_kwargs(tls), "http": gated_protocol_class(tls, audit, guard)}
 
 
 def configure_logging(level: str) -> None:
@@ -65,5 +68,5 @@ def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
         log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        **tls_options(cfg.api.tls, service.audit),
+        **tls_options(cfg.api.tls, service.audit, app.state.refusals),
     )

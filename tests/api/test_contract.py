@@ -81,7 +81,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         root / "fed",
         subjects=6,
         fmt="dicom",
-        overrides={"device": "cpu", "api": {"max_body_bytes": MAX_BODY, "queue_size": QUEUE_SIZE}},
+        overrides={
+            "device": "cpu",
+            "api": {
+                "max_body_bytes": MAX_BODY,
+                "queue_size": QUEUE_SIZE,
+                # Every refusal of these tests audited in full and none throttled: the bounds
+                # on floods are tests/api/test_refusals.py's subject.
+                "refusals": {"audit_per_window": 100_000, "max_per_client": 100_000},
+            },
+        },
     )
     tokens = add_tokens(site.config_path, coordinator="coord", admin="admin")
     tokens |= add_tokens(site.config_path, coordinator="coord-old")
