@@ -172,26 +172,6 @@ class EgressConfig(StrictModel):
     clip_norm: float | None = Field(default=None, gt=0)
 
 
-class AgentConfig(StrictModel):
-    site: SiteConfig
-    datasets: list[DatasetConfig] = Field(default_factory=list)
-    work_dir: Path = Path("work")
-    # SQLAlchemy URL; default: SQLite (WAL) file in the work directory.
-    database_url: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    api: ApiConfig = Field(default_factory=ApiConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
-    egress: EgressConfig = Field(default_factory=EgressConfig)
-
-    # Set by load_config: the file this config came from (not a YAML key).
-    source: Path | None = Field(default=None, exclude=True)
-
-    @model_validator(mode="after")
-    def _unique_dataset_names(self) -> AgentConfig:
-        seen: set[str] = set()
-        for ds in self.datasets:
 class JobsConfig(StrictModel):
     """What happens to rounds that a crash, a reboot or a shutdown interrupted."""
 
@@ -210,6 +190,27 @@ class JobsConfig(StrictModel):
     resume_window_hours: float = Field(default=24.0, gt=0)
 
 
+class AgentConfig(StrictModel):
+    site: SiteConfig
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    work_dir: Path = Path("work")
+    # SQLAlchemy URL; default: SQLite (WAL) file in the work directory.
+    database_url: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
+
+    # Set by load_config: the file this config came from (not a YAML key).
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_dataset_names(self) -> AgentConfig:
+        seen: set[str] = set()
+        for ds in self.datasets:
             if ds.name in seen:
                 raise ValueError(f"dataset name {ds.name!r} appears twice")
             seen.add(ds.name)
@@ -222,7 +223,6 @@ class JobsConfig(StrictModel):
         return f"sqlite:///{(self.work_dir / 'fedsite.db').as_posix()}"
 
     def dataset(self, name: str) -> DatasetConfig:
-    jobs: JobsConfig = Field(default_factory=JobsConfig)
         for ds in self.datasets:
             if ds.name == name:
                 return ds

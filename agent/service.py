@@ -48,9 +48,9 @@ from agent.errors import (
 )
 from agent.exchange.codec import decode_weights
 from agent.exchange.egress import EgressGate
+from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.runner import JobRunner
 from agent.jobs.states import JobKind, JobStatus, is_terminal
-from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.store import JobStore, JobView
 from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
 from agent.training.registry import expected_shapes
@@ -356,6 +356,23 @@ class SiteService:
         self.runner.wake()
         return job
 
+    def _resume_if_interrupted(self, job: JobView, actor: str) -> JobView:
+        """A resend of an interrupted round asks for it again: resume it if it can be.
+
+        Whatever its age: the coordinator's resend is the reason to (`jobs.resume_window_hours`
+        bounds only the resumes the agent starts by itself). One that cannot resume is
+        returned interrupted, its error and the audit log saying why.
+        """
+        if job.status != JobStatus.INTERRUPTED:
+            return job
+        check = check_resumable(job, self.cfg.jobs)
+        if check.ok:
+            if resume(self.store, job, check, actor=actor, reason="resumed on resubmission"):
+                self.runner.wake()
+        elif not (job.error or "").endswith(str(check.why)):
+            self.store.note_not_resumed(job, str(check.why), actor=actor, reason="resubmission")
+        return self._job(job.kind, job.round_id)
+
     @staticmethod
     def _same_or_conflict(existing: JobView, digest: str, weights_sha: str | None) -> JobView:
         noun = existing.kind.noun
@@ -392,20 +409,3 @@ class SiteService:
                 break
             time.sleep(0.1)
         return self._job(kind, round_id)
-    def _resume_if_interrupted(self, job: JobView, actor: str) -> JobView:
-        """A resend of an interrupted round asks for it again: resume it if it can be.
-
-        Whatever its age: the coordinator's resend is the reason to (`jobs.resume_window_hours`
-        bounds only the resumes the agent starts by itself). One that cannot resume is
-        returned interrupted, its error and the audit log saying why.
-        """
-        if job.status != JobStatus.INTERRUPTED:
-            return job
-        check = check_resumable(job, self.cfg.jobs)
-        if check.ok:
-            if resume(self.store, job, check, actor=actor, reason="resumed on resubmission"):
-                self.runner.wake()
-        elif not (job.error or "").endswith(str(check.why)):
-            self.store.note_not_resumed(job, str(check.why), actor=actor, reason="resubmission")
-        return self._job(job.kind, job.round_id)
-
