@@ -141,6 +141,22 @@ class StaticToken(StrictModel):
         return v
 
 
+class RefusalsConfig(StrictModel):
+    """How refused requests (no or bad token, no allowed client certificate) are throttled and
+    audited (`agent.api.throttle`): unauthenticated traffic must not fill the disk."""
+
+    # Refusals an address may collect per window; past it, it is answered 429 with Retry-After
+    # until the window ends. Requests with a valid token are never throttled.
+    max_per_client: int = Field(default=30, ge=1, le=1_000_000)
+    # The window, in seconds, of the throttle and of the audit's summaries.
+    window_seconds: int = Field(default=60, ge=1, le=86_400)
+    # Refusals recorded one audit event each per window; the rest are counted in one summary
+    # event per actor and reason at the end of the window.
+    audit_per_window: int = Field(default=20, ge=0, le=100_000)
+    # Client addresses tracked at once (the oldest are forgotten first).
+    max_clients: int = Field(default=10_000, ge=1, le=10_000_000)
+
+
 class ApiConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=1, le=65535)
@@ -151,6 +167,7 @@ class ApiConfig(StrictModel):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)
     tls: TlsConfig | None = None
     tokens: list[StaticToken] = Field(default_factory=list)
+    refusals: RefusalsConfig = Field(default_factory=RefusalsConfig)
 
 
 class LimitsConfig(StrictModel):
