@@ -91,6 +91,9 @@ class DatasetConfig(StrictModel):
     # Label values that make up the training target (whole tumour in BraTS: 1, 2 and 4).
     target_labels: list[int] = Field(default_factory=lambda: [1], min_length=1)
     val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    # Subjects with a volume warning of one of these categories stay in the catalog (listed, with
+    # their warnings) but no round trains or evaluates on them. Default: untrusted geometry.
+    exclude_warnings: list[WarningCategory] = Field(default_factory=lambda: [WarningCategory.GEOMETRY])
     # A 4D image (a NIfTI time series or DWI, a DICOM series with several images per slice position,
     # a series of Siemens mosaics) is refused unless this names the volume to take, 0-based in
     # acquisition order, for every subject of the dataset; one rule for both formats, in

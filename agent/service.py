@@ -113,7 +113,11 @@ class SiteService:
                 log.error("dataset %s: %s", ds.name, ds.error)
             else:
                 log.info(
-                    "dataset %s: %d training and %d validation subjects", ds.name, ds.num_train, ds.num_val
+                    "dataset %s: %d training and %d validation subjects, %d excluded by volume warnings",
+                    ds.name,
+                    ds.num_train,
+                    ds.num_val,
+                    ds.num_excluded,
                 )
 
     def close(self) -> None:
@@ -148,6 +152,7 @@ class SiteService:
                 "format": ds.format,
                 "num_train": 0,
                 "num_val": 0,
+                "num_excluded": 0,
                 "modalities": list(ds.modalities),
             }
             datasets.append(entry)

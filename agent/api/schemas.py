@@ -42,6 +42,10 @@ class DatasetOut(BaseModel):
     format: str
     num_train: int
     num_val: int
+    num_excluded: int = Field(
+        description="Subjects kept out of training and evaluation by the site's exclude_warnings "
+        "(volume warnings such as untrusted geometry); a count only, never which ones."
+    )
     modalities: list[str]
 
 

@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load
@@ -44,6 +45,7 @@ def _summary_table(db: Database) -> Table:
         "train",
         "val",
         "skipped",
+        "excluded",
         "shape",
         "spacing (mm)",
         "label",
@@ -58,11 +60,18 @@ def _summary_table(db: Database) -> Table:
             str(s.num_train),
             str(s.num_val),
             str(s.num_skipped),
+            str(s.num_excluded),
             _range(s.shape_min, s.shape_max, "d"),
             _range(s.spacing_min, s.spacing_max, ".3g"),
             f"{s.mean_label_fraction:.4f}" if s.mean_label_fraction is not None else "-",
         )
     return table
+
+
+def _warning_text(entry: dict[str, str]) -> str:
+    """One stored warning as `[category] source: message` (source: the modality or "label"), escaped
+    for rich, which would otherwise read the bracketed category as markup."""
+    return escape(f"[{entry['category']}] {entry['source']}: {entry['message']}")
 
 
 @data_app.command("scan")
@@ -94,6 +103,18 @@ def scan(
         )
     for sk in report.skipped:
         console.print(f"[yellow]skipped[/] {sk.dataset}/{sk.subject}: {sk.reason}", highlight=False)
+    for w in report.warned:
+        verdict = "[red]excluded[/]" if w.excluded else "[yellow]warning[/]"
+        for entry in w.warnings:
+            console.print(
+                f"{verdict} {escape(w.dataset)}/{escape(w.subject)} {_warning_text(entry)}",
+                highlight=False,
+            )
+    if any(w.excluded for w in report.warned):
+        console.print(
+            "excluded subjects stay in the catalog but are never trained or evaluated on "
+            "(the dataset's exclude_warnings in the config)"
+        )
     for name in report.removed_datasets:
         console.print(f"removed dataset {name} (no longer in the config)")
     failed = [d for d in report.datasets if d.error is not None]
@@ -136,6 +157,7 @@ def list_(
                     "num_train": s.num_train,
                     "num_val": s.num_val,
                     "num_skipped": s.num_skipped,
+                    "num_excluded": s.num_excluded,
                     "shape_min": s.shape_min,
                     "shape_max": s.shape_max,
                     "spacing_min": s.spacing_min,
@@ -156,9 +178,9 @@ def list_(
     for s in summaries:
         table = Table(
             title=f"{s.name} ({s.format}, {', '.join(s.modalities)}): {s.num_train} train, {s.num_val} val, "
-            f"scanned {s.scanned_at.isoformat(timespec='seconds')}"
+            f"{s.num_excluded} excluded, scanned {s.scanned_at.isoformat(timespec='seconds')}"
         )
-        for col in ("subject key", "split", "shape", "spacing (mm)", "label", "images"):
+        for col in ("subject key", "split", "shape", "spacing (mm)", "label", "images", "warnings"):
             table.add_column(col, overflow="fold")
         for it in items[s.name]:
             table.add_row(
@@ -168,6 +190,7 @@ def list_(
                 "x".join(format(v, ".3g") for v in it["spacing"]),
                 f"{it['label_fraction']:.4f}" if it["label_fraction"] is not None else "-",
                 "\n".join(f"{m}: {p}" for m, p in it["images"].items()),
+                "\n".join(_warning_text(w) for w in it["warnings"]) or "-",
             )
         console.print(table)
 

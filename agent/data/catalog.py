@@ -21,6 +21,10 @@ Why it is built this way:
 - A subject with a missing or broken file is skipped with a reason; the scan goes on. So is
   one whose file is there but does not match the `images` pattern (another case, another
   extension), and one whose volume holds non-finite voxels: nothing leaves silently.
+- Volume warnings are kept per subject with their category (`VolumeWarning`). A subject with a
+  warning whose category is in the dataset's `exclude_warnings` (default: untrusted geometry)
+  stays in the catalog with split "excluded": the admin sees it and why, /v1/info counts it, and
+  `dataset_items` (what training and evaluation read) never returns it.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from sqlalchemy import delete, insert, select
 
 from agent.audit.sink import AuditSink
-from agent.config import AgentConfig, DatasetConfig
+from agent.config import AgentConfig, DatasetConfig, WarningCategory
 from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
-from agent.data.volume import Volume, count_nonfinite, read_nifti_volume
+from agent.data.volume import Volume, count_nonfinite, read_nifti_volume, warning_category
 from agent.db.engine import Database
 from agent.errors import CatalogError, FedsiteError, UnknownDataset
 
@@ -59,9 +63,11 @@ MAX_LABEL_VALUES = 1000
 _HASH_CHUNK = 1 << 20
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 PATH_KEY_FILE = "catalog.key"
-# Version of the checks a volume passes before its facts are stored (2: non-finite voxels refused).
-# Volume facts stored by a scan with older checks are not reused: those volumes are read again once.
-VOLUME_CHECKS = 2
+# Version of the checks a volume passes before its facts are stored (2: non-finite voxels refused;
+# 3: warnings recorded with their category). Volume facts stored by a scan with older checks are not
+# reused: those volumes are read again once.
+VOLUME_CHECKS = 3
+EXCLUDED: Literal["excluded"] = "excluded"
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,7 @@ class DatasetSummary:
     num_train: int
     num_val: int
     num_skipped: int
+    num_excluded: int
     shape_min: list[int] | None
     shape_max: list[int] | None
     spacing_min: list[float] | None
@@ -98,12 +105,14 @@ class DatasetSummary:
     scanned_at: datetime
 
     def public(self) -> dict[str, Any]:
-        """The fields /v1/info reports: counts and names only."""
+        """The fields /v1/info reports: counts and names only (excluded subjects as a number, never
+        which ones or why: the warnings stay with the local admin)."""
         return {
             "name": self.name,
             "format": self.format,
             "num_train": self.num_train,
             "num_val": self.num_val,
+            "num_excluded": self.num_excluded,
             "modalities": list(self.modalities),
         }
 
@@ -118,6 +127,18 @@ class SkippedSubject:
     reason: str
 
 
+@dataclass(frozen=True)
+class WarnedSubject:
+    """A catalogued subject whose volumes carry warnings. `subject` is the local folder name: for
+    the local admin only, never for the API or the audit log."""
+
+    dataset: str
+    subject: str
+    excluded: bool
+    # [{"source": modality or "label", "category": ..., "message": ...}]
+    warnings: list[dict[str, str]]
+
+
 @dataclass
 class DatasetScan:
     """What one dataset's scan found and how much work it took."""
@@ -128,6 +149,7 @@ class DatasetScan:
     num_train: int = 0
     num_val: int = 0
     num_skipped: int = 0
+    num_excluded: int = 0
     items_added: int = 0
     items_removed: int = 0
     files_hashed: int = 0
@@ -141,6 +163,7 @@ class DatasetScan:
 class ScanReport:
     datasets: list[DatasetScan] = field(default_factory=list)
     skipped: list[SkippedSubject] = field(default_factory=list)
+    warned: list[WarnedSubject] = field(default_factory=list)
     removed_datasets: list[str] = field(default_factory=list)
 
     @property
@@ -159,6 +182,7 @@ class ScanReport:
                     "train": d.num_train,
                     "val": d.num_val,
                     "skipped": d.num_skipped,
+                    "excluded": d.num_excluded,
                     "added": d.items_added,
                     "removed": d.items_removed,
                     "failed": d.error is not None,
@@ -460,6 +484,8 @@ class _VolumeFacts:
     spacing: list[float]
     patient_key: str | None = None
     label_counts: dict[str, int] | None = None
+    # [[category, message], ...] as the reader gave them.
+    warnings: list[list[str]] = field(default_factory=list)
 
 
 def _read_volume(fmt: Fmt, path: Path, modality: str) -> Volume:
@@ -542,7 +568,13 @@ class _Scanner:
         if cached is None:
             old = self.old_volumes.get(checksum)
             if old is not None and (not is_label or old.label_counts is not None):
-                cached = _VolumeFacts(list(old.shape), list(old.spacing), old.patient_key, old.label_counts)
+                cached = _VolumeFacts(
+                    list(old.shape),
+                    list(old.spacing),
+                    old.patient_key,
+                    old.label_counts,
+                    list(old.warnings or []),
+                )
                 self.stats.volumes_reused += 1
         if cached is None:
             vol = _read_volume(fmt, path, modality)
@@ -559,7 +591,8 @@ class _Scanner:
             shape, spacing = ras_geometry(vol.affine, vol.array.shape)
             pkey = subject_key_for(self.secret, vol.patient_id) if vol.patient_id else None
             counts = _label_counts(path, vol.array) if is_label else None
-            cached = _VolumeFacts(shape, spacing, pkey, counts)
+            warns = [[warning_category(w).value, str(w)] for w in vol.warnings]
+            cached = _VolumeFacts(shape, spacing, pkey, counts, warns)
         self.volumes[checksum] = cached
         return checksum, cached
 
@@ -577,9 +610,11 @@ class _Scanner:
         ref: _VolumeFacts | None = None
         ref_name = ""
         patient_keys: set[str] = set()
+        warnings: list[dict[str, str]] = []
         for modality in ds.modalities:
             checksum, facts = self.facts(ds.format, sources[modality], modality, is_label=False)
             checksums.append([modality, checksum])
+            warnings += [{"source": modality, "category": c, "message": m} for c, m in facts.warnings]
             if facts.patient_key:
                 patient_keys.add(facts.patient_key)
             if ref is None:
@@ -594,6 +629,7 @@ class _Scanner:
         if label_path is not None:
             label_checksum, lfacts = self.facts("nifti", label_path, "label", is_label=True)
             _check_same_grid(ref_name, ref, "label", lfacts)
+            warnings += [{"source": "label", "category": c, "message": m} for c, m in lfacts.warnings]
             assert lfacts.label_counts is not None
             fraction = label_fraction(lfacts.label_counts, ds.target_labels)
         item_checksum = hashlib.sha256(
@@ -610,7 +646,19 @@ class _Scanner:
             "shape": ref.shape,
             "spacing": ref.spacing,
             "label_fraction": fraction,
+            "warnings": warnings,
         }
+
+
+def excludes(ds: DatasetConfig, warnings: list[dict[str, str]]) -> bool:
+    """Whether a subject with these warnings is kept out of training and evaluation.
+
+    A category the dataset's `exclude_warnings` names excludes it; a stored category this version
+    does not know (a newer agent wrote it) counts as "other".
+    """
+    known = {c.value for c in WarningCategory}
+    excluded = {c.value for c in ds.exclude_warnings}
+    return any((w["category"] if w["category"] in known else "other") in excluded for w in warnings)
 
 
 def _check_same_grid(ref_name: str, ref: _VolumeFacts, name: str, other: _VolumeFacts) -> None:
@@ -624,16 +672,20 @@ def _check_same_grid(ref_name: str, ref: _VolumeFacts, name: str, other: _Volume
         )
 
 
-def _aggregate(items: list[dict[str, Any]], num_skipped: int) -> dict[str, Any]:
-    fractions = [i["label_fraction"] for i in items if i["label_fraction"] is not None]
-    shapes = np.array([i["shape"] for i in items]) if items else None
-    spacings = np.array([i["spacing"] for i in items]) if items else None
+def _aggregate(items: list[dict[str, Any]], num_skipped: int, ds: DatasetConfig) -> dict[str, Any]:
+    """Statistics of what training may use: excluded subjects count only in num_excluded (and num_items)."""
+    used = [i for i in items if i["split"] != EXCLUDED]
+    fractions = [i["label_fraction"] for i in used if i["label_fraction"] is not None]
+    shapes = np.array([i["shape"] for i in used]) if used else None
+    spacings = np.array([i["spacing"] for i in used]) if used else None
     return {
         "num_items": len(items),
         "num_subjects": len({i["subject_key"] for i in items}),
         "num_train": sum(1 for i in items if i["split"] == "train"),
         "num_val": sum(1 for i in items if i["split"] == "val"),
         "num_skipped": num_skipped,
+        "num_excluded": len(items) - len(used),
+        "exclude_warnings": [c.value for c in ds.exclude_warnings],
         "shape_min": shapes.min(axis=0).tolist() if shapes is not None else None,
         "shape_max": shapes.max(axis=0).tolist() if shapes is not None else None,
         "spacing_min": spacings.min(axis=0).tolist() if spacings is not None else None,
@@ -680,19 +732,28 @@ def _scan_one(
         s.expunge_all()
     scanner = _Scanner(ds, secret, old_files, old_volumes, stats)
     items: list[dict[str, Any]] = []
+    included_names: list[str] = []
     for subject, sources in subjects.items():
         try:
             items.append(scanner.item(subject, sources))
+            included_names.append(subject)
         except _SubjectSkipped as exc:
             report.skipped.append(SkippedSubject(ds.name, subject, str(exc)))
         except Exception as exc:  # a reader's error names the file; the scan goes on
             report.skipped.append(SkippedSubject(ds.name, subject, f"{type(exc).__name__}: {exc}"))
         advance(1)
     stats.num_skipped = sum(1 for sk in report.skipped if sk.dataset == ds.name)
-    splits = assign_splits(ds.name, (i["subject_key"] for i in items), ds.val_fraction)
-    for i in items:
-        i["split"] = splits[i["subject_key"]]
-    agg = _aggregate(items, stats.num_skipped)
+    excluded = {i["item_key"] for i in items if excludes(ds, i["warnings"])}
+    # Splits among the subjects training may use, so that excluded ones leave a usable split behind.
+    splits = assign_splits(
+        ds.name, (i["subject_key"] for i in items if i["item_key"] not in excluded), ds.val_fraction
+    )
+    for subject, i in zip(included_names, items, strict=True):
+        i["split"] = EXCLUDED if i["item_key"] in excluded else splits[i["subject_key"]]
+        if i["warnings"]:
+            report.warned.append(WarnedSubject(ds.name, subject, i["item_key"] in excluded, i["warnings"]))
+    stats.num_excluded = len(excluded)
+    agg = _aggregate(items, stats.num_skipped, ds)
     new_keys = {i["item_key"] for i in items}
     stats.items_added = len(new_keys - old_item_keys)
     stats.items_removed = len(old_item_keys - new_keys)
@@ -744,6 +805,7 @@ def _scan_one(
                         "spacing": v.spacing,
                         "patient_key": v.patient_key,
                         "label_counts": v.label_counts,
+                        "warnings": v.warnings,
                     }
                     for c, v in scanner.volumes.items()
                 ],
@@ -815,8 +877,12 @@ def dataset_items(db: Database, dataset: str, split: Split | None = None) -> lis
         if row is None:
             raise UnknownDataset(f"dataset {dataset!r} is not in the catalog; run `fedsite data scan` first")
         q = select(CatalogItem).where(CatalogItem.dataset == dataset)
-        if split is not None:
-            q = q.where(CatalogItem.split == split)
+        # Excluded subjects are never handed to training or evaluation.
+        q = (
+            q.where(CatalogItem.split == split)
+            if split is not None
+            else q.where(CatalogItem.split != EXCLUDED)
+        )
         rows = list(s.scalars(q.order_by(CatalogItem.item_key)))
         targets = tuple(int(v) for v in row.target_labels)
         key_file = row.path_key_file
@@ -837,7 +903,8 @@ def dataset_items(db: Database, dataset: str, split: Split | None = None) -> lis
 
 
 def item_details(db: Database, dataset: str) -> list[dict[str, Any]]:
-    """Per-item rows for the local admin's listing: key, split, shape, spacing, label fraction, paths."""
+    """Per-item rows for the local admin's listing: key, split (or "excluded"), shape, spacing, label
+    fraction, paths and the volumes' warnings."""
     with db.session() as s:
         row = s.get(CatalogDataset, dataset)
         if row is None:
@@ -859,6 +926,7 @@ def item_details(db: Database, dataset: str) -> list[dict[str, Any]]:
             "checksum": r.checksum,
             "images": {m: str(_decrypt(cipher, p, key_file)) for m, p in r.images},
             "label": str(_decrypt(cipher, r.label, key_file)) if r.label is not None else None,
+            "warnings": list(r.warnings or []),
         }
         for r in rows
     ]
@@ -882,6 +950,7 @@ def dataset_summaries(db: Database) -> list[DatasetSummary]:
                 num_train=int(st.get("num_train", 0)),
                 num_val=int(st.get("num_val", 0)),
                 num_skipped=int(st.get("num_skipped", 0)),
+                num_excluded=int(st.get("num_excluded", 0)),
                 shape_min=st.get("shape_min"),
                 shape_max=st.get("shape_max"),
                 spacing_min=st.get("spacing_min"),

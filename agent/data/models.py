@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from agent.db.base import Base, UTCDateTime
@@ -54,6 +54,8 @@ class CatalogItem(Base):
     # patient in two folders shares it, and therefore shares the train/val split).
     item_key: Mapped[str] = mapped_column(String(64))
     subject_key: Mapped[str] = mapped_column(String(64), index=True)
+    # "train", "val", or "excluded": a subject with a warning of a category in the dataset's
+    # `exclude_warnings`, listed for the admin and never trained or evaluated on.
     split: Mapped[str] = mapped_column(String(8))
     fmt: Mapped[str] = mapped_column(String(16))
     # [[modality, encrypted absolute path], ...] in the dataset's modality order.
@@ -65,6 +67,9 @@ class CatalogItem(Base):
     shape: Mapped[list[int]] = mapped_column(JSON)
     spacing: Mapped[list[float]] = mapped_column(JSON)
     label_fraction: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # The warnings of the subject's volumes: [{"source": modality or "label", "category", "message"}].
+    # Messages never hold file names or header values (the readers' rule), so they may be stored.
+    warnings: Mapped[list[dict[str, str]]] = mapped_column(JSON, server_default=text("'[]'"))
 
 
 class CatalogVolume(Base):
@@ -86,6 +91,8 @@ class CatalogVolume(Base):
     patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # For label masks: {label value: voxel count}, so a new target_labels needs no re-read.
     label_counts: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
+    # The reader's warnings as [[category, message], ...], reused with the rest of the facts.
+    warnings: Mapped[list[list[str]]] = mapped_column(JSON, server_default=text("'[]'"))
 
 
 class CatalogFile(Base):

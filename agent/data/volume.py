@@ -140,13 +140,35 @@ def _is_nifti_name(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+def _assumed_orientation(img: nib.AnalyzeImage) -> VolumeWarning | None:
+    """A geometry warning when the header gives no orientation and nibabel fell back to a default.
+
+    Analyze 7.5 has no orientation field at all, and a NIfTI header whose qform and sform codes are
+    both 0 says the orientation is unknown: the affine is then pixdim on the diagonal, with an
+    assumed left-right direction, so the anatomy's side is a guess.
+    """
+    if not isinstance(img, nib.Nifti1Pair | nib.Nifti2Pair):
+        return VolumeWarning(
+            "Analyze 7.5 header: it records no orientation, so orientation is assumed "
+            "(left-right may be flipped)",
+            WarningCategory.GEOMETRY,
+        )
+    if int(img.header["sform_code"]) == 0 and int(img.header["qform_code"]) == 0:
+        return VolumeWarning(
+            "NIfTI header without qform and sform (both codes 0): orientation assumed",
+            WarningCategory.GEOMETRY,
+        )
+    return None
+
+
 def read_nifti_volume(path: Path, modality: str = "", *, volume_index: int | None = None) -> Volume:
     """Read a 3D NIfTI file, applying its scl_slope/scl_inter scaling.
 
     The affine is the one nibabel reports (sform if set, else qform). A 4D file whose fourth dimension
     is 1 is read as 3D; a 4D file with several volumes (a time series, a DWI) follows the 4D rule of
     :func:`choose_volume`: refused, unless ``volume_index`` names the volume to read. Files of more
-    than four dimensions are refused. A 2D image becomes a volume with one slice.
+    than four dimensions are refused. A 2D image becomes a volume with one slice. A header without
+    orientation (qform and sform codes 0) is read with nibabel's default and a geometry warning.
     """
     path = Path(path)
     if not path.is_file():
@@ -177,6 +199,9 @@ def read_nifti_volume(path: Path, modality: str = "", *, volume_index: int | Non
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise VolumeError(f"{path}: the header's affine is not a valid voxel-to-world transform")
     warnings: list[str] = [taken] if taken else []
+    assumed = _assumed_orientation(img)
+    if assumed is not None:
+        warnings.append(assumed)
     nonfinite = count_nonfinite(data)
     if nonfinite:
         warnings.append(nonfinite_warning(nonfinite))

@@ -122,6 +122,7 @@ def test_multi_modality_discovery_and_missing_modality_skipped(tmp_path: Path) -
         "format": "nifti",
         "num_train": summary.num_train,
         "num_val": summary.num_val,
+        "num_excluded": 0,
         "modalities": ["flair", "t1"],
     }
     # Audit: names and counts only, never a subject folder or a reason naming a file.
@@ -422,10 +423,13 @@ def test_dicom_subject_with_zero_pixel_spacing_is_scanned_not_crashed(tmp_path: 
     db = _db(cfg)
     report = scan_datasets(cfg, db)
     assert report.ok and report.skipped == []
-    by_folder = {Path(next(iter(i.images.values()))).name: i for i in dataset_items(db, "brain")}
-    assert set(by_folder) == {"A", "B"}
-    spacings = {row["images"]["xr"]: row["spacing"] for row in catalog.item_details(db, "brain")}
-    assert spacings[str(root / "A")][:2] == [1.0, 1.0]
+    rows = {row["images"]["xr"]: row for row in catalog.item_details(db, "brain")}
+    assert set(rows) == {str(root / "A"), str(root / "B")}
+    assert rows[str(root / "A")]["spacing"][:2] == [1.0, 1.0]
+    # Catalogued with its warning, but an assumed spacing is untrusted geometry: not trained on by default.
+    assert rows[str(root / "A")]["split"] == "excluded"
+    assert {w["category"] for w in rows[str(root / "A")]["warnings"]} == {"geometry"}
+    assert [Path(i.images["xr"]).name for i in dataset_items(db, "brain")] == ["B"]
 
 
 def test_non_finite_voxels_skip_the_subject_at_scan_with_its_name(tmp_path: Path) -> None:
