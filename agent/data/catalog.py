@@ -51,7 +51,7 @@ from sqlalchemy import delete, insert, select
 from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, DatasetConfig, WarningCategory
 from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogVolume
-from agent.data.volume import Volume, count_nonfinite, read_nifti_volume, warning_category
+from agent.data.volume import Volume, count_nonfinite, pair_image, read_nifti_volume, warning_category
 from agent.db.engine import Database
 from agent.errors import CatalogError, FedsiteError, UnknownDataset
 
@@ -549,8 +549,14 @@ class _Scanner:
         return sha
 
     def source_checksum(self, path: Path) -> str:
-        """SHA-256 of a NIfTI file, or of the sorted (name, SHA-256) list of a series folder."""
+        """SHA-256 of a NIfTI file, of a pair's header and voxel file, or of the sorted (name, SHA-256)
+        list of a series folder."""
         if path.is_file():
+            image_half = pair_image(path)
+            if image_half is not None and image_half.is_file():
+                # The voxels of an Analyze/NIfTI pair are in the .img: a change there is a new volume.
+                pair = f"pair\0{self.file_sha(path)}\0{self.file_sha(image_half)}"
+                return hashlib.sha256(pair.encode()).hexdigest()
             return self.file_sha(path)
         if not path.is_dir():
             raise _SubjectSkipped(f"{path}: neither a file nor a folder")

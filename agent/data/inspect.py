@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.data.dicom import DicomScan, Skipped, scan_dicom_folder
-from agent.data.volume import Volume, read_nifti_volume, write_nifti
+from agent.data.volume import (
+    SUPPORTED_NIFTI,
+    UNSUPPORTED_IMAGE_SUFFIXES,
+    Volume,
+    is_volume_file_name,
+    pair_header,
+    read_nifti_volume,
+    write_nifti,
+)
 from agent.errors import VolumeError
 
 
@@ -32,18 +40,29 @@ class FolderView:
     files_seen: int
 
 
-def _is_nifti(path: Path) -> bool:
-    name = path.name.lower()
-    return name.endswith(".nii") or name.endswith(".nii.gz")
-
-
 def read_folder(path: Path, *, workers: int | None = None) -> FolderView:
-    """Scan ``path`` for DICOM series, then read the NIfTI files the DICOM scan passed over."""
+    """Scan ``path`` for DICOM series, then read the NIfTI files (and Analyze/NIfTI pairs, by their
+    .hdr) the DICOM scan passed over; image files of formats not read say what is supported, rather
+    than the DICOM reader's "not a DICOM file"."""
     scan: DicomScan = scan_dicom_folder(path, workers=workers)
     volumes = list(scan.volumes)
     skipped: list[Skipped] = []
     for entry in scan.skipped:
-        if not _is_nifti(entry.path):
+        header = pair_header(entry.path)
+        if header is not None:
+            if not header.is_file():
+                skipped.append(
+                    Skipped(
+                        entry.path, f"voxel file of an Analyze/NIfTI pair without its header {header.name}"
+                    )
+                )
+            continue  # read once, through its header
+        if entry.path.name.lower().endswith(UNSUPPORTED_IMAGE_SUFFIXES):
+            skipped.append(
+                Skipped(entry.path, f"image format not supported (supported: DICOM, {SUPPORTED_NIFTI})")
+            )
+            continue
+        if not is_volume_file_name(entry.path):
             skipped.append(entry)
             continue
         try:

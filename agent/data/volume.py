@@ -140,6 +140,38 @@ def _is_nifti_name(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+# What read_nifti_volume reads: NIfTI files, and NIfTI pairs or Analyze 7.5 images by their header.
+SUPPORTED_NIFTI = ".nii, .nii.gz, or an Analyze/NIfTI pair named by its .hdr (with the .img next to it)"
+
+
+def is_volume_file_name(path: Path) -> bool:
+    """Whether ``path`` names a file read_nifti_volume reads: a NIfTI file or the header of a pair."""
+    return _is_nifti_name(path) or path.name.lower().endswith(".hdr")
+
+
+def pair_image(path: Path) -> Path | None:
+    """The .img file that holds the voxels of the pair whose header is ``path`` (None: not a header).
+
+    Its case follows the header's (``T1.HDR`` pairs with ``T1.IMG``), as the tools that write pairs do.
+    """
+    name = path.name
+    if not name.lower().endswith(".hdr"):
+        return None
+    return path.with_name(name[:-4] + (".IMG" if name.endswith(".HDR") else ".img"))
+
+
+def pair_header(path: Path) -> Path | None:
+    """The .hdr header of the pair whose voxel file is ``path`` (None: not an .img file)."""
+    name = path.name
+    if not name.lower().endswith(".img"):
+        return None
+    return path.with_name(name[:-4] + (".HDR" if name.endswith(".IMG") else ".hdr"))
+
+
+# Image formats the agent does not read; a file of one is refused saying what is supported.
+UNSUPPORTED_IMAGE_SUFFIXES = (".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
 def _assumed_orientation(img: nib.AnalyzeImage) -> VolumeWarning | None:
     """A geometry warning when the header gives no orientation and nibabel fell back to a default.
 
@@ -162,23 +194,37 @@ def _assumed_orientation(img: nib.AnalyzeImage) -> VolumeWarning | None:
 
 
 def read_nifti_volume(path: Path, modality: str = "", *, volume_index: int | None = None) -> Volume:
-    """Read a 3D NIfTI file, applying its scl_slope/scl_inter scaling.
+    """Read a 3D NIfTI file (or an Analyze/NIfTI pair by its .hdr), applying its scl_slope/scl_inter scaling.
+
+    A pair's .img is read with its header; an .img named alone is refused, naming the .hdr to give
+    instead, and any other file is refused saying what is supported (a NIfTI reader's message, not
+    "not a DICOM file"). Analyze 7.5, and NIfTI without qform/sform, carry no orientation: read with
+    nibabel's default and a geometry warning, which keeps them out of training by default.
 
     The affine is the one nibabel reports (sform if set, else qform). A 4D file whose fourth dimension
     is 1 is read as 3D; a 4D file with several volumes (a time series, a DWI) follows the 4D rule of
     :func:`choose_volume`: refused, unless ``volume_index`` names the volume to read. Files of more
-    than four dimensions are refused. A 2D image becomes a volume with one slice. A header without
-    orientation (qform and sform codes 0) is read with nibabel's default and a geometry warning.
+    than four dimensions are refused. A 2D image becomes a volume with one slice.
     """
     path = Path(path)
     if not path.is_file():
         raise VolumeError(f"{path}: no such file")
+    if path.name.lower().endswith(".img"):
+        raise VolumeError(
+            f"{path}: the voxel half of an Analyze/NIfTI pair; name its .hdr file instead "
+            f"(supported: {SUPPORTED_NIFTI})"
+        )
+    if not is_volume_file_name(path):
+        raise VolumeError(f"{path}: not a NIfTI file name (supported: {SUPPORTED_NIFTI})")
+    image_half = pair_image(path)
+    if image_half is not None and not image_half.is_file():
+        raise VolumeError(f"{path}: Analyze/NIfTI pair header without its voxel file {image_half.name}")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises several unrelated types for bad files
-        raise VolumeError(f"{path}: not a readable NIfTI file ({exc})") from exc
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise VolumeError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+        raise VolumeError(f"{path}: not a readable NIfTI or Analyze file ({exc})") from exc
+    if not isinstance(img, nib.AnalyzeImage):  # NIfTI-1/2 files and pairs, Analyze 7.5 (SPM variants too)
+        raise VolumeError(f"{path}: not a NIfTI or Analyze image (nibabel read it as {type(img).__name__})")
     shape = img.shape
     if len(shape) > 4:
         raise VolumeError(
