@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import IntegrityError
 
 from agent import __version__
 from agent.access.approvals import check_plan_allowed
 from agent.access.tokens import TokenInfo, authenticate
+from agent.audit.anchors import key_path, load_or_create_key, public_key_text, sign_anchor
 from agent.audit.chain import AuditLog, ChainReport
 from agent.config import AgentConfig
 from agent.data.catalog import dataset_items, dataset_summaries, scan_datasets
@@ -79,6 +81,8 @@ class SiteService:
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
         self._create_lock = threading.Lock()
         self._device: str | None = None
+        self._key_lock = threading.Lock()
+        self._audit_key: Ed25519PrivateKey | None = None
 
     @classmethod
     def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
@@ -103,6 +107,8 @@ class SiteService:
             log.warning("job %s cannot resume: %s", round_id, why)
         if scan and self.cfg.datasets:
             self.scan()
+        # The key that signs audit anchors: created (and its creation audited) on first start.
+        self.audit_key()
         self.runner.start()
         self.runner.wake()
 
@@ -161,6 +167,7 @@ class SiteService:
             "agent_version": __version__,
             "device": self.device(),
             "approval_policy": self.cfg.approval.policy,
+            "audit_public_key": public_key_text(self.audit_key().public_key()),
             "datasets": [d for d in datasets if d["name"] in configured],
         }
 
@@ -215,6 +222,30 @@ class SiteService:
     def verify_audit(self) -> ChainReport:
         """Check the whole hash chain; the report names the first bad event."""
         return self.audit.verify()
+
+    def audit_key(self) -> Ed25519PrivateKey:
+        """The site's key for signing audit anchors (`agent.audit.anchors`), loaded once;
+        created in the work directory, and its creation audited, the first time."""
+        with self._key_lock:
+            if self._audit_key is None:
+                self._audit_key = load_or_create_key(key_path(self.cfg.work_dir), self.audit)
+            return self._audit_key
+
+    def round_anchor(self, job: JobView) -> dict[str, Any] | None:
+        """The signed audit anchor of a completed round's status: the audit head now (which
+        comes after the round's egress event), signed with the site's key; None for a round
+        without a released update. The coordinator keeps these, so that a later rewrite of the
+        log up to the head is caught by `fedsite audit verify --anchors`."""
+        if job.kind != JobKind.TRAIN or job.status != JobStatus.COMPLETED:
+            return None
+        event_id, digest = self.audit.head()
+        return sign_anchor(
+            self.audit_key(),
+            site_id=self.cfg.site.id,
+            round_id=job.round_id,
+            event_id=event_id,
+            event_hash=digest,
+        )
 
     # ---- internals -------------------------------------------------------------------
 

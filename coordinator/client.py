@@ -59,6 +59,9 @@ class RemoteJobStatus:
     num_samples: int | None = None
     update_sha256: str | None = None
     error: str | None = None
+    # A completed round's signed audit head (the agent's `audit_anchor`), kept as it came: the
+    # coordinator cannot check it against the site's log, it stores it for whoever can.
+    audit_anchor: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -283,6 +286,7 @@ class AgentClient:
         if not isinstance(status, str):
             raise AgentError(self.name, f"status of {job_id}: answer has no 'status'")
         num = body.get("num_samples")
+        anchor = body.get("audit_anchor")
         return RemoteJobStatus(
             job_id=str(body.get(id_key, job_id)),
             status=status,
@@ -291,5 +295,6 @@ class AgentClient:
             num_samples=int(num) if isinstance(num, int | float) else None,
             update_sha256=body.get("update_sha256"),
             error=body.get("error"),
+            audit_anchor=anchor if isinstance(anchor, dict) else None,
             raw=body,
         )

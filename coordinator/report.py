@@ -1,7 +1,10 @@
 """What a run leaves behind and shows while it runs.
 
 - `RunRecorder` writes `results.json` after every round (so a run cut short keeps what it
-  did), the global model of every round as safetensors, and a PNG of Dice per round.
+  did), the global model of every round as safetensors, and a PNG of Dice per round. It
+  also keeps each site's signed audit anchors (`audit_anchors`, per site, as each completed
+  round's status carried them): the coordinator cannot check them, but a site's privacy
+  officer can check the site's audit log against them (`fedsite audit verify --anchors`).
 - `Reporter` is the live display: one progress line per site (rich), warnings naming the
   site, and a one-line summary per round. `QuietReporter` keeps only warnings, for tests
   and scripts that print their own output.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,6 +141,8 @@ class RunRecorder:
         self.results_path = out_dir / "results.json"
         self.plot_path = out_dir / "dice_per_round.png"
         self.started = time.time()
+        # Re-entrant: add_anchor flushes while holding it.
+        self._lock = threading.RLock()
         self.doc: dict[str, Any] = {
             **header,
             "status": "running",
@@ -155,6 +161,14 @@ class RunRecorder:
         self.doc["rounds"].append(record)
         self.flush()
 
+    def add_anchor(self, site: str, anchor: dict[str, Any]) -> None:
+        """Keep SITE's signed audit anchor (from a completed round's status) in results.json at
+        once: sites train in parallel threads, and an anchor is worth keeping even if the run
+        stops before its round is recorded."""
+        with self._lock:
+            self.doc.setdefault("audit_anchors", {}).setdefault(site, []).append(anchor)
+            self.flush()
+
     def finish(self, status: str, *, error: str | None = None, final: dict[str, Any] | None = None) -> None:
         end = time.time()
         self.doc.update(status=status, finished_at=_iso(end), duration_s=round(end - self.started, 3))
@@ -166,9 +180,10 @@ class RunRecorder:
         self.plot()
 
     def flush(self) -> None:
-        atomic_write_bytes(
-            self.results_path, (json.dumps(self.doc, indent=2, sort_keys=False) + "\n").encode()
-        )
+        with self._lock:
+            atomic_write_bytes(
+                self.results_path, (json.dumps(self.doc, indent=2, sort_keys=False) + "\n").encode()
+            )
 
     def plot(self) -> Path | None:
         rounds = [r for r in self.doc["rounds"] if isinstance(r.get("weighted_dice"), float)]

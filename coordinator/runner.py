@@ -232,7 +232,8 @@ class Coordinator:
             if dataset is not None and dataset not in names:
                 have = ", ".join(map(str, names)) or "none"
                 raise RunError(f"{site}: the plan's dataset {dataset!r} is not at this site (it has: {have})")
-            infos[site] = {k: info.get(k) for k in ("site_id", "version", "device", "datasets") if k in info}
+            keep = ("site_id", "version", "device", "datasets", "audit_public_key")
+            infos[site] = {k: info.get(k) for k in keep if k in info}
         if len(self.order) - len(unreachable) < self.fed.min_sites:
             raise RunError(
                 f"only {len(self.order) - len(unreachable)} site(s) reachable, fewer than min_sites="
@@ -262,6 +263,10 @@ class Coordinator:
             if isinstance(exc, JobTimeout) or self._stop.is_set():
                 self._cancel_quietly(client, job)
             raise
+        if status.audit_anchor is not None:
+            # Kept for the site's privacy officer (fedsite audit verify --anchors), whatever
+            # becomes of the update.
+            self.recorder.add_anchor(site, status.audit_anchor)
         if status.num_samples is None or status.num_samples <= 0:
             raise AgentError(
                 site, f"round {job} completed without a positive num_samples ({status.num_samples})"

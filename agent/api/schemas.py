@@ -54,6 +54,9 @@ class InfoOut(BaseModel):
     agent_version: str
     device: str
     approval_policy: str
+    audit_public_key: str = Field(
+        description="The site's Ed25519 key that signs audit anchors: the hex of its 32 raw bytes."
+    )
     datasets: list[DatasetOut]
 
 
@@ -62,6 +65,19 @@ class RoundAccepted(BaseModel):
 
     round_id: str
     status: Status
+
+
+class AuditAnchorOut(BaseModel):
+    site_id: str
+    round_id: str
+    event_id: int = Field(description="The audit head's event id when the status was read.")
+    hash: str = Field(description="That event's hash.")
+    algorithm: Literal["ed25519"]
+    key_fingerprint: str = Field(description="SHA-256 of the signing key's raw public bytes.")
+    signature: str = Field(
+        description='Ed25519 signature (hex) of the canonical JSON of ["fedsite.audit_anchor.v1", '
+        "site_id, round_id, event_id, hash], by the key in /v1/info's audit_public_key."
+    )
 
 
 class RoundOut(BaseModel):
@@ -76,6 +92,11 @@ class RoundOut(BaseModel):
     num_samples: int | None = Field(description="Training subjects (the FedAvg weight).")
     update_sha256: str | None = Field(description="SHA-256 of the released update (GET .../update).")
     error: str | None = None
+    audit_anchor: AuditAnchorOut | None = Field(
+        default=None,
+        description="Once completed: the site's audit head, signed; keep it to check the site's "
+        "audit log later (fedsite audit verify --anchors).",
+    )
 
 
 class EvaluationAccepted(BaseModel):

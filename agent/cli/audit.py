@@ -1,4 +1,5 @@
-"""`fedsite audit`: verify, export and follow the hash-chained audit log.
+"""`fedsite audit`: verify, export and follow the hash-chained audit log; show the key that
+signs its anchors.
 
 The commands read an existing database only: a missing SQLite file is an error (exit 2),
 never an empty log that "verifies". Exit codes: 0 success, 1 a verification failure,
@@ -15,9 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.audit.anchors import (
+    check_anchors,
+    fingerprint,
+    key_path,
+    load_anchors,
+    load_or_create_key,
+    parse_public_key,
+    public_key_text,
+)
 from agent.audit.chain import AuditLog, parse_anchor
 from agent.cli.common import ConfigOption, database, fail, load
+from agent.errors import AuditError
 from agent.fileio import atomic_file
 
 audit_app = typer.Typer(help="Verify, export and follow the hash-chained audit log.", no_args_is_help=True)
@@ -31,25 +43,91 @@ def audit_verify(
         "--anchor",
         help="ID:HASH of an event recorded earlier outside the site; it must still be there.",
     ),
+    anchors_file: Path | None = typer.Option(
+        None,
+        "--anchors",
+        help="The coordinator's results.json, or a JSON file of anchors: every signed anchor of "
+        "this site in it must match the log.",
+    ),
+    public_key: str | None = typer.Option(
+        None,
+        "--public-key",
+        help="The site's public key (hex, as `fedsite audit key` printed it when recorded "
+        "elsewhere); default: the key in the work directory.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check the whole chain; exit 1 naming the first bad event, else print the head to keep."""
+    """Check the whole chain; exit 1 naming the first bad event, else print the head to keep.
+
+    With --anchors, also check the chain against every signed anchor the coordinator holds:
+    a rewrite of the log up to the newest anchor fails, naming the anchor."""
     cfg = load(config)
     try:
         expected = parse_anchor(anchor) if anchor is not None else None
+        anchors = load_anchors(anchors_file, cfg.site.id) if anchors_file is not None else None
     except ValueError as exc:
         fail(f"error: {exc}", 2)
     with database(cfg, must_exist=True) as db:
-        report = AuditLog(db).verify(anchor=expected)
+        log = AuditLog(db)
+        report = log.verify(anchor=expected)
+        anchored = None
+        if anchors is not None:
+            public = _site_public_key(cfg.work_dir, public_key)
+            anchored = check_anchors(log, anchors, public)
+    ok = report.ok and (anchored is None or anchored.ok)
     if json_out:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
-    elif report.ok:
+        doc = report.to_dict()
+        if anchored is not None:
+            doc["anchors"] = {"ok": anchored.ok, "checked": anchored.checked, "problems": anchored.problems}
+        typer.echo(json.dumps(doc, indent=2))
+        raise typer.Exit(0 if ok else 1)
+    if report.ok:
         typer.echo(report.summary())
         if report.count:
             typer.echo(f"anchor: {report.last_id}:{report.head_hash}")
     else:
         typer.echo(report.summary(), err=True)
-    raise typer.Exit(0 if report.ok else 1)
+    if anchored is not None:
+        typer.echo(f"anchors: {anchored.summary()}", err=not anchored.ok)
+    raise typer.Exit(0 if ok else 1)
+
+
+def _site_public_key(work_dir: Path, text: str | None) -> Ed25519PublicKey:
+    """The public key anchors are checked with: TEXT when given, else the work directory's key."""
+    path = key_path(work_dir)
+    try:
+        if text is not None:
+            return parse_public_key(text)
+        if path.exists():
+            return load_or_create_key(path).public_key()
+    except AuditError as exc:
+        fail(f"error: {exc}", 2)
+    fail(f"error: no audit signing key at {path}; give the site's public key with --public-key", 2)
+
+
+@audit_app.command("key")
+def audit_key(
+    config: Path = ConfigOption,
+    json_out: bool = typer.Option(False, "--json", help="Print the key as JSON."),
+) -> None:
+    """Print the public key that signs this site's audit anchors (created if it does not exist
+    yet, its creation audited): give it to whoever will check anchors later."""
+    cfg = load(config)
+    with database(cfg) as db:
+        try:
+            public = load_or_create_key(key_path(cfg.work_dir), AuditLog(db)).public_key()
+        except AuditError as exc:
+            fail(f"error: {exc}", 2)
+    text, digest = public_key_text(public), fingerprint(public)
+    if json_out:
+        typer.echo(
+            json.dumps(
+                {"site_id": cfg.site.id, "algorithm": "ed25519", "public_key": text, "fingerprint": digest}
+            )
+        )
+    else:
+        typer.echo(f"site {cfg.site.id}: ed25519 public key {text}")
+        typer.echo(f"fingerprint (sha256): {digest}")
 
 
 @audit_app.command("export")

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from agent.audit.anchors import parse_public_key, signature_problem
 from agent.exchange.codec import decode_weights, encode_weights
 from agent.training.plan import parse_plan
 from agent.training.registry import build_model, expected_shapes
@@ -207,9 +208,14 @@ def test_round_from_random_weights_runs_to_completion(env: Env) -> None:
             "num_samples",
             "update_sha256",
             "error",
+            "audit_anchor",
         }
         info = c.get("/v1/info").json()
         assert done["num_samples"] == info["datasets"][0]["num_train"]
+        # The site's audit head, signed with the key /v1/info shows (agent.audit.anchors).
+        anchor = done["audit_anchor"]
+        assert anchor["site_id"] == info["site_id"] and anchor["round_id"] == "r-random"
+        assert signature_problem(parse_public_key(info["audit_public_key"]), anchor) == ""
         assert re.fullmatch(r"[0-9a-f]{64}", done["update_sha256"])
         assert done["progress"]["epoch"] == 1 and done["progress"]["epochs"] == 1
         assert 0.0 <= done["metrics"]["dice"] <= 1.0
@@ -555,6 +561,13 @@ def test_audit_list_and_verify(env: Env) -> None:
     assert (
         completed and completed[0]["details"]["update_sha256"] == hashlib.sha256(STATE["update"]).hexdigest()
     )
+    # The anchor in the round's status names the head after the round's egress event.
+    with env.client() as c:
+        anchor = c.get("/v1/rounds/r-random").json()["audit_anchor"]
+    egress = [e for e in events if e["action"] == "egress.update" and e["details"]["round_id"] == "r-random"]
+    assert egress and anchor["event_id"] >= egress[0]["id"]
+    assert anchor["hash"] == next(e["hash"] for e in audit_events(env) if e["id"] == anchor["event_id"])
+    assert "audit.key_created" in actions
     with env.client("admin") as c:
         page = c.get("/v1/audit", params={"since_id": ids[2], "limit": 2}).json()
         verify = c.get("/v1/audit/verify").json()

@@ -222,7 +222,8 @@ def test_the_api_models_show_the_snapshot_public_fields_only(service: SiteServic
     shown = RoundOut.model_validate(service.get_round("shown")).model_dump_json()
     assert shown == (
         '{"round_id":"shown","status":"completed","progress":{"epoch":1,"loss":0.5},'
-        '"metrics":{"dice":0.25},"num_samples":3,"update_sha256":"' + "ab" * 32 + '","error":null}'
+        '"metrics":{"dice":0.25},"num_samples":3,"update_sha256":"' + "ab" * 32 + '","error":null,'
+        '"audit_anchor":null}'
     )
     evaluation = service.start_evaluation(text(plan), weights_for(plan), "token:c")
     assert json.loads(EvaluationAccepted.model_validate(evaluation).model_dump_json()) == {
