@@ -192,8 +192,24 @@ class EgressConfig(StrictModel):
     clip_norm: float | None = Field(default=None, gt=0)
 
 
+class RetentionConfig(StrictModel):
+    """How long a job's files stay on disk (`agent.jobs.retention`), applied at start and after
+    every job. A checkpoint (model plus optimizer state, about three times the update) and the
+    received weights go when a job ends; an interrupted round keeps them while it may resume."""
+
+    # A released update is deleted this many days after the coordinator first fetched it.
+    update_days_after_fetch: float = Field(default=7.0, ge=0)
+    # An update never fetched is deleted this many days after its round completed; null keeps
+    # it until it is fetched.
+    unfetched_update_days: float | None = Field(default=30.0, ge=0)
+    # The checkpoint and received weights of an interrupted round are deleted this many days
+    # after the interruption (at once with jobs.resume: never); until then a resend of the
+    # round resumes it.
+    interrupted_days: float = Field(default=7.0, ge=0)
+
+
 class JobsConfig(StrictModel):
-    """What happens to rounds that a crash, a reboot or a shutdown interrupted."""
+    """What happens to rounds that a crash, a reboot or a shutdown interrupted, and to job files."""
 
     # auto: at start, an interrupted round whose checkpoint and received weights are
     # intact is queued again and continues from its last completed epoch (for a fixed
@@ -208,6 +224,7 @@ class JobsConfig(StrictModel):
     # Rounds interrupted longer ago than this are not resumed at start (the coordinator has
     # moved on); a coordinator that resends such a round's id resumes it all the same.
     resume_window_hours: float = Field(default=24.0, gt=0)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
 class AgentConfig(StrictModel):

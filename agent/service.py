@@ -51,6 +51,7 @@ from agent.errors import (
 from agent.exchange.codec import decode_weights
 from agent.exchange.egress import EgressGate
 from agent.jobs.recovery import check_resumable, recover_after_restart, resume
+from agent.jobs.retention import RetentionReport, apply_retention
 from agent.jobs.runner import JobRunner
 from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
@@ -77,7 +78,8 @@ class SiteService:
         self.db = db
         self.audit = AuditLog(db)
         self.store = JobStore(db, self.audit)
-        self.runner = JobRunner(cfg, self.store, **(runner_options or {}))
+        options: dict[str, Any] = {"after_job": self.apply_retention, **(runner_options or {})}
+        self.runner = JobRunner(cfg, self.store, **options)
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
         self._create_lock = threading.Lock()
         self._device: str | None = None
@@ -105,12 +107,17 @@ class SiteService:
             log.warning("resuming %d interrupted job(s): %s", len(recovery.resumed), recovery.resumed)
         for round_id, why in recovery.not_resumed.items():
             log.warning("job %s cannot resume: %s", round_id, why)
+        self.apply_retention()
         if scan and self.cfg.datasets:
             self.scan()
         # The key that signs audit anchors: created (and its creation audited) on first start.
         self.audit_key()
         self.runner.start()
         self.runner.wake()
+
+    def apply_retention(self) -> RetentionReport:
+        """Delete the job files that `jobs.retention` no longer keeps; at start and after each job."""
+        return apply_retention(self.store, self.gate, self.cfg)
 
     def scan(self) -> None:
         report = scan_datasets(self.cfg, self.db, audit=self.audit, actor="agent")
@@ -198,6 +205,11 @@ class SiteService:
         job = self._job(JobKind.TRAIN, round_id)
         if job.status != JobStatus.COMPLETED:
             raise Conflict(f"round {round_id} is {job.status}; its update is available once it is completed")
+        if job.update_removed_at is not None:
+            raise Conflict(
+                f"the update of round {round_id} was deleted on {job.update_removed_at:%Y-%m-%d %H:%M} UTC "
+                "under this site's retention policy (jobs.retention)"
+            )
         try:
             data = self.gate.read_released(round_id)
         except EgressError as exc:
@@ -207,6 +219,7 @@ class SiteService:
             )
             raise Conflict(f"the update of round {round_id} cannot be sent: {exc}") from None
         digest = hashlib.sha256(data).hexdigest()
+        self.store.mark_update_fetched(job.id)
         self.audit.append(
             "egress.sent", actor=actor, details={"round_id": round_id, "sha256": digest, "bytes": len(data)}
         )

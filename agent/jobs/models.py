@@ -48,6 +48,10 @@ class RoundJob(Base):
     # How often the job was queued again after an interruption (`agent.jobs.recovery`);
     # bounded by `jobs.max_resumes`.
     resumes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the coordinator first fetched the released update, and when the retention policy
+    # deleted it (`agent.jobs.retention`): a later fetch is told why it is gone.
+    update_fetched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    update_removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

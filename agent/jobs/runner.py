@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -79,6 +79,7 @@ class JobRunner:
         launcher: WorkerLauncher | None = None,
         prestart_worker: bool = True,
         max_jobs_per_worker: int = 50,
+        after_job: Callable[[], None] | None = None,
     ) -> None:
         if max_jobs_per_worker < 1:
             raise ValueError("max_jobs_per_worker must be at least 1")
@@ -92,6 +93,9 @@ class JobRunner:
         self.launcher: WorkerLauncher = launcher if launcher is not None else SubprocessLauncher()
         self.prestart_worker = prestart_worker
         self.max_jobs_per_worker = max_jobs_per_worker
+        # Called after each job's verdict is recorded: the service applies the retention
+        # policy there (`agent.jobs.retention`), which deletes the files the job no longer needs.
+        self.after_job = after_job
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -321,12 +325,11 @@ class JobRunner:
             target, error, details = self._verdict(code, reason)
             fields = {"error": error} if error is not None else None
             self.store.transition(job.id, target, actor="agent", fields=fields, details=details)
-        final = self.store.get_by_id(job.id)
-        # The received weights are needed only while the job may still run.
-        done = (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
-        if final is not None and final.status in done and final.weights_path:
-            with contextlib.suppress(OSError):
-                Path(final.weights_path).unlink(missing_ok=True)
+        if self.after_job is not None:
+            try:
+                self.after_job()
+            except Exception:
+                log.exception("the clean-up after %s %s failed", job.kind, job.round_id)
 
     def _verdict(
         self, code: int | None, reason: str | None

@@ -17,6 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -78,6 +79,8 @@ class JobView:
     worker_pid: int | None
     cancel_requested: bool
     resumes: int
+    update_fetched_at: datetime | None
+    update_removed_at: datetime | None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -108,6 +111,8 @@ class JobView:
             worker_pid=row.worker_pid,
             cancel_requested=bool(row.cancel_requested),
             resumes=int(row.resumes or 0),
+            update_fetched_at=row.update_fetched_at,
+            update_removed_at=row.update_removed_at,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,
@@ -282,6 +287,66 @@ class JobStore:
 
     def set_progress(self, job_id: int, progress: dict[str, Any]) -> bool:
         return self._set(job_id, only_if=JobStatus.RUNNING, progress_json=dumps(progress))
+
+    def mark_update_fetched(self, job_id: int) -> bool:
+        """Record the first fetch of a round's update: retention counts its days from it."""
+        stmt = (
+            update(RoundJob)
+            .where(RoundJob.id == job_id, RoundJob.update_fetched_at.is_(None))
+            .values(update_fetched_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        with self.db.session() as s:
+            return getattr(s.execute(stmt), "rowcount", 0) == 1
+
+    def jobs_stopped(self) -> list[JobView]:
+        """Every job that no worker runs any more (ended or interrupted), oldest first."""
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(RoundJob)
+                .where(RoundJob.status.in_(sorted(st.value for st in STOPPED)))
+                .order_by(RoundJob.id)
+            ).all()
+            return [JobView.of(r) for r in rows]
+
+    def remove_file(
+        self,
+        job: JobView,
+        path: Path,
+        file_kind: str,
+        *,
+        actor: str,
+        reason: str,
+        released_update: bool = False,
+    ) -> int:
+        """Delete one of JOB's files and audit it ("retention.removed"), together; bytes freed.
+
+        The event names the job, the kind of file and its size, never its path. The file is
+        deleted inside the audit transaction: if it cannot be, nothing is recorded; 0 when it
+        was not there.
+        """
+        try:
+            nbytes = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        details = {
+            "round_id": job.round_id,
+            "kind": job.kind.value,
+            "file": file_kind,
+            "bytes": nbytes,
+            "reason": reason,
+        }
+        with self.audit.transaction() as tx:
+            if released_update:
+                tx.session.execute(
+                    update(RoundJob)
+                    .where(RoundJob.id == job.id)
+                    .values(update_removed_at=utcnow())
+                    .execution_options(synchronize_session=False)
+                )
+            tx.record("retention.removed", actor=actor, details=details)
+            path.unlink()
+        return nbytes
 
     def request_cancel(self, job_id: int) -> bool:
         return self._set(job_id, only_if=JobStatus.RUNNING, cancel_requested=True)

@@ -1,0 +1,173 @@
+"""Job files are deleted by the `jobs.retention` policy, each deletion audited without paths.
+
+Rounds run in this process through the worker's entry point (helpers of test_resume.py); the
+policy is applied with a `now` moved forward instead of waiting days, and once through
+`SiteService.start` and once through the scheduler after a job, where the agent applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.errors import Conflict
+from agent.jobs.recovery import check_resumable, recover_after_restart
+from agent.jobs.retention import apply_retention
+from agent.jobs.states import JobKind, JobStatus
+from agent.service import SiteService
+from agent.training.checkpoint import checkpoint_path
+from tests.jobs.test_resume import (
+    SimulatedCrash,
+    crash_after_epoch,
+    initial_weights,
+    open_site,
+    round_plan,
+    run_next,
+)
+
+
+def removals(service: object) -> list[dict[str, object]]:
+    events = service.audit.events(limit=1000, action="retention.removed")  # type: ignore[attr-defined]
+    return [e["details"] for e in events]
+
+
+def test_an_ended_round_loses_its_checkpoint_and_its_update_goes_days_after_the_fetch(tmp_path: Path) -> None:
+    service = open_site(tmp_path)
+    try:
+        p = round_plan("r-done")
+        weights = initial_weights(p)
+        service.start_round(json.dumps(p), weights, "token:coord")
+        done = run_next(service)
+        assert done.status == JobStatus.COMPLETED and done.finished_at is not None
+        ckpt, outbox = checkpoint_path(done.job_dir), service.gate.path_for("r-done")
+        assert done.weights_path is not None
+        sizes = {
+            "checkpoint": ckpt.stat().st_size,
+            "received_weights": Path(done.weights_path).stat().st_size,
+            "released_update": outbox.stat().st_size,
+        }
+        # The checkpoint is about three times the update: model plus Adam's two moments.
+        assert sizes["checkpoint"] > 2 * sizes["released_update"]
+
+        report = apply_retention(service.store, service.gate, service.cfg, now=done.finished_at)
+        assert sorted(kind for _, kind, _ in report.removed) == ["checkpoint", "received_weights"]
+        assert not ckpt.exists() and not Path(done.weights_path).exists() and not Path(done.job_dir).exists()
+        assert outbox.is_file()  # not fetched yet
+        events = removals(service)
+        assert {e["file"]: e["bytes"] for e in events} == {
+            "checkpoint": sizes["checkpoint"],
+            "received_weights": sizes["received_weights"],
+        }
+        assert all(e["round_id"] == "r-done" and e["reason"] == "job completed" for e in events)
+        assert str(tmp_path) not in json.dumps(events)
+
+        # Fetched now: kept for update_days_after_fetch (7) days after it, then deleted.
+        assert service.get_update("r-done", "token:coord").data == outbox.read_bytes()
+        fetched = service.store.get(JobKind.TRAIN, "r-done")
+        assert fetched is not None and fetched.update_fetched_at is not None
+        six_days = fetched.update_fetched_at + timedelta(days=6)
+        assert apply_retention(service.store, service.gate, service.cfg, now=six_days).removed == []
+        later = fetched.update_fetched_at + timedelta(days=7, minutes=1)
+        report = apply_retention(service.store, service.gate, service.cfg, now=later)
+        assert report.removed == [("r-done", "released_update", sizes["released_update"])]
+        assert not outbox.exists()
+        last = removals(service)[-1]
+        assert last["file"] == "released_update" and "update_days_after_fetch" in str(last["reason"])
+        with pytest.raises(Conflict, match=r"deleted on .* retention policy"):
+            service.get_update("r-done", "token:coord")
+        # Nothing is deleted twice.
+        assert apply_retention(service.store, service.gate, service.cfg, now=later).removed == []
+        assert service.audit.verify().ok
+    finally:
+        service.close()
+
+
+def test_an_update_never_fetched_goes_after_unfetched_update_days(tmp_path: Path) -> None:
+    service = open_site(tmp_path, retention={"unfetched_update_days": 2})
+    try:
+        p = round_plan("r-unfetched", init="random")
+        service.start_round(json.dumps(p), None, "token:coord")
+        done = run_next(service)
+        assert done.finished_at is not None
+        outbox = service.gate.path_for("r-unfetched")
+        apply_retention(service.store, service.gate, service.cfg, now=done.finished_at + timedelta(days=1))
+        assert outbox.is_file()
+        apply_retention(service.store, service.gate, service.cfg, now=done.finished_at + timedelta(days=2))
+        assert not outbox.exists()
+        assert "unfetched_update_days" in str(removals(service)[-1]["reason"])
+    finally:
+        service.close()
+
+
+def test_an_interrupted_round_keeps_its_files_while_it_may_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = open_site(tmp_path, resume="auto", max_resumes=0)  # stays interrupted
+    try:
+        p = round_plan("r-stopped")
+        service.start_round(json.dumps(p), initial_weights(p), "token:coord")
+        with monkeypatch.context() as m:
+            crash_after_epoch(m, 1)
+            with pytest.raises(SimulatedCrash):
+                run_next(service)
+        recover_after_restart(service.store, service.cfg.jobs)
+        job = service.store.get(JobKind.TRAIN, "r-stopped")
+        assert job is not None and job.status == JobStatus.INTERRUPTED and job.finished_at is not None
+        assert job.weights_path is not None
+        ckpt, weights = checkpoint_path(job.job_dir), Path(job.weights_path)
+
+        soon = job.finished_at + timedelta(days=6)
+        assert apply_retention(service.store, service.gate, service.cfg, now=soon).removed == []
+        assert ckpt.is_file() and weights.is_file()
+        later = job.finished_at + timedelta(days=7)
+        report = apply_retention(service.store, service.gate, service.cfg, now=later)
+        assert sorted(kind for _, kind, _ in report.removed) == ["checkpoint", "received_weights"]
+        assert not ckpt.exists() and not weights.exists()
+        assert "interrupted_days" in str(removals(service)[-1]["reason"])
+        # Gone for good: a resend is told why it cannot resume.
+        gone = service.store.get(JobKind.TRAIN, "r-stopped")
+        assert gone is not None
+        service.cfg.jobs.max_resumes = 3
+        assert check_resumable(gone, service.cfg.jobs).why == "the weights it was sent are no longer kept"
+    finally:
+        service.close()
+
+
+def test_the_agent_applies_the_policy_at_start_and_after_each_job(tmp_path: Path) -> None:
+    service = open_site(tmp_path)
+    try:
+        p = round_plan("r-left")
+        service.start_round(json.dumps(p), initial_weights(p), "token:coord")
+        left = run_next(service)  # ran while no policy was applied: a tree from before it
+        assert checkpoint_path(left.job_dir).is_file()
+    finally:
+        service.close()
+
+    again = SiteService.open(service.cfg, runner_options={"prestart_worker": False})
+    try:
+        again.start(scan=False)
+        assert not checkpoint_path(left.job_dir).exists()
+        assert [e["file"] for e in removals(again)] == ["checkpoint", "received_weights"]
+
+        # A job the scheduler runs (in a worker process) is cleaned up after its verdict.
+        p = round_plan("r-next", init="random")
+        job = again.start_round(json.dumps(p), None, "token:coord")
+        deadline = time.monotonic() + 240
+        while True:
+            now = again.store.get_by_id(job.id)
+            assert now is not None
+            if now.status in (JobStatus.COMPLETED, JobStatus.FAILED) and any(
+                e["round_id"] == "r-next" for e in removals(again)
+            ):
+                break
+            assert time.monotonic() < deadline, now
+            time.sleep(0.2)
+        assert now.status == JobStatus.COMPLETED, now.error
+        assert not checkpoint_path(now.job_dir).exists()
+        assert again.gate.path_for("r-next").is_file()
+    finally:
+        again.close()
