@@ -82,6 +82,8 @@ class ItemRef:
     fmt: Fmt
     checksum: str
     target_labels: tuple[int, ...]
+    # The volume to take from a 4D image (the dataset's `volume_index`); None: 4D is refused.
+    volume_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -488,13 +490,13 @@ class _VolumeFacts:
     warnings: list[list[str]] = field(default_factory=list)
 
 
-def _read_volume(fmt: Fmt, path: Path, modality: str) -> Volume:
+def _read_volume(fmt: Fmt, path: Path, modality: str, volume_index: int | None) -> Volume:
     if fmt == "dicom":
         # Imported on use: a NIfTI-only site never loads the DICOM stack.
         from agent.data.dicom import read_dicom_series
 
-        return read_dicom_series(path)
-    return read_nifti_volume(path, modality)
+        return read_dicom_series(path, volume_index=volume_index)
+    return read_nifti_volume(path, modality, volume_index=volume_index)
 
 
 def _label_counts(path: Path, array: np.ndarray) -> dict[str, int]:
@@ -568,8 +570,17 @@ class _Scanner:
             h.update(f"{p.relative_to(path).as_posix()}\0{self.file_sha(p)}\n".encode())
         return h.hexdigest()
 
+    def checksum(self, path: Path) -> str:
+        """What identifies a subject's volume: its source checksum and, with a `volume_index`, which
+        volume of a 4D image is read (changing the index is a new volume for the catalog and the
+        training cache alike)."""
+        source = self.source_checksum(path)
+        if self.ds.volume_index is None:
+            return source
+        return hashlib.sha256(f"volume\0{self.ds.volume_index}\0{source}".encode()).hexdigest()
+
     def facts(self, fmt: Fmt, path: Path, modality: str, *, is_label: bool) -> tuple[str, _VolumeFacts]:
-        checksum = self.source_checksum(path)
+        checksum = self.checksum(path)
         cached = self.volumes.get(checksum)
         if cached is None:
             old = self.old_volumes.get(checksum)
@@ -583,7 +594,7 @@ class _Scanner:
                 )
                 self.stats.volumes_reused += 1
         if cached is None:
-            vol = _read_volume(fmt, path, modality)
+            vol = _read_volume(fmt, path, modality, self.ds.volume_index)
             self.stats.volumes_read += 1
             if vol.array.ndim != 3:
                 raise _SubjectSkipped(f"{path}: not a 3D volume (shape {vol.array.shape})")
@@ -692,6 +703,7 @@ def _aggregate(items: list[dict[str, Any]], num_skipped: int, ds: DatasetConfig)
         "num_skipped": num_skipped,
         "num_excluded": len(items) - len(used),
         "exclude_warnings": [c.value for c in ds.exclude_warnings],
+        "volume_index": ds.volume_index,
         "shape_min": shapes.min(axis=0).tolist() if shapes is not None else None,
         "shape_max": shapes.max(axis=0).tolist() if shapes is not None else None,
         "spacing_min": spacings.min(axis=0).tolist() if spacings is not None else None,
@@ -891,6 +903,7 @@ def dataset_items(db: Database, dataset: str, split: Split | None = None) -> lis
         )
         rows = list(s.scalars(q.order_by(CatalogItem.item_key)))
         targets = tuple(int(v) for v in row.target_labels)
+        volume_index = (row.stats or {}).get("volume_index")
         key_file = row.path_key_file
     cipher = _path_cipher(Path(key_file))
     return [
@@ -903,6 +916,7 @@ def dataset_items(db: Database, dataset: str, split: Split | None = None) -> lis
             fmt="dicom" if r.fmt == "dicom" else "nifti",
             checksum=r.checksum,
             target_labels=targets,
+            volume_index=volume_index if isinstance(volume_index, int) else None,
         )
         for r in rows
     ]

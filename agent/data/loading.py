@@ -130,8 +130,8 @@ def _read(item: ItemRef, what: str, path: Path, dicom: bool) -> Volume:
             # Imported on use: a NIfTI-only site never loads the DICOM stack.
             from agent.data.dicom import read_dicom_series
 
-            return read_dicom_series(path)
-        return read_nifti_volume(path, what)
+            return read_dicom_series(path, volume_index=item.volume_index)
+        return read_nifti_volume(path, what, volume_index=item.volume_index)
     except Exception as exc:  # the reader's message names the file: keep it out of ours
         raise DataLoadError(
             f"subject {item.subject_key} of dataset {item.dataset!r}: cannot read {what} "

@@ -16,9 +16,13 @@ from pydantic import ValidationError
 from pydicom.uid import generate_uid
 
 from agent.config import DatasetConfig
+from agent.data.catalog import dataset_items, scan_datasets
 from agent.data.dicom import read_dicom_series, scan_dicom_folder
+from agent.data.loading import DataSettings, load_preprocessed
 from agent.data.volume import read_nifti_volume
+from agent.db.engine import open_database
 from agent.errors import DicomError, VolumeError
+from tests.fixtures.catalog import make_config, nifti_dataset_config, subject_arrays, write_nifti
 from tests.fixtures.dicom import SeriesTruth, write_series
 
 REFUSAL = "is 4D: 3 volumes (a time series, diffusion directions, echoes or repeats)"
@@ -97,3 +101,47 @@ def test_the_dataset_option_takes_a_volume_index_from_zero() -> None:
     assert DatasetConfig.model_validate({**base, "volume_index": 2}).volume_index == 2
     with pytest.raises(ValidationError, match="volume_index"):
         DatasetConfig.model_validate({**base, "volume_index": -1})
+
+
+def test_a_dataset_volume_index_reaches_the_scan_and_training(tmp_path: Path) -> None:
+    """The dataset's `volume_index` is the one the catalog scans and training loads; without it a 4D
+    subject is refused at scan, and changing it is a new volume for the catalog and the cache."""
+    root = tmp_path / "data"
+    image, label = subject_arrays(7)
+    # Volumes that differ after normalisation: the same anatomy, shifted by a few voxels each.
+    volumes = np.stack([np.roll(image, 3 * v, axis=0) for v in range(3)], axis=-1)
+    write_nifti(root / "PAT-4D" / "flair.nii.gz", volumes)
+    write_nifti(root / "PAT-4D" / "seg.nii.gz", label)
+    for n in range(3):
+        a, b = subject_arrays(n)
+        write_nifti(root / f"PAT-{n}" / "flair.nii.gz", a)
+        write_nifti(root / f"PAT-{n}" / "seg.nii.gz", b)
+
+    refused = make_config(tmp_path / "a", [nifti_dataset_config(root)])
+    refused_db = open_database(refused.db_url)
+    report = scan_datasets(refused, refused_db)
+    assert any(s.subject == "PAT-4D" and "4D" in s.reason for s in report.skipped)
+    assert len(dataset_items(refused_db, "brain")) == 3
+
+    checksums = {}
+    four_d_images = {}
+    for index in (1, 2):
+        cfg = make_config(tmp_path / "b", [nifti_dataset_config(root, volume_index=index)])
+        db = open_database(cfg.db_url)
+        scan_datasets(cfg, db)
+        items = {i.subject_key: i for i in dataset_items(db, "brain")}
+        assert len(items) == 4
+        four_d = [i for i in items.values() if i.volume_index == index]
+        assert len(four_d) == 4  # every item carries the dataset's index to the loader
+        cache = tmp_path / "cache"  # one cache for both runs: the key must tell the volumes apart
+        loaded = {k: load_preprocessed(i, DataSettings(), cache) for k, i in items.items()}
+        assert all(img.ndim == 4 for img, _ in loaded.values())
+        four_d_images[index] = next(
+            img
+            for k, (img, _) in loaded.items()
+            if k not in {i.subject_key for i in dataset_items(refused_db, "brain")}
+        )
+        checksums[index] = {i.checksum for i in items.values()}
+    # The index is part of what identifies each volume: a changed index is re-read, never served stale.
+    assert checksums[1].isdisjoint(checksums[2])
+    assert not np.array_equal(four_d_images[1], four_d_images[2])

@@ -43,9 +43,9 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     seen: list[Path] = []
     real = loading.read_nifti_volume
 
-    def counting(path: Path, modality: str = "") -> Any:
+    def counting(path: Path, modality: str = "", **kwargs: Any) -> Any:
         seen.append(Path(path))
-        return real(path, modality)
+        return real(path, modality, **kwargs)
 
     monkeypatch.setattr(loading, "read_nifti_volume", counting)
     return seen
