@@ -196,8 +196,16 @@ def test_kill_9_mid_round_then_the_round_resumes_at_restart(tmp_path: Path) -> N
             assert done["metrics"]["epochs_run"] == epochs
             assert c.get("/v1/rounds/r-resumed/update").status_code == 200
         with agent.client(tokens["admin"]) as a:
+            # The scheduler applies the retention policy once it recorded the job's end,
+            # a moment after the worker recorded the completion.
+            deadline = time.monotonic() + 60
+            while True:
+                events = a.get("/v1/audit", params={"limit": 1000}).json()["events"]
+                if any(e["action"] == "retention.removed" for e in events):
+                    break
+                assert time.monotonic() < deadline, "no retention.removed event"
+                time.sleep(0.2)
             assert a.get("/v1/audit/verify").json()["ok"] is True
-            events = a.get("/v1/audit", params={"limit": 1000}).json()["events"]
     finally:
         agent.kill()
     moves = [
@@ -215,3 +223,10 @@ def test_kill_9_mid_round_then_the_round_resumes_at_restart(tmp_path: Path) -> N
     assert resumed["reason"] == "resumed at agent start" and resumed["resumes"] == 1
     # It continued after a completed epoch, not from the start, and not past the plan.
     assert 2 <= resumed["from_epoch"] < epochs
+    # Once it ended, the scheduler's retention pass deleted its checkpoint (audited, no path).
+    removed = [
+        e["details"]
+        for e in events
+        if e["action"] == "retention.removed" and e["details"]["round_id"] == "r-resumed"
+    ]
+    assert [d["file"] for d in removed] == ["checkpoint"] and removed[0]["bytes"] > 0
