@@ -16,7 +16,7 @@ import yaml
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from agent.audit.chain import AuditLog, canonical_json, event_hash
+from agent.audit.chain import AuditLog, ChainReport, canonical_json, event_hash
 from agent.audit.models import GENESIS_HASH
 from agent.cli import app
 from agent.db.engine import Database
@@ -258,3 +258,176 @@ def test_the_documented_formula_gives_a_fixed_value() -> None:
         + b'"]'
     ).hexdigest()
     assert digest == expected
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def test_tail_returns_the_newest_twenty_by_default_and_bounds_n(audit_log: AuditLog) -> None:
+    _fill(audit_log, 23)
+    assert [e["id"] for e in audit_log.tail()] == list(range(4, 24))
+    assert [e["id"] for e in audit_log.tail(1)] == [23]
+    assert len(audit_log.tail(10_000)) == 23
+    for bad in (0, 10_001):
+        with pytest.raises(ValueError, match=rf"^n must be between 1 and 10000, got {bad}$"):
+            audit_log.tail(bad)
+
+
+def test_events_bounds_limit_and_since_id(audit_log: AuditLog) -> None:
+    _fill(audit_log, 3)
+    assert [e["id"] for e in audit_log.events(limit=1)] == [1]
+    assert len(audit_log.events(limit=10_000)) == 3
+    for bad in (0, 10_001):
+        with pytest.raises(ValueError, match=rf"^limit must be between 1 and 10000, got {bad}$"):
+            audit_log.events(limit=bad)
+    with pytest.raises(ValueError, match=r"^since_id must be >= 0, got -1$"):
+        audit_log.events(since_id=-1)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 7, 8])
+def test_iter_all_yields_each_event_once_across_batches(audit_log: AuditLog, batch: int) -> None:
+    _fill(audit_log, 7)
+    assert [e["id"] for e in audit_log.iter_all(batch=batch)] == list(range(1, 8))
+    assert [e["id"] for e in audit_log.iter_all(since_id=5, batch=batch)] == [6, 7]
+
+
+def test_find_matches_values_exactly_not_by_their_text(audit_log: AuditLog) -> None:
+    # The SQL pre-filter is a substring test: {"n": 1} also finds "n":10 and "n":1.5, which
+    # the exact comparison must drop.
+    for n in (1, 10, 1.5, 1):
+        audit_log.append("x.y", actor="me", details={"n": n})
+    assert [e["id"] for e in audit_log.find("x.y", n=1)] == [1, 4]
+    assert [e["id"] for e in audit_log.find("x.y", n=10)] == [2]
+    assert audit_log.find("x.z", n=1) == []
+
+
+# -- the whole report of each kind of damage --------------------------------------------------
+
+
+def _rewrite(db: Database, event_id: int, *, prev_hash: str, actor: str = "forger") -> None:
+    """Give event `event_id` another actor and `prev_hash`, with a hash that matches them."""
+    with db.engine.connect() as conn:
+        r = conn.execute(text("SELECT * FROM audit_events WHERE id = :i"), {"i": event_id}).mappings().one()
+    digest = event_hash(event_id, r["ts"], actor, r["action"], json.loads(r["details"]), prev_hash)
+    _sql(
+        db,
+        "UPDATE audit_events SET actor = :a, prev_hash = :p, hash = :h WHERE id = :i",
+        a=actor,
+        p=prev_hash,
+        h=digest,
+        i=event_id,
+    )
+
+
+def test_each_kind_of_damage_gives_its_full_report(db: Database, audit_log: AuditLog) -> None:
+    _fill(audit_log)
+    h = {i: _hash_of(db, i) for i in range(1, N + 1)}
+
+    def expect(first_bad: int | None, reason: str, count: int, last_id: int, head: str) -> ChainReport:
+        return ChainReport(False, count, first_bad, reason, last_id, head)
+
+    _sql(db, "UPDATE audit_events SET details = '{not json' WHERE id = 3")
+    assert audit_log.verify() == expect(3, "details are not valid JSON (edited?)", 2, 2, h[2])
+    assert audit_log.events(since_id=2, limit=1)[0]["details"] == {"unparseable": "{not json"}
+    _sql(db, "UPDATE audit_events SET details = :d WHERE id = 3", d='{"round_id":"r3"}')
+    assert audit_log.verify().ok
+
+    _sql(db, "UPDATE audit_events SET actor = 'x' WHERE id = 3")
+    content = "content does not match its hash (edited, or moved from another position)"
+    assert audit_log.verify() == expect(3, content, 2, 2, h[2])
+    _sql(db, "UPDATE audit_events SET actor = 'worker' WHERE id = 3")
+
+    _rewrite(db, 3, prev_hash="c" * 64)
+    linked = (
+        "its prev_hash does not match event 2's hash (an event before it was replaced, inserted or reordered)"
+    )
+    assert audit_log.verify() == expect(3, linked, 2, 2, h[2])
+
+    _rewrite(db, 1, prev_hash="d" * 64)
+    genesis = "its prev_hash is not the genesis value (events before it were removed?)"
+    assert audit_log.verify() == expect(1, genesis, 0, 0, GENESIS_HASH)
+
+
+def test_each_kind_of_head_damage_gives_its_full_report(db: Database, audit_log: AuditLog) -> None:
+    _fill(audit_log)
+    h = {i: _hash_of(db, i) for i in range(1, N + 1)}
+
+    _sql(db, "UPDATE audit_chain_head SET last_id = 2, last_hash = :h", h=h[2])
+    forged = "event 3 and later were written after the chain head (event 2) without the chain lock: forged?"
+    assert audit_log.verify() == ChainReport(False, N, 3, forged, N, h[N])
+
+    _sql(db, "UPDATE audit_chain_head SET last_id = 6, last_hash = :h", h="e" * 64)
+    deleted = "the chain head records event 6, but the log ends at event 4: events 5-6 were deleted"
+    assert audit_log.verify() == ChainReport(False, N, 5, deleted, N, h[N])
+
+    _sql(db, "UPDATE audit_chain_head SET last_id = :i, last_hash = :h", i=N, h="e" * 64)
+    differs = "the chain head's hash differs from the last event's"
+    assert audit_log.verify() == ChainReport(False, N, N, differs, N, h[N])
+
+    _sql(db, "DELETE FROM audit_chain_head")
+    missing = "the chain head row is missing"
+    assert audit_log.verify() == ChainReport(False, N, None, missing, N, h[N])
+
+
+def test_anchor_and_gap_reports_are_complete(db: Database, audit_log: AuditLog) -> None:
+    _fill(audit_log)
+    h = {i: _hash_of(db, i) for i in range(1, N + 1)}
+    assert audit_log.verify(anchor=(2, "f" * 64)) == ChainReport(
+        False, 1, 2, f"hash {h[2]} differs from the anchor {'f' * 64}", 1, h[1]
+    )
+    truncated = f"the anchor's event 9 is not in the log (it ends at event {N}): truncated?"
+    assert audit_log.verify(anchor=(9, "a" * 64)) == ChainReport(False, N, 9, truncated, N, h[N])
+    _sql(db, "DELETE FROM audit_events WHERE id = 3")
+    gap = "event 3 is missing (deleted?); the next event is 4"
+    assert audit_log.verify() == ChainReport(False, 2, 3, gap, 2, h[2])
+
+
+def test_events_returns_a_hundred_by_default(audit_log: AuditLog) -> None:
+    with audit_log.transaction() as tx:
+        for i in range(101):
+            tx.record("x.y", actor="me", details={"i": i})
+    assert [e["id"] for e in audit_log.events()] == list(range(1, 101))
+
+
+def test_a_sound_log_gives_a_clean_report(db: Database, audit_log: AuditLog) -> None:
+    _fill(audit_log)
+    assert audit_log.verify() == ChainReport(True, N, None, "", N, _hash_of(db, N))
+
+
+def test_a_broken_link_at_event_two_names_event_one(db: Database, audit_log: AuditLog) -> None:
+    _fill(audit_log)
+    _rewrite(db, 2, prev_hash="c" * 64)
+    linked = (
+        "its prev_hash does not match event 1's hash (an event before it was replaced, inserted or reordered)"
+    )
+    assert audit_log.verify() == ChainReport(False, 1, 2, linked, 1, _hash_of(db, 1))
+
+
+def test_canonical_json_refuses_non_finite_numbers() -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+            canonical_json({"x": bad})
+
+
+def test_details_refusals_say_what_can_be_recorded(audit_log: AuditLog) -> None:
+    with pytest.raises(AuditError) as err:
+        audit_log.append("x.y", actor="me", details={"x": {1, 2}})
+    assert str(err.value) == (
+        "audit details: details.x is a set; record only strings, numbers, booleans, null, lists and objects"
+    )
+    with pytest.raises(AuditError) as err:
+        audit_log.append("x.y", actor="me", details=["a"])  # type: ignore[arg-type]
+    assert str(err.value) == "audit details must be an object, got list"
+
+
+def test_details_of_exactly_the_largest_size_are_recorded(audit_log: AuditLog) -> None:
+    limit = 64 * 1024
+    fits = {"b": "x" * (limit - len('{"b":""}'))}
+    assert len(canonical_json(fits)) == limit
+    assert audit_log.append("x.y", actor="me", details=fits) == 1
+    with pytest.raises(AuditError) as err:
+        audit_log.append("x.y", actor="me", details={"b": "x" * (limit - len('{"b":""}') + 1)})
+    assert str(err.value) == (
+        f"audit details are {limit + 1} characters, more than {limit}; "
+        "record counts, hashes and ids, not data"
+    )

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import pickle
 import struct
+import sys
 from typing import Any
 
 import pytest
@@ -17,7 +19,13 @@ import torch
 from safetensors.torch import save as st_save
 
 from agent.errors import WeightError
-from agent.exchange.codec import MAX_HEADER_BYTES, decode_weights, encode_weights, parse_header
+from agent.exchange.codec import (
+    MAX_HEADER_BYTES,
+    check_names_and_shapes,
+    decode_weights,
+    encode_weights,
+    parse_header,
+)
 
 LIMIT = 1 << 20
 F32_ONE = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
@@ -164,3 +172,104 @@ def test_encode_refuses_what_is_not_a_float_tensor() -> None:
         encode_weights(_state(), "bfloat16")
     with pytest.raises(WeightError, match=r"^no tensors to encode$"):
         encode_weights({})
+
+
+@pytest.mark.parametrize(
+    ("count", "listed"),
+    [
+        (1, "'t0'"),
+        (2, "'t0', 't1'"),
+        (5, "'t0', 't1', 't2', 't3', 't4'"),
+        (6, "'t0', 't1', 't2', 't3', 't4' and 1 more"),
+        (8, "'t0', 't1', 't2', 't3', 't4' and 3 more"),
+    ],
+)
+def test_missing_and_unknown_names_are_listed_five_at_most(count: int, listed: str) -> None:
+    names = {f"t{i}": (1,) for i in range(count)}
+    with pytest.raises(WeightError) as err:
+        check_names_and_shapes({}, names)
+    assert str(err.value) == f"missing tensors: {listed}"
+    with pytest.raises(WeightError) as err:
+        check_names_and_shapes(names, {})
+    assert str(err.value) == f"unknown tensors not in the plan's model: {listed}"
+
+
+def test_encoded_files_say_they_hold_torch_tensors() -> None:
+    # {"format": "pt"} is what safetensors' own torch writer records; other tools read it.
+    header = json.loads(encode_weights(_state())[8:].split(b"}}", 1)[0] + b"}}")
+    assert header["__metadata__"] == {"format": "pt"}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pickle.dumps({"w": 1.0}, protocol=0),  # (dp0
+        pickle.dumps({"w": 1.0}, protocol=1),  # }q
+        pickle.dumps([1.0], protocol=0),  # (lp0
+        pickle.dumps({"w": 1.0}, protocol=2),  # \x80
+    ],
+    ids=["dict-protocol-0", "dict-protocol-1", "list-protocol-0", "protocol-2"],
+)
+def test_each_pickle_signature_is_named(data: bytes) -> None:
+    with pytest.raises(WeightError) as err:
+        parse_header(data, max_bytes=LIMIT)
+    assert str(err.value) == "payload is a Python pickle (torch.save / pickle), not safetensors; refused"
+
+
+def test_a_zip_archive_is_named() -> None:
+    with pytest.raises(WeightError) as err:
+        parse_header(b"PK\x03\x04" + b"\0" * 40, max_bytes=LIMIT)
+    assert str(err.value) == "payload is a zip archive (torch.save format), not safetensors; refused"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "payload is empty"),
+        (b"\x01", "payload is truncated: 1 bytes, shorter than the 8-byte safetensors header"),
+        (struct.pack("<Q", 30) + b"{}", "payload is truncated: header claims 30 bytes but only 2 follow"),
+        (struct.pack("<Q", 2) + b"[]", "not a safetensors file: the header is not a JSON object"),
+        (struct.pack("<Q", 4) + b' "{"', "not a safetensors file: the header is not a JSON object"),
+        (
+            struct.pack("<Q", 14) + b'{"__metadata__":{}}'[:14],
+            "not a safetensors file: header is not valid JSON",
+        ),
+        (struct.pack("<Q", 2) + b"{}", "payload holds no tensors"),
+    ],
+    ids=["empty", "one-byte", "short-header", "array", "string", "cut-json", "no-tensors"],
+)
+def test_framing_refusals_say_exactly_what_is_wrong(data: bytes, message: str) -> None:
+    with pytest.raises(WeightError) as err:
+        parse_header(data, max_bytes=LIMIT)
+    assert str(err.value).startswith(message)
+
+
+def test_a_payload_that_is_not_bytes_is_named() -> None:
+    with pytest.raises(WeightError) as err:
+        parse_header("not bytes", max_bytes=LIMIT)  # type: ignore[arg-type]
+    assert str(err.value) == "payload must be bytes, got str"
+
+
+def test_a_header_with_leading_whitespace_is_accepted() -> None:
+    raw = b"  " + json.dumps({"w": F32_ONE}).encode()
+    assert parse_header(struct.pack("<Q", len(raw)) + raw + b"\0" * 4, max_bytes=LIMIT) == {"w": F32_ONE}
+
+
+def test_size_refusals_count_the_bytes() -> None:
+    entry = {"dtype": "F32", "shape": [1], "data_offsets": [4, 20]}
+    with pytest.raises(WeightError) as err:
+        parse_header(_with_header({"w": entry}, b"\0" * 20), max_bytes=LIMIT)
+    assert str(err.value) == "tensor 'w': 16 data bytes for shape [1] F32 (needs 4)"
+    with pytest.raises(WeightError) as err:
+        parse_header(_with_header({"w": F32_ONE}, b"\0" * 10), max_bytes=LIMIT)
+    assert str(err.value) == "payload has 6 unexpected trailing bytes after the tensors"
+
+
+def test_an_integer_past_the_int_string_limit_is_named_by_the_limit() -> None:
+    raw = b'{"w": {"dtype": "F32", "shape": [' + b"1" * (sys.get_int_max_str_digits() + 1) + b"]}}"
+    with pytest.raises(WeightError) as err:
+        parse_header(struct.pack("<Q", len(raw)) + raw, max_bytes=LIMIT)
+    assert str(err.value) == (
+        "not a safetensors file: header is not valid JSON "
+        f"(a number has more than {sys.get_int_max_str_digits()} digits)"
+    )
