@@ -135,6 +135,11 @@ def _load_header_json(raw: bytes) -> Any:
         raise WeightError(f"not a safetensors file: header is not valid JSON ({why})") from None
 
 
+def _count(value: Any) -> bool:
+    """A JSON whole number >= 0; `true`/`false` are not, though Python counts bool as int."""
+    return type(value) is int and value >= 0
+
+
 def _check_entry(name: str, info: Any) -> None:
     if not isinstance(info, dict):
         raise WeightError(f"tensor {name!r}: malformed header entry")
@@ -145,12 +150,12 @@ def _check_entry(name: str, info: Any) -> None:
         raise WeightError(
             f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire (only F32, F16, BF16)"
         )
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_count(d) for d in shape)):
         raise WeightError(f"tensor {name!r}: malformed shape {shape!r}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and all(_count(o) for o in offsets)
         and offsets[0] <= offsets[1]
     ):
         raise WeightError(f"tensor {name!r}: malformed data offsets {offsets!r}")

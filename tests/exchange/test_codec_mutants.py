@@ -58,11 +58,18 @@ def test_a_well_formed_single_tensor_header_is_returned() -> None:
         pytest.param(["0", 4], id="a-string"),
         pytest.param([-4, 0], id="negative"),
         pytest.param([4, 0], id="reversed"),
+        pytest.param([False, 4], id="a-boolean"),
     ],
 )
 def test_malformed_data_offsets_are_named(offsets: Any) -> None:
     entry = {"dtype": "F32", "shape": [1], "data_offsets": offsets}
     with pytest.raises(WeightError, match=r"^tensor 'w': malformed data offsets"):
+        parse_header(_with_header({"w": entry}, b"\0" * 4), max_bytes=LIMIT)
+
+
+def test_a_boolean_dimension_is_a_malformed_shape() -> None:
+    entry = {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}
+    with pytest.raises(WeightError, match=r"^tensor 'w': malformed shape \[True\]"):
         parse_header(_with_header({"w": entry}, b"\0" * 4), max_bytes=LIMIT)
 
 
