@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import or_, select
 
 from agent.access.models import PlanApproval
+from agent.access.validity import grant_status
 from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
@@ -36,12 +37,7 @@ class ApprovalRecord:
     note: str
 
     def status(self, now: datetime | None = None) -> str:
-        now = now or utcnow()
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        return "active"
+        return grant_status(self.revoked_at, self.expires_at, now or utcnow())
 
 
 def check_plan_hash(plan_hash: str) -> str:

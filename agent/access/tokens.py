@@ -32,6 +32,7 @@ from sqlalchemy import select
 
 from agent.access.approvals import parse_expiry
 from agent.access.models import ApiToken
+from agent.access.validity import grant_status
 from agent.audit.chain import AuditLog
 from agent.db.base import utcnow
 from agent.db.engine import Database
@@ -85,12 +86,7 @@ class TokenRecord:
         return self.revoked_at is None
 
     def status(self, now: datetime | None = None) -> Literal["active", "revoked", "expired"]:
-        now = now or utcnow()
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        return "active"
+        return grant_status(self.revoked_at, self.expires_at, now or utcnow())
 
 
 def token_sha256(token: str) -> str:
