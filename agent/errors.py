@@ -71,6 +71,7 @@ classes themselves, so it cannot go stale.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 
@@ -200,14 +201,25 @@ class ApprovalError(AccessError, ValueError):
 
 
 class PlanNotApproved(AccessError, PermissionError):
-    """The site's policy is `manual` and this plan hash has no valid approval."""
+    """The site's policy is `manual` and this plan hash has no valid approval.
+
+    Its text is the API's 403 answer; the coordinator reads the hash back from it with
+    `hash_in`, so the wording and its reader stay together here."""
+
+    _HASH_IN_TEXT = re.compile(r"\bplan ([0-9a-f]{64}) is not approved\b")
 
     def __init__(self, plan_hash: str) -> None:
         self.plan_hash = plan_hash
         super().__init__(
             f"plan {plan_hash} is not approved at this site (approval policy: manual); "
-            f"a site admin can approve it with `fedsite plans approve {plan_hash}`"
+            f"a site admin can approve it with `fedsite plans approve {plan_hash} --by NAME`"
         )
+
+    @classmethod
+    def hash_in(cls, text: str) -> str | None:
+        """The plan hash in an answer written from this exception, or None for any other text."""
+        found = cls._HASH_IN_TEXT.search(text)
+        return found.group(1) if found else None
 
 
 # --------------------------------------------------------------------------- jobs

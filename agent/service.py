@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy.exc import IntegrityError
 
 from agent import __version__
-from agent.access.approvals import check_plan_allowed
+from agent.access.approvals import PlanRefusals, check_plan_allowed
 from agent.access.tokens import TokenInfo, authenticate
 from agent.audit.anchors import key_path, load_or_create_key, public_key_text, sign_anchor
 from agent.audit.chain import AuditLog, ChainReport
@@ -81,6 +81,7 @@ class SiteService:
         options: dict[str, Any] = {"after_job": self.apply_retention, **(runner_options or {})}
         self.runner = JobRunner(cfg, self.store, **options)
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
+        self.plan_refusals = PlanRefusals(self.audit)
         self._create_lock = threading.Lock()
         self._device: str | None = None
         self._key_lock = threading.Lock()
@@ -341,6 +342,14 @@ class SiteService:
         try:
             check_plan_allowed(self.cfg.approval, self.db, digest)
         except PlanNotApproved as exc:
+            # Audited and logged with the hash, so that the admin can find the plan to approve.
+            self.plan_refusals.record(
+                digest,
+                requester=actor,
+                model=plan.model.name,
+                dataset=plan.dataset,
+                local_epochs=plan.local_epochs,
+            )
             raise PlanRefused(digest, str(exc)) from None
         if weights is not None and len(weights) == 0:
             weights = None

@@ -4,11 +4,20 @@ A plan is identified by its hash (SHA-256 of its canonical JSON without `round_i
 `agent.training.plan.plan_hash`). An admin approves a hash, optionally until a date; the
 approval can be revoked. Every change is audited with who and when. Under policy `auto`
 any valid plan runs: that its model is in the registry is checked when the plan is parsed.
+
+A plan refused for want of an approval is audited as `plan.refused` with its hash, so that the
+admin can find which plan to approve (`fedsite plans pending`, built from those events). The
+audit log is the only record of refusals: no table, no migration, and the chain already is
+what an admin exports and verifies.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import time as _time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -22,8 +31,19 @@ from agent.db.base import utcnow
 from agent.db.engine import Database
 from agent.errors import ApprovalError, PlanNotApproved
 
+log = logging.getLogger("fedsite.approvals")
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 MAX_NOTE_CHARS = 1000
+# A plan refused again within this many seconds of its last `plan.refused` event is only
+# counted; the next event after the window carries the count. A coordinator retrying the same
+# unapproved plan then adds one event an hour, not one per attempt.
+REFUSAL_WINDOW_S = 3600.0
+# Distinct hashes whose refusals are counted in memory; beyond it the oldest is forgotten
+# (its next refusal is simply audited again, so nothing is hidden, only less coalesced).
+MAX_TRACKED_REFUSALS = 1024
+# A refused plan stays in `plans pending` this long after its last refusal.
+PENDING_DAYS = 30
 
 
 @dataclass(frozen=True)
@@ -165,6 +185,133 @@ def check_plan_allowed(policy: Any, db: Database, plan_hash: str) -> None:
         raise ValueError(f"approval policy {name!r}: expected 'auto' or 'manual'")
     if not is_approved(db, plan_hash):
         raise PlanNotApproved(plan_hash)
+
+
+@dataclass(frozen=True)
+class PendingPlan:
+    """A plan refused for want of an approval and not approved since: what `plans pending` shows."""
+
+    plan_hash: str
+    first_refused: datetime
+    last_refused: datetime
+    count: int
+    requester: str
+    model: str
+    dataset: str
+    local_epochs: int | None
+
+
+class PlanRefusals:
+    """Records refusals of unapproved plans: each as one `plan.refused` audit event and one log
+    line naming the hash and the command that approves it.
+
+    The first refusal of a hash is always recorded. Further refusals of the same hash within
+    `window_s` of its last event are counted in memory, and the next event of that hash (the
+    first refusal after the window) carries them in `refusals`, so that the events' counts add
+    up to the refusals seen, less those of the last window if the agent stops first. The
+    caller is authenticated (a coordinator's token), so the number of distinct hashes is the
+    coordinator's to choose: memory stays bounded by `max_tracked`.
+    """
+
+    def __init__(
+        self,
+        audit: AuditLog,
+        *,
+        window_s: float = REFUSAL_WINDOW_S,
+        max_tracked: int = MAX_TRACKED_REFUSALS,
+        clock: Callable[[], float] = _time.monotonic,
+    ) -> None:
+        self.audit = audit
+        self.window_s = window_s
+        self.max_tracked = max_tracked
+        self._clock = clock
+        self._lock = threading.Lock()
+        # hash -> (monotonic time of its last event, refusals counted since that event)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def record(self, plan_hash: str, *, requester: str, model: str, dataset: str, local_epochs: int) -> bool:
+        """Account for one refusal; True when it was written as an audit event."""
+        now = self._clock()
+        with self._lock:
+            last = self._seen.get(plan_hash)
+            if last is not None and now - last[0] < self.window_s:
+                self._seen[plan_hash] = (last[0], last[1] + 1)
+                return False
+            counted = last[1] if last is not None else 0
+            self._seen.pop(plan_hash, None)
+            self._seen[plan_hash] = (now, 0)
+            while len(self._seen) > self.max_tracked:
+                self._seen.pop(next(iter(self._seen)))
+        # No secrets: the token's name (the caller's actor), never the token; the model's name
+        # and the dataset's name, never a path.
+        self.audit.append(
+            "plan.refused",
+            actor=requester,
+            details={
+                "plan_hash": plan_hash,
+                "reason": "not approved",
+                "model": model,
+                "dataset": dataset,
+                "local_epochs": local_epochs,
+                "refusals": counted + 1,
+            },
+        )
+        # The exception's text names the hash and the admin's command, as the 403 answer does.
+        log.warning(
+            "refused a plan from %s (model %s, dataset %s): %s",
+            requester,
+            model,
+            dataset,
+            PlanNotApproved(plan_hash),
+        )
+        return True
+
+
+def pending_plans(db: Database, audit: AuditLog, *, now: datetime | None = None) -> list[PendingPlan]:
+    """Refused plans waiting for a decision, most recently refused first.
+
+    From the `plan.refused` events: a hash drops off once it is approved, and a refusal that
+    came before the hash's latest approval (approved since, maybe expired or revoked since) or
+    more than PENDING_DAYS ago no longer counts; a hash refused again after a revocation or
+    an expiry is pending again.
+    """
+    now = now or utcnow()
+    horizon = now - timedelta(days=PENDING_DAYS)
+    latest_approval: dict[str, datetime] = {}
+    for record in list_approvals(db):
+        previous = latest_approval.get(record.plan_hash)
+        latest_approval[record.plan_hash] = max(record.approved_at, previous or record.approved_at)
+    found: dict[str, PendingPlan] = {}
+    since = 0
+    while True:
+        batch = audit.events(since_id=since, limit=10_000, action="plan.refused")
+        for event in batch:
+            details = event["details"]
+            digest = details.get("plan_hash")
+            at = datetime.fromisoformat(event["ts"])
+            if at.tzinfo is None:
+                at = at.replace(tzinfo=UTC)
+            approved_at = latest_approval.get(digest) if isinstance(digest, str) else None
+            if not isinstance(digest, str) or at < horizon or (approved_at is not None and at <= approved_at):
+                continue
+            count = int(details.get("refusals") or 1)
+            epochs = details.get("local_epochs")
+            before = found.get(digest)
+            found[digest] = PendingPlan(
+                plan_hash=digest,
+                first_refused=before.first_refused if before else at,
+                last_refused=at,
+                count=(before.count if before else 0) + count,
+                requester=event["actor"],
+                model=str(details.get("model", "")),
+                dataset=str(details.get("dataset", "")),
+                local_epochs=epochs if isinstance(epochs, int) else None,
+            )
+        if len(batch) < 10_000:
+            break
+        since = batch[-1]["id"]
+    pending = [p for p in found.values() if not is_approved(db, p.plan_hash, now)]
+    return sorted(pending, key=lambda p: p.last_refused, reverse=True)
 
 
 def _record(r: PlanApproval) -> ApprovalRecord:

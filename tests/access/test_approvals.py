@@ -10,11 +10,14 @@ import yaml
 from typer.testing import CliRunner
 
 from agent.access.approvals import (
+    PENDING_DAYS,
+    PlanRefusals,
     approve_plan,
     check_plan_allowed,
     is_approved,
     list_approvals,
     parse_expiry,
+    pending_plans,
     revoke_approval,
 )
 from agent.audit.chain import AuditLog
@@ -185,3 +188,119 @@ def test_cli_plans_hash(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "optimizer.lr" in result.output
     result = runner.invoke(app, ["plans", "hash", str(tmp_path / "nope.json")])
     assert result.exit_code == 2 and "nope.json" in result.output
+
+
+def test_refusals_of_one_hash_are_coalesced_per_window_and_counted(db: Database, audit_log: AuditLog) -> None:
+    clock = [0.0]
+    refusals = PlanRefusals(audit_log, window_s=60.0, clock=lambda: clock[0])
+
+    def refuse(digest: str = H1) -> bool:
+        return refusals.record(digest, requester="token:c", model="unet", dataset="brain", local_epochs=2)
+
+    assert refuse()  # the first refusal of a hash is always an event
+    assert not refuse() and not refuse()  # within the window: counted only
+    assert refuse(H2)  # another hash is its own event
+    clock[0] = 61.0
+    assert refuse()  # after the window: an event carrying the refusals counted meanwhile
+    events = audit_log.events(action="plan.refused")
+    assert [(e["details"]["plan_hash"], e["details"]["refusals"]) for e in events] == [
+        (H1, 1),
+        (H2, 1),
+        (H1, 3),
+    ]
+    assert events[0]["actor"] == "token:c"
+    assert events[0]["details"]["model"] == "unet" and events[0]["details"]["dataset"] == "brain"
+
+    pending = {p.plan_hash: p for p in pending_plans(db, audit_log)}
+    assert pending[H1].count == 4 and pending[H1].local_epochs == 2
+    assert pending[H1].first_refused < pending[H1].last_refused
+    approve_plan(db, audit_log, H1, "admin:alice")
+    assert [p.plan_hash for p in pending_plans(db, audit_log)] == [H2]
+    revoke_approval(db, audit_log, H1, "admin:alice")
+    # Refused before its approval: not pending again until it is refused again.
+    assert [p.plan_hash for p in pending_plans(db, audit_log)] == [H2]
+    clock[0] = 200.0
+    refuse()
+    assert pending_plans(db, audit_log)[0].plan_hash == H1
+    assert pending_plans(db, audit_log)[0].count == 1
+    # Refusals older than PENDING_DAYS drop off.
+    later = datetime.now(UTC) + timedelta(days=PENDING_DAYS + 1)
+    assert pending_plans(db, audit_log, now=later) == []
+
+
+def test_a_refused_plan_is_audited_listed_pending_and_approved_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from agent.config import load_config
+    from agent.errors import PlanRefused
+    from agent.service import SiteService
+    from agent.training.plan import parse_plan, plan_hash
+    from tests.fixtures.agents import make_site, tiny_plan
+
+    site = make_site(
+        tmp_path / "fed", subjects=4, fmt="nifti", size=32, overrides={"approval": {"policy": "manual"}}
+    )
+    cfg = load_config(site.config_path)
+    cfg.device = "cpu"
+    plan = tiny_plan(init="random", round_id="r1")
+    digest = plan_hash(parse_plan(plan))
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, [*args, "--config", str(site.config_path)])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    service = SiteService.open(cfg)
+    try:
+        service.scan()
+        with (
+            caplog.at_level(logging.WARNING, logger="fedsite.approvals"),
+            pytest.raises(PlanRefused) as refused,
+        ):
+            service.start_round(json.dumps(plan), None, "token:coord")
+        assert f"plan {digest} is not approved" in str(refused.value)
+        assert f"fedsite plans approve {digest} --by NAME" in str(refused.value)
+        line = next(r.getMessage() for r in caplog.records if digest in r.getMessage())
+        assert "token:coord" in line and f"fedsite plans approve {digest} --by NAME" in line
+
+        (event,) = service.audit.find("plan.refused", plan_hash=digest)
+        assert event["actor"] == "token:coord"
+        assert event["details"]["model"] == plan["model"]["name"]
+        assert event["details"]["dataset"] == plan["dataset"]
+        assert event["details"]["local_epochs"] == plan["local_epochs"]
+
+        out = cli("plans", "pending")
+        assert digest in out and "token:coord" in out and plan["dataset"] in out
+        (row,) = json.loads(cli("plans", "pending", "--json"))
+        assert row["plan_hash"] == digest and row["count"] == 1
+
+        out = cli("plans", "approve", digest, "--by", "alice")
+        assert "admin:alice" in out
+        (approved,) = service.audit.find("plan.approved", plan_hash=digest)
+        assert approved["actor"] == "admin:alice"
+        assert [r.approved_by for r in list_approvals(service.db)] == ["admin:alice"]
+        assert "no refused plans waiting" in cli("plans", "pending")
+
+        # The coordinator's retry runs.
+        assert service.start_round(json.dumps(plan), None, "token:coord").created
+
+        cli("plans", "revoke", digest, "--by", "bob")
+        (revoked,) = service.audit.find("plan.revoked", plan_hash=digest)
+        assert revoked["actor"] == "admin:bob"
+        assert list_approvals(service.db)[0].revoked_by == "admin:bob"
+        assert service.audit.verify().ok
+    finally:
+        for job in service.store.jobs_with_status("queued"):
+            service.store.transition(job.id, "cancelled", actor="test")
+        service.close()
+
+
+def test_cli_refuses_an_empty_by(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"site": {"id": "s1"}, "work_dir": "w"}))
+    result = CliRunner().invoke(app, ["plans", "approve", H1, "--by", " ", "--config", str(config)])
+    assert result.exit_code == 1 and "--by" in result.output
