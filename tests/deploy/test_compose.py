@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SITE = DEPLOY / "docker-compose.yml"
 GPU = DEPLOY / "docker-compose.gpu.yml"
+POSTGRES = DEPLOY / "docker-compose.postgres.yml"
 DEMO = DEPLOY / "federation-demo.yml"
 COMPOSE = shutil.which("docker-compose")
 
@@ -24,6 +25,15 @@ COMPOSE = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     COMPOSE is None and not os.environ.get("CI"), reason="docker-compose is not installed"
 )
+
+
+def _engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,8 +73,6 @@ def _volumes(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
 @needs_compose
 def test_site_compose_mounts_limits_and_restart(tmp_path: Path) -> None:
     cfg = _config(SITE, env={"FEDSITE_DATA_DIR": str(tmp_path)})
-    # docker-compose 1.x lists every service; PostgreSQL starts only with its profile.
-    assert cfg["services"]["postgres"]["profiles"] == ["postgres"]
     agent = cfg["services"]["agent"]
     assert "profiles" not in agent
     mounts = _volumes(agent)
@@ -94,17 +102,58 @@ def test_site_compose_requires_the_data_folder() -> None:
 
 
 @needs_compose
-def test_site_compose_postgres_profile_and_database_url(tmp_path: Path) -> None:
+def test_site_compose_postgres_override_and_database_url(tmp_path: Path) -> None:
     url = "postgresql+psycopg://fedsite:pw@postgres:5432/fedsite"
-    cfg = _config(
-        SITE, env={"FEDSITE_DATA_DIR": str(tmp_path), "FEDSITE_DATABASE_URL": url}, profiles=("postgres",)
-    )
+    cfg = _config(SITE, POSTGRES, env={"FEDSITE_DATA_DIR": str(tmp_path), "FEDSITE_DATABASE_URL": url})
     assert sorted(cfg["services"]) == ["agent", "postgres"]
-    assert cfg["services"]["agent"]["environment"]["FEDSITE_DATABASE_URL"] == url
+    agent = cfg["services"]["agent"]
+    assert agent["environment"]["FEDSITE_DATABASE_URL"] == url
+    assert "postgres" in agent["depends_on"]
     pg = cfg["services"]["postgres"]
     assert pg["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/postgres_password"
     assert "POSTGRES_PASSWORD" not in pg["environment"]
     assert _volumes(pg)["/var/lib/postgresql/data"][0] == "fedsite-postgres"
+    assert cfg["secrets"]["postgres_password"]["file"].endswith("postgres_password.txt")
+
+
+@needs_compose
+def test_site_compose_without_postgres_has_no_secret_file(tmp_path: Path) -> None:
+    """docker-compose 1.x checks every secret file on every command (`ps`, `run`, `up`) and
+    warns about a missing one, profile or not: a SQLite site must define none."""
+    cfg = _config(SITE, env={"FEDSITE_DATA_DIR": str(tmp_path)})
+    assert sorted(cfg["services"]) == ["agent"]
+    assert "secrets" not in cfg
+
+
+@needs_compose
+@pytest.mark.skipif(not _engine_answers(), reason="no Docker engine answers")
+def test_site_compose_commands_print_no_warning_about_the_postgres_secret(tmp_path: Path) -> None:
+    # `ps` builds the whole project, as `run` and `up` do, and changes nothing.
+    proc = _compose(
+        "-f", str(SITE), "-p", "fedsite-compose-test", "ps", env={"FEDSITE_DATA_DIR": str(tmp_path)}
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "secret" not in proc.stderr.lower(), proc.stderr
+    assert "postgres" not in proc.stderr.lower(), proc.stderr
+
+
+def test_site_files_and_the_ca_key_are_git_ignored() -> None:
+    """The guide makes the site's folder from deploy/ (and copies deploy/.gitignore into it):
+    the CA key under pki/ and every other site file must never be committed."""
+    paths = [
+        "deploy/pki/ca.key",
+        "deploy/pki/clients/coordinator.key",
+        "deploy/tls/server.key",
+        "deploy/.env",
+        "deploy/config/site.yaml",
+        "deploy/coordinator.token",
+        "deploy/postgres_password.txt",
+        "deploy/audit-2026-01-01.jsonl",
+    ]
+    proc = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert sorted(proc.stdout.split()) == sorted(paths), proc.stderr
 
 
 @needs_compose
@@ -166,7 +215,7 @@ def test_demo_setup_script_is_valid_sh_and_writes_the_federation_keys() -> None:
 
 
 def test_compose_files_are_plain_yaml_without_secrets() -> None:
-    for path in (SITE, GPU, DEMO):
+    for path in (SITE, GPU, POSTGRES, DEMO):
         text = path.read_text()
         yaml.safe_load(text)
         assert not re.search(r"(?i)(password|token|secret)\s*:\s*['\"]?[A-Za-z0-9+/]{12,}", text), path
