@@ -55,6 +55,8 @@ so that every layer, `agent.db` included, may raise from it::
         ├── AggregationError [ValueError]
         ├── AgentError [RuntimeError]
         │   ├── AgentAuthError
+        │   ├── AgentPlanRefused
+        │   ├── AgentTlsError
         │   ├── AgentUnreachable
         │   ├── UpdateIntegrityError
         │   ├── JobFailed

@@ -3,7 +3,14 @@
 Transport failures (connection refused, reset, timeouts) and 5xx answers are retried with
 exponential backoff: rounds carry a `round_id`, so a repeated POST finds the existing round
 instead of starting a second one. A 4xx is never retried: it means the request itself is
-wrong (bad token, plan not approved, unknown dataset), and repeating it cannot help.
+wrong (bad token, plan not approved, unknown dataset), and repeating it cannot help; nor is a
+certificate that cannot be trusted.
+
+Each failure is reported by its cause, because each has another remedy and another person to
+fix it: a plan the site has not approved (`AgentPlanRefused`, with the hash its admin
+approves), a token the site refuses (`AgentAuthError`), an agent that does not answer
+(`AgentUnreachable`: connection refused, timed out, or closed before an answer) and a
+certificate that does not name the host of the URL or is not trusted (`AgentTlsError`).
 
 Every downloaded update is checked twice: its SHA-256 must equal the `X-Content-SHA256`
 header of the download and the `update_sha256` the agent's status reported (which the
@@ -13,19 +20,26 @@ agent's egress gate recorded in its audit log). Bytes changed on the way are ref
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+from cryptography import x509
 
+from agent.errors import PlanNotApproved
 from coordinator.errors import (
     AgentAuthError,
     AgentError,
+    AgentPlanRefused,
+    AgentTlsError,
     AgentUnreachable,
     JobFailed,
     JobTimeout,
@@ -86,6 +100,62 @@ def _detail(resp: httpx.Response) -> str:
     return json.dumps(body)[:300]
 
 
+# OpenSSL's verify codes for a certificate that does not carry the host's name or address.
+_NAME_MISMATCH_CODES = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """EXC and what it was raised from (httpx wraps the socket's and ssl's exceptions)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def certificate_names(der: bytes) -> list[str]:
+    """The DNS names and IP addresses a certificate carries (its CN when it has no SAN)."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [str(a.value) for a in cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    return [*sans.get_values_for_type(x509.DNSName), *map(str, sans.get_values_for_type(x509.IPAddress))]
+
+
+@dataclass(frozen=True)
+class _Transport:
+    """A transport failure by cause: `kind` is tls, refused, timeout, closed or other."""
+
+    kind: str
+    reason: str
+    verify_code: int | None = None
+
+
+def _transport_failure(exc: httpx.TransportError, timeouts: Timeouts) -> _Transport:
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return _Transport("tls", str(cause.verify_message or cause.reason), cause.verify_code)
+        if isinstance(cause, ConnectionRefusedError):
+            return _Transport("refused", "connection refused")
+        if isinstance(cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError):
+            # What a port forwarder (docker's) does while nothing listens behind it: it takes
+            # the connection and closes it, which TLS reports as an EOF in the handshake.
+            return _Transport(
+                "closed", "the connection was closed before an answer: nothing answers behind the port"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return _Transport("tls", f"TLS handshake failed: {cause.reason or cause}")
+    if isinstance(exc, httpx.ConnectTimeout):
+        return _Transport("timeout", f"no connection within {timeouts.connect:g} s")
+    if isinstance(exc, httpx.TimeoutException):
+        return _Transport("timeout", f"no answer within {timeouts.read:g} s")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return _Transport("closed", "the connection was closed before an answer")
+    return _Transport("other", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
 class AgentClient:
     """One agent, reached over HTTP(S) with its own token; safe to use from one thread at a time."""
 
@@ -101,6 +171,7 @@ class AgentClient:
     ) -> None:
         self.name = entry.name
         self.url = entry.url
+        self._entry = entry
         self.timeouts = timeouts or Timeouts()
         self.retries = retries or Retries()
         self.poll_interval = poll_interval
@@ -149,23 +220,22 @@ class AgentClient:
         """Send one request with retries; return a 2xx response or raise an AgentError naming the site."""
         attempts = self.retries.attempts
         last = ""
+        failure: _Transport | None = None
         for attempt in range(1, attempts + 1):
             try:
                 resp = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                failure = _transport_failure(exc, self.timeouts)
+                if failure.kind == "tls":
+                    raise self._tls_error(what, failure) from None
+                last = failure.reason
             else:
+                failure = None
                 self._count(resp)
                 if resp.status_code < 400:
                     return resp
                 if resp.status_code in (401, 403):
-                    raise AgentAuthError(
-                        self.name,
-                        f"{what}: the agent at {self.url} refused the coordinator's credentials "
-                        f"(HTTP {resp.status_code}: {_detail(resp)}); check the token for {self.name!r} "
-                        "in the federation file",
-                        status_code=resp.status_code,
-                    )
+                    raise self._refusal(what, resp)
                 if resp.status_code < 500:
                     raise AgentError(
                         self.name,
@@ -175,9 +245,88 @@ class AgentClient:
                 last = f"HTTP {resp.status_code}: {_detail(resp)}"
             if attempt < attempts:
                 self._sleep(min(self.retries.backoff * (2 ** (attempt - 1)), self.retries.max_backoff))
+        if failure is not None:
+            raise AgentUnreachable(
+                self.name,
+                f"{what}: agent {self.name} at {self.url} is not reachable ({last}; "
+                f"{attempts} attempt(s)); is it running, and is this its address?",
+            )
         raise AgentUnreachable(
-            self.name, f"{what}: no answer from {self.url} after {attempts} attempt(s): {last}"
+            self.name, f"{what}: no good answer from {self.url} after {attempts} attempt(s): {last}"
         )
+
+    def _refusal(self, what: str, resp: httpx.Response) -> AgentError:
+        """What a 401 or 403 means: an unapproved plan (the 403 names its hash), a token the
+        site does not accept (401), or a token or client certificate without the right (403)."""
+        detail = _detail(resp)
+        status = resp.status_code
+        digest = PlanNotApproved.hash_in(detail) if status == 403 else None
+        if digest is not None:
+            return AgentPlanRefused(
+                self.name,
+                f"{what}: site {self.name} has not approved plan {digest}; its admin runs "
+                f"`fedsite plans approve {digest} --by NAME` (and sees it in `fedsite plans pending`)",
+                plan_hash=digest,
+                status_code=status,
+            )
+        if status == 401:
+            return AgentAuthError(
+                self.name,
+                f"{what}: site {self.name} refused the coordinator's token (HTTP 401: {detail}); "
+                f"check the token for {self.name!r} in the federation file, or ask the site for a new one",
+                status_code=status,
+            )
+        return AgentAuthError(
+            self.name,
+            f"{what}: site {self.name} refused the coordinator's credentials (HTTP 403: {detail}); "
+            "the token's role or the client certificate is not one the site admits",
+            status_code=status,
+        )
+
+    def _tls_error(self, what: str, failure: _Transport) -> AgentTlsError:
+        host = urlsplit(self.url).hostname or self.url
+        if failure.verify_code in _NAME_MISMATCH_CODES:
+            names = self._certificate_names()
+            named = f"it names {', '.join(names)}" if names else "its names could not be read"
+            return AgentTlsError(
+                self.name,
+                f"{what}: the certificate of {self.name} does not name {host} ({named}); use one of "
+                f"its names in the URL of {self.name!r} in the federation file, or have the site issue "
+                f"a certificate that includes {host} (fedsite certs init --hosts)",
+            )
+        return AgentTlsError(
+            self.name,
+            f"{what}: the certificate of {self.name} at {self.url} cannot be trusted ({failure.reason}); "
+            f"check ca_file (and client_cert) of {self.name!r} in the federation file",
+        )
+
+    def _certificate_names(self) -> list[str]:
+        """The names in the certificate the agent presents, read without verifying it (only to
+        say what it names; nothing is sent on this connection). Empty when it cannot be read."""
+        parts = urlsplit(self.url)
+        host, port = parts.hostname, parts.port or 443
+        if host is None:
+            return []
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        entry = self._entry
+        try:
+            if entry.client_cert is not None and entry.client_key is not None:
+                ctx.load_cert_chain(str(entry.client_cert), str(entry.client_key))
+            try:
+                ipaddress.ip_address(host)
+                sni: str | None = None
+            except ValueError:
+                sni = host
+            with (
+                socket.create_connection((host, port), timeout=self.timeouts.connect) as sock,
+                ctx.wrap_socket(sock, server_hostname=sni) as tls,
+            ):
+                der = tls.getpeercert(binary_form=True)
+            return certificate_names(der) if der else []
+        except (OSError, ValueError):
+            return []
 
     # -- API -------------------------------------------------------------------------------
 

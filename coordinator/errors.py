@@ -40,11 +40,27 @@ class AgentError(CoordinatorError, RuntimeError):
 
 
 class AgentAuthError(AgentError):
-    """The agent refused the coordinator's credentials (401/403 on an authenticated call)."""
+    """The agent refused the coordinator's credentials: its token (401), or its token's role or
+    client certificate (403)."""
+
+
+class AgentPlanRefused(AgentError):
+    """The site's approval policy is manual and it has not approved the plan (403 naming the
+    plan's hash); only the site's admin can change that, so it is never retried."""
+
+    def __init__(self, site: str, message: str, *, plan_hash: str, status_code: int | None = 403) -> None:
+        super().__init__(site, message, status_code=status_code)
+        self.plan_hash = plan_hash
+
+
+class AgentTlsError(AgentError):
+    """The agent's certificate cannot be trusted for its URL (a name it does not carry, another
+    CA, expired); a configuration problem on one side, so it is never retried."""
 
 
 class AgentUnreachable(AgentError):
-    """No answer after all retries (connection errors, timeouts or 5xx)."""
+    """No answer after all retries (connection refused, timeouts, a connection closed before
+    an answer, or 5xx)."""
 
 
 class UpdateIntegrityError(AgentError):

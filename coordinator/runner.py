@@ -25,7 +25,7 @@ import torch
 
 from coordinator.aggregate import UpdateKind
 from coordinator.client import AgentClient, RemoteJobStatus
-from coordinator.errors import AgentError, JobTimeout, RunError
+from coordinator.errors import AgentError, AgentTlsError, JobTimeout, RunError
 from coordinator.federation import Federation
 from coordinator.options import RunOptions
 from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fraction, progress_text
@@ -219,7 +219,9 @@ class Coordinator:
         answers = self.parallel(one, everyone)
         for site, info, err in answers:
             if err is not None:
-                if err.status_code is not None and err.status_code < 500:
+                # A refusal (4xx) or a certificate that cannot be trusted is a configuration
+                # problem that asking again each round cannot fix: stop with its cause.
+                if isinstance(err, AgentTlsError) or (err.status_code is not None and err.status_code < 500):
                     raise err
                 if site in self.order:
                     unreachable.append(site)

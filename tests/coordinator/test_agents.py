@@ -137,7 +137,7 @@ def test_tampered_update_fails_the_round_below_min_sites(fed3: RealFederation, t
 
 def test_wrong_token_names_the_site(fed3: RealFederation, tmp_path: Path) -> None:
     fed = fed3.federation(tokens={"site-2": "not-the-token"})
-    with pytest.raises(AgentAuthError, match=r"^site-2: .*refused the coordinator's credentials") as info:
+    with pytest.raises(AgentAuthError, match=r"^site-2: .*refused the coordinator's token") as info:
         _run(fed, tiny_plan(), tmp_path / "out", rounds=1, run_id="badtoken")
     assert info.value.site == "site-2"
     assert results(tmp_path / "out")["status"] == "failed"
@@ -175,7 +175,7 @@ def test_coordinate_cli_wrong_token_exits_with_the_site_named(fed3: RealFederati
         ],
     )
     assert result.exit_code == 1, result.output
-    assert "site-3" in result.output and "credentials" in result.output
+    assert "site-3" in result.output and "refused the coordinator's token" in result.output
 
 
 def test_ciil_and_iil_pass_the_model_from_site_to_site(fed3: RealFederation, tmp_path: Path) -> None:
