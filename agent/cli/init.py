@@ -25,6 +25,8 @@ init_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 # The same check, in the agent's container (compose runtime: the config's paths are the
 # container's, so the check must run there). Changes with `run_site_checks`.
 CONTAINER_CHECK = "config check /etc/fedsite/config.yaml"
+# Names that only this host (or the compose project) reaches.
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "agent")
 
 
 def run_site_checks(config_path: Path) -> int:
@@ -60,7 +62,7 @@ def _ask(value: str | None, interactive: bool, prompt: str, flag: str, default: 
     fail(f"init: {flag} is required with --non-interactive", 2)
 
 
-def _print_result(out: SiteWritten, runtime: str) -> None:
+def _print_result(out: SiteWritten, spec: SiteSpec) -> None:
     site = out.site_dir
     typer.echo(f"Wrote site {site} ({out.subjects} subject(s) found in the data):")
     for label, key in (
@@ -73,12 +75,18 @@ def _print_result(out: SiteWritten, runtime: str) -> None:
         typer.echo(f"  {label + ':':<21}{path.parent if key == 'server_cert' else path}")
     typer.echo(f"  {'server names:':<21}{', '.join(out.hosts)}")
     typer.echo(f"  {'URL:':<21}{out.url}")
+    if spec.bind in LOOPBACK and any(h not in LOOPBACK for h in out.hosts):
+        # Names for other machines, but published on loopback only: the hand-off URL would fail.
+        typer.echo(
+            f"\nNote: the API is published on {spec.bind} only, so a coordinator on another machine "
+            f"cannot reach {out.url}; set --bind (FEDSITE_BIND in .env) to the interface it reaches."
+        )
     typer.echo(f"\nKeep {site / 'pki' / 'ca.key'} (the site CA's key) off the agent's host.")
     typer.echo(
         f"Hand the coordinator the files in {out.handoff_path.parent} (see HANDOFF.txt) over a channel you "
         "trust; the token is also in its .token file (mode 600)."
     )
-    if runtime == "compose":
+    if spec.runtime == "compose":
         typer.echo(
             "\nNext, on the Docker host (docker-compose, or `docker compose` with Compose v2):\n"
             f"  sudo chown 10001 {site / 'tls' / 'server.key'}     # the agent's uid reads its key\n"
@@ -222,7 +230,7 @@ def init_command(
         fail(f"init: {exc}", 2)
     # The check first, so that the token stays the last line printed (as `tokens add` prints it).
     status = run_site_checks(written.config_path) if check and runtime == "local" else 0
-    _print_result(written, runtime)
+    _print_result(written, spec)
     if status != 0:
         typer.echo(
             "init: the site was written but its check failed (above); fix it and run the check again",

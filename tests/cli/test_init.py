@@ -150,6 +150,8 @@ def test_compose_site_modes_names_and_token(tmp_path: Path) -> None:
     site = tmp_path / "site"
     code, out = init_demo(site, "--hosts", "fedsite.hospital.example,10.0.0.5", "--port", "9443", subjects=1)
     assert code == 0, out
+    # Names for other machines, published on loopback (the default): the admin is told.
+    assert "published on 127.0.0.1 only" in out and "--bind" in out
     # Secrets readable by their owner only; the folders that hold them closed to others.
     for secret in (
         "tls/server.key", "pki/ca.key", "handoff/coordinator.key", "handoff/coordinator.token",
