@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError
+from agent.fsaccess import check_tree
 from agent.validation import StrictModel, format_validation_error
 
 ENV_PREFIX = "FEDSITE_"
@@ -45,6 +46,9 @@ class SiteConfig(StrictModel):
     # agent creates a random one in the work directory on first use.
     secret: SecretStr | None = None
     secret_file: Path | None = None
+    # The uid the agent runs as (10001 in the image). `fedsite doctor` run as root checks the data
+    # as this uid; unset: as the uid that runs the command.
+    run_as_uid: int | None = Field(default=None, ge=0)
 
     @field_validator("id")
     @classmethod
@@ -324,7 +328,15 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
 def _check_paths(cfg: AgentConfig, where: str) -> None:
     missing: list[str] = []
     for i, ds in enumerate(cfg.datasets):
-        if not ds.root.is_dir():
+        try:
+            found = ds.root.is_dir()
+        except PermissionError:
+            # A folder above the root that this uid cannot enter: one line naming it, the uid and the
+            # fix, never a traceback (agent.fsaccess words it as the doctor does).
+            access = check_tree(ds.root, sample=0)
+            missing.append(f"datasets[{i}].root: {access.message() or f'cannot be read: {ds.root}'}")
+            continue
+        if not found:
             missing.append(f"datasets[{i}].root: folder does not exist: {ds.root}")
     if cfg.api.tls is not None:
         tls = cfg.api.tls

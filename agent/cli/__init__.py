@@ -1,6 +1,6 @@
 """The `fedsite` command line, assembled here from one module per command group.
 
-Every group lives in `agent.cli.<group>` (init, config, data, demo, tokens, plans, audit, serve,
+Every group lives in `agent.cli.<group>` (init, config, doctor, data, demo, tokens, plans, audit, serve,
 certs, coordinate) and calls library code elsewhere in the agent; shared helpers are in
 `agent.cli.common`. No module outside this package imports Typer. The order below is the
 order `fedsite --help` lists the commands in.
@@ -17,6 +17,7 @@ from agent.cli.config import config_app
 from agent.cli.coordinate import coordinate_app
 from agent.cli.data import data_app
 from agent.cli.demo import demo_app, demo_data_app
+from agent.cli.doctor import doctor_app
 from agent.cli.init import init_app
 from agent.cli.plans import plans_app
 from agent.cli.serve import serve_app
@@ -39,6 +40,7 @@ def version() -> None:
 
 app.add_typer(init_app)
 app.add_typer(config_app, name="config")
+app.add_typer(doctor_app)
 app.add_typer(data_app, name="data")
 app.add_typer(demo_data_app)
 app.add_typer(tokens_app, name="tokens")

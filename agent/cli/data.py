@@ -78,6 +78,11 @@ def _warning_text(entry: dict[str, str]) -> str:
 def scan(
     config: Path = ConfigOption,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_shrink: bool = typer.Option(
+        False,
+        "--allow-shrink",
+        help="Accept a scan that drops more than half of a dataset's subjects (else its catalog is kept).",
+    ),
 ) -> None:
     """Index every dataset of CONFIG into the catalog (incremental: unchanged files are not read)."""
     from agent.audit.chain import AuditLog
@@ -88,7 +93,13 @@ def scan(
     with database(cfg) as db:
         try:
             report = scan_datasets(
-                cfg, db, progress=progress, audit=AuditLog(db), actor=cli_actor(), console=err
+                cfg,
+                db,
+                progress=progress,
+                audit=AuditLog(db),
+                actor=cli_actor(),
+                console=err,
+                allow_shrink=allow_shrink,
             )
             console.print(_summary_table(db))
         except CatalogError as exc:

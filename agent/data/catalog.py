@@ -21,6 +21,11 @@ Why it is built this way:
 - A subject with a missing or broken file is skipped with a reason; the scan goes on. So is
   one whose file is there but does not match the `images` pattern (another case, another
   extension), and one whose volume holds non-finite voxels: nothing leaves silently.
+- Files the agent's uid cannot read are counted as unreadable, with the uid and the fix
+  (`agent.fsaccess`), and reported per dataset as problems (`DatasetSummary.problems`, in
+  /v1/info): a permission problem must never look like an empty dataset.
+- A scan that would drop more than half of a dataset's subjects (a mistyped or unmounted data
+  path, an emptied share) keeps the old catalog and says why, unless `allow_shrink` is given.
 - Volume warnings are kept per subject with their category (`VolumeWarning`). A subject with a
   warning whose category is in the dataset's `exclude_warnings` (default: untrusted geometry)
   stays in the catalog with split "excluded": the admin sees it and why, /v1/info counts it, and
@@ -29,6 +34,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
@@ -54,6 +60,7 @@ from agent.data.models import CatalogDataset, CatalogFile, CatalogItem, CatalogV
 from agent.data.volume import Volume, count_nonfinite, pair_image, read_nifti_volume, warning_category
 from agent.db.engine import Database
 from agent.errors import CatalogError, FedsiteError, UnknownDataset
+from agent.fsaccess import check_tree, fix_command
 
 Split = Literal["train", "val"]
 Fmt = Literal["nifti", "dicom"]
@@ -68,6 +75,10 @@ PATH_KEY_FILE = "catalog.key"
 # reused: those volumes are read again once.
 VOLUME_CHECKS = 3
 EXCLUDED: Literal["excluded"] = "excluded"
+# A scan that would remove more than this share of a dataset's subjects keeps the catalog as it was
+# unless told otherwise (`allow_shrink`): losing most of a dataset is far more often a path that
+# points at the wrong (empty) folder than data that was really withdrawn.
+MAX_SHRINK_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,24 @@ class DatasetSummary:
     spacing_max: list[float] | None
     mean_label_fraction: float | None
     scanned_at: datetime
+    # Subjects skipped because the agent's uid (`unreadable_uid`) could not read their files.
+    num_unreadable: int = 0
+    unreadable_uid: int | None = None
+
+    def problems(self) -> list[str]:
+        """Why the dataset gives training less than it holds, in words without any path or subject
+        name (they go to /v1/info and the log): unreadable files, nothing found, all excluded."""
+        out: list[str] = []
+        if self.num_unreadable:
+            out.append(f"{self.num_unreadable} subject(s) unreadable by uid {self.unreadable_uid}")
+        usable = self.num_train + self.num_val
+        if self.num_items == 0 and self.num_skipped == 0:
+            out.append("no subjects found")
+        elif self.num_items == 0 and self.num_skipped > self.num_unreadable:
+            out.append(f"no usable subjects ({self.num_skipped} skipped)")
+        elif self.num_items > 0 and usable == 0:
+            out.append(f"all {self.num_items} subject(s) excluded by volume warnings")
+        return out
 
     def public(self) -> dict[str, Any]:
         """The fields /v1/info reports: counts and names only (excluded subjects as a number, never
@@ -116,6 +145,7 @@ class DatasetSummary:
             "num_val": self.num_val,
             "num_excluded": self.num_excluded,
             "modalities": list(self.modalities),
+            "problems": self.problems(),
         }
 
 
@@ -158,7 +188,11 @@ class DatasetScan:
     files_unchanged: int = 0
     volumes_read: int = 0
     volumes_reused: int = 0
+    num_unreadable: int = 0
+    # Why the dataset could not be scanned, for the local admin (may name paths)...
     error: str | None = None
+    # ...and the same without paths, for /v1/info and the log.
+    problem: str | None = None
 
 
 @dataclass
@@ -400,7 +434,9 @@ def _strip_image_suffix(name: str) -> str:
     return name
 
 
-def unmatched_subjects(ds: DatasetConfig, found: dict[str, dict[str, Path]]) -> dict[str, str]:
+def unmatched_subjects(
+    ds: DatasetConfig, found: dict[str, dict[str, Path]], unreadable: set[str] | None = None
+) -> dict[str, str]:
     """Subject name -> reason, for what sits where the `images` pattern looks but matches no pattern.
 
     `discover_subjects` knows only what matches; a subject whose file is misnamed (another case,
@@ -408,7 +444,9 @@ def unmatched_subjects(ds: DatasetConfig, found: dict[str, dict[str, Path]]) -> 
     catalog without a word. This looks at the level of the pattern's first `{subject}` component:
     with a folder per subject, every folder there that is not a found subject; with files side by
     side, every image file there that matches neither the images nor the label pattern and whose
-    name does not belong to a found subject. Hidden names are ignored, as in discovery.
+    name does not belong to a found subject. Hidden names are ignored, as in discovery. A subject
+    folder this uid cannot list is reported as unreadable (with the fix), and its name is added to
+    UNREADABLE when given: discovery's glob passes over such folders without a word.
     """
     strict = [compile_pattern(ds.images.replace("{modality}", m)).regex for m in ds.modalities]
     if ds.label is not None:
@@ -436,6 +474,11 @@ def unmatched_subjects(ds: DatasetConfig, found: dict[str, dict[str, Path]]) -> 
             if per_subject_folder:
                 if not entry.is_dir() or not candidates or any(c in found for c in candidates):
                     continue
+                if not os.access(entry, os.R_OK | os.X_OK):
+                    out.setdefault(candidates[0], _unreadable_reason(entry, ds.root))
+                    if unreadable is not None:
+                        unreadable.add(candidates[0])
+                    continue
                 out.setdefault(
                     candidates[0], f"{rel}/: no file in it matches the images pattern {ds.images!r}"
                 )
@@ -456,6 +499,12 @@ def unmatched_subjects(ds: DatasetConfig, found: dict[str, dict[str, Path]]) -> 
             if subject not in found:
                 out.setdefault(subject, f"{rel} does not match the images pattern {ds.images!r}")
     return dict(sorted(out.items()))
+
+
+def _unreadable_reason(path: Path | str, root: Path) -> str:
+    """A skip reason for the local admin: the path, the uid refused and the fix."""
+    uid = os.geteuid()
+    return f"{path}: unreadable by uid {uid} (permission denied); fix: {fix_command(root, uid)}"
 
 
 # ----------------------------------------------------------------------------- volume facts
@@ -562,6 +611,9 @@ class _Scanner:
             return self.file_sha(path)
         if not path.is_dir():
             raise _SubjectSkipped(f"{path}: neither a file nor a folder")
+        if not os.access(path, os.R_OK | os.X_OK):
+            # rglob passes over a folder it cannot list: that is a permission problem, not an empty series.
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
         files = sorted(p for p in path.rglob("*") if p.is_file())
         if not files:
             raise _SubjectSkipped(f"{path}: empty folder")
@@ -721,15 +773,21 @@ def _scan_one(
     report: ScanReport,
     advance: Callable[[int], None],
     set_total: Callable[[int], None],
+    allow_shrink: bool = False,
 ) -> DatasetScan:
     stats = DatasetScan(name=ds.name)
-    if not ds.root.is_dir():
-        # An unmounted share must not wipe the catalog: leave it as it was and say so.
-        stats.error = f"dataset root is not a readable folder: {ds.root}"
+    # An unmounted share or a folder this uid cannot read must not wipe the catalog: leave it as it
+    # was and say why (which uid, the fix), without a traceback.
+    access = check_tree(ds.root, sample=0)
+    if not access.exists or not access.is_dir or access.blocked_at is not None or not access.root_listable:
+        stats.error = access.message() or f"dataset root is not a readable folder: {ds.root}"
+        stats.problem = access.reason()
         return stats
     subjects = discover_subjects(ds)
-    for subject, reason in unmatched_subjects(ds, subjects).items():
+    unreadable: set[str] = set()
+    for subject, reason in unmatched_subjects(ds, subjects, unreadable).items():
         report.skipped.append(SkippedSubject(ds.name, subject, reason))
+    stats.num_unreadable = len(unreadable)
     set_total(len(subjects))
     key_id = _key_id(secret)
     with db.session() as s:
@@ -757,6 +815,11 @@ def _scan_one(
             included_names.append(subject)
         except _SubjectSkipped as exc:
             report.skipped.append(SkippedSubject(ds.name, subject, str(exc)))
+        except PermissionError as exc:
+            stats.num_unreadable += 1
+            report.skipped.append(
+                SkippedSubject(ds.name, subject, _unreadable_reason(exc.filename or subject, ds.root))
+            )
         except Exception as exc:  # a reader's error names the file; the scan goes on
             report.skipped.append(SkippedSubject(ds.name, subject, f"{type(exc).__name__}: {exc}"))
         advance(1)
@@ -771,7 +834,20 @@ def _scan_one(
         if i["warnings"]:
             report.warned.append(WarnedSubject(ds.name, subject, i["item_key"] in excluded, i["warnings"]))
     stats.num_excluded = len(excluded)
+    lost = len(old_item_keys) - len(items)
+    if not allow_shrink and old_item_keys and lost > len(old_item_keys) * MAX_SHRINK_FRACTION:
+        stats.error = (
+            f"this scan found {len(items)} of the {len(old_item_keys)} subjects in the catalog "
+            f"(root {ds.root}); the catalog was kept. If the data really shrank, scan with "
+            "`fedsite data scan --allow-shrink`"
+        )
+        stats.problem = (
+            f"a scan found {len(items)} of {len(old_item_keys)} catalogued subjects; the old catalog is kept"
+        )
+        return stats
     agg = _aggregate(items, stats.num_skipped, ds)
+    agg["num_unreadable"] = stats.num_unreadable
+    agg["unreadable_uid"] = os.geteuid()
     new_keys = {i["item_key"] for i in items}
     stats.items_added = len(new_keys - old_item_keys)
     stats.items_removed = len(old_item_keys - new_keys)
@@ -839,8 +915,12 @@ def scan_datasets(
     audit: AuditSink | None = None,
     actor: str = "system",
     console: Console | None = None,
+    allow_shrink: bool = False,
 ) -> ScanReport:
     """Index every configured dataset into the catalog and drop datasets no longer configured.
+
+    A dataset whose scan would drop more than MAX_SHRINK_FRACTION of its catalogued subjects keeps
+    its old catalog (the report says why) unless ALLOW_SHRINK.
 
     `audit` (anything with `.append(action, actor=..., details=...)`) receives one
     "data.scanned" event with dataset names and counts only.
@@ -868,7 +948,16 @@ def scan_datasets(
             def set_total(n: int, t: TaskID = task) -> None:
                 bar.update(t, total=n)
 
-            stats = _scan_one(ds, db, secret, key_file, report, advance=advance, set_total=set_total)
+            stats = _scan_one(
+                ds,
+                db,
+                secret,
+                key_file,
+                report,
+                advance=advance,
+                set_total=set_total,
+                allow_shrink=allow_shrink,
+            )
             report.datasets.append(stats)
     configured = {ds.name for ds in cfg.datasets}
     with db.session() as s:
@@ -977,6 +1066,8 @@ def dataset_summaries(db: Database) -> list[DatasetSummary]:
                 spacing_max=st.get("spacing_max"),
                 mean_label_fraction=st.get("mean_label_fraction"),
                 scanned_at=scanned,
+                num_unreadable=int(st.get("num_unreadable", 0)),
+                unreadable_uid=st.get("unreadable_uid"),
             )
         )
     return out

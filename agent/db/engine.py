@@ -293,6 +293,16 @@ def migrate(db: Database) -> None:
             conn.commit()
 
 
+def schema_revisions(db: Database) -> tuple[frozenset[str], frozenset[str]]:
+    """(the database's current revisions, this version's head revisions), without migrating: equal
+    when the schema is up to date; `fedsite doctor` reports the difference instead of applying it."""
+    from alembic.runtime.migration import MigrationContext
+
+    with db.engine.connect() as conn:
+        current = frozenset(MigrationContext.configure(conn).get_current_heads())
+    return current, _revisions()[0]
+
+
 def open_database(url: str) -> Database:
     """Open the database at URL and bring its schema up to date (Alembic `upgrade head`)."""
     db = Database(url)

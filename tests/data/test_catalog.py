@@ -124,6 +124,7 @@ def test_multi_modality_discovery_and_missing_modality_skipped(tmp_path: Path) -
         "num_val": summary.num_val,
         "num_excluded": 0,
         "modalities": ["flair", "t1"],
+        "problems": [],
     }
     # Audit: names and counts only, never a subject folder or a reason naming a file.
     ((action, actor, details),) = audit.events
@@ -256,7 +257,7 @@ def test_missing_root_keeps_the_catalog(tmp_path: Path) -> None:
     scan_datasets(cfg, db)
     root.rename(tmp_path / "unmounted")
     report = scan_datasets(cfg, db)
-    assert not report.ok and "not a readable folder" in (report.datasets[0].error or "")
+    assert not report.ok and "folder does not exist" in (report.datasets[0].error or "")
     assert len(dataset_items(db, "brain")) == 3
 
 

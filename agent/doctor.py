@@ -1,0 +1,324 @@
+"""`fedsite doctor`'s checks: is this site ready to train, and if not, what exactly to do.
+
+A site that starts, reports healthy and then has nothing to train on costs the consortium a
+round and the admin an afternoon. Each check here answers one question with one line (and, when
+something is wrong, the fix): can the agent's uid read every dataset, does the folder still hold
+the subjects the catalog knows, are the TLS files usable for the names the coordinator will use,
+what the approval policy means, is the database reachable and migrated, is there disk in the work
+volume, and is the clock sane (certificate validity depends on it).
+
+The checks read; they never migrate, scan or write. As root they check data as the agent's uid
+(`site.run_as_uid`, or the caller's `as_uid`), through `agent.fsaccess`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from cryptography import x509
+from sqlalchemy import select
+
+from agent.audit.models import AuditEvent
+from agent.config import AgentConfig, DatasetConfig
+from agent.data.catalog import MAX_SHRINK_FRACTION, DatasetSummary, dataset_summaries, discover_subjects
+from agent.db.engine import Database, safe_url, schema_revisions, sqlite_file
+from agent.errors import FedsiteError
+from agent.fsaccess import check_tree, file_unreadable
+from agent.tls.files import check_tls_files, load_certificate, load_certificates
+
+Status = Literal["ok", "warn", "fail"]
+
+# Below this the work volume fails (a round's checkpoint and update do not fit), below the
+# second it warns.
+MIN_FREE_BYTES = 1 << 30
+WARN_FREE_BYTES = 10 << 30
+# A certificate expiring within this many days is a warning.
+EXPIRY_WARN_DAYS = 30
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - bind-all addresses name no host
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check's verdict: NAME (e.g. "dataset brain"), STATUS and a one-line SUMMARY; DETAILS
+    are further lines (the fix, the files), printed under it."""
+
+    name: str
+    status: Status
+    summary: str
+    details: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.status.upper():4} {self.name}: {self.summary}"
+
+
+@dataclass
+class DoctorReport:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No check failed (warnings do not fail)."""
+        return all(c.status != "fail" for c in self.checks)
+
+    def as_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "checks": [asdict(c) for c in self.checks]}
+
+
+def agent_uid(cfg: AgentConfig, as_uid: int | None = None) -> int:
+    """The uid the checks act as: AS_UID, else `site.run_as_uid`, else the caller's."""
+    if as_uid is not None:
+        return as_uid
+    if cfg.site.run_as_uid is not None:
+        return cfg.site.run_as_uid
+    return os.geteuid()
+
+
+# ---------------------------------------------------------------------------------- datasets
+
+
+def check_dataset(ds: DatasetConfig, uid: int, catalog: DatasetSummary | None, *, sample: int = 20) -> Check:
+    """The dataset's root and a sample of its files as UID; subjects found against the catalog."""
+    name = f"dataset {ds.name}"
+    access = check_tree(ds.root, uid=uid, sample=sample)
+    if not access.checked:
+        return Check(name, "warn", access.note)
+    if not access.ok:
+        message = access.message() or f"{ds.root}: cannot be read by uid {uid}"
+        return Check(name, "fail", message)
+    if access.empty:
+        # A warning, as for no subjects below: a site may be set up before its data is copied.
+        return Check(
+            name,
+            "warn",
+            f"{ds.root} is empty: a mistyped host path in the compose file makes docker create an "
+            "empty folder; check the volume's host side",
+        )
+    try:
+        found = len(discover_subjects(ds))
+    except FedsiteError as exc:
+        return Check(name, "fail", str(exc))
+    sampled = f"{access.files_checked} file(s) in {access.folders_checked} folder(s) readable by uid {uid}"
+    if found == 0:
+        return Check(
+            name,
+            "warn",
+            f"no subject matches the images pattern {ds.images!r} under {ds.root} ({sampled})",
+        )
+    known = catalog.num_subjects if catalog is not None else None
+    if known is None:
+        return Check(name, "ok", f"{found} subject(s) found, not scanned yet; {sampled}")
+    if found < known:
+        lost = known - found
+        refused = lost > known * MAX_SHRINK_FRACTION
+        tail = (
+            "a scan keeps the old catalog unless run with `fedsite data scan --allow-shrink`"
+            if refused
+            else "a scan removes them from the catalog"
+        )
+        return Check(
+            name, "warn", f"{found} subject(s) found, the catalog has {known}: {lost} would be lost ({tail})"
+        )
+    usable = catalog.num_train + catalog.num_val if catalog is not None else 0
+    problems = catalog.problems() if catalog is not None else []
+    if problems:
+        return Check(name, "warn", f"{found} subject(s) found; last scan: {'; '.join(problems)}")
+    return Check(name, "ok", f"{found} subject(s) found, {usable} usable in the catalog; {sampled}")
+
+
+# ---------------------------------------------------------------------------------- TLS
+
+
+def _names(cert: x509.Certificate) -> set[str]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(n.value).lower() for n in san}
+
+
+def check_tls(cfg: AgentConfig, uid: int, hosts: list[str], now: dt.datetime) -> Check:
+    """Files readable by UID, key matches certificate, validity, expiry, names for HOSTS (and
+    api.host when it names a host)."""
+    tls = cfg.api.tls
+    if tls is None:
+        return Check("tls", "warn", "api.tls is not set: the API is plain HTTP (for a local test only)")
+    for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        if path is not None:
+            why = file_unreadable(path, uid=uid)
+            if why is not None:
+                return Check("tls", "fail", why)
+    try:
+        cert = check_tls_files(tls, now=now)
+    except FedsiteError as exc:
+        return Check("tls", "fail", str(exc))
+    wanted = [h.lower() for h in hosts]
+    if cfg.api.host not in _WILDCARD_HOSTS:
+        wanted.append(cfg.api.host.lower())
+    names = _names(cert)
+    missing = [h for h in dict.fromkeys(wanted) if h not in names and _normal_ip(h) not in names]
+    if missing:
+        return Check(
+            "tls",
+            "fail",
+            f"{tls.cert_file} does not name {', '.join(missing)} "
+            f"(it names {', '.join(sorted(names)) or 'nothing'}); "
+            "issue it again with every name clients use (fedsite certs init --hosts ...)",
+        )
+    left = cert.not_valid_after_utc - now
+    mtls = "mutual TLS" if tls.client_ca_file is not None else "server TLS only (no client_ca_file)"
+    summary = (
+        f"{mtls}; certificate for {', '.join(sorted(names))} valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+    )
+    if left < dt.timedelta(days=EXPIRY_WARN_DAYS):
+        return Check("tls", "warn", f"{summary}: expires in {left.days} day(s)")
+    return Check("tls", "ok", summary)
+
+
+def _normal_ip(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host
+
+
+# ---------------------------------------------------------------------------------- the rest
+
+
+def check_approval(cfg: AgentConfig) -> Check:
+    """The policy in force and what it means for the coordinator's plans."""
+    if cfg.approval.policy == "manual":
+        return Check(
+            "approval",
+            "ok",
+            "manual: a plan runs only once its hash is approved here (fedsite plans approve); "
+            "others are refused with 403",
+        )
+    return Check(
+        "approval",
+        "ok",
+        "auto: any plan whose model is in the registry runs without a person approving it "
+        "(approval.policy: manual to review each plan)",
+    )
+
+
+def check_database(cfg: AgentConfig) -> tuple[Check, Database | None]:
+    """Reachable and migrated to this version's schema, without creating or migrating anything.
+    Returns the open database when usable (for the catalog and clock checks)."""
+    path = sqlite_file(cfg.db_url)
+    if path is not None and not path.exists():
+        return Check("database", "ok", f"{path} does not exist yet; the agent creates it at start"), None
+    db = Database(cfg.db_url)
+    try:
+        current, heads = schema_revisions(db)
+    except Exception as exc:  # any driver error: the summary names it, the doctor goes on
+        db.dispose()
+        return Check(
+            "database", "fail", f"cannot reach {safe_url(cfg.db_url)}: {type(exc).__name__}: {exc}"
+        ), None
+    if current == heads:
+        return Check("database", "ok", f"{safe_url(cfg.db_url)} reachable, schema up to date"), db
+    if current - heads and not current <= heads:
+        extra = ", ".join(sorted(current - heads))
+        return (
+            Check(
+                "database", "fail", f"schema revision {extra} is unknown to this version (a newer fedsite?)"
+            ),
+            None,
+        )
+    return (
+        Check(
+            "database",
+            "warn",
+            f"schema at {', '.join(sorted(current)) or 'nothing'}, this version needs "
+            f"{', '.join(sorted(heads))}: the agent migrates it at start",
+        ),
+        db,
+    )
+
+
+def check_disk(cfg: AgentConfig) -> Check:
+    """Free space where the work directory is (or would be created)."""
+    where = cfg.work_dir
+    while not where.exists() and where != where.parent:  # not created yet: the volume it will be on
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    text = f"{free / (1 << 30):.1f} GiB free for {cfg.work_dir}"
+    if free < MIN_FREE_BYTES:
+        return Check("disk", "fail", f"{text}: a round's checkpoint and update need more")
+    if free < WARN_FREE_BYTES:
+        return Check("disk", "warn", f"{text}: low")
+    return Check("disk", "ok", text)
+
+
+def check_clock(cfg: AgentConfig, db: Database | None, now: dt.datetime) -> Check:
+    """The clock against what cannot be in the future: the certificates' start of validity and the
+    newest audit event. A clock behind them makes TLS refuse valid certificates."""
+    marks: list[tuple[dt.datetime, str]] = []
+    tls = cfg.api.tls
+    if tls is not None:
+        try:
+            marks.append((load_certificate(tls.cert_file).not_valid_before_utc, "the certificate's start"))
+            if tls.client_ca_file is not None:
+                for ca in load_certificates(tls.client_ca_file):
+                    marks.append((ca.not_valid_before_utc, "the client CA's start"))
+        except FedsiteError:
+            pass  # the tls check says why
+    if db is not None:
+        try:
+            with db.session() as s:
+                ts = s.scalar(select(AuditEvent.ts).order_by(AuditEvent.id.desc()).limit(1))
+        except Exception:  # a schema not migrated yet: the database line says so
+            ts = None
+        if ts:
+            last = dt.datetime.fromisoformat(ts)
+            marks.append((last if last.tzinfo else last.replace(tzinfo=dt.UTC), "the newest audit event"))
+    late = [(when, what) for when, what in marks if when > now + dt.timedelta(minutes=5)]
+    if late:
+        when, what = max(late)
+        return Check(
+            "clock",
+            "fail",
+            f"the clock ({now:%Y-%m-%d %H:%M} UTC) is behind {what} ({when:%Y-%m-%d %H:%M} UTC): "
+            "set the time (NTP) on the host",
+        )
+    return Check("clock", "ok", f"{now:%Y-%m-%d %H:%M} UTC, after every certificate's start and audit event")
+
+
+def run_doctor(
+    cfg: AgentConfig,
+    *,
+    as_uid: int | None = None,
+    hosts: list[str] | None = None,
+    now: dt.datetime | None = None,
+    sample: int = 20,
+) -> DoctorReport:
+    """Every check, in the order an admin fixes things: data, TLS, approval, database, disk, clock."""
+    now = now or dt.datetime.now(dt.UTC)
+    uid = agent_uid(cfg, as_uid)
+    report = DoctorReport()
+    db_check, db = check_database(cfg)
+    try:
+        catalog: dict[str, DatasetSummary] = {}
+        if db is not None:
+            try:
+                catalog = {s.name: s for s in dataset_summaries(db)}
+            except Exception:  # a schema not migrated yet: the database line says so
+                catalog = {}
+        if not cfg.datasets:
+            report.checks.append(Check("datasets", "warn", "no dataset configured: nothing to train on"))
+        for ds in cfg.datasets:
+            report.checks.append(check_dataset(ds, uid, catalog.get(ds.name), sample=sample))
+        report.checks.append(check_tls(cfg, uid, hosts or [], now))
+        report.checks.append(check_approval(cfg))
+        report.checks.append(db_check)
+        report.checks.append(check_disk(cfg))
+        report.checks.append(check_clock(cfg, db, now))
+    finally:
+        if db is not None:
+            db.dispose()
+    return report
