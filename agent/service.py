@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import threading
 import time
@@ -50,6 +51,7 @@ from agent.errors import (
 )
 from agent.exchange.codec import decode_weights
 from agent.exchange.egress import EgressGate
+from agent.fsaccess import fix_command
 from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.retention import RetentionReport, apply_retention
 from agent.jobs.runner import JobRunner
@@ -86,6 +88,8 @@ class SiteService:
         self._device: str | None = None
         self._key_lock = threading.Lock()
         self._audit_key: Ed25519PrivateKey | None = None
+        # Per dataset, why its last scan failed (no paths): /v1/info shows it next to the kept counts.
+        self._scan_problems: dict[str, str] = {}
 
     @classmethod
     def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
@@ -121,18 +125,32 @@ class SiteService:
         return apply_retention(self.store, self.gate, self.cfg)
 
     def scan(self) -> None:
+        """Index the datasets; log one line per dataset and one per problem (unreadable files, no
+        subjects, all excluded, a scan refused), so that an agent with nothing to train on says why."""
         report = scan_datasets(self.cfg, self.db, audit=self.audit, actor="agent")
+        summaries = {s.name: s for s in dataset_summaries(self.db)}
         for ds in report.datasets:
             if ds.error:
+                self._scan_problems[ds.name] = ds.problem or "the last scan failed"
                 log.error("dataset %s: %s", ds.name, ds.error)
-            else:
-                log.info(
-                    "dataset %s: %d training and %d validation subjects, %d excluded by volume warnings",
-                    ds.name,
-                    ds.num_train,
-                    ds.num_val,
-                    ds.num_excluded,
-                )
+                continue
+            self._scan_problems.pop(ds.name, None)
+            log.info(
+                "dataset %s: %d training and %d validation subjects, %d excluded by volume warnings",
+                ds.name,
+                ds.num_train,
+                ds.num_val,
+                ds.num_excluded,
+            )
+            summary = summaries.get(ds.name)
+            if summary is None:
+                continue
+            for i, problem in enumerate(summary.problems()):
+                # Unreadable subjects come first in problems(): their line carries the fix (local log).
+                fix = ""
+                if i == 0 and summary.num_unreadable:
+                    fix = f"; fix: {fix_command(self.cfg.dataset(ds.name).root, os.geteuid())}"
+                log.warning("dataset %s: %s%s", ds.name, problem, fix)
 
     def close(self) -> None:
         """Stop the scheduler (a running job becomes interrupted) and release the database."""
@@ -168,7 +186,10 @@ class SiteService:
                 "num_val": 0,
                 "num_excluded": 0,
                 "modalities": list(ds.modalities),
+                "problems": [] if ds.name in self._scan_problems else ["not scanned yet"],
             }
+            if ds.name in self._scan_problems:
+                entry = {**entry, "problems": [self._scan_problems[ds.name], *entry["problems"]]}
             datasets.append(entry)
         return {
             "site_id": self.cfg.site.id,

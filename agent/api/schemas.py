@@ -47,6 +47,12 @@ class DatasetOut(BaseModel):
         "(volume warnings such as untrusted geometry); a count only, never which ones."
     )
     modalities: list[str]
+    problems: list[str] = Field(
+        default_factory=list,
+        description="Why the dataset gives training less than it holds, in words without paths or "
+        "subjects: e.g. '3 subject(s) unreadable by uid 10001', 'no subjects found', 'all 4 subject(s) "
+        "excluded by volume warnings', 'dataset folder unreadable by uid 10001'. Empty when all is well.",
+    )
 
 
 class InfoOut(BaseModel):

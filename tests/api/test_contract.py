@@ -179,8 +179,8 @@ def test_info_reports_counts_only(env: Env) -> None:
     assert info["device"] == "cpu"
     assert info["agent_version"]
     [ds] = info["datasets"]
-    assert set(ds) == {"name", "format", "num_train", "num_val", "num_excluded", "modalities"}
-    assert ds["num_excluded"] == 0
+    assert set(ds) == {"name", "format", "num_train", "num_val", "num_excluded", "modalities", "problems"}
+    assert ds["num_excluded"] == 0 and ds["problems"] == []
     assert ds["name"] == "brain" and ds["format"] == "dicom" and ds["modalities"] == ["flair"]
     assert ds["num_train"] + ds["num_val"] == 6 and ds["num_train"] >= 1 and ds["num_val"] >= 1
     assert "/" not in json.dumps(info)
