@@ -298,7 +298,7 @@ def _env_text(spec: SiteSpec, data_dir: Path) -> str:
     return (
         "# Compose variables for deploy/docker-compose.yml, written by `fedsite init`. Copy the compose\n"
         "# file into this folder and run compose here (the relative paths below are this folder's):\n"
-        "#   cp deploy/docker-compose.yml SITE/ && cd SITE && docker-compose up -d   # or `docker compose`\n"
+        "#   cp deploy/docker-compose*.yml deploy/.gitignore SITE/ && cd SITE && docker-compose up -d\n"
         "COMPOSE_PROJECT_NAME=fedsite\n"
         "COMPOSE_FILE=docker-compose.yml\n"
         f"FEDSITE_IMAGE={spec.image}\n"

@@ -90,8 +90,8 @@ def _print_result(out: SiteWritten, spec: SiteSpec) -> None:
         typer.echo(
             "\nNext, on the Docker host (docker-compose, or `docker compose` with Compose v2):\n"
             f"  sudo chown 10001 {site / 'tls' / 'server.key'}     # the agent's uid reads its key\n"
-            f"  cp deploy/docker-compose.yml {site}/ && cd {site}\n"
-            f"  docker-compose run --rm agent {CONTAINER_CHECK}\n"
+            f"  cp deploy/docker-compose*.yml deploy/.gitignore {site}/ && cd {site}\n"
+            f"  docker-compose run --rm -T agent {CONTAINER_CHECK}\n"
             "  docker-compose up -d"
         )
     else:
