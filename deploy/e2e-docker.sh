@@ -3,7 +3,9 @@
 #   1. a Docker engine (started here, as root, with the vfs driver, if none answers),
 #   2. a Debian bookworm base image from Debian's package mirror (no registry pull; cached),
 #   3. the wheelhouse (cached) and the fedsite image built offline from it,
-#   4. tests/deploy/test_e2e_docker.py: the image runs as uid 10001 and cannot write the data
+#   4. deploy/guide-check.sh: the admin guide's commands, as written, on that image (one site
+#      over mutual TLS on generated data, a round from a coordinator on the host, teardown),
+#   5. tests/deploy/test_e2e_docker.py: the image runs as uid 10001 and cannot write the data
 #      mount; deploy/federation-demo.yml brings up three agents and a coordinator, runs two
 #      FedAvg rounds over mutual TLS, every site's audit chain verifies; then `down -v`.
 # Nothing is left running: the compose project is removed by the tests and again here, and
@@ -113,6 +115,10 @@ done
 docker image prune -f >/dev/null 2>&1 || true
 step "image $image built with ${build[*]:0:3} ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
 
-# 4. the tests
+# 4. the admin guide, followed as written (deploy/README.md's sh blocks, in order)
+FEDSITE_IMAGE="$image" bash deploy/guide-check.sh
+step "the admin guide's commands ran as written"
+
+# 5. the tests
 FEDSITE_E2E_IMAGE="$image" "$python" -m pytest -q -m docker -p no:cacheprovider tests/deploy/test_e2e_docker.py "$@"
 step "docker tests passed"

@@ -209,7 +209,7 @@ def test_demo_setup_script_is_valid_sh_and_writes_the_federation_keys() -> None:
     text = script.read_text()
     for key in ("token_file:", "ca_file:", "client_cert:", "client_key:", "url: https://"):
         assert key in text
-    for path in ("e2e-docker.sh",):
+    for path in ("e2e-docker.sh", "guide-check.sh"):
         proc = subprocess.run(["bash", "-n", str(DEPLOY / path)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 
