@@ -45,6 +45,22 @@ def configure_logging(level: str) -> None:
     )
 
 
+def log_doctor(cfg: AgentConfig) -> None:
+    """`fedsite doctor`'s checks as start-up log lines: one per check, at WARNING for a warning and
+    ERROR for a failure (with its fix), so that the log of an agent with nothing to train on says
+    why. They never stop the start: the agent serves /v1/info, which reports the same problems."""
+    from agent.doctor import run_doctor
+
+    try:
+        report = run_doctor(cfg)
+    except Exception as exc:  # a check that cannot run must not keep the site down
+        log.warning("doctor: the checks could not run: %s: %s", type(exc).__name__, exc)
+        return
+    levels = {"ok": logging.INFO, "warn": logging.WARNING, "fail": logging.ERROR}
+    for check in report.checks:
+        log.log(levels[check.status], "doctor: %s", check.line())
+
+
 def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
     """Serve CFG's site until SIGTERM or Ctrl-C: the REST control API and the round scheduler.
     CFG is already checked (config and TLS files); SCAN indexes the datasets before rounds."""
@@ -55,6 +71,8 @@ def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
     from agent.service import SiteService
 
     configure_logging(cfg.log_level)
+    # Before any thread is started: a check as another uid forks.
+    log_doctor(cfg)
     # Before the database is opened and any thread started: workers are forks of it.
     launcher = start_launcher(cfg.device)
     service = SiteService.open(cfg, runner_options={"launcher": launcher})

@@ -462,7 +462,9 @@ def unmatched_subjects(
         ds.root.joinpath(*ds.images.replace("{modality}", m).split("/")[:level]) for m in ds.modalities
     }
     for parent in sorted(parents):
-        if not parent.is_dir():
+        # A folder this uid cannot list hides its subjects from discovery too; its subjects are
+        # unknown, so nothing can be reported per subject (the doctor names the folder).
+        if not parent.is_dir() or not os.access(parent, os.R_OK | os.X_OK):
             continue
         for entry in sorted(parent.iterdir()):
             name = entry.name

@@ -157,3 +157,30 @@ def test_subject_folders_the_agent_uid_cannot_list_count_as_unreadable(open_tmp:
 
     [ds] = out["info"]["datasets"]
     assert ds["problems"] == [f"3 subject(s) unreadable by uid {AGENT_UID}"], ds
+
+
+@needs_root
+def test_a_pattern_below_a_folder_the_agent_uid_cannot_list_is_no_traceback(open_tmp: Path) -> None:
+    """images: scans/{subject}/... with scans/ 750 of another user: the scan (at start-up) must not
+    raise PermissionError; the dataset reports no subjects and the doctor names the folder."""
+    site = make_site(open_tmp / "fed", subjects=3, fmt="nifti", overrides={"device": "cpu"})
+    token = add_tokens(site.config_path, coordinator="coord")["coord"]
+    cfg = load_config(site.config_path)
+    ds = cfg.datasets[0]
+    scans = ds.root / "scans"
+    scans.mkdir()
+    for sub in [p for p in ds.root.iterdir() if p != scans]:
+        shutil.move(sub, scans / sub.name)
+    ds.images = "scans/" + ds.images
+    ds.label = "scans/" + (ds.label or "")
+    give_away(scans)
+    chown_tree(cfg.work_dir, AGENT_UID)
+
+    out = run_as(AGENT_UID, lambda: _info_and_log(cfg, token))
+
+    [info] = out["info"]["datasets"]
+    assert info["problems"] == ["no subjects found"]
+    from agent.doctor import run_doctor
+
+    [check] = [c for c in run_doctor(cfg, as_uid=AGENT_UID).checks if c.name == "dataset brain"]
+    assert check.status == "fail" and str(scans) in check.summary
