@@ -65,8 +65,11 @@ def test_a_fresh_site_checks_clean_and_completes_a_fedavg_round(tmp_path: Path) 
     code, out = init_demo(site, "--runtime", "local", "--approval", "auto", "--port", str(port))
     assert code == 0, out
     config = site / "config" / "site.yaml"
-    assert f"{config}: OK" in out  # init ran the check itself
+    # init ran the check itself: the config, then the doctor's checks, all passed.
+    assert f"{config}: OK" in out and "doctor: 0 failed" in out
     assert run_site_checks(config) == 0
+    code, doctor_out = run("doctor", "--config", str(config))
+    assert code == 0, doctor_out
     # The token printed last is the one handed over, and the site's database knows it.
     token = out.strip().splitlines()[-1]
     assert (site / "handoff" / "coordinator.token").read_text().strip() == token
