@@ -333,7 +333,7 @@ def _check_paths(cfg: AgentConfig, where: str) -> None:
         except PermissionError:
             # A folder above the root that this uid cannot enter: one line naming it, the uid and the
             # fix, never a traceback (agent.fsaccess words it as the doctor does).
-            access = check_tree(ds.root, sample=0)
+            access = check_tree(ds.root, sample=0, max_folders=1)
             missing.append(f"datasets[{i}].root: {access.message() or f'cannot be read: {ds.root}'}")
             continue
         if not found:

@@ -130,7 +130,7 @@ def _denied(exc: OSError) -> bool:
     return exc.errno in (errno.EACCES, errno.EPERM)
 
 
-def _probe(root: Path, uid: int, sample: int) -> TreeAccess:
+def _probe(root: Path, uid: int, sample: int, max_folders: int = MAX_FOLDERS) -> TreeAccess:
     """The check itself, as whoever this process is."""
     out = TreeAccess(root=str(root), uid=uid)
     try:
@@ -151,7 +151,7 @@ def _probe(root: Path, uid: int, sample: int) -> TreeAccess:
     if not st_is_dir:
         return out
     queue: deque[Path] = deque([root])
-    while queue and out.folders_checked < MAX_FOLDERS:
+    while queue and out.folders_checked < max_folders:
         folder = queue.popleft()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -211,14 +211,17 @@ def _as_uid(uid: int, probe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return data
 
 
-def check_tree(root: Path, *, uid: int | None = None, sample: int = DEFAULT_SAMPLE_FILES) -> TreeAccess:
-    """Check ROOT as UID (default: this process's effective uid).
+def check_tree(
+    root: Path, *, uid: int | None = None, sample: int = DEFAULT_SAMPLE_FILES, max_folders: int = MAX_FOLDERS
+) -> TreeAccess:
+    """Check ROOT as UID (default: this process's effective uid), listing at most MAX_FOLDERS
+    folders (1: the root alone) and opening at most SAMPLE files.
 
     As root for another uid the check runs in a forked child that drops to that uid. As anyone
     else for another uid it cannot be made: the result says so (`checked` False)."""
     me = os.geteuid()
     if uid is None or uid == me:
-        return _probe(root, me, sample)
+        return _probe(root, me, sample, max_folders)
     if me != 0:
         return TreeAccess(
             root=str(root),
@@ -226,7 +229,7 @@ def check_tree(root: Path, *, uid: int | None = None, sample: int = DEFAULT_SAMP
             checked=False,
             note=f"{root}: not checked as uid {uid}: only root can check as another user (this is uid {me})",
         )
-    data = _as_uid(uid, lambda: asdict(_probe(root, uid, sample)))
+    data = _as_uid(uid, lambda: asdict(_probe(root, uid, sample, max_folders)))
     if "error" in data:
         return TreeAccess(
             root=str(root), uid=uid, checked=False, note=f"{root}: check as uid {uid} failed: {data['error']}"

@@ -780,7 +780,7 @@ def _scan_one(
     stats = DatasetScan(name=ds.name)
     # An unmounted share or a folder this uid cannot read must not wipe the catalog: leave it as it
     # was and say why (which uid, the fix), without a traceback.
-    access = check_tree(ds.root, sample=0)
+    access = check_tree(ds.root, sample=0, max_folders=1)
     if not access.exists or not access.is_dir or access.blocked_at is not None or not access.root_listable:
         stats.error = access.message() or f"dataset root is not a readable folder: {ds.root}"
         stats.problem = access.reason()
