@@ -241,7 +241,8 @@ def test_killed_agent_is_left_out_and_the_round_completes(fed3: RealFederation, 
     rnd = res.rounds[0]
     assert rnd["participants"] == ["site-1", "site-2"]
     assert [x["site"] for x in rnd["left_out"]] == ["site-3"]
-    assert "no answer" in rnd["left_out"][0]["reason"]
+    assert "site-3 at http://127.0.0.1" in rnd["left_out"][0]["reason"]
+    assert "is not reachable (" in rnd["left_out"][0]["reason"]
     assert any(w.startswith("round 1: site-3 left out of this round") for w in reporter.warnings)
     assert results(tmp_path / "out")["status"] == "completed"
 
