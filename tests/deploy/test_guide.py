@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,18 +15,22 @@ GUIDE = ROOT / "deploy" / "README.md"
 CHECK = ROOT / "deploy" / "guide-check.sh"
 
 
-def _script() -> str:
-    """The bash script guide-check.sh would run (`--list` runs nothing)."""
+PASSES = ("quick-start", "steps")
+
+
+def _script(pass_: str = "steps") -> str:
+    """The bash script guide-check.sh would run for one pass (`--list` runs nothing)."""
     proc = subprocess.run(
-        ["bash", str(CHECK), "--list"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        ["bash", str(CHECK), "--list", pass_], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-def _commands() -> list[str]:
-    """The guide's commands that the check runs, one per (continued) line, comments dropped."""
-    text = re.sub(r"\\\n\s*", " ", _script())
+def _commands(pass_: str = "steps") -> list[str]:
+    """The guide's commands that the check runs in a pass, one per (continued) line, comments
+    dropped."""
+    text = re.sub(r"\\\n\s*", " ", _script(pass_))
     out = []
     for line in text.splitlines():
         if line.startswith(("guide_step=", 'echo "[guide-check]', "set -euo", "trap ", 'if [ "$(id -u)"')):
@@ -40,8 +45,9 @@ def _index(commands: list[str], needle: str) -> int:
     return found[0]
 
 
-def test_the_extracted_guide_is_valid_bash_and_skips_only_marked_blocks() -> None:
-    script = _script()
+@pytest.mark.parametrize("pass_", PASSES)
+def test_the_extracted_guide_is_valid_bash_and_skips_only_marked_blocks(pass_: str) -> None:
+    script = _script(pass_)
     proc = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     fences = re.findall(r"^```sh\s*$", GUIDE.read_text(), flags=re.M)
@@ -49,6 +55,39 @@ def test_the_extracted_guide_is_valid_bash_and_skips_only_marked_blocks() -> Non
     assert len(set(blocks)) == len(fences)
     for reason in re.findall(r"skipped: (.*)\" >&2", script):
         assert reason.strip(), "a skipped block must say why"
+
+
+def test_every_block_runs_in_one_pass_or_is_skipped_with_its_reason() -> None:
+    run = {p: set(re.findall(r'guide_step="(block \d+) ', _script(p))) for p in PASSES}
+    assert run["quick-start"] and run["steps"]
+    assert not run["quick-start"] & run["steps"]
+    skipped = set(re.findall(r"\[guide-check\] (block \d+) .* skipped: (?!run in the)", _script("steps")))
+    fences = re.findall(r"^```sh\s*$", GUIDE.read_text(), flags=re.M)
+    assert len(run["quick-start"] | run["steps"] | skipped) == len(fences)
+
+
+def test_the_init_quick_start_is_checked_from_init_to_teardown() -> None:
+    """The quick start, as guide-check's quick-start pass runs it: `fedsite init` writes the site
+    without asking, compose brings it up, the hand-off files reach /v1/info over mutual TLS."""
+    cmds = _commands("quick-start")
+    init = cmds[_index(cmds, " init ")]
+    assert "--non-interactive" in init and "--demo-data" in init
+    # No terminal in a script: `docker run -it` would fail before init starts.
+    assert not re.search(r"docker run [^|]*-it?\b", init), init
+    up = _index(cmds, "docker-compose up -d")
+    assert _index(cmds, "chown 10001 tls/server.key") < _index(cmds, " config check ") < up
+    info = cmds[_index(cmds, "/v1/info")]
+    assert _index(cmds, "/v1/info") > up
+    for part in (
+        "--cacert handoff/ca.crt",
+        "--cert handoff/coordinator.crt",
+        "--key handoff/coordinator.key",
+        "Authorization: Bearer $(cat handoff/coordinator.token)",
+    ):
+        assert part in info, info
+    hosts = set(["localhost", "127.0.0.1", "agent"]) | set(re.findall(r"--hosts (\S+)", init)[0].split(","))
+    assert set(re.findall(r"https://([^:/\s]+)", "\n".join(cmds))) <= hosts
+    assert cmds[-1] == "docker-compose down -v"
 
 
 def test_the_guide_runs_in_the_order_that_works() -> None:
@@ -77,7 +116,7 @@ def test_the_certificate_names_include_every_host_the_guide_connects_to() -> Non
 
 
 def test_compose_commands_work_with_debian_compose_and_in_scripts() -> None:
-    cmds = _commands()
+    cmds = _commands("steps") + _commands("quick-start")
     for c in cmds:
         # Debian's package is Compose 1.x: `docker-compose`; v2's `docker compose` is named in prose.
         assert "docker compose " not in c, c
