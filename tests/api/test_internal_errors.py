@@ -6,19 +6,17 @@ keep-alive httpx client, through a real route whose service call raises.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from agent.api.app import create_app
 from agent.config import load_config
 from agent.service import SiteService
 from tests.fixtures.agents import add_tokens, make_site
+from tests.fixtures.servers import ThreadedServer
 
 
 class Served:
@@ -34,20 +32,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tokens = add_tokens(site.config_path, coordinator="coord")
     service = SiteService.open(load_config(site.config_path))
     # log_config=None: uvicorn's own records propagate to the root logger, where caplog sees them.
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=0, lifespan="off", log_config=None)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield Served(service, f"http://127.0.0.1:{port}", tokens)
+        with ThreadedServer(
+            create_app(service), log_config=None, log_level=None, start_timeout_s=30
+        ) as server:
+            yield Served(service, f"http://127.0.0.1:{server.port}", tokens)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         service.db.dispose()
 
 

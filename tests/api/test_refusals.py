@@ -13,9 +13,6 @@ The flood runs against a real server on 127.0.0.1; the legitimate coordinator co
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from agent.access.tokens import create_token
 from agent.api.app import create_app
@@ -33,6 +29,7 @@ from agent.api.throttle import THROTTLED_REASON, RefusalGuard
 from agent.audit.chain import canonical_json
 from agent.config import RefusalsConfig, parse_config
 from agent.service import SiteService
+from tests.fixtures.servers import ThreadedServer
 
 FLOOD_CLIENTS = 8
 FLOOD_PER_CLIENT = 40
@@ -60,30 +57,11 @@ class Clock:
         return self.now
 
 
-class Server:
+class Server(ThreadedServer):
     """The agent's app on 127.0.0.1 (no lifespan: the service is never started)."""
 
     def __init__(self, app: Any) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", server_header=False)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(app, server_header=False)
 
     @property
     def url(self) -> str:

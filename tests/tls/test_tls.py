@@ -11,7 +11,6 @@ import datetime as dt
 import socket
 import ssl
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
@@ -36,6 +34,7 @@ from agent.tls.contexts import client_ssl_context, uvicorn_ssl_kwargs
 from agent.tls.files import check_tls_files, load_certificate, parse_subject
 from agent.tls.issue import init_certificates
 from agent.tls.probe import probe_health
+from tests.fixtures.servers import ThreadedServer
 
 runner = CliRunner()
 
@@ -185,7 +184,7 @@ def test_client_context_requires_cert_and_key_together(pki: dict[str, Path]) -> 
 # ------------------------------------------------------------------ a real server
 
 
-class _Server:
+class _Server(ThreadedServer):
     def __init__(self, tls: TlsConfig, audit: AuditLog) -> None:
         api = FastAPI()
 
@@ -197,27 +196,7 @@ class _Server:
         def info() -> dict[str, str]:
             return {"site_id": "site-1"}
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(api, log_level="warning", lifespan="off", **tls_options(tls, audit))
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> _Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
+        super().__init__(api, **tls_options(tls, audit))
 
     def url(self, path: str) -> str:
         return f"https://localhost:{self.port}{path}"
