@@ -170,7 +170,11 @@ class AgentClient:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.name = entry.name
-        self.url = entry.url
+        if entry.url is None:
+            raise AgentError(
+                entry.name, "is a pull site (no url): it connects to the relay, see coordinator.relay"
+            )
+        self.url: str = entry.url
         self._entry = entry
         self.timeouts = timeouts or Timeouts()
         self.retries = retries or Retries()

@@ -8,15 +8,31 @@ agents:
     ca_file: null             # CA bundle that signed the agent's TLS certificate (https)
     client_cert: null         # optional client certificate + key for mutual TLS
     client_key: null
+  - name: site-3
+    pull: true                # outbound-only site: it connects to the relay, no url or token here
 outside:                      # optional: sites that only evaluate (held-out test sites)
   - name: site-4
     url: http://127.0.0.1:8104
     token_file: site-4/coordinator.token
+relay:                        # required when any entry is `pull: true` (see coordinator.relay)
+  listen: 127.0.0.1:8700      # where `fedsite coordinate` serves it (--serve HOST:PORT overrides)
+  dir: relay                  # relay.db + blobs/ + chunks/ + updates/, relative to this file
+  database_url: null          # optional SQLAlchemy URL instead of dir/relay.db
+  lease_s: 90
+  heartbeat_s: 30
+  chunk_bytes: 4194304
+  max_wait_s: 25
+  register_wait_s: 60         # preflight waits this long for pull sites that have not connected
+  tls: null                   # {cert_file, key_file, client_ca_file?}: serve HTTPS
 min_sites: 1
 timeouts: {connect: 5, read: 30, round: 3600, evaluation: 1800}
 retries: {attempts: 5, backoff: 0.5, max_backoff: 10}
 poll_interval: 1.0
 ```
+
+A push site (`url` and a token) is reached by the coordinator; a pull site (`pull: true`)
+reaches the coordinator's relay with the token `fedsite relay add-site` issued to it, whose
+hash the relay keeps in its own database.
 
 Every error names the file and the key (``agents[1].token_file``) so that whoever runs the
 federation can fix the file without reading code.
@@ -44,7 +60,9 @@ from coordinator.errors import FederationError
 
 class AgentEntry(StrictModel):
     name: str
-    url: str
+    # A push site's address; a pull site has none (it connects to the relay).
+    url: str | None = None
+    pull: bool = False
     token: SecretStr | None = None
     token_file: Path | None = None
     ca_file: Path | None = None
@@ -58,7 +76,9 @@ class AgentEntry(StrictModel):
 
     @field_validator("url")
     @classmethod
-    def _url_shape(cls, v: str) -> str:
+    def _url_shape(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         parts = urlsplit(v)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
@@ -70,6 +90,24 @@ class AgentEntry(StrictModel):
 
     @model_validator(mode="after")
     def _one_token_source(self) -> AgentEntry:
+        if self.pull:
+            given = [
+                k
+                for k in ("url", "token", "token_file", "ca_file", "client_cert", "client_key")
+                if getattr(self, k) is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"a pull site ({self.name}) connects to the relay, the coordinator never reaches it: "
+                    f"remove {', '.join(repr(k) for k in given)} (its token is issued by "
+                    f"`fedsite relay add-site {self.name}`)"
+                )
+            return self
+        if self.url is None:
+            raise ValueError(
+                f"{self.name} has no 'url': give the agent's address, or `pull: true` for a site that "
+                "connects to the relay"
+            )
         if (self.token is None) == (self.token_file is None):
             raise ValueError("set exactly one of 'token' and 'token_file'")
         if self.token is not None and not self.token.get_secret_value().strip():
@@ -101,6 +139,56 @@ class Retries(StrictModel):
     max_backoff: float = Field(default=10.0, ge=0)
 
 
+class RelayTls(StrictModel):
+    cert_file: Path
+    key_file: Path
+    # With it, a site must present a client certificate this CA signed (mutual TLS).
+    client_ca_file: Path | None = None
+
+
+def check_listen(v: str) -> str:
+    """HOST:PORT where the relay listens (IPv6 in brackets: [::1]:8700); port 0 takes any free
+    port, which only a test that asks the server for its port can use."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"must be HOST:PORT with a port 0-65535, got {v!r}")
+    return v
+
+
+def split_listen(v: str) -> tuple[str, int]:
+    host, _, port = check_listen(v).rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class RelaySettings(StrictModel):
+    """Where and how the coordinator serves the relay that pull sites connect to."""
+
+    listen: str = "127.0.0.1:8700"
+    dir: Path = Path("relay")
+    database_url: str | None = None
+    lease_s: float = Field(default=90.0, gt=0)
+    heartbeat_s: float = Field(default=30.0, gt=0)
+    chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_wait_s: float = Field(default=25.0, ge=0, le=300)
+    max_requeues: int = Field(default=3, ge=0, le=100)
+    register_wait_s: float = Field(default=60.0, ge=0)
+    tls: RelayTls | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_shape(cls, v: str) -> str:
+        return check_listen(v)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> RelaySettings:
+        if self.lease_s <= self.heartbeat_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be longer than heartbeat_s ({self.heartbeat_s:g}), "
+                "or every lease expires between two heartbeats"
+            )
+        return self
+
+
 class Federation(StrictModel):
     agents: list[AgentEntry] = Field(min_length=1)
     # Sites that never train: they only evaluate models (data the federation never saw).
@@ -109,6 +197,7 @@ class Federation(StrictModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
     poll_interval: float = Field(default=1.0, gt=0, le=60)
+    relay: RelaySettings | None = None
 
     # Set by load_federation: the file this came from (not a YAML key).
     source: Path | None = Field(default=None, exclude=True)
@@ -122,6 +211,12 @@ class Federation(StrictModel):
             seen.add(agent.name)
         if self.min_sites > len(self.agents):
             raise ValueError(f"min_sites is {self.min_sites} but only {len(self.agents)} agent(s) are listed")
+        pull = self.pull_names
+        if pull and self.relay is None:
+            raise ValueError(
+                f"pull site(s) {', '.join(pull)} need a 'relay:' section (where the coordinator serves "
+                "the relay they connect to), e.g. relay: {listen: 0.0.0.0:8700, dir: relay}"
+            )
         return self
 
     def agent(self, name: str) -> AgentEntry:
@@ -137,6 +232,11 @@ class Federation(StrictModel):
     @property
     def outside_names(self) -> list[str]:
         return [a.name for a in self.outside]
+
+    @property
+    def pull_names(self) -> list[str]:
+        """The sites that connect to the relay (training and outside sites alike)."""
+        return [a.name for a in [*self.agents, *self.outside] if a.pull]
 
 
 def _resolve_and_check(fed: Federation, base: Path, where: str) -> None:
@@ -159,6 +259,18 @@ def _resolve_and_check(fed: Federation, base: Path, where: str) -> None:
                 problems.append(f"{group}[{i}].{key}: file does not exist: {path}")
             elif key == "token_file" and not path.read_text().strip():
                 problems.append(f"{group}[{i}].token_file: file is empty: {path}")
+    relay = fed.relay
+    if relay is not None:
+        relay.dir = fix(relay.dir)
+        if relay.tls is not None:
+            for key in ("cert_file", "key_file", "client_ca_file"):
+                value = getattr(relay.tls, key)
+                if value is None:
+                    continue
+                path = fix(value)
+                setattr(relay.tls, key, path)
+                if not path.is_file():
+                    problems.append(f"relay.tls.{key}: file does not exist: {path}")
     if problems:
         raise FederationError(f"{where}: " + f"\n{where}: ".join(problems))
 
