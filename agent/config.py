@@ -14,6 +14,7 @@ import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -231,6 +232,55 @@ class JobsConfig(StrictModel):
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
+class ConnectConfig(StrictModel):
+    """Outbound-only mode (`agent.connect`): the agent reaches the coordinator's relay, never the
+    other way round, because hospital firewalls allow outbound connections only. `listen` keeps
+    the push API alone; `outbound` opens no control port at all; `both` runs the two."""
+
+    mode: Literal["listen", "outbound", "both"] = "listen"
+    # The relay's base URL (http or https, with a host); required for outbound and both.
+    coordinator_url: str | None = None
+    # The site's token for the relay, in a file of its own (relative to the config file).
+    token_file: Path | None = None
+    # HTTPS: the CA bundle that signed the relay's certificate (None: the system's CAs).
+    ca_file: Path | None = None
+    # Mutual TLS: a client certificate and its key, both or neither.
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    # The long-poll wait asked of the relay (it clamps it to its own maximum).
+    poll_wait_s: float = Field(default=25.0, ge=0, le=600)
+    # Heartbeat interval, +-20% jitter; the relay's answer overrides it.
+    heartbeat_s: float = Field(default=30.0, gt=0, le=3600)
+    # Upload chunk size; the relay's chunk_bytes is the upper bound.
+    chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    # The cap of the reconnect backoff (exponential with full jitter from 0.5 s).
+    max_backoff_s: float = Field(default=60.0, ge=0.5, le=3600)
+    # Attempts per upload before the task waits for the next pass of the loop.
+    upload_attempts: int = Field(default=5, ge=1, le=100)
+
+    @field_validator("coordinator_url")
+    @classmethod
+    def _url_shape(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {v!r}")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"must be a base URL without credentials, query or fragment, got {v!r}")
+        return v.rstrip("/")
+
+    @property
+    def enabled(self) -> bool:
+        """True when the connector runs (outbound or both)."""
+        return self.mode != "listen"
+
+    @property
+    def serves_control_api(self) -> bool:
+        """True when the push API is mounted (listen or both)."""
+        return self.mode != "outbound"
+
+
 class AgentConfig(StrictModel):
     site: SiteConfig
     datasets: list[DatasetConfig] = Field(default_factory=list)
@@ -244,6 +294,7 @@ class AgentConfig(StrictModel):
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
+    connect: ConnectConfig = Field(default_factory=ConnectConfig)
 
     # Set by load_config: the file this config came from (not a YAML key).
     source: Path | None = Field(default=None, exclude=True)
@@ -315,6 +366,11 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         tls.key_file = fix(tls.key_file)
         if tls.client_ca_file is not None:
             tls.client_ca_file = fix(tls.client_ca_file)
+    connect = cfg.connect
+    for key in ("token_file", "ca_file", "client_cert", "client_key"):
+        value = getattr(connect, key)
+        if value is not None:
+            setattr(connect, key, fix(value))
     if (
         cfg.database_url
         and cfg.database_url.startswith("sqlite:///")
@@ -323,6 +379,29 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         rel = cfg.database_url[len("sqlite:///") :]
         if rel and rel != ":memory:":
             cfg.database_url = f"sqlite:///{fix(Path(rel)).as_posix()}"
+
+
+def _check_connect(cfg: AgentConfig, where: str) -> None:
+    """What the connect section's keys require of each other; one line per problem, each naming
+    its key, so that an outbound site is not started without a place to go or a credential."""
+    connect = cfg.connect
+    problems: list[str] = []
+    if connect.enabled:
+        if connect.coordinator_url is None:
+            problems.append(f"connect.coordinator_url: required when connect.mode is {connect.mode!r}")
+        if connect.token_file is None:
+            problems.append(f"connect.token_file: required when connect.mode is {connect.mode!r}")
+    if (connect.client_cert is None) != (connect.client_key is None):
+        pair = ("client_cert", "client_key")
+        have, lack = pair if connect.client_key is None else pair[::-1]
+        problems.append(f"connect.{lack}: required with connect.{have} (a client certificate and its key)")
+    url = connect.coordinator_url
+    if url is not None and url.startswith("http://"):
+        for key in ("ca_file", "client_cert", "client_key"):
+            if getattr(connect, key) is not None:
+                problems.append(f"connect.{key}: only used with an https:// coordinator_url, which is {url}")
+    if problems:
+        raise ConfigError(f"{where}: " + f"\n{where}: ".join(problems))
 
 
 def _check_paths(cfg: AgentConfig, where: str) -> None:
@@ -344,6 +423,17 @@ def _check_paths(cfg: AgentConfig, where: str) -> None:
             value = getattr(tls, key)
             if value is not None and not Path(value).is_file():
                 missing.append(f"api.tls.{key}: file does not exist: {value}")
+    for key in ("token_file", "ca_file", "client_cert", "client_key"):
+        value = getattr(cfg.connect, key)
+        if value is not None and not Path(value).is_file():
+            missing.append(f"connect.{key}: file does not exist: {value}")
+    token_file = cfg.connect.token_file
+    if cfg.connect.enabled and token_file is not None and token_file.is_file():
+        try:
+            if not token_file.read_text().strip():
+                missing.append(f"connect.token_file: the file is empty: {token_file}")
+        except (OSError, UnicodeDecodeError) as exc:
+            missing.append(f"connect.token_file: cannot be read: {token_file}: {exc}")
     if cfg.site.secret_file is not None and cfg.site.secret_file.exists() and cfg.site.secret_file.is_dir():
         missing.append(f"site.secret_file: is a folder: {cfg.site.secret_file}")
     if missing:
@@ -365,6 +455,7 @@ def parse_config(
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
     cfg.source = source
+    _check_connect(cfg, where)
     _resolve_paths(cfg, source.parent.resolve() if source else Path.cwd())
     if check_paths:
         _check_paths(cfg, where)

@@ -1,10 +1,10 @@
 """Every table module of the agent, imported in one place.
 
 Each table lives next to the code that owns it (the audit chain in `agent.audit`, tokens and
-approvals in `agent.access`, the catalog in `agent.data`, rounds in `agent.jobs`). Alembic's
-environment and the schema tests need all of them on one `Base.metadata` at once; this is
-the one function that gathers them, so that `agent.db` itself imports nothing of the
-project.
+approvals in `agent.access`, the catalog in `agent.data`, rounds in `agent.jobs`, the
+connector's tasks in `agent.connect`). Alembic's environment and the schema tests need all of
+them on one `Base.metadata` at once; this is the one function that gathers them, so that
+`agent.db` itself imports nothing of the project.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ TABLE_MODULES = (
     "agent.access.models",
     "agent.data.models",
     "agent.jobs.models",
+    "agent.connect.models",
 )
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -65,10 +65,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BodyTooLarge, too_large)
 
 
-def _include_routers(app: FastAPI) -> None:
-    """Mount one router per resource; all but the Prometheus endpoint are under /v1."""
+class Companion(Protocol):
+    """Something that runs beside the API for the service's lifetime (the outbound connector):
+    started after the service, stopped before it closes. The API does not know what it is."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _include_routers(app: FastAPI, *, control_api: bool = True) -> None:
+    """Mount one router per resource; all but the Prometheus endpoint are under /v1. Without
+    CONTROL_API (outbound mode) only the local probes: /v1/health and /metrics."""
     v1 = APIRouter(prefix="/v1")
-    for resource in (health, info, rounds, evaluations, audit):
+    resources = (health, info, rounds, evaluations, audit) if control_api else (health,)
+    for resource in resources:
         v1.include_router(resource.router)
     app.include_router(v1)
     app.include_router(prometheus.router)
@@ -90,8 +101,18 @@ def _publish_plan_schema(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
-    """The agent's ASGI app; starting it (lifespan) starts the service, stopping it closes it."""
+def create_app(
+    service: SiteService,
+    *,
+    scan_on_start: bool = True,
+    control_api: bool = True,
+    companions: Sequence[Companion] = (),
+) -> FastAPI:
+    """The agent's ASGI app; starting it (lifespan) starts the service, stopping it closes it.
+
+    CONTROL_API False (`connect.mode: outbound`) mounts no control route at all: rounds,
+    evaluations, info and audit do not exist on this app, only /v1/health and /metrics.
+    COMPANIONS start after the service and stop before it closes, in reverse order."""
     cfg = service.cfg
     metrics = AgentMetrics(service.db)
     refusals = RefusalGuard(service.audit, cfg.api.refusals)
@@ -115,10 +136,19 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
             side = metrics.serve(cfg.api.host, cfg.api.metrics_port)
             log.info("metrics without auth on http://%s:%d/metrics", cfg.api.host, cfg.api.metrics_port)
         summaries = asyncio.create_task(summarise_refusals())
-        log.info("site %s ready", cfg.site.id)
+        started: list[Companion] = []
         try:
+            for companion in companions:
+                await run_in_threadpool(companion.start)
+                started.append(companion)
+            log.info("site %s ready", cfg.site.id)
             yield
         finally:
+            for companion in reversed(started):
+                try:
+                    await run_in_threadpool(companion.stop)
+                except Exception:
+                    log.exception("could not stop %s", type(companion).__name__)
             summaries.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await summaries
@@ -142,7 +172,7 @@ def create_app(service: SiteService, *, scan_on_start: bool = True) -> FastAPI:
     # Refused callers: throttled per address, audited in bounded events (the token check and
     # the mutual-TLS gate of `agent.api.server` share it).
     app.state.refusals = refusals
-    _include_routers(app)
+    _include_routers(app, control_api=control_api)
     _publish_plan_schema(app)
     # Added first, so it runs inside the body limit: its 500s are counted and timed too.
     app.add_middleware(InternalErrorAnswer)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from agent.api.middleware import gated_protocol_class
 from agent.api.throttle import RefusalGuard
@@ -17,7 +18,13 @@ from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, TlsConfig
 from agent.tls.contexts import uvicorn_ssl_kwargs
 
+if TYPE_CHECKING:
+    from agent.api.app import Companion
+    from agent.service import SiteService
+
 log = logging.getLogger("fedsite.serve")
+
+LOOPBACK = "127.0.0.1"
 
 GRACEFUL_SHUTDOWN_S = 10
 
@@ -61,9 +68,19 @@ def log_doctor(cfg: AgentConfig) -> None:
         log.log(levels[check.status], "doctor: %s", check.line())
 
 
-def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
+def run_agent(
+    cfg: AgentConfig,
+    *,
+    scan: bool = True,
+    companions: Callable[[SiteService], Sequence[Companion]] | None = None,
+) -> None:
     """Serve CFG's site until SIGTERM or Ctrl-C: the REST control API and the round scheduler.
-    CFG is already checked (config and TLS files); SCAN indexes the datasets before rounds."""
+    CFG is already checked (config and TLS files); SCAN indexes the datasets before rounds.
+    COMPANIONS builds what runs beside the API from the service (the outbound connector,
+    which the command line composes in: the API does not import it).
+
+    With `connect.mode: outbound` no control route exists and the port answers only the local
+    probes (/v1/health, /metrics), bound to 127.0.0.1 whatever api.host says."""
     import uvicorn
 
     from agent.api.app import create_app
@@ -76,12 +93,27 @@ def run_agent(cfg: AgentConfig, *, scan: bool = True) -> None:
     # Before the database is opened and any thread started: workers are forks of it.
     launcher = start_launcher(cfg.device)
     service = SiteService.open(cfg, runner_options={"launcher": launcher})
-    app = create_app(service, scan_on_start=scan)
+    control_api = cfg.connect.serves_control_api
+    host = cfg.api.host
+    if not control_api and host != LOOPBACK:
+        log.info("connect.mode outbound: the local probes listen on %s, not on api.host %s", LOOPBACK, host)
+        host = LOOPBACK
+    extra = list(companions(service)) if companions is not None else []
+    app = create_app(service, scan_on_start=scan, control_api=control_api, companions=extra)
     scheme = "https" if cfg.api.tls is not None else "http"
-    log.info("site %s: serving on %s://%s:%d", cfg.site.id, scheme, cfg.api.host, cfg.api.port)
+    if control_api:
+        log.info("site %s: serving on %s://%s:%d", cfg.site.id, scheme, host, cfg.api.port)
+    else:
+        log.info(
+            "site %s: outbound only, no control API; health and metrics on %s://%s:%d",
+            cfg.site.id,
+            scheme,
+            host,
+            cfg.api.port,
+        )
     uvicorn.run(
         app,
-        host=cfg.api.host,
+        host=host,
         port=cfg.api.port,
         log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from agent.config import load_config
+from agent.config import ConnectConfig, load_config
 from agent.errors import ConfigError, TlsError
 from agent.tls.files import check_tls_files
+
+if TYPE_CHECKING:
+    from agent.api.app import Companion
+    from agent.service import SiteService
 
 serve_app = typer.Typer(add_completion=False)
 
@@ -27,6 +33,8 @@ def serve(
         cfg = load_config(config)
         if cfg.api.tls is not None:
             check_tls_files(cfg.api.tls)
+        if cfg.connect.enabled:
+            _check_connect_tls(cfg.connect)
     except (ConfigError, TlsError) as exc:
         typer.echo(f"{config}: {exc}" if isinstance(exc, TlsError) else str(exc), err=True)
         raise typer.Exit(2) from None
@@ -34,4 +42,22 @@ def serve(
         cfg.api.host = host
     if port is not None:
         cfg.api.port = port
-    run_agent(cfg, scan=scan)
+    run_agent(cfg, scan=scan, companions=_connector if cfg.connect.enabled else None)
+
+
+def _check_connect_tls(connect: ConnectConfig) -> None:
+    """The relay's CA bundle and the client certificate load, before anything starts."""
+    from agent.connect.relay_client import ssl_verify
+
+    try:
+        ssl_verify(connect)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"connect.ca_file / connect.client_cert: cannot be used: {exc}") from None
+
+
+def _connector(service: SiteService) -> list[Companion]:
+    """The outbound connector (`connect.mode` outbound or both), composed in here because the
+    API and the connector are siblings that do not import each other."""
+    from agent.connect.connector import Connector
+
+    return [Connector(service)]
