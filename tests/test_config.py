@@ -133,3 +133,88 @@ def test_config_check_cli(tmp_path: Path) -> None:
     res = runner.invoke(app, ["config", "check", str(bad)])
     assert res.exit_code == 2
     assert "bogus: unknown key" in res.output
+
+
+# ---- connect (outbound-only mode) ------------------------------------------------------------
+
+
+def _outbound(tmp_path: Path, **connect: object) -> dict:
+    doc = _base()
+    doc["connect"] = {"mode": "outbound", "coordinator_url": "https://coord.example:8700", **connect}
+    return doc
+
+
+def test_connect_defaults_to_listen_without_a_coordinator(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, _base()), environ={})
+    assert cfg.connect.mode == "listen" and not cfg.connect.enabled and cfg.connect.serves_control_api
+
+
+def test_outbound_resolves_its_files_next_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "relay.token").write_text("s3cret\n")
+    (tmp_path / "ca.pem").write_text("x")
+    doc = _outbound(tmp_path, token_file="relay.token", ca_file="ca.pem")
+    cfg = load_config(_write(tmp_path, doc), environ={})
+    assert cfg.connect.token_file == (tmp_path / "relay.token").resolve()
+    assert cfg.connect.ca_file == (tmp_path / "ca.pem").resolve()
+    assert cfg.connect.coordinator_url == "https://coord.example:8700"
+    assert cfg.connect.enabled and not cfg.connect.serves_control_api
+
+
+def test_outbound_needs_a_coordinator_url_and_a_token_file(tmp_path: Path) -> None:
+    doc = _base()
+    doc["connect"] = {"mode": "both"}
+    path = _write(tmp_path, doc)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, environ={})
+    assert f"{path}: connect.coordinator_url: required when connect.mode is 'both'" in str(err.value)
+    assert f"{path}: connect.token_file: required when connect.mode is 'both'" in str(err.value)
+
+
+def test_outbound_token_file_must_exist_and_hold_a_token(tmp_path: Path) -> None:
+    path = _write(tmp_path, _outbound(tmp_path, token_file="relay.token"))
+    with pytest.raises(ConfigError, match=r"connect\.token_file: file does not exist: .*relay\.token"):
+        load_config(path, environ={})
+    (tmp_path / "relay.token").write_text("\n")
+    with pytest.raises(ConfigError, match=r"connect\.token_file: the file is empty"):
+        load_config(path, environ={})
+
+
+def test_client_certificate_and_key_come_together(tmp_path: Path) -> None:
+    (tmp_path / "relay.token").write_text("s3cret\n")
+    (tmp_path / "client.pem").write_text("x")
+    path = _write(tmp_path, _outbound(tmp_path, token_file="relay.token", client_cert="client.pem"))
+    with pytest.raises(ConfigError, match=r"connect\.client_key: required with connect\.client_cert"):
+        load_config(path, environ={})
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("coord.example:8700", "must be an http:// or https:// URL with a host"),
+        ("ftp://coord.example", "must be an http:// or https:// URL with a host"),
+        ("https://user:pw@coord.example", "must be a base URL without credentials, query or fragment"),
+    ],
+)
+def test_coordinator_url_shape_is_checked(tmp_path: Path, url: str, why: str) -> None:
+    (tmp_path / "relay.token").write_text("s3cret\n")
+    path = _write(tmp_path, _outbound(tmp_path, token_file="relay.token", coordinator_url=url))
+    with pytest.raises(ConfigError, match=rf"connect\.coordinator_url: {why}"):
+        load_config(path, environ={})
+
+
+def test_tls_files_with_a_plain_http_coordinator_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "relay.token").write_text("s3cret\n")
+    (tmp_path / "ca.pem").write_text("x")
+    doc = _outbound(tmp_path, token_file="relay.token", ca_file="ca.pem", coordinator_url="http://c:1")
+    with pytest.raises(ConfigError, match=r"connect\.ca_file: only used with an https:// coordinator_url"):
+        load_config(_write(tmp_path, doc), environ={})
+
+
+def test_connect_mode_from_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "relay.token").write_text("s3cret\n")
+    doc = _base()
+    doc["connect"] = {"coordinator_url": "http://127.0.0.1:8700", "token_file": "relay.token"}
+    cfg = load_config(_write(tmp_path, doc), environ={"FEDSITE_CONNECT__MODE": "outbound"})
+    assert cfg.connect.mode == "outbound"
+    with pytest.raises(ConfigError, match=r"connect\.mode: Input should be 'listen', 'outbound' or 'both'"):
+        load_config(_write(tmp_path, doc), environ={"FEDSITE_CONNECT__MODE": "pull"})
