@@ -108,8 +108,8 @@ def test_outbound_agent_refuses_bad_tasks_and_completes_good_ones(tmp_path: Path
         f"task {t_tampered.task_id} refused (weights_mismatch): weights: SHA-256 of the received bytes" in log
     )
     assert (
-        f"task {t_malformed.task_id} refused (invalid_task): malformed task: plan: Input should be a valid dictionary"
-        in log
+        f"task {t_malformed.task_id} refused (invalid_task): "
+        "malformed task: plan: Input should be a valid dictionary" in log
     )
     assert f"task {t_unapproved.task_id} refused (plan_not_approved)" in log
     # As in push mode, the refused plan is audited with its hash for the admin to find.
