@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -77,6 +77,46 @@ class RemoteJobStatus:
     # coordinator cannot check it against the site's log, it stores it for whoever can.
     audit_anchor: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+
+
+class TransferCounter(Protocol):
+    """Bytes moved with one site so far: (sent to it, received from it)."""
+
+    def snapshot(self) -> tuple[int, int]: ...
+
+
+class SiteClient(Protocol):
+    """What the runner asks of one site, whichever way it is reached: `AgentClient` posts to a
+    push site's API, `coordinator.relay.client.RelaySiteClient` queues tasks that a pull site
+    fetches from the relay. Both raise the same `AgentError` subclasses, naming the site."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def transfer(self) -> TransferCounter: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+    def start_round(self, plan: dict[str, Any], weights: bytes | None) -> str: ...
+
+    def start_evaluation(self, plan: dict[str, Any], weights: bytes) -> str: ...
+
+    def wait(
+        self,
+        kind: str,
+        job_id: str,
+        *,
+        timeout: float,
+        on_status: Callable[[RemoteJobStatus], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> RemoteJobStatus: ...
+
+    def cancel_round(self, round_id: str) -> None: ...
+
+    def download_update(self, round_id: str, expected_sha256: str | None) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 def _ssl_context(entry: AgentEntry) -> ssl.SSLContext | bool:

@@ -5,6 +5,10 @@ the results combine; the `Coordinator` is everything else: it checks the agents 
 (preflight), trains at a site (plan and weights out, a hash-checked update back), evaluates at
 a site, and records every round (results.json, the global model per round, the Dice plot).
 
+A site is reached by its API (a push site, `AgentClient`) or reaches the coordinator's relay
+(a pull site, `coordinator.relay.client.RelaySiteClient`); `site_clients` builds the one each
+entry of the federation needs, and everything below is the same for both.
+
 After every round (a FedAvg round, an IIL visit, a CIIL cycle) the global model is evaluated
 at every site through /v1/evaluations and the sample-weighted mean Dice is recorded.
 The coordinator never sees data: it sends a plan and weights, and gets weights and metrics.
@@ -15,7 +19,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +28,12 @@ from typing import Any, TypeVar
 import torch
 
 from coordinator.aggregate import UpdateKind
-from coordinator.client import AgentClient, RemoteJobStatus
+from coordinator.client import RemoteJobStatus, SiteClient
 from coordinator.errors import AgentError, AgentTlsError, JobTimeout, RunError
 from coordinator.federation import Federation
 from coordinator.options import RunOptions
+from coordinator.relay.client import RelaySiteClient, site_clients
+from coordinator.relay.store import RelayStore
 from coordinator.report import QuietReporter, Reporter, RunRecorder, progress_fraction, progress_text
 from coordinator.strategies import STRATEGIES
 from coordinator.strategies.base import Round, SiteResult, Strategy
@@ -63,8 +69,9 @@ class Coordinator:
         options: RunOptions,
         *,
         initial_weights: dict[str, torch.Tensor],
-        clients: dict[str, AgentClient] | None = None,
+        clients: Mapping[str, SiteClient] | None = None,
         reporter: Reporter | None = None,
+        relay_store: RelayStore | None = None,
     ) -> None:
         strategy_class = STRATEGIES.get(options.strategy)
         if strategy_class is None:
@@ -81,10 +88,24 @@ class Coordinator:
         self.order = self._order(options.order)
         self.outside = list(federation.outside_names)
         self.global_weights = {k: v.detach().to(torch.float32).clone() for k, v in initial_weights.items()}
-        self._own_clients = clients is None
-        self.clients = clients if clients is not None else AgentClient.for_federation(federation)
-        self.reporter = reporter or QuietReporter()
         self.strategy: Strategy = strategy_class(options, self.order)
+        self._own_clients = clients is None
+        self._own_store: RelayStore | None = None
+        if clients is None and relay_store is None and federation.pull_names and federation.relay:
+            relay_store = self._own_store = RelayStore.from_settings(federation.relay)
+        try:
+            self.clients: Mapping[str, SiteClient] = (
+                clients if clients is not None else site_clients(federation, store=relay_store)
+            )
+        except BaseException:
+            if self._own_store is not None:
+                self._own_store.close()
+            raise
+        for client in self.clients.values():
+            if isinstance(client, RelaySiteClient):
+                # The strategy says what a pull site's expired lease does to its task.
+                client.on_expiry = self.strategy.lease_expiry
+        self.reporter = reporter or QuietReporter()
         self._recorder: RunRecorder | None = None
         self._stop = threading.Event()
 
@@ -125,6 +146,8 @@ class Coordinator:
             if self._own_clients:
                 for client in self.clients.values():
                     client.close()
+            if self._own_store is not None:
+                self._own_store.close()
         recorder.finish("completed", final=final)
         return RunResult(
             out_dir=self.out_dir,
@@ -204,14 +227,21 @@ class Coordinator:
         }
 
     def preflight(self) -> None:
-        """Ask every agent for its info: a refused token or a missing dataset stops the run here."""
+        """Ask every agent for its info: a refused token or a missing dataset stops the run here.
+
+        A pull site that has not connected to the relay yet is waited for, up to the relay's
+        `register_wait_s`, before it counts as unreachable."""
         dataset = self.plan.get("dataset")
         infos: dict[str, Any] = {}
         unreachable: list[str] = []
 
         def one(site: str) -> tuple[str, dict[str, Any] | None, AgentError | None]:
+            client = self.clients[site]
             try:
-                return site, self.clients[site].info(), None
+                if isinstance(client, RelaySiteClient) and client.store.site_info(site) is None:
+                    self.reporter.site(site, "waiting for the site to connect to the relay", None)
+                    client.wait_registered()
+                return site, client.info(), None
             except AgentError as exc:
                 return site, None, exc
 
@@ -297,7 +327,7 @@ class Coordinator:
             duration_s=round(time.monotonic() - t0, 3),
         )
 
-    def _cancel_quietly(self, client: AgentClient, job: str) -> None:
+    def _cancel_quietly(self, client: SiteClient, job: str) -> None:
         try:
             client.cancel_round(job)
         except AgentError as exc:
@@ -423,10 +453,21 @@ def run_strategy(
     *,
     initial_weights: dict[str, torch.Tensor],
     reporter: Reporter | None = None,
-    on_client: Callable[[dict[str, AgentClient]], None] | None = None,
+    on_client: Callable[[dict[str, SiteClient]], None] | None = None,
+    relay_store: RelayStore | None = None,
 ) -> RunResult:
-    """Convenience wrapper: build clients, run, close."""
-    clients = AgentClient.for_federation(federation)
+    """Convenience wrapper: build clients, run, close. Pull sites go through RELAY_STORE (the
+    store of the relay that `fedsite coordinate` serves); without one, the store of the
+    federation's relay section is opened here (a relay served by another process)."""
+    own_store: RelayStore | None = None
+    if relay_store is None and federation.pull_names and federation.relay is not None:
+        relay_store = own_store = RelayStore.from_settings(federation.relay)
+    try:
+        clients = site_clients(federation, store=relay_store)
+    except BaseException:
+        if own_store is not None:
+            own_store.close()
+        raise
     if on_client is not None:
         on_client(clients)
     try:
@@ -442,3 +483,5 @@ def run_strategy(
     finally:
         for c in clients.values():
             c.close()
+        if own_store is not None:
+            own_store.close()

@@ -1,7 +1,7 @@
 """The `fedsite` command line, assembled here from one module per command group.
 
 Every group lives in `agent.cli.<group>` (init, config, doctor, data, demo, tokens, plans, audit, serve,
-certs, coordinate) and calls library code elsewhere in the agent; shared helpers are in
+certs, coordinate, relay) and calls library code elsewhere in the agent; shared helpers are in
 `agent.cli.common`. No module outside this package imports Typer. The order below is the
 order `fedsite --help` lists the commands in.
 """
@@ -20,6 +20,7 @@ from agent.cli.demo import demo_app, demo_data_app
 from agent.cli.doctor import doctor_app
 from agent.cli.init import init_app
 from agent.cli.plans import plans_app
+from agent.cli.relay import relay_app
 from agent.cli.serve import serve_app
 from agent.cli.tokens import tokens_app
 
@@ -49,6 +50,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(serve_app)
 app.add_typer(certs_app, name="certs")
 app.add_typer(coordinate_app)
+app.add_typer(relay_app, name="relay")
 app.add_typer(demo_app)
 
 

@@ -2,6 +2,8 @@
 
 The coordinator package does the work (`coordinator.runner.run_strategy`); this module reads
 the federation and plan files, maps the options onto `RunOptions` and prints the summary.
+When the federation has pull sites (or `--serve` is given) the relay they connect to is served
+in this process for the duration of the run, on `--serve HOST:PORT` or the file's `relay.listen`.
 Exit codes: 0 done, 1 a round or an agent failed (partial results are kept), 2 unusable input,
 130 interrupted.
 """
@@ -10,17 +12,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from coordinator.errors import AgentError, FederationError, RoundFailed, RunError
-from coordinator.federation import load_federation
+from coordinator.federation import Federation, load_federation, split_listen
 from coordinator.options import RunOptions
 from coordinator.report import Reporter, dice_table
 from coordinator.runner import RunResult, run_strategy
 from coordinator.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from coordinator.relay.server import RelayServer
 
 coordinate_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -82,6 +87,11 @@ def coordinate(
         False, "--no-eval", help="Skip the evaluation at every site after each round."
     ),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress; warnings and the summary only."),
+    serve: str | None = typer.Option(
+        None,
+        "--serve",
+        help="HOST:PORT where the relay for pull sites listens during the run (default: relay.listen).",
+    ),
 ) -> None:
     """Train a model across the federation's agents over HTTP (FedAvg, IIL or CIIL)."""
     from coordinator.report import QuietReporter
@@ -110,7 +120,20 @@ def coordinate(
     )
     reporter = QuietReporter(console) if quiet else Reporter(console)
     try:
-        result = run_strategy(fed, plan_doc, out, options, initial_weights=start, reporter=reporter)
+        relay = _start_relay(fed, serve, console)
+    except (FederationError, ValueError) as exc:
+        console.print(str(exc), markup=False)
+        raise typer.Exit(2) from None
+    try:
+        result = run_strategy(
+            fed,
+            plan_doc,
+            out,
+            options,
+            initial_weights=start,
+            reporter=reporter,
+            relay_store=relay.store if relay is not None else None,
+        )
     except (AgentError, RunError, RoundFailed) as exc:
         console.print(f"[red]error:[/red] {exc}")
         console.print(f"partial results: {out / 'results.json'}")
@@ -118,4 +141,32 @@ def coordinate(
     except KeyboardInterrupt:
         console.print("interrupted; partial results in " + str(out / "results.json"))
         raise typer.Exit(130) from None
+    finally:
+        if relay is not None:
+            relay.stop()
+            relay.store.close()
     print_summary(Console(), result)
+
+
+def _start_relay(fed: Federation, serve: str | None, console: Console) -> RelayServer | None:
+    """The relay for FED's pull sites, serving in a thread; None when there is nothing to serve."""
+    from coordinator.relay.server import RelayServer
+    from coordinator.relay.store import RelayStore
+
+    if not fed.pull_names and serve is None:
+        return None
+    if fed.relay is None:
+        raise FederationError(f"--serve {serve}: {fed.source or 'the federation'} has no 'relay:' section")
+    try:
+        host, port = split_listen(serve or fed.relay.listen)
+    except ValueError as exc:
+        raise ValueError(f"--serve: {exc}") from None
+    store = RelayStore.from_settings(fed.relay)
+    try:
+        server = RelayServer(store, host, port, tls=fed.relay.tls).start()
+    except BaseException:
+        store.close()
+        raise
+    pull = ", ".join(fed.pull_names) or "none yet"
+    console.print(f"relay: serving {server.url} for pull sites ({pull}); database in {store.root}")
+    return server

@@ -118,6 +118,10 @@ class Strategy(ABC):
     title: ClassVar[str]
     # What one round is called: results.json's `round_label` and the Dice plot's x axis.
     round_label: ClassVar[str]
+    # What the relay does with a pull site's task whose lease ran out (the site stopped
+    # answering): "requeue" hands it out again (at most relay.max_requeues times), "fail" ends
+    # it at once. The runner gives it to every pull-site client.
+    lease_expiry: ClassVar[str] = "requeue"
 
     def __init__(self, options: RunOptions, sites: Sequence[str]) -> None:
         self.options = options

@@ -27,6 +27,9 @@ from coordinator.weights import encode
 class CIIL(Strategy):
     title = "CIIL"
     round_label = "cycle"
+    # The model waits at one site at a time: a site that stopped answering fails its visit,
+    # so that the model moves on unchanged instead of waiting for the round's timeout.
+    lease_expiry = "fail"
 
     def label(self, index: int) -> str:
         return f"cycle {index}"

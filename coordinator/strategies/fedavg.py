@@ -26,6 +26,9 @@ from coordinator.weights import encode
 class FedAvg(Strategy):
     title = "FedAvg"
     round_label = "round"
+    # The sites train side by side: a site that comes back gets its task again, and the round
+    # waits for it no longer than its timeout.
+    lease_expiry = "requeue"
 
     def label(self, index: int) -> str:
         return f"round {index}"

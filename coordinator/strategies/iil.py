@@ -19,6 +19,7 @@ from coordinator.strategies.ciil import CIIL
 class IIL(CIIL):
     title = "IIL"
     round_label = "visit"
+    lease_expiry = "fail"
 
     def num_rounds(self) -> int:
         """One pass over the sites; the `rounds` option does not apply."""
