@@ -87,7 +87,11 @@ class Connector:
         # Held while a task is handed to the service: stop() waits for it, so that no task is
         # half-taken when the service closes.
         self._intake = threading.Lock()
+        self._delivering = threading.Lock()
         self._lost_leases: set[str] = set()
+        # The task being taken (weights downloading, plan being checked): heartbeats renew its
+        # lease too, since a download of large weights can outlast it.
+        self._taking: tuple[str, str] | None = None
         # Updates read from the egress gate, per lease: a retry in the next pass sends the same
         # bytes without a second egress read.
         self._updates: dict[str, Update] = {}
@@ -112,13 +116,13 @@ class Connector:
 
     def stop(self) -> None:
         """Stop the threads (an upload stops between chunks; a long poll is abandoned, its lease
-        expires at the relay), then wait for a task being taken, then close the client."""
+        expires at the relay), wait for a task being taken or delivered, then close the client."""
         self.stopping.set()
         self._wake_uploads.set()
         for thread in self._threads:
             if thread.name != "connect-poll":
                 thread.join(STOP_WAIT_S)
-        with self._intake:
+        with self._intake, self._delivering:
             pass
         self.client.close()
         for thread in self._threads:
@@ -134,13 +138,20 @@ class Connector:
             try:
                 if not self.registered.is_set():
                     self._register(backoff.failures)
+                    # What the agent holds comes first (after a restart or an outage): its
+                    # results go out under the leases it has before it takes new work, and a
+                    # lease that expired meanwhile is refused (409) and given up at once.
+                    self.deliver_completed()
                 raw = self.client.next_task(self.poll_wait_s)
                 backoff.reset()
                 if raw is not None:
                     with self._intake:
                         if self.stopping.is_set():
                             return
-                        self._take(raw)
+                        try:
+                            self._take(raw)
+                        finally:
+                            self._taking = None
             except (httpx.HTTPError, ValidationError, ValueError) as exc:
                 if self.stopping.is_set():
                     return
@@ -221,6 +232,7 @@ class Connector:
             else:
                 self._audit_refusal(None, "invalid_task", reason, None)
             return
+        self._taking = (task.task_id, task.lease_id)
         plan = dict(task.plan)
         if plan.get("round_id") is None:
             plan["round_id"] = task.job_id
@@ -264,8 +276,10 @@ class Connector:
         except (Conflict, JobQueueFull, NotFound) as exc:
             self._refuse(task, "not_runnable", str(exc), digest)
             return
-        self._lost_leases.discard(task.lease_id)
-        self.tasks.record(task.task_id, task.lease_id, kind.value, job.round_id, TaskState.ACCEPTED)
+        # A heartbeat during the intake may have said that the lease is gone: the job stays (a
+        # re-queued task comes back to it), the task is lost under this lease.
+        state = TaskState.LOST if task.lease_id in self._lost_leases else TaskState.ACCEPTED
+        self.tasks.record(task.task_id, task.lease_id, kind.value, job.round_id, state)
         log.info("connect: task %s is %s %s (%s)", task.task_id, kind.noun, job.round_id, job.status)
         self._wake_uploads.set()
 
@@ -332,8 +346,26 @@ class Connector:
         """Report the tasks in hand; act on the leases the relay says are gone or cancelled."""
         rows = self.tasks.active()
         entries = [self._status_entry(row) for row in rows]
+        taking = self._taking
+        if taking is not None and all(row.task_id != taking[0] for row in rows):
+            entries.append(
+                {
+                    "task_id": taking[0],
+                    "lease_id": taking[1],
+                    "status": JobStatus.QUEUED.value,
+                    "progress": None,
+                    "metrics": {},
+                    "num_samples": None,
+                    "error": None,
+                }
+            )
         answer = self.client.heartbeat(entries)
         self.heartbeat_s = answer.heartbeat_s
+        if taking is not None:
+            lease = answer.leases.get(taking[0])
+            if lease is not None and not lease.valid and self._taking == taking:
+                log.warning("connect: task %s lost its lease while being taken: %s", taking[0], lease.reason)
+                self._lost_leases.add(taking[1])
         for row in rows:
             lease = answer.leases.get(row.task_id)
             if lease is None:
@@ -415,7 +447,12 @@ class Connector:
                 log.exception("connector: unexpected error in the upload pass")
 
     def deliver_completed(self) -> None:
-        """One pass: every task in hand whose job completed is delivered (upload and commit)."""
+        """One pass: every task in hand whose job completed is delivered (upload and commit).
+        One pass at a time (the upload thread's, or the poll thread's after a registration)."""
+        with self._delivering:
+            self._deliver_all()
+
+    def _deliver_all(self) -> None:
         for row in self.tasks.active():
             if self.stopping.is_set():
                 return
