@@ -89,7 +89,7 @@ def authenticated_site(request: Request, store: StoreDep) -> str:
     that every request sees leases as they stand now."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    site = store.site_for_token(token.strip()) if scheme.lower() == "bearer" else None
+    site = store.site_for_token(token.strip(), touch=True) if scheme.lower() == "bearer" else None
     if site is None:
         raise HTTPException(
             401,
@@ -98,7 +98,6 @@ def authenticated_site(request: Request, store: StoreDep) -> str:
         )
     request.scope.setdefault("state", {})[_SITE_KEY] = site
     store.sweep()
-    store.touch(site)
     return site
 
 

@@ -340,24 +340,23 @@ class RelayStore:
             self._event(s, "site.token_issued" if row is None else "site.token_replaced", name)
         return token
 
-    def site_for_token(self, token: str) -> str | None:
-        """The site whose token this is, or None; every stored hash is compared in constant time."""
+    def site_for_token(self, token: str, *, touch: bool = False) -> str | None:
+        """The site whose token this is, or None; every stored hash is compared in constant time.
+        TOUCH records the site as seen now (in the same transaction)."""
         if not token:
             return None
         digest = token_sha256(token)
         with self._tx() as s:
             rows = s.execute(select(RelaySite.name, RelaySite.token_sha256)).all()
-        found: str | None = None
-        for name, stored in rows:
-            if hmac.compare_digest(stored, digest):
-                found = name
+            found: str | None = None
+            for name, stored in rows:
+                if hmac.compare_digest(stored, digest):
+                    found = name
+            if found is not None and touch:
+                row = s.get(RelaySite, found)
+                if row is not None:
+                    row.last_seen = self.now()
         return found
-
-    def touch(self, site: str) -> None:
-        with self._tx() as s:
-            row = s.get(RelaySite, site)
-            if row is not None:
-                row.last_seen = self.now()
 
     def register(self, site: str, info: dict[str, Any], running: Sequence[str]) -> dict[str, Any]:
         """Keep SITE's info (the coordinator's preflight reads its datasets) and answer the limits."""

@@ -108,3 +108,21 @@ def test_coordinate_serves_the_relay_for_a_pull_site(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert doc["rounds"][0]["participants"] == ["site-3"]
     assert [t["kind"] for t in site.tasks] == ["train", "evaluate"]
+
+
+def test_relay_serve_refuses_a_bad_listen_address(tmp_path: Path) -> None:
+    fed = federation(tmp_path)
+    res = runner.invoke(app, ["relay", "serve", "--federation", str(fed), "--listen", "nowhere"])
+    assert res.exit_code == 2 and "--listen" in res.output and "HOST:PORT" in res.output
+
+
+def test_coordinate_serve_needs_a_relay_section(tmp_path: Path) -> None:
+    from tests.fixtures.agents import tiny_plan
+
+    path = tmp_path / "federation.yaml"
+    path.write_text(yaml.safe_dump({"agents": [{"name": "s", "url": "http://127.0.0.1:1", "token": "t"}]}))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(tiny_plan()))
+    args = ["coordinate", "--federation", str(path), "--plan", str(plan), "--out", str(tmp_path / "out")]
+    res = runner.invoke(app, [*args, "--serve", "127.0.0.1:0"])
+    assert res.exit_code == 2 and "has no 'relay:' section" in res.output
