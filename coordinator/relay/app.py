@@ -3,8 +3,9 @@
 Each route is thin: it checks the token (the token names the site), lets `RelayStore` do the
 work and answers JSON. Refusals from the store are service errors of `agent.errors`, answered
 as `{"detail": ...}` with the status of `RELAY_ERROR_CODES`. Every route that touches the
-database is a plain `def`, so FastAPI runs it in its thread pool: a long poll that waits for a
-task blocks one worker thread, never the event loop, and other requests keep being answered.
+database is a plain `def`, so FastAPI runs it in its thread pool; a long poll waits in a thread
+of a pool of its own (`max_polls`), so that neither the event loop nor the other routes wait
+behind the polls.
 
 A middleware counts the body bytes of every request and answer per site (`RelayStore.traffic`),
 so a benchmark can compare the bytes on the wire with push mode, which counts the same way.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,8 +88,7 @@ StoreDep = Annotated[RelayStore, Depends(get_store)]
 
 
 def authenticated_site(request: Request, store: StoreDep) -> str:
-    """The site the bearer token belongs to; 401 otherwise. Sweeps expired leases first, so
-    that every request sees leases as they stand now."""
+    """The site the bearer token belongs to (recorded as seen now); 401 otherwise."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     site = store.site_for_token(token.strip(), touch=True) if scheme.lower() == "bearer" else None
@@ -97,7 +99,6 @@ def authenticated_site(request: Request, store: StoreDep) -> str:
             headers={"WWW-Authenticate": "Bearer"},
         )
     request.scope.setdefault("state", {})[_SITE_KEY] = site
-    store.sweep()
     return site
 
 
@@ -144,12 +145,16 @@ def _router() -> APIRouter:
         return store.register(site, body.info, body.running)
 
     @r.get("/tasks/next", response_model=None)
-    def next_task(
-        site: SiteDep, store: StoreDep, wait: Annotated[float | None, Query()] = None
+    async def next_task(
+        request: Request, site: SiteDep, store: StoreDep, wait: Annotated[float | None, Query()] = None
     ) -> dict[str, Any] | Response:
         limit = store.limits.max_wait_s
         wait_s = min(max(limit if wait is None else wait, 0.0), limit)
-        task = store.next_task(site, wait_s)
+        # A waiting poll holds a thread of its own pool, never one of the pool the other
+        # routes run in: many sites waiting at once cannot starve heartbeats and uploads.
+        task = await anyio.to_thread.run_sync(
+            store.next_task, site, wait_s, limiter=request.app.state.poll_limiter
+        )
         if task is None:
             return Response(status_code=204)
         return {"task": task}
@@ -211,10 +216,12 @@ def _router() -> APIRouter:
     return r
 
 
-def create_relay_app(store: RelayStore) -> FastAPI:
-    """The relay for STORE; `app.state.relay_store` is the store it serves."""
+def create_relay_app(store: RelayStore, *, max_polls: int = 512) -> FastAPI:
+    """The relay for STORE; `app.state.relay_store` is the store it serves. At most MAX_POLLS
+    long polls wait at once (each in a thread); more wait for a free one."""
     app = FastAPI(title="fedsite relay", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.relay_store = store
+    app.state.poll_limiter = anyio.CapacityLimiter(max_polls)
 
     async def service_error(_: Request, exc: Exception) -> JSONResponse:
         status = next((code for cls, code in RELAY_ERROR_CODES.items() if isinstance(exc, cls)), 400)

@@ -17,8 +17,9 @@ killed mid-write leaves no half file under a final name):
 - ``updates/<task_id>``: the committed update, assembled from the chunks and checked
   against the commit's size and SHA-256.
 
-Lease expiry is lazy and periodic: `sweep` runs on every request (the app), on every poll
-of the coordinator's wait, and every second in the relay server. What becomes of a task whose
+Lease expiry is lazy and periodic: `sweep` runs first in every operation a site asks for
+(so the answer sees leases as they stand now), on every poll of the coordinator's wait and of a
+long poll, and every second in the relay server. What becomes of a task whose
 lease expired is the task's `on_expiry`, which the coordinator sets from its strategy: FedAvg
 re-queues (at most `max_requeues` times), the sequential strategies fail the visit so that the
 model moves on.
@@ -45,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, select
+from sqlalchemy import Engine, create_engine, event, func, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -360,6 +361,7 @@ class RelayStore:
 
     def register(self, site: str, info: dict[str, Any], running: Sequence[str]) -> dict[str, Any]:
         """Keep SITE's info (the coordinator's preflight reads its datasets) and answer the limits."""
+        self.sweep()
         with self._tx() as s:
             row = s.get(RelaySite, site)
             if row is None:
@@ -547,9 +549,12 @@ class RelayStore:
     # -- lease expiry ---------------------------------------------------------------------
 
     def sweep(self) -> int:
-        """Expire every lease past its time: re-queue or fail the task by its policy. Returns
-        how many expired."""
+        """Expire every lease past its time: re-queue or fail the task by its policy. A task
+        whose policy is "fail" also fails when it has waited in the queue for longer than a
+        lease while its site has not been seen for as long: a sequential strategy's model
+        should not wait for a site that is gone. Returns how many tasks changed."""
         now = self.now()
+        stale = now - timedelta(seconds=self.limits.lease_s)
         with self._tx() as s:
             expired = list(
                 s.scalars(
@@ -560,9 +565,32 @@ class RelayStore:
             )
             for task in expired:
                 self._expire(s, task, now)
-        if expired:
+            absent = list(
+                s.scalars(
+                    select(RelayTask)
+                    .join(RelaySite, RelaySite.name == RelayTask.site)
+                    .where(
+                        RelayTask.status == "queued",
+                        RelayTask.on_expiry == "fail",
+                        RelayTask.created_at < stale,
+                        or_(RelaySite.last_seen.is_(None), RelaySite.last_seen < stale),
+                    )
+                    .with_for_update()
+                )
+            )
+            for task in absent:
+                seen = s.get(RelaySite, task.site)
+                last = iso(seen.last_seen) if seen is not None and seen.last_seen else "never"
+                task.status = "failed"
+                task.ended_at = task.updated_at = now
+                task.error = (
+                    f"site {task.site} stopped answering: not seen by the relay since {last}, and the "
+                    f"task waited longer than lease_s={self.limits.lease_s:g} s (its policy is to fail)"
+                )
+                self._event(s, "task.failed", task.site, task.task_id, reason=task.error)
+        if expired or absent:
             self._notify()
-        return len(expired)
+        return len(expired) + len(absent)
 
     def _expire(self, s: Session, task: RelayTask, now: datetime) -> None:
         expires = task.lease_expires_at
@@ -673,6 +701,7 @@ class RelayStore:
         """The blob SHA256 if a task of SITE references it; NotFound otherwise (another site's
         blob is as unknown as a missing one)."""
         check_sha256(sha256, "blob name")
+        self.sweep()
         with self._tx() as s:
             ref = s.scalar(
                 select(RelayTask.task_id)
@@ -718,6 +747,7 @@ class RelayStore:
 
     def heartbeat(self, site: str, entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Renew the valid leases among ENTRIES and record what the agent says of each job."""
+        self.sweep()
         now = self.now()
         leases: dict[str, dict[str, Any]] = {}
         changed = False
@@ -776,6 +806,7 @@ class RelayStore:
 
     def chunks_have(self, site: str, task_id: str, lease_id: str) -> list[str]:
         """The chunks the relay holds for TASK_ID (kept on disk across restarts and re-queues)."""
+        self.sweep()
         with self._tx() as s:
             self._current(s, site, task_id, lease_id)
         folder = self.chunk_dir(task_id)
@@ -788,6 +819,7 @@ class RelayStore:
         check_sha256(sha256, "chunk name")
         if len(data) > self.limits.chunk_bytes:
             raise InvalidRequest(f"chunk of {len(data)} bytes is over chunk_bytes={self.limits.chunk_bytes}")
+        self.sweep()
         with self._tx() as s:
             self._current(s, site, task_id, lease_id)
         actual = hashlib.sha256(data).hexdigest()
@@ -816,6 +848,7 @@ class RelayStore:
     ) -> dict[str, Any]:
         """Assemble the update from MANIFEST's chunks, check it against SIZE and SHA256, and end
         the task as completed. A repeat of a successful commit answers the same again."""
+        self.sweep()
         with self._tx() as s:
             task = self._site_task(s, site, task_id)
             if task.status == "completed" and task.lease_id == lease_id and task.update_sha256 == sha256:
@@ -923,6 +956,7 @@ class RelayStore:
         """The site refuses the task (unapproved plan, bad weights, ...): it ends as refused."""
         if code not in REFUSAL_CODES:
             raise InvalidRequest(f"code must be one of {', '.join(REFUSAL_CODES)}, got {code!r}")
+        self.sweep()
         with self._tx() as s:
             task = self._current(s, site, task_id, lease_id)
             now = self.now()

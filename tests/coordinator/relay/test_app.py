@@ -236,3 +236,26 @@ def test_bytes_are_counted_per_site(a: ProtocolAgent, b: ProtocolAgent, store: R
     sent, received = store.traffic("site-a").snapshot()
     assert sent - sent_before >= 5000 and received - received_before == 7000
     assert store.traffic("site-b").snapshot() == (0, 0)
+
+
+def test_many_waiting_polls_do_not_starve_other_requests(
+    a: ProtocolAgent, b: ProtocolAgent, store: RelayStore
+) -> None:
+    # More polls than the default thread pool of the other routes (40) wait at once.
+    answers: list[int] = []
+    pollers = [
+        threading.Thread(target=lambda: answers.append(a.next_task(wait=10).status_code)) for _ in range(45)
+    ]
+    for t in pollers:
+        t.start()
+    try:
+        assert b.register().status_code == 200
+        assert b.heartbeat().status_code == 200
+        # Answered while every poll still waits: none was queued behind them.
+        assert all(t.is_alive() for t in pollers)
+    finally:
+        store.wake_all()
+        for t in pollers:
+            t.join(15)
+        store.resume_polls()
+    assert answers == [204] * 45

@@ -294,3 +294,24 @@ def test_a_failed_job_ends_the_task_and_a_refusal_is_kept(store: RelayStore) -> 
     assert actions(store, t2.task_id)[-1] == "task.refused"
     with pytest.raises(InvalidRequest, match="code must be one of"):
         store.refuse("a", t2.task_id, task["lease_id"], "nope", "x", None)
+
+
+def test_sequential_task_fails_when_its_site_is_gone(store: RelayStore, clock: FakeClock) -> None:
+    store.site_for_token("token-a", touch=True)
+    t = store.queue_task("a", "train", "j1", PLAN, b"w", on_expiry="fail")
+    r = store.queue_task("a", "train", "j2", PLAN, b"w", on_expiry="requeue")
+    clock.advance(1.5)
+    store.sweep()
+    assert task_row(store, t.task_id).status == "queued"  # not gone for a whole lease yet
+    clock.advance(1.0)
+    store.sweep()
+    failed = task_row(store, t.task_id)
+    assert failed.status == "failed"
+    assert "not seen by the relay since 2026-01-01T12:00:00+00:00" in (failed.error or "")
+    assert task_row(store, r.task_id).status == "queued"  # FedAvg's task waits for the site
+    # A site that polls keeps its sequential task.
+    u = store.queue_task("a", "train", "j3", PLAN, b"w", on_expiry="fail")
+    clock.advance(3)
+    store.site_for_token("token-a", touch=True)
+    store.sweep()
+    assert task_row(store, u.task_id).status == "queued"
