@@ -590,7 +590,25 @@ class RelayStore:
                 self._event(s, "task.failed", task.site, task.task_id, reason=task.error)
         if expired or absent:
             self._notify()
+        self._drop_chunks_of_ended_tasks()
         return len(expired) + len(absent)
+
+    def _drop_chunks_of_ended_tasks(self) -> None:
+        """Chunks are kept while their task may still commit (across re-queues and restarts);
+        a task that ended (failed, refused, cancelled) will never use them."""
+        folders = [p.name for p in (self.root / "chunks").iterdir() if _TASK_ID.fullmatch(p.name)]
+        if not folders:
+            return
+        with self._tx() as s:
+            ended = list(
+                s.scalars(
+                    select(RelayTask.task_id).where(
+                        RelayTask.task_id.in_(folders), RelayTask.status.in_(ENDED)
+                    )
+                )
+            )
+        for task_id in ended:
+            shutil.rmtree(self.root / "chunks" / task_id, ignore_errors=True)
 
     def _expire(self, s: Session, task: RelayTask, now: datetime) -> None:
         expires = task.lease_expires_at

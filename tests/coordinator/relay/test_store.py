@@ -315,3 +315,15 @@ def test_sequential_task_fails_when_its_site_is_gone(store: RelayStore, clock: F
     store.site_for_token("token-a", touch=True)
     store.sweep()
     assert task_row(store, u.task_id).status == "queued"
+
+
+def test_chunks_of_a_task_that_ended_are_dropped(store: RelayStore, clock: FakeClock) -> None:
+    t = store.queue_task("a", "train", "j1", PLAN, b"w", on_expiry="requeue")
+    task = lease(store)
+    store.put_chunk("a", t.task_id, task["lease_id"], sha256(b"part"), b"part")
+    clock.advance(3)
+    store.sweep()  # re-queued: the chunk stays for the next lease
+    assert store.chunk_dir(t.task_id).is_dir()
+    store.cancel("a", "train", "j1")
+    store.sweep()
+    assert not store.chunk_dir(t.task_id).exists()
