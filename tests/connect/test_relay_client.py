@@ -78,11 +78,7 @@ def test_requests_go_through_the_proxy_of_the_environment(
     assert reg.site == "pull-1"
     # The proxy got the absolute URL (a name this machine cannot resolve itself) and the token.
     assert proxy.request.startswith(b"POST http://relay.invalid:8700/v1/relay/register HTTP/1.1\r\n")
-    assert (
-        b"authorization: Bearer s3cret-token"
-        in proxy.request.lower().replace(b"bearer", b"Bearer").replace(b"s3cret-token", b"s3cret-token")
-        or b"Authorization: Bearer s3cret-token" in proxy.request
-    )
+    assert b"\r\nauthorization: bearer s3cret-token\r\n" in proxy.request.lower()
 
 
 def test_no_proxy_bypasses_the_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
