@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class SiteService:
         self.db = db
         self.audit = AuditLog(db)
         self.store = JobStore(db, self.audit)
-        options: dict[str, Any] = {"after_job": self.apply_retention, **(runner_options or {})}
+        options: dict[str, Any] = {"after_job": self._after_job, **(runner_options or {})}
         self.runner = JobRunner(cfg, self.store, **options)
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
         self.plan_refusals = PlanRefusals(self.audit)
@@ -90,6 +91,7 @@ class SiteService:
         self._audit_key: Ed25519PrivateKey | None = None
         # Per dataset, why its last scan failed (no paths): /v1/info shows it next to the kept counts.
         self._scan_problems: dict[str, str] = {}
+        self._job_listeners: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
@@ -119,6 +121,22 @@ class SiteService:
         self.audit_key()
         self.runner.start()
         self.runner.wake()
+
+    def on_job_end(self, listener: Callable[[], None]) -> None:
+        """Call LISTENER (without arguments, on the scheduler's thread) each time a job ends.
+
+        A transport that delivers results itself (the outbound connector) learns at once that
+        there is something to send, instead of finding out on its next pass. A listener must be
+        quick and must not raise: it runs before the scheduler takes the next job."""
+        self._job_listeners.append(listener)
+
+    def _after_job(self) -> None:
+        self.apply_retention()
+        for listener in list(self._job_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("a job-end listener failed")
 
     def apply_retention(self) -> RetentionReport:
         """Delete the job files that `jobs.retention` no longer keeps; at start and after each job."""

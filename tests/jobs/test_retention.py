@@ -8,6 +8,7 @@ policy is applied with a `now` moved forward instead of waiting days, and once t
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -153,7 +154,15 @@ def test_the_agent_applies_the_policy_at_start_and_after_each_job(tmp_path: Path
         assert not checkpoint_path(left.job_dir).exists()
         assert [e["file"] for e in removals(again)] == ["checkpoint", "received_weights"]
 
-        # A job the scheduler runs (in a worker process) is cleaned up after its verdict.
+        # A job the scheduler runs (in a worker process) is cleaned up after its verdict, and
+        # then the service's job-end listeners are called, one that fails not stopping the next.
+        ended = threading.Event()
+
+        def broken() -> None:
+            raise RuntimeError("a listener that fails")
+
+        again.on_job_end(broken)
+        again.on_job_end(ended.set)
         p = round_plan("r-next", init="random")
         job = again.start_round(json.dumps(p), None, "token:coord")
         deadline = time.monotonic() + 240
@@ -169,5 +178,6 @@ def test_the_agent_applies_the_policy_at_start_and_after_each_job(tmp_path: Path
         assert now.status == JobStatus.COMPLETED, now.error
         assert not checkpoint_path(now.job_dir).exists()
         assert again.gate.path_for("r-next").is_file()
+        assert ended.wait(30), "the job-end listener was not called"
     finally:
         again.close()
