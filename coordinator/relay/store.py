@@ -655,8 +655,11 @@ class RelayStore:
     def next_task(self, site: str, wait_s: float) -> dict[str, Any] | None:
         """Lease SITE's oldest queued task, waiting up to WAIT_S seconds for one (the long poll)."""
         deadline = time.monotonic() + max(0.0, wait_s)
+        swept = float("-inf")
         while True:
-            self.sweep()
+            if time.monotonic() - swept >= 1.0:  # a waiting poll sweeps once a second
+                self.sweep()
+                swept = time.monotonic()
             leased = self._lease_next(site)
             if leased is not None:
                 return leased
