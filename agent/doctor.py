@@ -5,9 +5,11 @@ round and the admin an afternoon. Each check here answers one question with one 
 something is wrong, the fix): can the agent's uid read every dataset, does the folder still hold
 the subjects the catalog knows, are the TLS files usable for the names the coordinator will use,
 what the approval policy means, is the database reachable and migrated, is there disk in the work
-volume, and is the clock sane (certificate validity depends on it).
+volume, is the clock sane (certificate validity depends on it), and in outbound mode does the
+coordinator's relay answer and accept the site's token.
 
-The checks read; they never migrate, scan or write. As root they check data as the agent's uid
+The checks read; they never migrate, scan or write (the relay check sends one empty heartbeat,
+which only updates the relay's last-seen time). As root they check data as the agent's uid
 (`site.run_as_uid`, or the caller's `as_uid`), through `agent.fsaccess`.
 """
 
@@ -20,6 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+import httpx
 from cryptography import x509
 from sqlalchemy import select
 
@@ -29,6 +32,7 @@ from agent.data.catalog import MAX_SHRINK_FRACTION, DatasetSummary, dataset_summ
 from agent.db.engine import Database, safe_url, schema_revisions, sqlite_file
 from agent.errors import FedsiteError
 from agent.fsaccess import check_tree, file_unreadable
+from agent.tls.contexts import client_ssl_context
 from agent.tls.files import check_tls_files, load_certificate, load_certificates
 
 Status = Literal["ok", "warn", "fail"]
@@ -39,6 +43,8 @@ MIN_FREE_BYTES = 1 << 30
 WARN_FREE_BYTES = 10 << 30
 # A certificate expiring within this many days is a warning.
 EXPIRY_WARN_DAYS = 30
+# How long the relay check waits for the coordinator.
+RELAY_TIMEOUT_S = 5.0
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - bind-all addresses name no host
 
 
@@ -145,6 +151,8 @@ def check_tls(cfg: AgentConfig, uid: int, hosts: list[str], now: dt.datetime) ->
     """Files readable by UID, key matches certificate, validity, expiry, names for HOSTS (and
     api.host when it names a host)."""
     tls = cfg.api.tls
+    if tls is None and not cfg.connect.serves_control_api:
+        return Check("tls", "ok", "outbound mode: no control API; health and metrics on 127.0.0.1 only")
     if tls is None:
         return Check("tls", "warn", "api.tls is not set: the API is plain HTTP (for a local test only)")
     for path in (tls.cert_file, tls.key_file, tls.client_ca_file):
@@ -184,6 +192,57 @@ def _normal_ip(host: str) -> str:
         return str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         return host
+
+
+# ---------------------------------------------------------------------------------- the relay
+
+
+def check_connect(cfg: AgentConfig, uid: int, *, timeout_s: float = RELAY_TIMEOUT_S) -> Check | None:
+    """Outbound and both: the token file is readable by UID, and the relay at coordinator_url
+    answers an empty heartbeat with that token (through the proxy of the environment, as the
+    connector goes). None in listen mode."""
+    connect = cfg.connect
+    if not connect.enabled or connect.coordinator_url is None or connect.token_file is None:
+        return None
+    url = connect.coordinator_url
+    for path in (connect.token_file, connect.ca_file, connect.client_cert, connect.client_key):
+        if path is not None:
+            why = file_unreadable(path, uid=uid)
+            if why is not None:
+                return Check("relay", "fail", why)
+    try:
+        token = connect.token_file.read_text().strip()
+        verify = (
+            client_ssl_context(connect.ca_file, connect.client_cert, connect.client_key)
+            if url.startswith("https://")
+            else True
+        )
+    except (OSError, FedsiteError) as exc:
+        return Check("relay", "fail", f"connect: cannot use the relay's files: {exc}")
+    try:
+        with httpx.Client(verify=verify, trust_env=True, timeout=timeout_s) as http:
+            answer = http.post(
+                f"{url}/v1/relay/heartbeat", json={"tasks": []}, headers={"Authorization": f"Bearer {token}"}
+            )
+    except httpx.HTTPError as exc:
+        return Check(
+            "relay",
+            "fail",
+            f"the coordinator's relay at {url} does not answer: {type(exc).__name__}: {exc}",
+            ["check connect.coordinator_url, the outbound firewall rule and HTTPS_PROXY / NO_PROXY"],
+        )
+    if answer.status_code == 401:
+        return Check(
+            "relay",
+            "fail",
+            f"the relay at {url} does not know the token in {connect.token_file}",
+            ["ask the consortium for this site's token (fedsite relay add-site) and write it there"],
+        )
+    if answer.status_code != 200:
+        return Check(
+            "relay", "fail", f"the relay at {url} answered HTTP {answer.status_code}: {answer.text[:200]}"
+        )
+    return Check("relay", "ok", f"{connect.mode}: the relay at {url} answers and accepts this site's token")
 
 
 # ---------------------------------------------------------------------------------- the rest
@@ -297,7 +356,8 @@ def run_doctor(
     now: dt.datetime | None = None,
     sample: int = 20,
 ) -> DoctorReport:
-    """Every check, in the order an admin fixes things: data, TLS, approval, database, disk, clock."""
+    """Every check, in the order an admin fixes things: data, TLS, approval, database, disk, clock,
+    and the relay in outbound mode."""
     now = now or dt.datetime.now(dt.UTC)
     uid = agent_uid(cfg, as_uid)
     report = DoctorReport()
@@ -318,6 +378,9 @@ def run_doctor(
         report.checks.append(db_check)
         report.checks.append(check_disk(cfg))
         report.checks.append(check_clock(cfg, db, now))
+        relay = check_connect(cfg, uid)
+        if relay is not None:
+            report.checks.append(relay)
     finally:
         if db is not None:
             db.dispose()
