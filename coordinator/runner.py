@@ -214,6 +214,8 @@ class Coordinator:
             "round_label": self.strategy.round_label,
             "sites": self.order,
             "outside_sites": self.outside,
+            # The sites reached through the relay (outbound-only); the others through their API.
+            "pull_sites": self.fed.pull_names,
             "min_sites": self.fed.min_sites,
             "update_kind": self.kind,
             "plan": self.plan,

@@ -84,6 +84,7 @@ def test_a_push_site_and_a_pull_site_match_push_only(tmp_path: Path, strategy: s
             assert got["training"]["site-2"]["update_sha256"] == ref["training"]["site-2"]["update_sha256"]
             assert got["training"]["site-2"]["bytes_received"] > 0
     assert results(out)["site_info"]["site-2"]["site_id"] == "site-2"
+    assert results(out)["pull_sites"] == ["site-2"]
 
 
 def test_the_strategy_sets_what_an_expired_lease_does(tmp_path: Path) -> None:
