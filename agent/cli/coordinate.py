@@ -3,7 +3,8 @@
 The coordinator package does the work (`coordinator.runner.run_strategy`); this module reads
 the federation and plan files, maps the options onto `RunOptions` and prints the summary.
 When the federation has pull sites (or `--serve` is given) the relay they connect to is served
-in this process for the duration of the run, on `--serve HOST:PORT` or the file's `relay.listen`.
+in this process for the duration of the run, on `--serve HOST:PORT` or the file's `relay.listen`;
+with `--no-serve` a relay that `fedsite relay serve` runs elsewhere on the same database does.
 Exit codes: 0 done, 1 a round or an agent failed (partial results are kept), 2 unusable input,
 130 interrupted.
 """
@@ -92,6 +93,11 @@ def coordinate(
         "--serve",
         help="HOST:PORT where the relay for pull sites listens during the run (default: relay.listen).",
     ),
+    no_serve: bool = typer.Option(
+        False,
+        "--no-serve",
+        help="Serve no relay: the pull sites reach one that `fedsite relay serve` runs on the same database.",
+    ),
 ) -> None:
     """Train a model across the federation's agents over HTTP (FedAvg, IIL or CIIL)."""
     from coordinator.report import QuietReporter
@@ -119,8 +125,11 @@ def coordinate(
         keep_updates=keep_updates,
     )
     reporter = QuietReporter(console) if quiet else Reporter(console)
+    if serve is not None and no_serve:
+        console.print("--serve and --no-serve exclude each other")
+        raise typer.Exit(2)
     try:
-        relay = _start_relay(fed, serve, console)
+        relay = None if no_serve else _start_relay(fed, serve, console)
     except (FederationError, ValueError) as exc:
         console.print(str(exc), markup=False)
         raise typer.Exit(2) from None

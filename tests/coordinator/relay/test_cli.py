@@ -13,7 +13,7 @@ from agent.cli import app
 from coordinator.relay.models import RelaySite
 from coordinator.relay.store import RelayStore, token_sha256
 from tests.fixtures.coordinator import FakeAgent
-from tests.fixtures.relay import PullSiteThread, free_port, relay_env
+from tests.fixtures.relay import PullSiteThread, RelayProcess, free_port, relay_env
 
 runner = CliRunner()
 
@@ -126,3 +126,20 @@ def test_coordinate_serve_needs_a_relay_section(tmp_path: Path) -> None:
     args = ["coordinate", "--federation", str(path), "--plan", str(plan), "--out", str(tmp_path / "out")]
     res = runner.invoke(app, [*args, "--serve", "127.0.0.1:0"])
     assert res.exit_code == 2 and "has no 'relay:' section" in res.output
+
+
+def test_coordinate_with_a_standalone_relay(tmp_path: Path) -> None:
+    from tests.fixtures.agents import tiny_plan
+
+    env = relay_env(tmp_path, ["site-3"])
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(tiny_plan()))
+    fake = FakeAgent("site-3", 8, dataset=tiny_plan()["dataset"])
+    args = ["coordinate", "--federation", str(env.federation_path), "--plan", str(plan), "--quiet"]
+    with RelayProcess(env) as relay, PullSiteThread(relay.url, env.tokens["site-3"], fake) as site:
+        res = runner.invoke(app, [*args, "--out", str(tmp_path / "out"), "--rounds", "1", "--no-serve"])
+    assert res.exit_code == 0, res.output
+    assert "relay: serving" not in res.output
+    assert site.errors == [] and [t["kind"] for t in site.tasks] == ["train", "evaluate"]
+    both = runner.invoke(app, [*args, "--out", str(tmp_path / "x"), "--no-serve", "--serve", "127.0.0.1:0"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
