@@ -122,8 +122,11 @@ class Connector:
         for thread in self._threads:
             if thread.name != "connect-poll":
                 thread.join(STOP_WAIT_S)
-        with self._intake, self._delivering:
-            pass
+        for lock in (self._intake, self._delivering):
+            if lock.acquire(timeout=STOP_WAIT_S):
+                lock.release()
+            else:
+                log.warning("connector: a task was still being taken or delivered at shutdown")
         self.client.close()
         for thread in self._threads:
             if thread.name == "connect-poll":
@@ -252,7 +255,11 @@ class Connector:
         # A plan this site would refuse is refused before its weights are downloaded; the
         # service (without weights) gives the refusal, audited and logged as in push mode.
         if task.weights is not None and digest is not None and self._plan_allowed(digest):
-            fetched = fetch_weights(self.client, task.weights, self.service.cfg.limits.max_weights_bytes)
+            fetched = fetch_weights(
+                self.client, task.weights, self.service.cfg.limits.max_weights_bytes, self.stopping
+            )
+            if fetched.data is None and fetched.problem is None:
+                return  # stopping: the lease expires at the relay, which hands the task out again
             if fetched.problem is not None:
                 code: RefusalCode = "weights_mismatch" if "exceeds" not in fetched.problem else "invalid_task"
                 self._refuse(task, code, fetched.problem, digest)

@@ -41,9 +41,12 @@ class FetchedWeights:
     problem: str | None = None
 
 
-def fetch_weights(client: RelayClient, ref: WeightsRef, max_bytes: int) -> FetchedWeights:
+def fetch_weights(
+    client: RelayClient, ref: WeightsRef, max_bytes: int, stop: threading.Event | None = None
+) -> FetchedWeights:
     """Download the blob REF names, reading at most min(REF.bytes, MAX_BYTES) + 1 bytes, and
-    verify size and SHA-256. Transport errors propagate (the caller retries later)."""
+    verify size and SHA-256. Transport errors propagate (the caller retries later). STOP set
+    during the download abandons it: neither data nor problem comes back."""
     if ref.bytes > max_bytes:
         return FetchedWeights(
             None, f"weights: {ref.bytes} bytes exceeds limits.max_weights_bytes ({max_bytes})"
@@ -53,6 +56,8 @@ def fetch_weights(client: RelayClient, ref: WeightsRef, max_bytes: int) -> Fetch
     size = 0
     with client.blob(ref.sha256) as response:
         for piece in response.iter_bytes(READ_PIECE):
+            if stop is not None and stop.is_set():
+                return FetchedWeights(None)
             size += len(piece)
             if size > ref.bytes:
                 return FetchedWeights(
