@@ -7,7 +7,10 @@
 #      over mutual TLS on generated data, a round from a coordinator on the host, teardown),
 #   5. tests/deploy/test_e2e_docker.py: the image runs as uid 10001 and cannot write the data
 #      mount; deploy/federation-demo.yml brings up three agents and a coordinator, runs two
-#      FedAvg rounds over mutual TLS, every site's audit chain verifies; then `down -v`.
+#      FedAvg rounds in a mixed federation (two sites over mutual TLS, one outbound-only site
+#      through the coordinator's relay, with no published port, on an internal network), every
+#      site's audit chain verifies, the outbound site's commits match its released updates;
+#      then `down -v`.
 # Nothing is left running: the compose project is removed by the tests and again here, and
 # an engine started here is stopped here. Prints the duration of each step.
 #

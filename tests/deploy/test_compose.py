@@ -19,6 +19,7 @@ SITE = DEPLOY / "docker-compose.yml"
 GPU = DEPLOY / "docker-compose.gpu.yml"
 POSTGRES = DEPLOY / "docker-compose.postgres.yml"
 DEMO = DEPLOY / "federation-demo.yml"
+OUTBOUND = DEPLOY / "docker-compose.outbound.yml"
 COMPOSE = shutil.which("docker-compose")
 
 # CI installs docker-compose (.ci/run); elsewhere the compose checks need it installed.
@@ -38,7 +39,11 @@ def _engine_answers() -> bool:
 
 def _compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     assert COMPOSE is not None, "docker-compose is not installed (CI must install it)"
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDSITE_", "DEMO_", "COMPOSE_"))}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FEDSITE_", "DEMO_", "COMPOSE_")) and not k.upper().endswith("_PROXY")
+    }
     full_env.update(env or {})
     return subprocess.run(
         [COMPOSE, *args], capture_output=True, text=True, timeout=120, env=full_env, cwd=ROOT
@@ -175,7 +180,8 @@ def test_federation_demo_three_sites_over_mutual_tls() -> None:
     for name, svc in services.items():
         # Traffic stays on the project's network: nothing is published on the host.
         assert not svc.get("ports"), name
-    for k in (1, 2, 3):
+    # site-1 and site-2 listen (push mode); site-3 is outbound-only (the tests at the end).
+    for k in (1, 2):
         site = services[f"site-{k}"]
         env = site["environment"]
         assert env["FEDSITE_API__TLS__CERT_FILE"] == f"/demo/pki/site-{k}/agent/server.crt"
@@ -189,7 +195,8 @@ def test_federation_demo_three_sites_over_mutual_tls() -> None:
         assert site["depends_on"]["setup"]["condition"] == "service_completed_successfully"
         assert f"/demo/pki/site-{k}/agent/ca.crt" in site["healthcheck"]["test"]
         assert site["read_only"] is True and site["mem_limit"]
-        # The setup service writes this site's database through the same volume.
+    for k in (1, 2, 3):
+        # The setup service writes each site's database through the same volume.
         assert _volumes(services["setup"])[f"/work/site-{k}"] == (f"site-{k}-work", False)
     coordinator = services["coordinator"]
     command = coordinator["command"]
@@ -215,7 +222,7 @@ def test_demo_setup_script_is_valid_sh_and_writes_the_federation_keys() -> None:
 
 
 def test_compose_files_are_plain_yaml_without_secrets() -> None:
-    for path in (SITE, GPU, POSTGRES, DEMO):
+    for path in (SITE, GPU, POSTGRES, DEMO, OUTBOUND):
         text = path.read_text()
         yaml.safe_load(text)
         assert not re.search(r"(?i)(password|token|secret)\s*:\s*['\"]?[A-Za-z0-9+/]{12,}", text), path
@@ -285,3 +292,133 @@ def test_make_targets_exist() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "docker/wheelhouse.sh wheelhouse cuda" in proc.stdout
     assert "deploy/e2e-docker.sh" in proc.stdout
+
+
+# Outbound-only mode: the site compose file without a published port, the demo's pull site.
+
+
+def _without(service: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in service.items() if k not in keys}
+
+
+@needs_compose
+def test_site_compose_outbound_publishes_no_port_and_is_the_listen_agent_otherwise(tmp_path: Path) -> None:
+    env = {"FEDSITE_DATA_DIR": str(tmp_path)}
+    outbound = _config(OUTBOUND, env=env)
+    listen = _config(SITE, env=env)
+    assert sorted(outbound["services"]) == ["agent"]
+    agent = outbound["services"]["agent"]
+    assert "ports" not in agent
+    assert "profiles" not in agent
+    # Health and /metrics (the only things an outbound agent serves) stay inside the container.
+    assert agent["environment"]["FEDSITE_API__HOST"] == "127.0.0.1"
+    assert listen["services"]["agent"]["ports"]
+    # The same agent otherwise (image, limits, mounts, volume, command), so that the postgres and
+    # gpu overrides and the guide's commands apply to both files alike.
+    listen_env = listen["services"]["agent"]["environment"]
+    assert {k: v for k, v in agent["environment"].items() if k != "FEDSITE_API__HOST"} == listen_env
+    assert _without(agent, "environment") == _without(listen["services"]["agent"], "environment", "ports")
+    assert outbound["volumes"] == listen["volumes"]
+
+
+@needs_compose
+def test_site_compose_outbound_takes_the_postgres_and_gpu_overrides(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://fedsite:pw@postgres:5432/fedsite"
+    env = {"FEDSITE_DATA_DIR": str(tmp_path), "FEDSITE_DATABASE_URL": url}
+    cfg = _config(OUTBOUND, POSTGRES, GPU, env=env)
+    agent = cfg["services"]["agent"]
+    assert sorted(cfg["services"]) == ["agent", "postgres"]
+    assert "ports" not in agent and "ports" not in cfg["services"]["postgres"]
+    assert agent["environment"]["FEDSITE_DATABASE_URL"] == url
+    assert agent["environment"]["FEDSITE_DEVICE"] == "cuda"
+    assert "postgres" in agent["depends_on"]
+
+
+@needs_compose
+@pytest.mark.parametrize("path", [SITE, OUTBOUND], ids=["listen", "outbound"])
+def test_site_compose_passes_the_proxy_settings_to_the_agent(tmp_path: Path, path: Path) -> None:
+    """The connector (outbound and both modes) honours HTTPS_PROXY/NO_PROXY: set in .env or
+    the shell, they reach the container; unset, they are empty (a direct connection)."""
+    proxy = {
+        "HTTPS_PROXY": "http://proxy.hospital.example:3128",
+        "NO_PROXY": "localhost,127.0.0.1,.hospital.example",
+    }
+    env = _config(path, env={"FEDSITE_DATA_DIR": str(tmp_path), **proxy})["services"]["agent"]["environment"]
+    assert {k: env[k] for k in proxy} == proxy
+    assert env["HTTP_PROXY"] == ""
+    unset = _config(path, env={"FEDSITE_DATA_DIR": str(tmp_path)})["services"]["agent"]["environment"]
+    assert {k: unset[k] for k in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY")} == dict.fromkeys(
+        ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"), ""
+    )
+
+
+def _networks(service: dict[str, Any]) -> list[str]:
+    # A list, or a mapping of network name to options: sorted() gives the names either way.
+    return sorted(service.get("networks", ["default"]))
+
+
+@needs_compose
+def test_federation_demo_pull_site_is_on_an_internal_network_shared_only_with_the_coordinator() -> None:
+    cfg = _config(DEMO)
+    services = cfg["services"]
+    assert cfg["networks"]["pull"]["internal"] is True
+    members = sorted(name for name, svc in services.items() if "pull" in _networks(svc))
+    assert members == ["coordinator", "site-3"]
+    # The pull site is on no other network: no route to anything but the coordinator.
+    assert _networks(services["site-3"]) == ["pull"]
+    assert _networks(services["coordinator"]) == ["default", "pull"]
+    for name in ("setup", "site-1", "site-2"):
+        assert _networks(services[name]) == ["default"], name
+    # demo-setup.sh makes exactly the sites on that network pull sites.
+    pull = services["setup"]["environment"]["DEMO_PULL_SITES"].replace(",", " ").split()
+    assert [f"site-{k}" for k in pull] == ["site-3"]
+
+
+@needs_compose
+def test_federation_demo_pull_site_opens_no_port_and_probes_its_loopback() -> None:
+    site = _config(DEMO)["services"]["site-3"]
+    assert not site.get("ports")
+    env = site["environment"]
+    assert env["FEDSITE_API__HOST"] == "127.0.0.1"
+    # No API to serve: no server certificate, no client subjects.
+    assert not [k for k in env if k.startswith("FEDSITE_API__TLS")]
+    assert site["command"] == ["serve", "--config", "/demo/sites/site-3/config.yaml"]
+    assert _volumes(site)["/demo"] == ("demo", True)
+    assert _volumes(site)["/var/lib/fedsite"] == ("site-3-work", False)
+    probe = " ".join(site["healthcheck"]["test"])
+    assert "http://127.0.0.1:8443/v1/health" in probe
+    assert site["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+
+
+@needs_compose
+def test_federation_demo_coordinator_serves_the_relay_from_its_own_volume() -> None:
+    services = _config(DEMO)["services"]
+    command = services["coordinator"]["command"]
+    assert command[command.index("--serve") + 1] == "0.0.0.0:8700"
+    # The relay's database and chunks: a volume the setup service prepares (relay tokens) and
+    # the coordinator writes; the demo volume stays read-only for it.
+    assert _volumes(services["coordinator"])["/relay"] == ("relay", False)
+    assert _volumes(services["setup"])["/relay"] == ("relay", False)
+    assert _volumes(services["coordinator"])["/demo"] == ("demo", True)
+
+
+def test_demo_setup_script_writes_the_pull_site_connect_section_and_its_relay_token() -> None:
+    text = (DEPLOY / "demo-setup.sh").read_text()
+    for key in (
+        "relay add-site",
+        "--token-file",
+        "pull: true",
+        "relay:",
+        "connect:",
+        "mode: outbound",
+        "coordinator_url: $relay_url",
+        "client_ca_file:",
+    ):
+        assert key in text, key
+    # The relay's certificate names the host the pull sites connect to.
+    url = re.search(r"^relay_url=(\S+)$", text, flags=re.M)
+    assert url is not None
+    host = url.group(1).split("//")[1].split(":")[0]
+    hosts = re.search(r'certs init "\$demo/pki/relay" .*--hosts "([^"]+)"', text)
+    assert hosts is not None and host in hosts.group(1).split(",")
+    assert url.group(1).endswith(":8700")

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "deploy" / "federation-demo.yml"
 IMAGE = os.environ.get("FEDSITE_E2E_IMAGE", "fedsite:latest")
 SITES = ["site-1", "site-2", "site-3"]
+# site-3 runs outbound-only (pull mode, through the coordinator's relay); the others listen.
+PULL_SITE = "site-3"
 ROUNDS = 2
 
 
@@ -157,7 +159,7 @@ def _results(compose: Compose) -> dict[str, Any]:
 
 
 @requires_engine
-def test_federation_demo_runs_fedavg_rounds_over_mutual_tls(federation: Compose) -> None:
+def test_federation_demo_runs_fedavg_rounds_over_mutual_tls_and_the_relay(federation: Compose) -> None:
     results = _results(federation)
     assert results["status"] == "completed", results
     assert len(results["rounds"]) == ROUNDS
@@ -215,3 +217,98 @@ def test_agent_in_container_refuses_clients_without_the_coordinator_certificate(
     assert federation("exec", "-T", "site-1", "python", "-c", script).stdout.split("\n")[0] == (
         "no client certificate True"
     )
+
+
+def _audit_events(compose: Compose, site: str, *actions: str) -> dict[str, list[dict[str, Any]]]:
+    """ACTIONS' events in SITE's audit log, read in its running container."""
+    script = (
+        "import json, sys\n"
+        "from agent.audit.chain import AuditLog\n"
+        "from agent.db.engine import open_database\n"
+        "from agent.config import load_config\n"
+        f"cfg = load_config('/demo/sites/{site}/config.yaml')\n"
+        "log = AuditLog(open_database(cfg.db_url))\n"
+        "print(json.dumps({a: log.find(a) for a in sys.argv[1:]}, default=str))\n"
+    )
+    out = compose("exec", "-T", site, "python", "-c", script, *actions).stdout
+    events: dict[str, list[dict[str, Any]]] = json.loads(out)
+    return events
+
+
+@requires_engine
+def test_mixed_federation_the_pull_site_trains_and_evaluates_in_every_round(federation: Compose) -> None:
+    results = _results(federation)
+    assert results["status"] == "completed", results
+    assert sorted(results["sites"]) == SITES
+    for record in results["rounds"]:
+        assert sorted(record["participants"]) == SITES, record["label"]
+        assert not record["left_out"], record["left_out"]
+        assert PULL_SITE in record["evaluation"], record["label"]
+        update = record["training"][PULL_SITE]
+        assert update["num_samples"] > 0
+        assert len(update["update_sha256"]) == 64
+
+
+@requires_engine
+def test_the_pull_agent_publishes_no_port_listens_on_loopback_only_and_has_no_route_out(
+    federation: Compose,
+) -> None:
+    info = json.loads(_run(["docker", "inspect", federation.container(PULL_SITE)]).stdout)[0]
+    assert not info["HostConfig"]["PortBindings"], info["HostConfig"]["PortBindings"]
+    # The image EXPOSEs 8443 (listed, bound to nothing); no port is bound on the host.
+    assert all(not bound for bound in (info["NetworkSettings"]["Ports"] or {}).values())
+    networks = sorted(info["NetworkSettings"]["Networks"])
+    assert networks == [f"{federation.project}_pull"], networks
+    network = json.loads(_run(["docker", "network", "inspect", networks[0]]).stdout)[0]
+    assert network["Internal"] is True
+    members = sorted(c["Name"] for c in network["Containers"].values())
+    assert all("_site-3_" in name or "_coordinator_" in name for name in members), members
+    # Every listening TCP socket in the container (IPv4 and IPv6) is on a loopback address:
+    # health and /metrics for the container's probe (and Docker's DNS resolver, 127.0.0.11),
+    # no control API. /proc/net/tcp* lists addresses as little-endian 32-bit words in hex.
+    script = (
+        "import ipaddress, json\n"
+        "out = []\n"
+        "for path in ('/proc/net/tcp', '/proc/net/tcp6'):\n"
+        "    for line in open(path).read().splitlines()[1:]:\n"
+        "        local, state = line.split()[1], line.split()[3]\n"
+        "        if state != '0A':\n"
+        "            continue\n"
+        "        raw, port = bytes.fromhex(local.split(':')[0]), int(local.split(':')[1], 16)\n"
+        "        ip = ipaddress.ip_address(b''.join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))\n"
+        "        mapped = getattr(ip, 'ipv4_mapped', None)\n"
+        "        out.append([str(ip), port, (mapped or ip).is_loopback])\n"
+        "print(json.dumps(out))\n"
+    )
+    listening = json.loads(federation("exec", "-T", PULL_SITE, "python", "-c", script).stdout)
+    assert all(loopback for _ip, _port, loopback in listening), listening
+    # The health endpoint for the container's probe: api.port on 127.0.0.1.
+    assert ["127.0.0.1", 8443, True] in listening, listening
+
+
+@requires_engine
+def test_the_pull_agent_audit_records_fetches_and_commits_with_the_released_update_hash(
+    federation: Compose,
+) -> None:
+    events = _audit_events(
+        federation,
+        PULL_SITE,
+        "connect.registered",
+        "connect.task_received",
+        "connect.weights_fetched",
+        "connect.commit",
+        "egress.sent",
+    )
+    assert events["connect.registered"]
+    received = events["connect.task_received"]
+    assert {e["details"]["kind"] for e in received} == {"train", "evaluate"}
+    assert events["connect.weights_fetched"]
+    for fetched in events["connect.weights_fetched"]:
+        assert len(fetched["details"]["sha256"]) == 64 and fetched["details"]["bytes"] > 0
+    sent = [e["details"]["sha256"] for e in events["egress.sent"]]
+    committed = [e["details"]["sha256"] for e in events["connect.commit"] if e["details"]["sha256"]]
+    # One released update per round, and what was committed to the relay is exactly that.
+    assert len(sent) == ROUNDS
+    assert sorted(committed) == sorted(sent)
+    results = _results(federation)
+    assert sorted(r["training"][PULL_SITE]["update_sha256"] for r in results["rounds"]) == sorted(sent)
