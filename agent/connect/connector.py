@@ -152,7 +152,7 @@ class Connector:
                         if self.stopping.is_set():
                             return
                         try:
-                            self._take(raw)
+                            self._take_or_refuse(raw)
                         finally:
                             self._taking = None
             except (httpx.HTTPError, ValidationError, ValueError) as exc:
@@ -168,7 +168,10 @@ class Connector:
     def _unreachable(self, backoff: Backoff, exc: BaseException) -> None:
         self.registered.clear()
         why = detail_of(exc)
-        delay = backoff.next_delay() or self.cfg.max_backoff_s
+        # The reconnect schedule has no attempt limit (a site waits out any outage); its delays
+        # are capped, and None cannot come back from it.
+        next_delay = backoff.next_delay()
+        delay = self.cfg.max_backoff_s if next_delay is None else next_delay
         if status_of(exc) == 401:
             why += " (the relay does not know this site's token: check connect.token_file)"
         log.warning(
@@ -220,6 +223,21 @@ class Connector:
         )
         self.registered.set()
         self._wake_uploads.set()
+
+    def _take_or_refuse(self, raw: Any) -> None:
+        """`_take`, and a task that breaks it for a reason other than the network is refused
+        (not_runnable, with the error) instead of coming back at every lease."""
+        try:
+            self._take(raw)
+        except httpx.HTTPError:
+            raise
+        except Exception as exc:
+            log.exception("connector: task could not be taken")
+            taking = self._taking
+            if taking is not None:
+                # The exception's text may name local paths: the relay gets its type, the log the rest.
+                reason = f"the site could not take the task ({type(exc).__name__}); its log says why"
+                self._refuse_raw(taking[0], taking[1], "not_runnable", reason, None)
 
     def _take(self, raw: Any) -> None:
         """Validate one task and hand it to the service, or refuse it with a code and a reason."""
