@@ -1,4 +1,5 @@
-"""`fedsite serve`: check the config and its TLS files, then run the agent (`agent.api.server`)."""
+"""`fedsite serve`: check the config and its TLS files, then run the agent (`agent.api.server`),
+with the outbound connector (`agent.connect`) beside it when `connect.mode` asks for it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def serve(
     port: int | None = typer.Option(None, help="Port (default: api.port)."),
     scan: bool = typer.Option(True, "--scan/--no-scan", help="Index the datasets before accepting rounds."),
 ) -> None:
-    """Run the site agent: the REST control API and the round scheduler."""
+    """Run the site agent: the REST control API and the round scheduler; with connect.mode outbound,
+    the connector to the coordinator's relay and no control API (health and metrics on 127.0.0.1)."""
     from agent.api.server import run_agent
 
     try:

@@ -115,3 +115,54 @@ def test_a_task_must_be_what_the_protocol_says() -> None:
         with pytest.raises(ValidationError) as err:
             Task.model_validate(broken)
         assert where.split(".")[0] in str(err.value)
+
+
+def test_https_with_the_relay_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    from agent.tls.issue import init_certificates
+    from coordinator.federation import RelayTls
+    from coordinator.relay.server import RelayServer
+    from tests.fixtures.relay import relay_env
+
+    pki = tmp_path / "pki"
+    init_certificates(pki, site_id="relay", hosts="127.0.0.1,localhost", clients=["pull-1"])
+    other = tmp_path / "other"
+    init_certificates(other, site_id="other", hosts="127.0.0.1")
+    env = relay_env(tmp_path / "fed", pull=["pull-1"])
+    tls = RelayTls(
+        cert_file=pki / "agent" / "server.crt",
+        key_file=pki / "agent" / "server.key",
+        client_ca_file=pki / "agent" / "ca.crt",
+    )
+    with RelayServer(env.store(), "127.0.0.1", 0, tls=tls) as relay:
+        assert relay.url.startswith("https://")
+
+        def client(**files: Path) -> RelayClient:
+            cfg = ConnectConfig(
+                mode="outbound", coordinator_url=relay.url, token_file=env.token_files["pull-1"], **files
+            )
+            return RelayClient(cfg)
+
+        mutual = client(
+            ca_file=pki / "ca.crt",
+            client_cert=pki / "clients" / "pull-1.crt",
+            client_key=pki / "clients" / "pull-1.key",
+        )
+        try:
+            assert mutual.register({"site_id": "site-1"}, []).site == "pull-1"
+        finally:
+            mutual.close()
+        # A relay certificate from another CA is not trusted.
+        stranger = client(ca_file=other / "ca.crt")
+        try:
+            with pytest.raises(httpx.ConnectError) as err:
+                stranger.register({}, [])
+            assert "CERTIFICATE_VERIFY_FAILED" in detail_of(err.value)
+        finally:
+            stranger.close()
+        # The right CA but no client certificate: the relay ends the handshake.
+        anonymous = client(ca_file=pki / "ca.crt")
+        try:
+            with pytest.raises(httpx.TransportError):
+                anonymous.register({}, [])
+        finally:
+            anonymous.close()
