@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import tarfile
 import uuid
@@ -312,3 +313,36 @@ def test_the_pull_agent_audit_records_fetches_and_commits_with_the_released_upda
     assert sorted(committed) == sorted(sent)
     results = _results(federation)
     assert sorted(r["training"][PULL_SITE]["update_sha256"] for r in results["rounds"]) == sorted(sent)
+
+
+@requires_engine
+def test_the_relay_recorded_the_pull_site_and_accepted_its_commits(
+    federation: Compose, tmp_path: Path
+) -> None:
+    """The coordinator's side of the same exchange: the relay's append-only events (in the
+    relay volume, read from the exited coordinator) say site-3 registered and which update
+    hashes it accepted from it, and those are the updates the run aggregated."""
+    source = f"{federation.container('coordinator')}:/relay"
+    proc = subprocess.run(["docker", "cp", source, "-"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith("relay/relay.db"):
+                extracted = tar.extractfile(member)
+                assert extracted is not None
+                (tmp_path / Path(member.name).name).write_bytes(extracted.read())
+    db = sqlite3.connect(tmp_path / "relay.db")
+    try:
+        rows = db.execute("SELECT site, action, details FROM relay_events ORDER BY id").fetchall()
+    finally:
+        db.close()
+    assert {site for site, _action, _details in rows} == {PULL_SITE}
+    actions = [action for _site, action, _details in rows]
+    assert "site.registered" in actions
+    assert not {"commit.refused", "task.failed", "lease.expired"} & set(actions), actions
+    accepted = [json.loads(details)["sha256"] for _s, action, details in rows if action == "commit.accepted"]
+    # Per round one training commit (an update) and one evaluation commit (metrics only).
+    assert len(accepted) == 2 * ROUNDS
+    results = _results(federation)
+    updates = sorted(r["training"][PULL_SITE]["update_sha256"] for r in results["rounds"])
+    assert sorted(sha for sha in accepted if sha) == updates
