@@ -28,6 +28,7 @@ import logging
 import random
 import re
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -63,6 +64,8 @@ UPLOAD_PASS_S = 1.0
 # How long stop() waits for each thread.
 STOP_WAIT_S = 8.0
 MAX_REASON_CHARS = 2000
+# The shortest interval between two polls that found nothing.
+MIN_POLL_S = 1.0
 
 
 class Connector:
@@ -145,9 +148,13 @@ class Connector:
                     # results go out under the leases it has before it takes new work, and a
                     # lease that expired meanwhile is refused (409) and given up at once.
                     self.deliver_completed()
+                asked = time.monotonic()
                 raw = self.client.next_task(self.poll_wait_s)
                 backoff.reset()
-                if raw is not None:
+                if raw is None:
+                    # A relay (or a config) with no wait must not turn the poll into a busy loop.
+                    self.stopping.wait(max(0.0, MIN_POLL_S - (time.monotonic() - asked)))
+                else:
                     with self._intake:
                         if self.stopping.is_set():
                             return
