@@ -286,8 +286,7 @@ class Connector:
             if fetched.data is None and fetched.problem is None:
                 return  # stopping: the lease expires at the relay, which hands the task out again
             if fetched.problem is not None:
-                code: RefusalCode = "weights_mismatch" if "exceeds" not in fetched.problem else "invalid_task"
-                self._refuse(task, code, fetched.problem, digest)
+                self._refuse(task, fetched.code, fetched.problem, digest)
                 return
             weights = fetched.data
             self.audit.append(

@@ -26,7 +26,7 @@ import httpx
 
 from agent.audit.chain import AuditLog
 from agent.connect.backoff import Backoff
-from agent.connect.relay_client import RelayClient, WeightsRef, detail_of, status_of
+from agent.connect.relay_client import RefusalCode, RelayClient, WeightsRef, detail_of, status_of
 
 log = logging.getLogger("fedsite.connect")
 
@@ -35,10 +35,13 @@ READ_PIECE = 1024 * 1024
 
 @dataclass(frozen=True)
 class FetchedWeights:
-    """The verified bytes, or the reason they cannot be used (`problem`, naming hash or size)."""
+    """The verified bytes, or the reason they cannot be used (`problem`, naming hash or size)
+    and the refusal code it calls for: `weights_mismatch` when the bytes are not the ones the
+    task names, `invalid_task` when the task asks for more than this site accepts."""
 
     data: bytes | None
     problem: str | None = None
+    code: RefusalCode = "weights_mismatch"
 
 
 def fetch_weights(
@@ -49,7 +52,7 @@ def fetch_weights(
     during the download abandons it: neither data nor problem comes back."""
     if ref.bytes > max_bytes:
         return FetchedWeights(
-            None, f"weights: {ref.bytes} bytes exceeds limits.max_weights_bytes ({max_bytes})"
+            None, f"weights: {ref.bytes} bytes exceeds limits.max_weights_bytes ({max_bytes})", "invalid_task"
         )
     digest = hashlib.sha256()
     parts: list[bytes] = []

@@ -185,3 +185,4 @@ def test_weights_are_used_only_when_size_and_hash_match(relay: ScriptedRelay, cl
     assert longer.data is None and "more than the 700 bytes declared" in (longer.problem or "")
     big = fetch_weights(client, WeightsRef(sha256=digest, bytes=len(good)), 100)
     assert big.data is None and "limits.max_weights_bytes (100)" in (big.problem or "")
+    assert (tampered.code, longer.code, big.code) == ("weights_mismatch", "weights_mismatch", "invalid_task")
