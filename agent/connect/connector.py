@@ -108,6 +108,9 @@ class Connector:
 
     def start(self) -> None:
         log.info("connector: outbound to %s (mode %s)", self.cfg.coordinator_url, self.cfg.mode)
+        # A job that ends wakes the upload thread at once: a result goes out without waiting
+        # for the next pass (UPLOAD_PASS_S), which is what keeps pull rounds as fast as push.
+        self.service.on_job_end(self._wake_uploads.set)
         for name, target in (
             ("connect-poll", self._poll_loop),
             ("connect-heartbeat", self._heartbeat_loop),
