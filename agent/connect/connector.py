@@ -454,7 +454,7 @@ class Connector:
         self._lost_leases.add(row.lease_id)
         self._updates.pop(row.lease_id, None)
         if self.tasks.update(
-            row.task_id, row.lease_id, state=TaskState.LOST, error=reason[:MAX_REASON_CHARS]
+            row.task_id, row.lease_id, state=TaskState.LOST, error=reason[:MAX_REASON_CHARS], only_active=True
         ):
             log.warning("connect: task %s lost its lease %s: %s", row.task_id, row.lease_id, reason)
             self.audit.append(
@@ -525,7 +525,11 @@ class Connector:
                 self._updates[row.lease_id] = update
             data, sha256 = update.data, update.sha256
             result["audit_anchor"] = self.service.round_anchor(job)
-        self.tasks.update(row.task_id, row.lease_id, state=TaskState.UPLOADING, update_sha256=sha256)
+        if not self.tasks.update(
+            row.task_id, row.lease_id, state=TaskState.UPLOADING, update_sha256=sha256, only_active=True
+        ):
+            self._updates.pop(row.lease_id, None)
+            return  # lost (or handed out again) since this pass read it
         outcome = uploader.upload(row.task_id, row.lease_id, data, sha256, self.chunk_bytes, result)
         if outcome.outcome == UploadOutcome.COMMITTED:
             self._updates.pop(row.lease_id, None)

@@ -91,11 +91,16 @@ class TaskStore:
         state: TaskState | None = None,
         update_sha256: str | None = None,
         error: str | None = None,
+        only_active: bool = False,
     ) -> bool:
-        """Change the task, only while LEASE_ID is still its lease (a newer lease wins); True if changed."""
+        """Change the task, only while LEASE_ID is still its lease (a newer lease wins) and, with
+        ONLY_ACTIVE, while it is still accepted or uploading (a heartbeat answered after the
+        commit must not undo it); True if changed."""
         with self.db.session() as s:
             row = s.get(ConnectorTask, task_id)
             if row is None or row.lease_id != lease_id:
+                return False
+            if only_active and row.state not in ACTIVE_STATES:
                 return False
             if state is not None:
                 row.state = state

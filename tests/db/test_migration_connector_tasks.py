@@ -63,6 +63,10 @@ def test_the_task_store_works_on_the_migrated_schema(blank_db_url: str) -> None:
         row = store.get("a1" * 16)
         assert row is not None and row.state == TaskState.COMMITTED and row.update_sha256 == "f" * 64
         assert store.active() == []
+        # A heartbeat answered after the commit cannot mark the committed task lost.
+        assert not store.update("a1" * 16, "b3" * 16, state=TaskState.LOST, only_active=True)
+        committed = store.get("a1" * 16)
+        assert committed is not None and committed.state == TaskState.COMMITTED
         refused = store.get("a2" * 16)
         assert refused is not None and refused.last_error == "plan not approved"
     finally:
