@@ -116,7 +116,11 @@ def test_unreachable_relay_is_retried_with_bounded_backoff_and_picked_up_when_it
     tmp_path: Path,
 ) -> None:
     env = relay_env(tmp_path / "fed", pull=["pull-1"], lease_s=10.0, heartbeat_s=0.5)
-    port = free_port()  # nothing listens there yet
+    store = env.store()
+    # The relay's socket is bound now (so no other process takes the port) but listens only
+    # once the server starts: until then every connection is refused.
+    server = RelayServer(store, "127.0.0.1", 0)
+    port = server.port
     cap = 1.0
     site = outbound_site(
         tmp_path / "site", f"http://127.0.0.1:{port}", env.token_files["pull-1"], max_backoff_s=cap
@@ -141,10 +145,9 @@ def test_unreachable_relay_is_retried_with_bounded_backoff_and_picked_up_when_it
         assert len(audit_events(site, "connect.disconnected")) == 1
         assert audit_events(site, "connect.registered") == []
 
-        store = env.store()
         plan, weights = plan_and_weights()
         task = store.queue_task("pull-1", "train", "r-late", plan, weights)
-        with RelayServer(store, "127.0.0.1", port):
+        with server:
             done = wait_for(
                 "the round is committed once the relay is up",
                 task_ended(store, task.task_id),
@@ -152,6 +155,7 @@ def test_unreachable_relay_is_retried_with_bounded_backoff_and_picked_up_when_it
             )
     finally:
         agent.stop()
+        server.stop()  # also closes the bound socket when the server never started
     assert done.status == "completed", done.error
     registered = audit_events(site, "connect.registered")
     assert len(registered) == 1 and registered[0]["details"]["failed_attempts"] >= 5
