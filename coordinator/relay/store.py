@@ -825,11 +825,22 @@ class RelayStore:
             raise Conflict(stale)
         return task
 
+    def _upload_lease(self, site: str, task_id: str, lease_id: str, request: str) -> None:
+        """Conflict unless LEASE_ID is TASK_ID's current lease. A refused upload is an event, like a
+        refused commit: an agent back from a restart is turned away here, before any commit."""
+        with self._tx() as s:
+            stale = self._stale(s, self._site_task(s, site, task_id), lease_id)
+            if stale is not None:
+                self._event(
+                    s, "upload.refused", site, task_id, lease_id=lease_id, request=request, reason=stale
+                )
+        if stale is not None:
+            raise Conflict(stale)
+
     def chunks_have(self, site: str, task_id: str, lease_id: str) -> list[str]:
         """The chunks the relay holds for TASK_ID (kept on disk across restarts and re-queues)."""
         self.sweep()
-        with self._tx() as s:
-            self._current(s, site, task_id, lease_id)
+        self._upload_lease(site, task_id, lease_id, "chunk list")
         folder = self.chunk_dir(task_id)
         if not folder.is_dir():
             return []
@@ -841,8 +852,7 @@ class RelayStore:
         if len(data) > self.limits.chunk_bytes:
             raise InvalidRequest(f"chunk of {len(data)} bytes is over chunk_bytes={self.limits.chunk_bytes}")
         self.sweep()
-        with self._tx() as s:
-            self._current(s, site, task_id, lease_id)
+        self._upload_lease(site, task_id, lease_id, "chunk upload")
         actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise InvalidRequest(f"chunk body has SHA-256 {actual}, not {sha256} as its name says")

@@ -105,6 +105,9 @@ def test_agent_killed_mid_upload_is_refused_under_its_old_lease_and_resumes_unde
         e["details"]["lease_id"]: e["details"]["reason"] for e in audit_events(site, "connect.lease_lost")
     }
     assert "HTTP 409" in lost[kill_lease] and "expired" in lost[kill_lease]
+    # ... and the relay recorded the refusal on its side.
+    refused = _events(queue, task.task_id, "upload.refused")
+    assert [e.details["lease_id"] for e in refused] == [kill_lease], [e.details for e in refused]
     # Under the new lease only the chunks the relay did not have were sent.
     fresh = [a for a in attempts if a["lease_id"] == leases[-1]]
     assert fresh[-1]["outcome"] == "committed"

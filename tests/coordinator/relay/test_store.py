@@ -124,6 +124,22 @@ def test_expired_lease_requeues_and_a_late_commit_is_refused(store: RelayStore, 
     )
     assert answer["leases"][first["task_id"]]["valid"] is False
     assert answer["leases"][first["task_id"]]["cancel"] is False
+    # An upload under the old lease (an agent back from a restart) is refused and recorded too.
+    for request, call in (
+        ("chunk list", lambda: store.chunks_have("a", first["task_id"], first["lease_id"])),
+        (
+            "chunk upload",
+            lambda: store.put_chunk("a", first["task_id"], first["lease_id"], sha256(data), data),
+        ),
+    ):
+        with pytest.raises(Conflict, match="expired at"):
+            call()
+        (event,) = [
+            e
+            for e in store.events(task_id=first["task_id"], action="upload.refused")
+            if e.details["request"] == request
+        ]
+        assert event.details["lease_id"] == first["lease_id"] and "re-queued" in event.details["reason"]
     # The chunk received under the old lease stays; the new lease commits with it.
     assert store.chunks_have("a", second["task_id"], second["lease_id"]) == [sha256(data)]
     store.commit("a", second["task_id"], second["lease_id"], [sha256(data)], sha256(data), len(data), {})
