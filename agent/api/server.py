@@ -50,6 +50,9 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # httpx logs every request at INFO: an outbound agent's long polls and heartbeats would fill
+    # the log with a line every few seconds. What the connector does is logged by the connector.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def log_doctor(cfg: AgentConfig) -> None:

@@ -112,6 +112,8 @@ def test_outbound_agent_refuses_bad_tasks_and_completes_good_ones(tmp_path: Path
         "malformed task: plan: Input should be a valid dictionary" in log
     )
     assert f"task {t_unapproved.task_id} refused (plan_not_approved)" in log
+    # Long polls and heartbeats do not log a line each (httpx's own request log is off at INFO).
+    assert "HTTP Request:" not in log
     # As in push mode, the refused plan is audited with its hash for the admin to find.
     assert any(
         e["details"].get("plan_hash") == hash_of(unapproved_plan) for e in audit_events(site, "plan.refused")
