@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit venv clean wheelhouse bench e2e-docker mutation
+.PHONY: demo test lint typecheck unit venv clean wheelhouse bench e2e-docker mutation e2e-flower
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required ($(PYTHON) not found); set PYTHON=..."; exit 1; }
@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q -m "not docker" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not docker and not flower" $(PYTEST_ARGS)
 
 test: lint typecheck unit
 
@@ -59,6 +59,24 @@ wheelhouse: $(STAMP)
 # Engine, Debian base, image, three agents + coordinator over mutual TLS, audit checks, teardown.
 e2e-docker: $(STAMP)
 	PYTHON=$(PY) bash deploy/e2e-docker.sh
+
+# Flower side (integrations/flower): its own venv, flwr pinned, no torch (flwr pins FastAPI,
+# Starlette, uvicorn and cryptography differently from the agent). Three agents, a SuperLink and
+# three SuperNodes on 127.0.0.1 (insecure: loopback only), two FedAvg rounds with `flwr run`,
+# audit and Dice checks, a manual-approval run; prints JSON (round time vs `fedsite coordinate`,
+# bytes per round). The tests marked `flower` run it when .venv-flower exists.
+FLOWER_VENV := .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+$(FLOWER_STAMP): integrations/flower/pyproject.toml
+	@test -x $(FLOWER_VENV)/bin/python || $(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install -q flwr==1.42.0
+	$(FLOWER_VENV)/bin/python -m pip install -q -e ./integrations/flower
+	@if $(FLOWER_VENV)/bin/python -m pip show torch >/dev/null 2>&1; then \
+	  echo "torch was pulled into $(FLOWER_VENV); the Flower side must not need it"; exit 1; fi
+	touch $(FLOWER_STAMP)
+
+e2e-flower: $(STAMP) $(FLOWER_STAMP)
+	$(PY) integrations/flower/e2e.py --out build/flower-e2e
 
 clean:
 	rm -rf $(VENV) demo-out bench-out mutants .pytest_cache .mypy_cache .ruff_cache
