@@ -307,6 +307,17 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def overhead(rounds: list[dict[str, Any]]) -> float:
+    """Mean seconds per round spent outside the sites' jobs: the round's duration less its slowest
+    training job and its slowest evaluation (each as its caller timed it, transfers included)."""
+    spans = []
+    for r in rounds:
+        train = max((float(t["duration_s"]) for t in r.get("training", {}).values()), default=0.0)
+        evals = max((float(e.get("duration_s", 0.0)) for e in r.get("evaluation", {}).values()), default=0.0)
+        spans.append(float(r["duration_s"]) - train - evals)
+    return round(mean(spans), 3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "flower-e2e-out")
@@ -414,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
                     "flower_round_s_mean": round(f_round, 3),
                     "coordinate_round_s_mean": round(r_round, 3),
                     "ratio_flower_over_coordinate": round(f_round / r_round, 3) if r_round else None,
+                    "flower_overhead_s_per_round": overhead(flower_rounds),
+                    "coordinate_overhead_s_per_round": overhead(ref_rounds),
                     "flower_flwr_run_s": round(flower_wall, 3),
                     "coordinate_run_s": round(ref_wall, 3),
                     "note": "a round = train at every site + aggregate + evaluate at every site, in both",

@@ -48,6 +48,14 @@ def _config(msg: Message) -> ConfigRecord:
     return record
 
 
+def _server_round(config: ConfigRecord) -> int:
+    """The strategy's `server-round` (FedAvg puts it in every message's config)."""
+    value = config.get("server-round")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AgentApiError(f"the message's config has no valid 'server-round' (got {value!r})")
+    return value
+
+
 def _job_timeout(context: Context) -> float:
     return float(context.node_config.get("job-timeout-s", bridge.DEFAULT_JOB_TIMEOUT_S))
 
@@ -73,7 +81,7 @@ def _handle(
 def _train_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
     config = _config(msg)
     plan = bridge.plan_from_config(config)
-    round_id = bridge.job_id_for("train", context.run_id, int(config.get("server-round", 0)), context.node_id)
+    round_id = bridge.job_id_for("train", context.run_id, _server_round(config), context.node_id)
     out = bridge.train(api, plan, _weights(msg), round_id, timeout=_job_timeout(context))
     return RecordDict(
         {
@@ -96,7 +104,7 @@ def _train_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
 def _evaluate_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
     config = _config(msg)
     plan = bridge.plan_from_config(config)
-    eval_id = bridge.job_id_for("eval", context.run_id, int(config.get("server-round", 0)), context.node_id)
+    eval_id = bridge.job_id_for("eval", context.run_id, _server_round(config), context.node_id)
     out = bridge.evaluate(api, plan, _weights(msg), eval_id, timeout=_job_timeout(context))
     return RecordDict(
         {

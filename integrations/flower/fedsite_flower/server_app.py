@@ -52,6 +52,13 @@ def _site_of(msg: Message) -> str:
     return str(fed["site"]) if fed is not None and "site" in fed else f"node {msg.metadata.src_node_id}"
 
 
+def _number(value: object, what: str) -> float:
+    """A metric that must be one number (Flower's metric values may also be lists)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"metric {what!r} is {value!r}, not a number")
+    return float(value)
+
+
 def _fed(msg: Message, key: str, default: Any = 0) -> Any:
     fed = msg.content.config_records.get("fedsite")
     return fed[key] if fed is not None and key in fed else default
@@ -102,11 +109,11 @@ class FedsiteFedAvg(FedAvg):
                     "job_id": _fed(msg, "job-id", None),
                 }
             )
-            metrics = dict(msg.content.metric_records["metrics"])
+            site_metrics = dict(msg.content.metric_records["metrics"])
             training[site] = {
                 "round_id": _fed(msg, "job-id", None),
-                "num_samples": int(metrics.pop("num-examples")),
-                "metrics": metrics,
+                "num_samples": int(_number(site_metrics.pop("num-examples"), "num-examples")),
+                "metrics": site_metrics,
                 "update_sha256": digest,
                 "bytes_sent": int(_fed(msg, "bytes-to-agent")),
                 "bytes_received": int(_fed(msg, "bytes-from-agent")),
@@ -138,11 +145,11 @@ class FedsiteFedAvg(FedAvg):
             if msg.has_error():
                 evaluation[site] = {"error": str(msg.error.reason)}
                 continue
-            metrics = dict(msg.content.metric_records["metrics"])
+            site_metrics = dict(msg.content.metric_records["metrics"])
             evaluation[site] = {
                 "evaluation_id": _fed(msg, "job-id", None),
-                "dice": float(metrics["dice"]),
-                "num_samples": int(metrics["num-examples"]),
+                "dice": _number(site_metrics["dice"], "dice"),
+                "num_samples": int(_number(site_metrics["num-examples"], "num-examples")),
                 "bytes_sent": int(_fed(msg, "bytes-to-agent")),
                 "bytes_received": int(_fed(msg, "bytes-from-agent")),
                 "duration_s": float(_fed(msg, "seconds", 0.0)),
