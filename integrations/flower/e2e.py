@@ -415,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 flower_rounds = results.get("rounds", [])
                 ref_rounds = ref.rounds
+                # The same results.json as `fedsite coordinate`: every key of its rounds and final.
+                missing = sorted(
+                    {f"rounds[].{k}" for r in ref_rounds for k in r if any(k not in f for f in flower_rounds)}
+                    | {f"final.{k}" for k in ref.doc["final"] if k not in results.get("final", {})}
+                )
+                checks["results_json_has_the_coordinators_keys"] = not missing and len(flower_rounds) == len(
+                    ref_rounds
+                )
+                checks["dice_plot_written"] = (out_dir / "dice_per_round.png").is_file()
+                if missing:
+                    report["results_keys_missing"] = missing
                 f_round = mean([float(r["duration_s"]) for r in flower_rounds])
                 r_round = mean([float(r["duration_s"]) for r in ref_rounds])
                 report["dice"] = {"flower": flower_dice, "coordinate": ref_dice}

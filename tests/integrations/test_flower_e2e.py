@@ -48,6 +48,74 @@ def test_flower_apps_import_no_torch_nor_agent_code() -> None:
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"flwr": True, "forbidden": []}
 
 
+REFUSAL = """
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from fedsite_flower import client_app
+
+# What a ServerApp process sets before it builds messages.
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+DETAIL = "plan " + "c" * 64 + " is not approved at this site (approval policy: manual)"
+
+class Agent(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        body = json.dumps({"detail": DETAIL}).encode()
+        self.send_response(403)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+token = sys.argv[2]
+content = RecordDict({
+    "arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
+    "config": ConfigRecord({"plan": json.dumps({"dataset": "d"}), "server-round": 1}),
+})
+out = {}
+for case, node_config in {
+    "refused": {"agent-url": f"http://127.0.0.1:{server.server_port}", "token-file": token, "site": "site-x"},
+    "no_token": {"agent-url": f"http://127.0.0.1:{server.server_port}", "token-file": token + ".missing"},
+}.items():
+    for kind, handler in (("train", client_app.train), ("evaluate", client_app.evaluate)):
+        msg = Message(content, dst_node_id=7, message_type=kind)
+        ctx = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+        reply = handler(msg, ctx)
+        out[f"{case}-{kind}"] = reply.error.reason if reply.has_error() else None
+server.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_a_refusal_is_a_flower_error_reply_with_the_agents_reason(tmp_path: Path) -> None:
+    """The ClientApp answers an agent's refusal (or a missing token) with a Flower error message
+    naming the site and keeping the agent's reason; it raises nothing."""
+    token = tmp_path / "agent.token"
+    token.write_text("t\n")
+    proc = subprocess.run(
+        [str(FLOWER_VENV / "bin" / "python"), "-c", REFUSAL, str(FLOWER_APP), str(token)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reasons = json.loads(proc.stdout.strip().splitlines()[-1])
+    for kind in ("train", "evaluate"):
+        refused = reasons[f"refused-{kind}"]
+        assert refused.startswith("site site-x: start ") and "has not approved plan " + "c" * 64 in refused
+        assert reasons[f"no_token-{kind}"].startswith("site node 7: cannot read the agent token file")
+
+
 def test_two_fedavg_rounds_under_flower(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(FLOWER_APP / "e2e.py"), "--out", str(tmp_path / "out")],
@@ -65,6 +133,8 @@ def test_two_fedavg_rounds_under_flower(tmp_path: Path) -> None:
         "audit_matches_serverapp",
         "reference_dice_above_0.1",
         "dice_within_0.01",
+        "results_json_has_the_coordinators_keys",
+        "dice_plot_written",
         "manual_flwr_run_exit_0",
         "manual_site_reported_with_plan_hash",
         "other_sites_completed",
