@@ -423,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
                 checks["results_json_has_the_coordinators_keys"] = not missing and len(flower_rounds) == len(
                     ref_rounds
                 )
+                ref_anchors = ref.doc.get("audit_anchors", {})
+                checks["audit_anchors_kept"] = bool(ref_anchors) and all(
+                    len(results.get("audit_anchors", {}).get(site, [])) == len(kept)
+                    for site, kept in ref_anchors.items()
+                )
                 checks["dice_plot_written"] = (out_dir / "dice_per_round.png").is_file()
                 if missing:
                     report["results_keys_missing"] = missing

@@ -151,7 +151,7 @@ def _scripted_agent(final: str, data: bytes, cancelled: list[str]) -> Handler:
             "metrics": {"loss": 0.5, "note": "x"},
         }
         if status == "completed":
-            body.update(num_samples=12, update_sha256=digest)
+            body.update(num_samples=12, update_sha256=digest, audit_anchor={"event_id": 9, "hash": "h"})
         if status == "failed":
             body["error"] = "worker crashed: out of memory"
         return httpx.Response(200, json=body)
@@ -168,6 +168,7 @@ def test_bridge_train_returns_the_released_update() -> None:
     assert out.round_id == "flwr-1-r001-n7-train"
     assert out.update == data and out.update_sha256 == hashlib.sha256(data).hexdigest()
     assert out.num_examples == 12 and out.metrics == {"loss": 0.5}
+    assert out.audit_anchor == {"event_id": 9, "hash": "h"}
     assert all(np.array_equal(out.arrays[k], v) for k, v in update.items())
     assert out.bytes_to_agent > len(arrays.encode(_weights())) and out.bytes_from_agent >= len(data)
     assert cancelled == []

@@ -135,6 +135,7 @@ def test_two_fedavg_rounds_under_flower(tmp_path: Path) -> None:
         "dice_within_0.01",
         "results_json_has_the_coordinators_keys",
         "dice_plot_written",
+        "audit_anchors_kept",
         "manual_flwr_run_exit_0",
         "manual_site_reported_with_plan_hash",
         "other_sites_completed",

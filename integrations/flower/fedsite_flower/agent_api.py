@@ -71,6 +71,8 @@ class JobStatus:
     num_samples: int | None = None
     update_sha256: str | None = None
     error: str | None = None
+    # A completed round's signed audit head, kept as it came (the site's officer checks it).
+    audit_anchor: dict[str, Any] | None = None
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -223,6 +225,7 @@ class AgentAPI:
         if not isinstance(status, str):
             raise AgentApiError(f"{what} of {job_id}: the answer has no 'status'")
         num = body.get("num_samples")
+        anchor = body.get("audit_anchor")
         return JobStatus(
             job_id=job_id,
             status=status,
@@ -230,6 +233,7 @@ class AgentAPI:
             num_samples=int(num) if isinstance(num, int | float) else None,
             update_sha256=body.get("update_sha256"),
             error=body.get("error"),
+            audit_anchor=anchor if isinstance(anchor, dict) else None,
         )
 
     def wait(self, kind: str, job_id: str, *, timeout: float) -> JobStatus:

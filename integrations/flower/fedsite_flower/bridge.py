@@ -66,6 +66,7 @@ class TrainOutcome:
     bytes_to_agent: int
     bytes_from_agent: int
     seconds: float
+    audit_anchor: dict[str, Any] | None = None
 
 
 @dataclass
@@ -109,6 +110,7 @@ def train(
         bytes_to_agent=api.transfer.sent - sent0,
         bytes_from_agent=api.transfer.received - recv0,
         seconds=round(time.monotonic() - t0, 3),
+        audit_anchor=status.audit_anchor,
     )
 
 

@@ -15,6 +15,7 @@ the agent's reason, prefixed by the site's name: the run goes on without this si
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,8 @@ def _train_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
                     "bytes-to-agent": out.bytes_to_agent,
                     "bytes-from-agent": out.bytes_from_agent,
                     "seconds": out.seconds,
+                    # The site's signed audit head after this round, as JSON ("" when none).
+                    "audit-anchor": json.dumps(out.audit_anchor) if out.audit_anchor else "",
                 }
             ),
         }

@@ -80,6 +80,12 @@ class RunRecorder:
         with self._lock, self.updates_path.open("a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
+    def add_anchor(self, site: str, anchor: dict[str, Any]) -> None:
+        """Keep SITE's signed audit anchor (from a completed round) in results.json at once."""
+        with self._lock:
+            self.doc.setdefault("audit_anchors", {}).setdefault(site, []).append(anchor)
+            self.flush()
+
     def add_round(self, record: dict[str, Any]) -> None:
         with self._lock:
             self.doc["rounds"].append(record)

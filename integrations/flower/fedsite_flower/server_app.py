@@ -109,6 +109,10 @@ class FedsiteFedAvg(FedAvg):
                     "job_id": _fed(msg, "job-id", None),
                 }
             )
+            anchor = str(_fed(msg, "audit-anchor", ""))
+            if anchor:
+                # As the coordinator keeps them: per site, for `fedsite audit verify --anchors`.
+                self.recorder.add_anchor(site, json.loads(anchor))
             site_metrics = dict(msg.content.metric_records["metrics"])
             training[site] = {
                 "round_id": _fed(msg, "job-id", None),
