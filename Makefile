@@ -23,8 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/fedsite demo --out demo-out
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check agent coordinator benchmarks tests
-	$(VENV)/bin/ruff format --check agent coordinator benchmarks tests
+	$(VENV)/bin/ruff check agent coordinator benchmarks integrations tests
+	$(VENV)/bin/ruff format --check agent coordinator benchmarks integrations tests
 	$(VENV)/bin/lint-imports
 
 typecheck: $(STAMP)
