@@ -196,6 +196,31 @@ def _transport_failure(exc: httpx.TransportError, timeouts: Timeouts) -> _Transp
     return _Transport("other", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
 
 
+def job_ended(site: str, kind: str, job_id: str, status: str, error: str | None) -> JobFailed:
+    """The error for a round or evaluation that ended without completing (failed, cancelled...)."""
+    reason = f": {error}" if error else ""
+    return JobFailed(site, f"{kind} {job_id} ended as {status}{reason}")
+
+
+def wait_left(
+    site: str,
+    kind: str,
+    job_id: str,
+    *,
+    deadline: float,
+    timeout: float,
+    should_stop: Callable[[], bool] | None,
+) -> float:
+    """The seconds left to wait for a job; raises JobFailed when the coordinator abandoned it and
+    JobTimeout once the deadline (`time.monotonic()`) has passed. Every site client's wait uses it."""
+    if should_stop is not None and should_stop():
+        raise JobFailed(site, f"{kind} {job_id} abandoned by the coordinator")
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise JobTimeout(site, f"{kind} {job_id} did not finish within {timeout:g} s")
+    return remaining
+
+
 class AgentClient:
     """One agent, reached over HTTP(S) with its own token; safe to use from one thread at a time."""
 
@@ -443,12 +468,8 @@ class AgentClient:
             if status.status == "completed":
                 return status
             if status.status in TERMINAL:
-                reason = f": {status.error}" if status.error else ""
-                raise JobFailed(self.name, f"{kind} {job_id} ended as {status.status}{reason}")
-            if should_stop is not None and should_stop():
-                raise JobFailed(self.name, f"{kind} {job_id} abandoned by the coordinator")
-            if time.monotonic() >= deadline:
-                raise JobTimeout(self.name, f"{kind} {job_id} did not finish within {timeout:g} s")
+                raise job_ended(self.name, kind, job_id, status.status, status.error)
+            wait_left(self.name, kind, job_id, deadline=deadline, timeout=timeout, should_stop=should_stop)
             self._sleep(self.poll_interval)
 
     # -- helpers ---------------------------------------------------------------------------

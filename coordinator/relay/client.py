@@ -20,13 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.errors import Conflict, NotFound, ServiceError
-from coordinator.client import AgentClient, RemoteJobStatus, SiteClient
+from coordinator.client import AgentClient, RemoteJobStatus, SiteClient, job_ended, wait_left
 from coordinator.errors import (
     AgentError,
     AgentPlanRefused,
     AgentUnreachable,
     JobFailed,
-    JobTimeout,
     RunError,
     UpdateIntegrityError,
 )
@@ -179,13 +178,10 @@ class RelaySiteClient:
             if task.status == "refused":
                 raise self._refusal(kind, task)
             if task.status in ("failed", "cancelled"):
-                reason = f": {task.error}" if task.error else ""
-                raise JobFailed(self._name, f"{kind} {job_id} ended as {task.status}{reason}")
-            if should_stop is not None and should_stop():
-                raise JobFailed(self._name, f"{kind} {job_id} abandoned by the coordinator")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise JobTimeout(self._name, f"{kind} {job_id} did not finish within {timeout:g} s")
+                raise job_ended(self._name, kind, job_id, task.status, task.error)
+            remaining = wait_left(
+                self._name, kind, job_id, deadline=deadline, timeout=timeout, should_stop=should_stop
+            )
             self.store.wait_for_change(min(self.poll_interval, remaining))
 
     def _refusal(self, kind: str, task: RelayTask) -> AgentError:
