@@ -3,6 +3,9 @@ audit log and tables from the test process, and bounded waits."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +23,11 @@ from agent.training.plan import parse_plan, plan_hash
 from coordinator.relay.models import RelayTask
 from coordinator.relay.store import RelayStore
 from coordinator.weights import encode, initial_weights
-from tests.fixtures.agents import GeneratedSite, make_site, plan_text, tiny_plan
+from tests.fixtures.agents import REPO, GeneratedSite, make_site, plan_text, tiny_plan
+from tests.fixtures.relay import RelayEnv
 
 T = TypeVar("T")
+DYING_RELAY = Path(__file__).with_name("relay_dies_after_chunks.py")
 WAIT_S = 180.0
 
 
@@ -128,3 +133,20 @@ def task_ended(store: RelayStore, task_id: str) -> Callable[[], RelayTask | None
         )
 
     return check
+
+
+def start_dying_relay(
+    env: RelayEnv, port: int, log_path: Path, chunks: int, *extra: str
+) -> subprocess.Popen[bytes]:
+    """The real relay on 127.0.0.1:PORT that exits hard on its CHUNKS-th chunk upload
+    (`relay_dies_after_chunks.py`; EXTRA are its other options, e.g. `--kill-pid-file`)."""
+    cmd = [sys.executable, str(DYING_RELAY), "--federation", str(env.federation_path)]
+    cmd += ["--listen", f"127.0.0.1:{port}", "--chunks", str(chunks), *extra]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        )

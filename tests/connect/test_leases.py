@@ -5,9 +5,6 @@ sending only the missing chunks; a commit that arrives after its lease expired i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +18,14 @@ from tests.connect.outbound import (
     jobs,
     outbound_site,
     plan_and_weights,
+    start_dying_relay,
     task_ended,
     wait_for,
 )
-from tests.fixtures.agents import REPO, free_port, start_agent
+from tests.fixtures.agents import free_port, start_agent
 from tests.fixtures.relay import FakeClock, relay_env
 from tests.fixtures.servers import ThreadedServer
 
-TRAP = Path(__file__).with_name("relay_dies_after_chunks.py")
 CHUNKS_BEFORE_DEATH = 4
 
 
@@ -47,23 +44,9 @@ def test_agent_killed_mid_upload_is_refused_under_its_old_lease_and_resumes_unde
     queue = env.store()
     task = queue.queue_task("pull-1", "train", "r-kill", plan, weights, on_expiry="requeue")
     pid_file = tmp_path / "agent.pid"
-    cmd = [
-        sys.executable,
-        str(TRAP),
-        "--federation",
-        str(env.federation_path),
-        "--listen",
-        f"127.0.0.1:{port}",
-    ]
-    cmd += ["--chunks", str(CHUNKS_BEFORE_DEATH), "--kill-pid-file", str(pid_file)]
-    with open(tmp_path / "relay.log", "ab") as log:
-        relay = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO),
-            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        )
+    relay = start_dying_relay(
+        env, port, tmp_path / "relay.log", CHUNKS_BEFORE_DEATH, "--kill-pid-file", str(pid_file)
+    )
     agent = None
     try:
         wait_for("the relay answers", lambda: _answers(port), timeout=60)

@@ -5,11 +5,8 @@ the relay is missing, and the committed hash is the one the egress gate recorded
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,13 +18,13 @@ from tests.connect.outbound import (
     jobs,
     outbound_site,
     plan_and_weights,
+    start_dying_relay,
     task_ended,
     wait_for,
 )
-from tests.fixtures.agents import REPO, free_port, start_agent
+from tests.fixtures.agents import free_port, start_agent
 from tests.fixtures.relay import RelayProcess, relay_env
 
-WRAPPER = Path(__file__).with_name("relay_dies_after_chunks.py")
 CHUNKS_BEFORE_DEATH = 3
 
 
@@ -42,16 +39,7 @@ def test_relay_killed_mid_upload_resumes_with_only_the_missing_chunks(tmp_path: 
     queue = env.store()
     task = queue.queue_task("pull-1", "train", "r-resume", plan, weights)
     log_path = tmp_path / "relay.log"
-    cmd = [sys.executable, str(WRAPPER), "--federation", str(env.federation_path)]
-    cmd += ["--listen", f"127.0.0.1:{port}", "--chunks", str(CHUNKS_BEFORE_DEATH)]
-    with open(log_path, "ab") as log:
-        dying = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=str(REPO),
-            env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
-        )
+    dying = start_dying_relay(env, port, log_path, CHUNKS_BEFORE_DEATH)
     agent = None
     relay = RelayProcess(env, port=port, log_path=log_path)
     try:
