@@ -82,15 +82,64 @@ class OptimizerSpec(StrictModel):
         return self
 
 
+class DPSpec(StrictModel):
+    """Differentially private training (DP-SGD with Opacus) for this round.
+
+    The privacy unit is the subject (patient): each step samples subjects independently with
+    probability ``sample_rate`` (Poisson sampling), draws ``subject_slices`` slices or patches
+    from each sampled subject, and clips the gradient of each subject's loss (over its
+    slices together) to ``max_grad_norm`` before Gaussian noise of standard deviation
+    ``noise_multiplier * max_grad_norm`` is added. ``batch_size`` is then the expected number
+    of slices per step, so the expected number of subjects per step is
+    ``batch_size // subject_slices`` and one epoch is ``1 / sample_rate`` steps.
+
+    Give either ``noise_multiplier`` or ``target_epsilon``: the ε this one round may cost at
+    the site, from which the site derives the noise for the round's sample rate and steps
+    (Opacus's ``get_noise_multiplier``, with the site's accountant). ``delta`` defaults to the
+    site's budget δ for the dataset and may not exceed it. The site's ledger composes every
+    round's cost; a round that would cross the dataset's budget is refused.
+    """
+
+    noise_multiplier: float | None = Field(default=None, gt=0, le=1000)
+    target_epsilon: float | None = Field(default=None, gt=0, le=1000)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    subject_slices: int = Field(default=4, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _one_noise(self) -> DPSpec:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+        return self
+
+
 class PrivacySpec(StrictModel):
     """Filters a coordinator asks for on top of the site's own egress settings.
 
     The site's configuration always applies; these can only make the update more private
-    (more excluded parameters, a smaller clipping norm), never less.
+    (more excluded parameters, a smaller clipping norm), never less. ``dp`` trains with
+    DP-SGD (`DPSpec`); without it the round is not differentially private.
     """
 
     exclude_parameters: list[str] = Field(default_factory=list)
     clip_norm: float | None = Field(default=None, gt=0)
+    dp: DPSpec | None = None
+
+
+class AggregationSpec(StrictModel):
+    """Secure aggregation (``agent.exchange.secagg``): the coordinator learns only the sum.
+
+    Each site clamps every element of its update (the difference to the global weights) to
+    ``[-clip, clip]``, multiplies it by its integer sample count (at most ``max_weight``),
+    quantises it to integers modulo 2^32 and masks it; ``threshold`` sites must answer the
+    unmasking step for the sum to be recovered. A site refuses a plan whose threshold is
+    below its own minimum (`secure_aggregation.min_threshold`).
+    """
+
+    mode: Literal["secure"]
+    threshold: int = Field(ge=2, le=65535)
+    clip: float = Field(gt=0, le=1e6)
+    max_weight: int = Field(ge=1, le=2**24)
 
 
 class EarlyStopping(StrictModel):
@@ -118,6 +167,8 @@ class Plan(StrictModel):
     transfer_dtype: Literal["float32", "float16"] = "float32"
     data: DataSettings = Field(default_factory=DataSettings)
     early_stopping: EarlyStopping | None = None
+    # None: the coordinator averages the updates it receives (plain FedAvg).
+    aggregation: AggregationSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -161,8 +212,27 @@ class Plan(StrictModel):
                 f"{self.data.roi_size} is {values} values; at most {MAX_BATCH_VALUES} fit "
                 "(lower batch_size or roi_size)"
             )
+        dp = self.privacy.dp
+        if dp is not None and self.early_stopping is not None:
+            raise ValueError("privacy.dp: early_stopping cannot be combined with DP training")
+        if dp is not None and self.fedprox_mu > 0:
+            raise ValueError("privacy.dp: fedprox_mu cannot be combined with DP training")
+        if dp is not None and dp.subject_slices > self.batch_size:
+            raise ValueError(
+                f"privacy.dp.subject_slices ({dp.subject_slices}) cannot exceed batch_size ({self.batch_size})"
+            )
         if self.send == "diff" and self.init == "random":
             raise ValueError("send 'diff' needs init 'global': a difference to random weights means nothing")
+        if self.aggregation is not None:
+            if self.send != "diff":
+                raise ValueError(
+                    "aggregation.mode 'secure' needs send 'diff': what is masked is the update's "
+                    "difference to the global weights, clamped to [-clip, clip]"
+                )
+            if self.early_stopping is not None:
+                raise ValueError(
+                    "aggregation.mode 'secure' is for rounds of averaged updates, not early_stopping"
+                )
         # Two samples: batch-norm refuses a batch of one sample with one voxel per channel in
         # training, which a real batch would pass.
         batch = min(self.batch_size, 2)
@@ -298,8 +368,20 @@ def check_channels(plan: Plan, dataset_modalities: Sequence[str]) -> None:
         )
 
 
+# Keys added to plans after sites began approving them by hash, dropped from the canonical
+# JSON while they are None (dotted paths), so that a plan without them keeps its old hash.
+_OPTIONAL_ADDITIONS: tuple[str, ...] = ("aggregation", "privacy.dp")
+
+
 def canonical_json(plan: Plan) -> str:
     body = plan.model_dump(mode="json", exclude={"round_id"})
+    for dotted in _OPTIONAL_ADDITIONS:
+        *parents, leaf = dotted.split(".")
+        node: Any = body
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] is None:
+            del node[leaf]
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
