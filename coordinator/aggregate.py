@@ -3,8 +3,9 @@
 Sites send either their full local weights or the difference to the global weights they
 started from. With weights w_k and sample counts n_k the new global model is
 sum(n_k * w_k) / sum(n_k); with diffs d_k = w_k - g it is g + sum(n_k * d_k) / sum(n_k),
-which is the same model up to float rounding. Sums are taken in float64 so that the order
-in which sites answered does not change the result.
+which is the same model up to float rounding. Sums are taken in float64 and over the sites
+sorted by name, so that the order in which sites answered cannot change a bit of the result
+(float addition is not associative, not even in float64).
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def _check_same_keys(reference: Mapping[str, torch.Tensor], update: SiteUpdate, 
 
 
 def weighted_mean(updates: Sequence[SiteUpdate]) -> dict[str, torch.Tensor]:
-    """Sample-weighted mean of the sites' tensors, in the dtype of the first update."""
+    """Sample-weighted mean of the sites' tensors, in the dtype of the first site by name."""
     if not updates:
         raise AggregationError("no updates to aggregate")
+    updates = sorted(updates, key=lambda u: u.site)
     for u in updates:
         if u.num_samples <= 0:
             raise AggregationError(
@@ -89,6 +91,18 @@ def apply_update(
         total = g.detach().to(torch.float64) + update[name].detach().to(torch.float64)
         out[name] = total.to(g.dtype) if g.is_floating_point() else torch.round(total).to(g.dtype)
     return out
+
+
+def pseudo_gradient(
+    global_weights: Mapping[str, torch.Tensor], new_weights: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """NEW_WEIGHTS - GLOBAL_WEIGHTS per tensor, in float64: the change a server optimiser steps along."""
+    probe = SiteUpdate("new model", new_weights, 1)
+    _check_same_keys(global_weights, probe, "the global model")
+    return {
+        name: new_weights[name].detach().to(torch.float64) - g.detach().to(torch.float64)
+        for name, g in global_weights.items()
+    }
 
 
 def fedavg(

@@ -40,3 +40,12 @@ class RunOptions:
     # approving plans by hand approves one plan per seed.
     reseed_rounds: bool = False
     run_id: str | None = None
+    # Server optimisers (fedavgm, fedadam, fedyogi): the step size on the mean change; None takes
+    # the strategy's default (1.0 for FedAvgM, 1e-2 for FedAdam and FedYogi).
+    server_lr: float | None = None
+    # FedAvgM's momentum.
+    server_momentum: float = 0.9
+    # FedAdam / FedYogi: first- and second-moment decay and the adaptivity floor tau.
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3

@@ -88,7 +88,10 @@ class Coordinator:
         self.order = self._order(options.order)
         self.outside = list(federation.outside_names)
         self.global_weights = {k: v.detach().to(torch.float32).clone() for k, v in initial_weights.items()}
-        self.strategy: Strategy = strategy_class(options, self.order)
+        try:
+            self.strategy: Strategy = strategy_class(options, self.order)
+        except ValueError as exc:
+            raise RunError(f"strategy {options.strategy}: {exc}") from None
         self._own_clients = clients is None
         self._own_store: RelayStore | None = None
         if clients is None and relay_store is None and federation.pull_names and federation.relay:
@@ -211,6 +214,7 @@ class Coordinator:
         return {
             "run_id": self.run_id,
             "strategy": self.opts.strategy,
+            "strategy_settings": self.strategy.settings(),
             "round_label": self.strategy.round_label,
             "sites": self.order,
             "outside_sites": self.outside,

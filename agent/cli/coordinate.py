@@ -66,7 +66,9 @@ def coordinate(
     federation: Path = typer.Option(..., "--federation", help="Federation file (agents, tokens, min_sites)."),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON sent to every site."),
     out: Path = typer.Option(..., "--out", help="Folder for results.json, the models per round and the PNG."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="fedavg, iil or ciil."),
+    strategy: str = typer.Option(
+        "fedavg", "--strategy", help="fedavg, fedavgm, fedadam, fedyogi, fednova, iil or ciil."
+    ),
     rounds: int = typer.Option(
         3, "--rounds", min=1, help="FedAvg rounds, or CIIL cycles (IIL visits each site once)."
     ),
@@ -87,6 +89,13 @@ def coordinate(
     no_eval: bool = typer.Option(
         False, "--no-eval", help="Skip the evaluation at every site after each round."
     ),
+    server_lr: float | None = typer.Option(
+        None, "--server-lr", help="fedavgm/fedadam/fedyogi: server step size (default 1.0 / 1e-2 / 1e-2)."
+    ),
+    server_momentum: float = typer.Option(0.9, "--server-momentum", help="fedavgm: server momentum."),
+    server_beta1: float = typer.Option(0.9, "--server-beta1", help="fedadam/fedyogi: first-moment decay."),
+    server_beta2: float = typer.Option(0.99, "--server-beta2", help="fedadam/fedyogi: second-moment decay."),
+    server_tau: float = typer.Option(1e-3, "--server-tau", help="fedadam/fedyogi: adaptivity floor."),
     quiet: bool = typer.Option(False, "--quiet", help="No live progress; warnings and the summary only."),
     serve: str | None = typer.Option(
         None,
@@ -99,7 +108,7 @@ def coordinate(
         help="Serve no relay: the pull sites reach one that `fedsite relay serve` runs on the same database.",
     ),
 ) -> None:
-    """Train a model across the federation's agents over HTTP (FedAvg, IIL or CIIL)."""
+    """Train a model across the federation's agents over HTTP (FedAvg and variants, IIL or CIIL)."""
     from coordinator.report import QuietReporter
     from coordinator.weights import initial_weights, load_file
 
@@ -123,6 +132,11 @@ def coordinate(
         evaluate=not no_eval,
         evaluate_every_visit=evaluate_every_visit,
         keep_updates=keep_updates,
+        server_lr=server_lr,
+        server_momentum=server_momentum,
+        server_beta1=server_beta1,
+        server_beta2=server_beta2,
+        server_tau=server_tau,
     )
     reporter = QuietReporter(console) if quiet else Reporter(console)
     if serve is not None and no_serve:

@@ -8,11 +8,19 @@ from __future__ import annotations
 
 from coordinator.strategies.base import Strategy
 from coordinator.strategies.ciil import CIIL
+from coordinator.strategies.fedadam import FedAdam
 from coordinator.strategies.fedavg import FedAvg
+from coordinator.strategies.fedavgm import FedAvgM
+from coordinator.strategies.fednova import FedNova
+from coordinator.strategies.fedyogi import FedYogi
 from coordinator.strategies.iil import IIL
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fednova": FedNova,
     "iil": IIL,
     "ciil": CIIL,
 }

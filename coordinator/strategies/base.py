@@ -133,6 +133,10 @@ class Strategy(ABC):
     def num_rounds(self) -> int:
         return self.options.rounds
 
+    def settings(self) -> dict[str, Any]:
+        """The strategy's own settings as results.json records them (a server optimiser's rates)."""
+        return {}
+
     @abstractmethod
     def label(self, index: int) -> str:
         """Round INDEX's (1-based) name in results.json, warnings and the Dice table."""

@@ -78,9 +78,13 @@ def _start() -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_cli_values_with_their_round_labels() -> None:
-    assert list(STRATEGIES) == ["fedavg", "iil", "ciil"]
+    assert list(STRATEGIES) == ["fedavg", "fedavgm", "fedadam", "fedyogi", "fednova", "iil", "ciil"]
     assert {n: (c.title, c.round_label) for n, c in STRATEGIES.items()} == {
         "fedavg": ("FedAvg", "round"),
+        "fedavgm": ("FedAvgM", "round"),
+        "fedadam": ("FedAdam", "round"),
+        "fedyogi": ("FedYogi", "round"),
+        "fednova": ("FedNova", "round"),
         "iil": ("IIL", "visit"),
         "ciil": ("CIIL", "cycle"),
     }
@@ -89,7 +93,11 @@ def test_registry_holds_the_cli_values_with_their_round_labels() -> None:
 
 def test_unknown_strategy_names_the_registered_ones(tmp_path: Path) -> None:
     fake = fake_federation({"site-1": 2})
-    with pytest.raises(RunError, match="unknown strategy 'fedsgd'; choose one of fedavg, iil, ciil"):
+    with pytest.raises(
+        RunError,
+        match=r"unknown strategy 'fedsgd'; choose one of fedavg, fedavgm, fedadam, fedyogi, fednova, "
+        r"iil, ciil$",
+    ):
         _run(fake, tmp_path, strategy="fedsgd")
 
 
