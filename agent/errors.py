@@ -31,13 +31,16 @@ so that every layer, `agent.db` included, may raise from it::
     │   └── TrainingCancelled
     ├── ExchangeError
     │   ├── WeightError [ValueError]
-    │   └── EgressError [RuntimeError]
+    │   ├── EgressError [RuntimeError]
+    │   └── SecAggError [ValueError]
+    │       └── SecAggRefused
     ├── AuditError [ValueError]
     ├── AccessError
     │   ├── TokenError [ValueError]
     │   ├── TokenExpired [PermissionError]
     │   ├── ApprovalError [ValueError]
-    │   └── PlanNotApproved [PermissionError]
+    │   ├── PlanNotApproved [PermissionError]
+    │   └── AdminUserError [ValueError]
     ├── JobError
     │   └── JobInputError
     ├── ServiceError
@@ -169,6 +172,25 @@ class EgressError(ExchangeError, RuntimeError):
     """An update that must not leave, or a released file that no longer matches its record."""
 
 
+class SecAggError(ExchangeError, ValueError):
+    """A secure-aggregation message or step that cannot be used (malformed field, bad key,
+    shares that do not reconstruct); the message names the field or the step."""
+
+
+class SecAggRefused(SecAggError):
+    """The site refuses a secure-aggregation step, on purpose, to protect its update.
+
+    ``reason`` is a short stable code (``bad_signature``, ``below_threshold``,
+    ``second_unmask``, ...; the list is `agent.exchange.secagg.client.REASONS`) that the
+    audit log and the coordinator's report carry; the text says what was wrong in words.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"secure aggregation refused ({reason}): {message}")
+        self.reason = reason
+        self.detail = message
+
+
 # --------------------------------------------------------------------------- audit and access
 
 
@@ -222,6 +244,10 @@ class PlanNotApproved(AccessError, PermissionError):
         """The plan hash in an answer written from this exception, or None for any other text."""
         found = cls._HASH_IN_TEXT.search(text)
         return found.group(1) if found else None
+
+
+class AdminUserError(AccessError, ValueError):
+    """An admin-console account that cannot be made or used: a bad name or password, an unknown user."""
 
 
 # --------------------------------------------------------------------------- jobs
