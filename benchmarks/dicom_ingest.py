@@ -35,9 +35,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the DICOM series writer shared with the tests
 
-from dicom_fixtures import write_series  # noqa: E402
+from tests.fixtures.dicom import write_series  # noqa: E402  (the series writer the tests use)
 
 from agent.data.dicom import scan_dicom_folder  # noqa: E402
 from agent.data.volume import write_nifti  # noqa: E402
