@@ -30,8 +30,6 @@ from agent.errors import SecAggError
 
 MODULUS = 1 << 32
 _INT31 = (1 << 31) - 1
-# The largest n * max_weight the scale can carry with at least a unit of resolution per
-# site (and the weight element's own sum below 2^31).
 MAX_SITES = 10_000
 
 
@@ -54,14 +52,11 @@ class QuantParams:
             raise SecAggError(f"max_weight must be a positive integer, got {self.max_weight!r}")
         if not (isinstance(self.clip, int | float) and math.isfinite(self.clip) and self.clip > 0):
             raise SecAggError(f"clip must be a positive finite number, got {self.clip!r}")
+        # The weight element's sum must fit too; at 2^30 a site of weight 1 keeps only about
+        # two integer steps per clip range.
         if self.n_sites * self.max_weight > _INT31 // 2:
             raise SecAggError(
                 f"n_sites * max_weight = {self.n_sites * self.max_weight} is too large for 32-bit sums"
-            )
-        if self.scale * self.clip < 1.0:
-            raise SecAggError(
-                f"clip {self.clip}, max_weight {self.max_weight} and {self.n_sites} sites leave less "
-                "than one integer step per clip range; lower max_weight"
             )
 
     @property
