@@ -19,6 +19,7 @@ TABLE_MODULES = (
     "agent.data.models",
     "agent.jobs.models",
     "agent.connect.models",
+    "agent.console.models",
     "agent.privacy.models",
 )
 
