@@ -1,0 +1,357 @@
+"""The CUDA path, checked on a machine with a GPU: one prepared script, under 10 minutes.
+
+Steps, each bounded in time and reported on its own (a failed step does not hide the others):
+
+1. ``environment``: torch and CUDA versions, the GPU's name and memory.
+2. ``amp_overhead``: the engine's AMP round against a bare MONAI AMP loop on the same data and
+   model (`benchmarks/round_overhead.py`'s 2D U-Net at 128x128, on CUDA): the ratio engine/bare
+   of wall time (target at most 1.05).
+3. ``agent_round_3d``: one FedAvg round through a real agent (`fedsite serve`, device cuda) of a 3D
+   U-Net at 128^3 with four channels (the study's input: FLAIR, T1, T1Gd, T2), with throughput in
+   training volumes per second over the site's round as the coordinator saw it (plan sent to
+   update received).
+4. ``fresh_worker_and_cancel``: a long 3D round; its worker (the pid in the site's job table) must
+   be a fresh interpreter (``python -m agent.jobs.worker``), never a fork of a process that touched
+   CUDA; once it trains it is cancelled, and the seconds from the cancel request to the status
+   ``cancelled`` are measured (target: within 10 s).
+5. ``cuda_wheelhouse`` (with ``--wheelhouse DIR``): a fresh virtual environment installs torch
+   from DIR (`make wheelhouse TORCH_VARIANT=cuda`, built where the package index is reachable)
+   with ``--no-index`` and sees the GPU. Without DIR the step is reported as not run.
+
+It prints JSON, writes ``gpu_check.json`` and ``gpu_check.png`` to --out, and exits 1 when a step
+failed. Without a CUDA device it refuses to run, unless ``--allow-cpu``: then every step runs
+small on the CPU, which checks the script itself (not the GPU path).
+
+    .venv/bin/python benchmarks/gpu_check.py --out bench-out/gpu_check [--wheelhouse wheelhouse-cuda]
+    .venv/bin/python benchmarks/gpu_check.py --out /tmp/gpu-dry --allow-cpu     # the script's own check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from agent.config import load_config  # noqa: E402
+from agent.db.engine import Database  # noqa: E402
+from agent.jobs.models import RoundJob  # noqa: E402
+from agent.jobs.states import JobKind  # noqa: E402
+from benchmarks import round_overhead  # noqa: E402
+from coordinator.client import AgentClient  # noqa: E402
+from coordinator.demo_federation import default_plan, generate_federation  # noqa: E402
+from coordinator.federation import parse_federation  # noqa: E402
+from coordinator.local import LocalFederation, add_static_token  # noqa: E402
+from coordinator.options import RunOptions  # noqa: E402
+from coordinator.report import QuietReporter  # noqa: E402
+from coordinator.runner import run_strategy  # noqa: E402
+from coordinator.weights import encode, initial_weights  # noqa: E402
+
+MODALITIES = ("flair", "t1", "t1gd", "t2")
+CANCEL_TARGET_S = 10.0
+AMP_TARGET_RATIO = 1.05
+
+
+def _environment(device: str) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "torch": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "device": device,
+        "python": platform.python_version(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        out.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpus=torch.cuda.device_count(),
+        )
+    return out
+
+
+def _amp_overhead(device: str, small: bool, root: Path) -> dict[str, Any]:
+    cfg = round_overhead._configs(quick=small)[0]  # the 2D U-Net at 128x128
+    res = round_overhead.run_config(cfg, 1 if small else 3, device, root / "amp")
+    res["target_ratio"] = AMP_TARGET_RATIO
+    res["amp"] = device == "cuda"
+    return res
+
+
+def _plan_3d(size: int, small: bool) -> dict[str, Any]:
+    plan = default_plan(modalities=MODALITIES, size=size)
+    plan["model"].update(
+        {
+            "spatial_dims": 3,
+            "channels": [8, 16] if small else [16, 32, 64, 128],
+            "strides": [2] if small else [2, 2, 2],
+            "num_res_units": 0 if small else 1,
+        }
+    )
+    plan["data"].update({"spatial_dims": 3, "roi_size": [size] * 3, "samples_per_subject": 1 if small else 2})
+    plan["batch_size"] = 1 if small else 2
+    plan["local_epochs"] = 1 if small else 2
+    return plan
+
+
+class Site:
+    """One generated site with four modalities and its agent, started on 127.0.0.1."""
+
+    def __init__(self, root: Path, size: int, subjects: int, device: str) -> None:
+        layout = generate_federation(
+            root / "data", sites=1, subjects_per_site=[subjects], modalities=MODALITIES, size=size, seed=0
+        )
+        self.config = layout.sites[0].config_path
+        doc = yaml.safe_load(self.config.read_text())
+        doc["device"] = device
+        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.token = add_static_token(self.config)
+        self.local = LocalFederation(root / "logs")
+        self.agent = self.local.start_many({"site-1": self.config}, ready_timeout=300)["site-1"]
+        self.fed = parse_federation(
+            {
+                "agents": [{"name": "site-1", "url": self.agent.url, "token": self.token}],
+                "poll_interval": 0.5,
+                "timeouts": {"connect": 10, "read": 120, "round": 900, "evaluation": 900},
+            },
+            source=root / "federation.yaml",
+        )
+
+    def client(self) -> AgentClient:
+        return AgentClient(self.fed.agents[0], timeouts=self.fed.timeouts, retries=self.fed.retries)
+
+    def close(self) -> None:
+        self.local.stop()
+
+
+def _worker_command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""
+
+
+def _worker_of(site: Site, job: str, deadline: float) -> dict[str, Any]:
+    """Wait until JOB runs; its worker's pid (from the site's job table) and command line."""
+    db = Database(load_config(site.config).db_url)
+    try:
+        while time.monotonic() < deadline:
+            with db.session() as session:
+                row = session.execute(
+                    select(RoundJob.status, RoundJob.worker_pid).where(
+                        RoundJob.kind == JobKind.TRAIN, RoundJob.round_id == job
+                    )
+                ).one_or_none()
+            if row is not None and row.status == "running" and row.worker_pid:
+                return {"worker_pid": row.worker_pid, "worker_command": _worker_command(row.worker_pid)}
+            if row is not None and row.status in ("completed", "failed", "cancelled", "interrupted"):
+                break
+            time.sleep(0.2)
+    finally:
+        db.dispose()
+    raise RuntimeError(f"round {job} never ran with a worker process in sight")
+
+
+def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path) -> dict[str, Any]:
+    options = RunOptions(strategy="fedavg", rounds=1, run_id="gpu-3d", evaluate=False, evaluate_final=False)
+    t0 = time.monotonic()
+    result = run_strategy(
+        site.fed,
+        plan,
+        root / "run-3d",
+        options,
+        initial_weights=initial_weights(plan),
+        reporter=QuietReporter(),
+    )
+    wall = time.monotonic() - t0
+    record = result.rounds[0]["training"]["site-1"]
+    volumes = int(record["num_samples"]) * plan["data"]["samples_per_subject"] * plan["local_epochs"]
+    return {
+        "round_s": float(result.rounds[0]["duration_s"]),
+        "run_s": round(wall, 2),
+        # The site's job as the coordinator saw it: plan sent to update received.
+        "site_round_s": float(record["duration_s"]),
+        "training_volumes": volumes,
+        "volumes_per_s": round(volumes / float(record["duration_s"]), 3),
+        "roi": plan["data"]["roi_size"],
+        "channels": len(MODALITIES),
+        "model_channels": plan["model"]["channels"],
+    }
+
+
+def _fresh_worker_and_cancel(site: Site, plan: dict[str, Any], device: str) -> dict[str, Any]:
+    long_plan = {**plan, "local_epochs": 50, "round_id": "gpu-cancel"}
+    weights = encode(initial_weights(plan))
+    with site.client() as client:
+        job = client.start_round(long_plan, weights)
+        worker = _worker_of(site, job, time.monotonic() + 300)
+        # Let it train a little: a cancel of a job that is still loading data proves less.
+        time.sleep(3.0)
+        t0 = time.monotonic()
+        client.cancel_round(job)
+        final = "running"
+        while time.monotonic() - t0 < 120:
+            final = client.round_status(job).status
+            if final in ("cancelled", "failed", "completed", "interrupted"):
+                break
+            time.sleep(0.1)
+        seconds = time.monotonic() - t0
+    fresh = " -m agent.jobs.worker" in f" {worker['worker_command']}"
+    # With a GPU in sight the agent must start workers as fresh interpreters (CUDA does not
+    # survive a fork); on the CPU it forks them from its fork server.
+    expected_fresh = device == "cuda"
+    return {
+        **worker,
+        "fresh_interpreter": fresh,
+        "fresh_interpreter_expected": expected_fresh,
+        "cancel_status": final,
+        "cancel_s": round(seconds, 2),
+        "cancel_target_s": CANCEL_TARGET_S,
+        "ok": fresh == expected_fresh and final == "cancelled" and seconds <= CANCEL_TARGET_S,
+    }
+
+
+def _cuda_wheelhouse(wheelhouse: Path, root: Path, device: str) -> dict[str, Any]:
+    venv = root / "venv-cuda"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    torch_wheels = sorted(wheelhouse.glob("torch-*.whl"))
+    if not torch_wheels:
+        raise RuntimeError(
+            f"{wheelhouse}: no torch wheel (build it with `make wheelhouse TORCH_VARIANT=cuda`)"
+        )
+    t0 = time.monotonic()
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse), "torch"],
+        check=True,
+        timeout=420,
+    )
+    install_s = time.monotonic() - t0
+    probe = (
+        "import json, torch; "
+        "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.is_available()]))"
+    )
+    out = subprocess.run([str(py), "-c", probe], check=True, timeout=120, capture_output=True, text=True)
+    version, cuda, available = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "wheel": torch_wheels[-1].name,
+        "install_s": round(install_s, 1),
+        "torch": version,
+        "cuda_build": cuda,
+        "cuda_available": available,
+        "ok": bool(available) or device != "cuda",
+    }
+
+
+def _step(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
+    t0 = time.monotonic()
+    try:
+        report[name] = {"ok": True, **fn()}
+    except Exception as exc:
+        report[name] = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "trace": traceback.format_exc()[-2000:],
+        }
+    report[name]["step_s"] = round(time.monotonic() - t0, 1)
+    print(json.dumps({name: {k: v for k, v in report[name].items() if k != "trace"}}), file=sys.stderr)
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    amp = report.get("amp_overhead", {})
+    if amp.get("ok"):
+        axes[0].bar(
+            ["engine", "bare MONAI"],
+            [amp["engine_wall_s"], amp["bare_wall_s"]],
+            color=["tab:blue", "tab:gray"],
+        )
+        axes[0].set_title(f"2D round, AMP: ratio {amp['ratio_wall']:.3f}")
+        axes[0].set_ylabel("seconds (median)")
+    r3 = report.get("agent_round_3d", {})
+    if r3.get("ok"):
+        axes[1].bar(["3D U-Net 128^3 x4"], [r3["volumes_per_s"]], color="tab:green")
+        axes[1].set_title("through the agent")
+        axes[1].set_ylabel("training volumes per second")
+    fig.suptitle(f"gpu_check on {report['environment'].get('gpu', report['environment']['device'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench-out" / "gpu_check")
+    parser.add_argument("--wheelhouse", type=Path, help="a TORCH_VARIANT=cuda wheelhouse to install from")
+    parser.add_argument(
+        "--allow-cpu", action="store_true", help="run small on the CPU (checks the script only)"
+    )
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        print(
+            "gpu_check: no CUDA device here; this script checks the GPU path (--allow-cpu checks the script)"
+        )
+        return 2
+    device = "cuda" if cuda else "cpu"
+    small = not cuda
+    args.out.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="fedsite-gpu-check-"))
+    report: dict[str, Any] = {"benchmark": "gpu_check", "environment": _environment(device), "small": small}
+    try:
+        _step(report, "amp_overhead", lambda: _amp_overhead(device, small, root))
+        size = 32 if small else 128
+        plan = _plan_3d(size, small)
+        site: Site | None = None
+        try:
+            site = Site(root / "site", size, subjects=3 if small else 6, device=device)
+            started = site
+            _step(report, "agent_round_3d", lambda: _agent_round_3d(started, plan, root))
+            _step(report, "fresh_worker_and_cancel", lambda: _fresh_worker_and_cancel(started, plan, device))
+        except Exception as exc:
+            report["agent_round_3d"] = {
+                "ok": False,
+                "error": f"site did not start: {type(exc).__name__}: {exc}",
+            }
+        finally:
+            if site is not None:
+                site.close()
+        if args.wheelhouse is not None:
+            wheelhouse = args.wheelhouse
+            _step(report, "cuda_wheelhouse", lambda: _cuda_wheelhouse(wheelhouse, root, device))
+        else:
+            report["cuda_wheelhouse"] = {"ok": None, "note": "not run: no --wheelhouse given"}
+        report["all_ok"] = all(
+            step.get("ok") is not False
+            for key, step in report.items()
+            if isinstance(step, dict) and "ok" in step
+        )
+        _chart(report, args.out / "gpu_check.png")
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in report.items()}, indent=2, default=str))
+        return 0 if report["all_ok"] else 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
