@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -184,28 +185,37 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
 # --------------------------------------------------------------------------- the mask generator
 
 
-def prg(seed: bytes, length: int) -> np.ndarray:
-    """LENGTH pseudo-random uint32 words: the ChaCha20 keystream under the full 32-byte SEED,
-    read little-endian. Deterministic in SEED; every bit of SEED matters."""
+def _keystream(seed: bytes, length: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(offset, uint32 words) chunks of the ChaCha20 keystream under SEED, LENGTH words in all."""
     if len(seed) != KEY_BYTES:
         raise SecAggError(f"PRG seed must be {KEY_BYTES} bytes, got {len(seed)}")
     if length < 0:
         raise SecAggError(f"PRG length must be >= 0, got {length}")
-    out = np.empty(length, dtype="<u4")
     enc = Cipher(algorithms.ChaCha20(seed, _PRG_NONCE), mode=None).encryptor()
-    zeros = bytes(4 * min(length, _PRG_CHUNK_WORDS))
-    for start in range(0, length, _PRG_CHUNK_WORDS):
-        n = min(_PRG_CHUNK_WORDS, length - start)
-        out[start : start + n] = np.frombuffer(enc.update(zeros[: 4 * n]), dtype="<u4")
-    return out.astype(np.uint32, copy=False)
+    chunk = _PRG_CHUNK_WORDS
+    zeros = bytes(4 * min(length, chunk))
+    for start in range(0, length, chunk):
+        n = min(chunk, length - start)
+        yield start, np.frombuffer(enc.update(zeros[: 4 * n]), dtype="<u4")
+
+
+def prg(seed: bytes, length: int) -> np.ndarray:
+    """LENGTH pseudo-random uint32 words: the ChaCha20 keystream under the full 32-byte SEED,
+    read little-endian. Deterministic in SEED; every bit of SEED matters."""
+    out = np.empty(length if length > 0 else 0, dtype=np.uint32)
+    for start, words in _keystream(seed, length):
+        out[start : start + words.shape[0]] = words
+    return out
 
 
 def add_prg(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
-    """acc += sign * PRG(seed) modulo 2^32, in place (ACC is uint32)."""
+    """acc += sign * PRG(seed) modulo 2^32, in place (ACC is 1-D uint32), one chunk at a time
+    (no second vector of the model's size is allocated)."""
     if sign not in (1, -1):
         raise SecAggError(f"mask sign must be +1 or -1, got {sign}")
-    stream = prg(seed, acc.shape[0])
-    if sign == 1:
-        np.add(acc, stream, out=acc)
-    else:
-        np.subtract(acc, stream, out=acc)
+    if acc.dtype != np.uint32 or acc.ndim != 1:
+        raise SecAggError(f"masks are added to a 1-D uint32 vector, got {acc.dtype} {acc.shape}")
+    op = np.add if sign == 1 else np.subtract
+    for start, words in _keystream(seed, acc.shape[0]):
+        part = acc[start : start + words.shape[0]]
+        op(part, words, out=part)

@@ -43,6 +43,9 @@ def test_prg_crosses_its_chunk_boundary_seamlessly(monkeypatch: pytest.MonkeyPat
     whole = P.prg(seed, 1000)
     monkeypatch.setattr(P, "_PRG_CHUNK_WORDS", 64)
     assert np.array_equal(P.prg(seed, 1000), whole)
+    acc = np.arange(1000, dtype=np.uint32)
+    P.add_prg(acc, seed, 1)
+    assert np.array_equal(acc, np.arange(1000, dtype=np.uint32) + whole)
 
 
 def test_add_prg_adds_and_subtracts_modulo_2_32() -> None:
