@@ -8,7 +8,7 @@ and refusal counters live in the API process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest, start_http_server
@@ -102,10 +102,34 @@ class JobCollector(Collector):
         return hist
 
 
+class PrivacyCollector(Collector):
+    """The ε left in each dataset's privacy budget, from the site's ledger at scrape time."""
+
+    def __init__(self, remaining: Callable[[], dict[str, float]]) -> None:
+        self.remaining = remaining
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            values = self.remaining()
+        except Exception:
+            log.exception("metrics: could not read the privacy ledger")
+            return
+        gauge = GaugeMetricFamily(
+            "fedsite_privacy_epsilon_remaining",
+            "Epsilon left in the dataset's differential-privacy budget (rounds in progress counted).",
+            labels=["dataset"],
+        )
+        for name, value in sorted(values.items()):
+            gauge.add_metric([name], value)
+        yield gauge
+
+
 class AgentMetrics:
     """The agent's registry: its own (not the process-global one), so several apps can coexist."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(
+        self, db: Database, privacy_remaining: Callable[[], dict[str, float]] | None = None
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.auth_failures = Counter(
             "fedsite_auth_failures",
@@ -123,6 +147,8 @@ class AgentMetrics:
             registry=self.registry,
         )
         self.registry.register(JobCollector(db))
+        if privacy_remaining is not None:
+            self.registry.register(PrivacyCollector(privacy_remaining))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,6 +53,14 @@ class DatasetOut(BaseModel):
         "subjects: e.g. '3 subject(s) unreadable by uid 10001', 'no subjects found', 'all 4 subject(s) "
         "excluded by volume warnings', 'dataset folder unreadable by uid 10001'. Empty when all is well.",
     )
+    dp_required: bool = Field(
+        default=False, description="Whether the site accepts only differentially private rounds (privacy.dp)."
+    )
+    epsilon_remaining: float | None = Field(
+        default=None,
+        description="The ε left in the dataset's privacy budget at the site (rounds in progress counted "
+        "at their planned steps); null when the site sets no budget for it. A number, never the history.",
+    )
 
 
 class InfoOut(BaseModel):

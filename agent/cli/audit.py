@@ -27,10 +27,11 @@ from agent.audit.anchors import (
     parse_public_key,
     public_key_text,
 )
-from agent.audit.chain import AuditLog, parse_anchor
+from agent.audit.chain import AuditLog, ChainReport, parse_anchor
 from agent.cli.common import ConfigOption, database, fail, load
 from agent.errors import AuditError
 from agent.fileio import atomic_file
+from agent.privacy.ledger import verify_ledger
 
 audit_app = typer.Typer(help="Verify, export and follow the hash-chained audit log.", no_args_is_help=True)
 
@@ -70,6 +71,11 @@ def audit_verify(
     with database(cfg, must_exist=True) as db:
         log = AuditLog(db)
         report = log.verify(anchor=expected)
+        if report.ok:
+            # The privacy ledger's rows against the hashes the chain recorded for them.
+            bad_id, problem = verify_ledger(db, log)
+            if problem:
+                report = ChainReport(False, report.count, bad_id, problem, report.last_id, report.head_hash)
         anchored = None
         if anchors is not None:
             public = _site_public_key(cfg.work_dir, public_key)

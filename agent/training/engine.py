@@ -58,6 +58,7 @@ from agent.data import loading
 from agent.errors import CheckpointError, EngineError, TrainingCancelled, WeightError
 from agent.exchange.codec import check_names_and_shapes
 from agent.fileio import atomic_write_bytes
+from agent.training import dp as dp_sgd
 from agent.training.checkpoint import CHECKPOINT_NAME
 from agent.training.losses import make_loss
 from agent.training.plan import Plan, plan_hash
@@ -93,6 +94,14 @@ class EngineContext:
     # with `registry.exchanged_state`): one long run then yields its intermediate models,
     # a learning curve without separate runs.
     on_epoch_end: Callable[[int, nn.Module], None] = _no_epoch_hook
+    # The DP round the site accepted (`agent.training.dp`) for a plan with privacy.dp: its noise,
+    # sample rate and the most steps it may take. None: derived from the plan alone (RDP, the
+    # plan's delta), for drivers without a site ledger.
+    dp: dp_sgd.DPRound | None = None
+    # Seeds DP-SGD's subject sampling and noise: for tests and benchmarks that must repeat. The
+    # worker never sets it, so a site's noise is drawn from the operating system and no
+    # coordinator can predict it.
+    dp_seed: int | None = None
 
 
 @dataclass
@@ -433,6 +442,9 @@ def train_round(
     with _deterministic(device):
         _seed_all(plan.seed)
         model = build_model(plan)
+        original = exchanged_state(model)
+        if plan.privacy.dp is not None:
+            model = dp_sgd.dp_model(model, plan.model.name)
         if plan.init == "global":
             assert start is not None
             model.load_state_dict(start, strict=False)
@@ -450,11 +462,20 @@ def train_round(
         prox = []
         if plan.fedprox_mu > 0 and start is not None:
             prox = [(p, start[n].to(device)) for n, p in model.named_parameters()]
+        private = _dp_trainer(plan, ctx, model, opt, train, device, trainer) if plan.privacy.dp else None
         while run.epoch < trainer.total_epochs:
             if run.since_best >= (plan.early_stopping.patience if plan.early_stopping else math.inf):
                 break
             epoch = run.epoch + 1
-            mean, steps = trainer.run_epoch(epoch, model, opt, scaler, train, prox)
+            if private is not None:
+
+                def progress(step: int, of: int, loss: float, e: int = epoch) -> None:
+                    trainer.report(e, step, of, loss, force=False)
+
+                mean, steps = private.run_epoch(epoch, ctx.should_stop, progress)
+                trainer.report(epoch, steps, private.per_epoch, mean, force=True)
+            else:
+                mean, steps = trainer.run_epoch(epoch, model, opt, scaler, train, prox)
             run.epoch, run.steps = epoch, run.steps + steps
             run.epoch_losses.append(mean)
             if plan.early_stopping is not None:
@@ -489,12 +510,41 @@ def train_round(
     if plan.optimizer.keep_state:
         metrics["optimizer_state_restored"] = run.kept_state_restored
     final = exchanged_state(model)
+    if private is not None:
+        metrics.update(private.metrics())
+        final = dp_sgd.complete_state(final, start if start is not None else original)
     if plan.send == "diff":
         assert start is not None
         update = {n: final[n] - start[n] for n in final}
     else:
         update = final
     return TrainResult(update=update, num_samples=len(train), metrics=metrics, global_weights=start)
+
+
+def _dp_trainer(
+    plan: Plan,
+    ctx: EngineContext,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    train: Sequence[ItemRef],
+    device: torch.device,
+    trainer: _Trainer,
+) -> dp_sgd.DPTrainer:
+    """The DP-SGD loop for a plan with privacy.dp, on ``subject_slices`` samples per subject."""
+    spec = plan.privacy.dp
+    assert spec is not None
+    dpr = ctx.dp or dp_sgd.resolve(
+        plan, len(train), delta=spec.delta or dp_sgd.DEFAULT_DELTA, accountant="rdp"
+    )
+    settings = plan.data.model_copy(update={"samples_per_subject": dpr.subject_slices})
+    loader = loading.build_train_loader(
+        list(train), settings, batch_size=1, seed=_epoch_seed(plan.seed, 0), cache_dir=ctx.cache_dir
+    )
+    samples = loader.dataset
+    assert isinstance(samples, loading.TrainSamples)
+    return dp_sgd.DPTrainer(
+        plan, dpr, model, opt, samples, ctx.work_dir, device, trainer.loss_fn, seed=ctx.dp_seed
+    )
 
 
 def _load_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> bool:
@@ -520,9 +570,18 @@ def evaluate(
     device = resolve_device(ctx.device)
     torch.manual_seed(plan.seed)
     model = build_model(plan)
+    if plan.privacy.dp is not None:
+        # Evaluated as it was trained: a converted model (batch norm -> group norm) stays converted.
+        model = dp_sgd.dp_model(model, plan.model.name)
     model.load_state_dict(state, strict=False)
     model.to(device)
     return _evaluate_model(plan, model, val, ctx, device)
+
+
+def predict_volume(plan: Plan, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Logits (1, *spatial) for one volume (C, X, Y, Z), exactly as evaluation predicts it (the
+    membership-inference report scores subjects with it)."""
+    return _predict(plan, model, image, device)
 
 
 def _predict(plan: Plan, model: nn.Module, image: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -219,7 +219,8 @@ class Plan(StrictModel):
             raise ValueError("privacy.dp: fedprox_mu cannot be combined with DP training")
         if dp is not None and dp.subject_slices > self.batch_size:
             raise ValueError(
-                f"privacy.dp.subject_slices ({dp.subject_slices}) cannot exceed batch_size ({self.batch_size})"
+                f"privacy.dp.subject_slices ({dp.subject_slices}) cannot exceed "
+                f"batch_size ({self.batch_size})"
             )
         if self.send == "diff" and self.init == "random":
             raise ValueError("send 'diff' needs init 'global': a difference to random weights means nothing")
