@@ -20,6 +20,10 @@ process from the saved models (--eval-every-round: FL's at the agents as well).
 
     python -m benchmarks.paper_reproduction --quick   # scale 0.2, 1 seed
     python -m benchmarks.paper_reproduction           # the full split, 3 seeds for CIIL and IIL
+    python -m benchmarks.paper_reproduction --fl-strategy fedavg,fednova,fedadam --methods fl,cds
+
+``--fl-strategy`` runs FL with each of the named coordinator strategies (FedAvg and its server
+optimisers: same rounds, same budget), each in its own row; ``--methods`` runs a subset.
 
 Prints a table like the study's and a JSON summary; writes OUT/results.json and PNGs.
 """
@@ -36,7 +40,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +59,15 @@ from coordinator.weights import encode, initial_weights, load_file
 
 # Dice of the reference study on its real 10-site split (Sheller et al. 2018/2020).
 STUDY = {"CDS": 0.862, "FL": 0.852, "CIIL": 0.82, "IIL": 0.803}
+METHODS = ("fl", "cds", "ciil", "iil")
+# FedAvg and the strategies that keep its round (every site trains from the global model) and
+# change only how the updates make the next model.
+FL_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fednova")
+
+
+def fl_label(strategy: str) -> str:
+    """The table's name for FL run with STRATEGY: "FL" for FedAvg (the study's), else "FL (name)"."""
+    return "FL" if strategy == "fedavg" else f"FL ({strategy})"
 
 
 @dataclass
@@ -75,6 +88,11 @@ class Settings:
     extra_sites: int
     data_seed: int
     eval_every_round: bool
+    # The coordinator strategies run as FL (fedavg and its server-optimiser variants); the
+    # first is the table's "FL" row, the others "FL (<name>)" rows beside it.
+    fl_strategies: list[str] = field(default_factory=lambda: ["fedavg"])
+    # Which methods run (all by default); CDS always runs when a percentage of CDS is wanted.
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
 
     @property
     def epochs_per_site(self) -> int:
@@ -128,6 +146,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"--ciil-epochs {ciil_epochs} must divide the epoch budget rounds x local epochs = {budget}"
         )
     n_seeds = args.seeds or base["seeds"]
+    fl_strategies = [x.strip() for x in (args.fl_strategy or "fedavg").split(",") if x.strip()]
+    unknown = [x for x in fl_strategies if x not in FL_STRATEGIES]
+    if unknown or not fl_strategies or len(set(fl_strategies)) != len(fl_strategies):
+        raise SystemExit(
+            f"--fl-strategy {args.fl_strategy!r}: give distinct names from {', '.join(FL_STRATEGIES)}"
+        )
+    methods = [x.strip() for x in (args.methods or ",".join(METHODS)).split(",") if x.strip()]
+    if not methods or any(m not in METHODS for m in methods):
+        raise SystemExit(f"--methods {args.methods!r}: give names from {', '.join(METHODS)}")
     return Settings(
         out=args.out or Path("bench-out/paper-quick" if quick else "bench-out/paper"),
         quick=quick,
@@ -145,6 +172,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         extra_sites=2,
         data_seed=args.data_seed,
         eval_every_round=bool(args.eval_every_round),
+        fl_strategies=fl_strategies,
+        methods=[m for m in METHODS if m in methods],
     )
 
 
@@ -338,25 +367,30 @@ class MethodRunner:
         summary["seed"] = seed
         return res, summary
 
-    def fl(self, seed: int) -> dict[str, Any]:
+    def fl(self, seed: int, strategy: str = "fedavg") -> dict[str, Any]:
         s = self.s
         plan = self.seeded(seed)
+        name = fl_label(strategy)
         what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
-        self.console.rule(f"[bold]FL (FedAvg) seed {seed}: {what}")
+        self.console.rule(f"[bold]{name} seed {seed}: {what}")
+        # FedAvg keeps its historical run names (fl-seed0, fl-s0); the variants their own.
+        label = "fl" if strategy == "fedavg" else f"fl-{strategy}"
         res, summary = self.run_over_agents(
-            "fl",
+            label,
             plan,
             RunOptions(
-                strategy="fedavg",
+                strategy=strategy,
                 rounds=s.rounds,
                 evaluate=s.eval_every_round,
                 reseed_rounds=True,
-                run_id=f"fl-s{seed}",
+                run_id=f"{label}-s{seed}",
             ),
         )
+        summary["strategy"] = strategy
+        summary["strategy_settings"] = res.doc.get("strategy_settings", {})
         self.curve_from_models(res, summary)
         self.console.print(
-            f"FL seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s); "
+            f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s); "
             f"per round: {_curve(summary['curve'])}"
         )
         return summary
@@ -460,16 +494,23 @@ def run_methods(console: Console, s: Settings, fed: Federation, layout: Any) -> 
     runner = MethodRunner(console, s, fed, layout)
     for line in budget_lines(s):
         console.print(line)
-    methods: dict[str, list[dict[str, Any]]] = {"FL": [], "CDS": [], "CIIL": [], "IIL": []}
+    methods: dict[str, list[dict[str, Any]]] = {}
+    if "fl" in s.methods:
+        methods.update({fl_label(x): [] for x in s.fl_strategies})
+    methods.update({m.upper(): [] for m in s.methods if m != "fl"})
     for seed in s.seeds:
-        methods["FL"].append(runner.fl(seed))
-        save_partial(s, methods)
-        methods["CDS"].append(runner.cds(seed))
-        save_partial(s, methods)
+        if "fl" in s.methods:
+            for strategy in s.fl_strategies:
+                methods[fl_label(strategy)].append(runner.fl(seed, strategy))
+                save_partial(s, methods)
+        if "cds" in s.methods:
+            methods["CDS"].append(runner.cds(seed))
+            save_partial(s, methods)
     for seed in s.seeds:
         for strategy in ("ciil", "iil"):
-            methods[strategy.upper()].append(runner.incremental(strategy, seed))
-            save_partial(s, methods)
+            if strategy in s.methods:
+                methods[strategy.upper()].append(runner.incremental(strategy, seed))
+                save_partial(s, methods)
     return methods
 
 
@@ -499,12 +540,21 @@ def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
     }
 
 
+def _study_name(method: str) -> str:
+    """The study's method a row compares with: every FL variant with the study's FL (FedAvg)."""
+    return "FL" if method.startswith("FL") else method
+
+
 def table_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
-    cds_in = _stats([r["inside"] for r in methods["CDS"]])["mean"]
-    cds_out = _stats([r["outside"] for r in methods["CDS"]])["mean"]
+    """One row per method run, CDS first, the FL rows in the order they ran, then CIIL and IIL."""
+    cds_in = _stats([r["inside"] for r in methods.get("CDS", [])])["mean"]
+    cds_out = _stats([r["outside"] for r in methods.get("CDS", [])])["mean"]
+    fl_rows = [m for m in methods if m.startswith("FL")]
     rows = []
-    for name in ("CDS", "FL", "CIIL", "IIL"):
-        runs = methods.get(name, [])
+    for name in ("CDS", *fl_rows, "CIIL", "IIL"):
+        if name not in methods:
+            continue
+        runs = methods[name]
         inside = _stats([r["inside"] for r in runs])
         outside = _stats([r["outside"] for r in runs])
         rows.append(
@@ -516,8 +566,8 @@ def table_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
                 "outside_pct_of_cds": 100 * outside["mean"] / cds_out
                 if outside["mean"] and cds_out
                 else None,
-                "study_dice": STUDY[name],
-                "study_pct_of_cds": round(100 * STUDY[name] / STUDY["CDS"], 1),
+                "study_dice": STUDY[_study_name(name)],
+                "study_pct_of_cds": round(100 * STUDY[_study_name(name)] / STUDY["CDS"], 1),
             }
         )
     return rows
@@ -560,11 +610,13 @@ def plot(s: Settings, methods: dict[str, Any], rows: list[dict[str, Any]]) -> li
         return [(float(i * per), float(v)) for i, v in curve if isinstance(v, float)]
 
     curves: dict[str, Sequence[tuple[float, float]]] = {}
-    for name, per in (("FL", s.local_epochs), ("CIIL", s.ciil_epochs), ("CDS", 1)):
-        for run in methods[name]:
+    per_epoch = {name: s.local_epochs for name in methods if name.startswith("FL")}
+    per_epoch.update({"CIIL": s.ciil_epochs, "CDS": 1})
+    for name, per in per_epoch.items():
+        for run in methods.get(name, []):
             if run.get("curve"):
                 curves[f"{name} seed {run['seed']}"] = points(run["curve"], per)
-    cds = rows[0]["inside"]["mean"]
+    cds = next((r["inside"]["mean"] for r in rows if r["method"] == "CDS"), None)
     curve_png = plot_dice_curves(
         curves,
         s.out / "dice_per_round.png",
@@ -638,6 +690,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="Slices per batch (default 16; quick 8).")
     ap.add_argument("--lr", type=float, help="Adam learning rate (default 3e-3; quick 1e-2).")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--fl-strategy",
+        help=f"FL run with these coordinator strategies, comma-separated ({', '.join(FL_STRATEGIES)}); "
+        "default fedavg (the study's). Each gets its own row.",
+    )
+    ap.add_argument(
+        "--methods",
+        help=f"Run only these methods, comma-separated ({', '.join(METHODS)}); default all.",
+    )
     return ap.parse_args(argv)
 
 
@@ -661,13 +722,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = table_rows(methods)
     print_table(console, rows)
     pngs = plot(s, methods, rows)
-    fl_pct = rows[1]["inside_pct_of_cds"]
+    fl_pct = next((r["inside_pct_of_cds"] for r in rows if r["method"] == "FL"), None)
+    fl_rows = [r for r in rows if r["method"].startswith("FL") and r["inside_pct_of_cds"] is not None]
+    best = max(fl_rows, key=lambda r: r["inside_pct_of_cds"], default=None)
     doc = {
         "benchmark": "paper_reproduction",
         "settings": {**asdict(s), "out": str(s.out), "subjects_per_site": scaled_split(s.scale)},
         "table": rows,
         "methods": methods,
         "fl_reaches_99pct_of_cds": bool(fl_pct is not None and fl_pct >= 99.0),
+        "best_fl": None
+        if best is None
+        else {"method": best["method"], "pct_of_cds": best["inside_pct_of_cds"]},
         "budget": budget_lines(s),
         "duration_s": round(time.monotonic() - t0, 1),
         "cpu_s": {k: round(cpu1[k] - cpu0[k], 1) for k in cpu0},
@@ -682,7 +748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{cpu['agents_and_workers']:.0f} s in the agents and their workers"
     )
     console.print(f"results: {s.out / 'results.json'}; plots: {', '.join(map(str, pngs))}")
-    keys = ("table", "fl_reaches_99pct_of_cds", "budget", "duration_s", "cpu_s", "pngs")
+    keys = ("table", "fl_reaches_99pct_of_cds", "best_fl", "budget", "duration_s", "cpu_s", "pngs")
     print(json.dumps({k: doc[k] for k in keys}, indent=2))
     return 0
 

@@ -73,6 +73,32 @@ def test_table_is_relative_to_cds_with_spread_over_seeds() -> None:
     assert rows["FL"]["study_pct_of_cds"] == 98.8
 
 
+def test_fl_variants_get_their_own_rows_beside_fedavg() -> None:
+    methods = {
+        "FL": [{"inside": 0.78, "outside": 0.70}],
+        "FL (fednova)": [{"inside": 0.80, "outside": 0.71}],
+        "CDS": [{"inside": 0.80, "outside": 0.70}],
+    }
+    rows = table_rows(methods)
+    assert [r["method"] for r in rows] == ["CDS", "FL", "FL (fednova)"]
+    assert rows[2]["inside_pct_of_cds"] == pytest.approx(100.0)
+    # Every FL variant compares with the study's FL (FedAvg) figure.
+    assert rows[2]["study_dice"] == rows[1]["study_dice"] == 0.852
+
+
+def test_fl_strategies_and_methods_are_checked() -> None:
+    s = settings_from(parse_args(["--fl-strategy", "fedavg,fednova", "--methods", "cds,fl"]))
+    assert s.fl_strategies == ["fedavg", "fednova"]
+    assert s.methods == ["fl", "cds"]
+    assert settings_from(parse_args([])).methods == ["fl", "cds", "ciil", "iil"]
+    with pytest.raises(SystemExit, match="--fl-strategy 'iil'"):
+        settings_from(parse_args(["--fl-strategy", "iil"]))
+    with pytest.raises(SystemExit, match="--fl-strategy 'fedavg,fedavg'"):
+        settings_from(parse_args(["--fl-strategy", "fedavg,fedavg"]))
+    with pytest.raises(SystemExit, match="--methods 'pooled'"):
+        settings_from(parse_args(["--methods", "pooled"]))
+
+
 def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
     cfg = tmp_path / "config.yaml"
     cfg.write_text("datasets:\n  - name: brain\n    val_fraction: 0.25\n")
