@@ -9,6 +9,8 @@ Relative paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from enum import StrEnum
@@ -281,6 +283,48 @@ class ConnectConfig(StrictModel):
         return self.mode != "outbound"
 
 
+class SecureAggregationConfig(StrictModel):
+    """What this site accepts of secure aggregation (plans with ``aggregation.mode: secure``).
+
+    ``site_key_file`` is the site's long-term Ed25519 signing key (PEM, 0600; `fedsite secagg
+    keygen` writes it and prints its public key). ``peers`` is the consortium's roster: every
+    site id that may take part, with the base64 of its 32-byte public key, this site included.
+    The coordinator relays the sites' round keys but cannot substitute them: each is checked
+    against this roster. A secure plan whose threshold is below ``min_threshold``, or a round
+    with fewer than ``min_sites`` sites, is refused: the site decides how weak is too weak.
+    """
+
+    site_key_file: Path | None = None
+    peers: dict[str, str] = Field(default_factory=dict)
+    min_threshold: int = Field(default=2, ge=2, le=65535)
+    min_sites: int = Field(default=2, ge=2, le=65535)
+    # True: refuse every training plan that is not secure (the coordinator sees only sums).
+    require: bool = False
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_keys(cls, peers: dict[str, str]) -> dict[str, str]:
+        for site, key in peers.items():
+            try:
+                check_name(site)
+            except ValueError as exc:
+                raise ValueError(f"site id {site!r}: {exc}") from None
+            try:
+                raw = base64.b64decode(str(key).encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError, ValueError):
+                raise ValueError(
+                    f"{site}: not base64 (expected the output of `fedsite secagg public-key`)"
+                ) from None
+            if len(raw) != 32:
+                raise ValueError(f"{site}: {len(raw)} bytes, an Ed25519 public key is 32")
+        return peers
+
+    @property
+    def configured(self) -> bool:
+        """True when this site can take part in secure rounds: a key and a roster."""
+        return self.site_key_file is not None and bool(self.peers)
+
+
 class AgentConfig(StrictModel):
     site: SiteConfig
     datasets: list[DatasetConfig] = Field(default_factory=list)
@@ -295,6 +339,7 @@ class AgentConfig(StrictModel):
     egress: EgressConfig = Field(default_factory=EgressConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     connect: ConnectConfig = Field(default_factory=ConnectConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     # Set by load_config: the file this config came from (not a YAML key).
     source: Path | None = Field(default=None, exclude=True)
@@ -371,6 +416,8 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         value = getattr(connect, key)
         if value is not None:
             setattr(connect, key, fix(value))
+    if cfg.secure_aggregation.site_key_file is not None:
+        cfg.secure_aggregation.site_key_file = fix(cfg.secure_aggregation.site_key_file)
     if (
         cfg.database_url
         and cfg.database_url.startswith("sqlite:///")
@@ -400,6 +447,27 @@ def _check_connect(cfg: AgentConfig, where: str) -> None:
         for key in ("ca_file", "client_cert", "client_key"):
             if getattr(connect, key) is not None:
                 problems.append(f"connect.{key}: only used with an https:// coordinator_url, which is {url}")
+    if problems:
+        raise ConfigError(f"{where}: " + f"\n{where}: ".join(problems))
+
+
+def _check_secure_aggregation(cfg: AgentConfig, where: str) -> None:
+    """A roster that names this site and can hold a round of min_sites; a key to go with it."""
+    sa = cfg.secure_aggregation
+    problems: list[str] = []
+    if sa.peers and cfg.site.id not in sa.peers:
+        problems.append(
+            f"secure_aggregation.peers: does not list this site ({cfg.site.id}); add its public key "
+            "(`fedsite secagg public-key`)"
+        )
+    if sa.peers and len(sa.peers) < sa.min_sites:
+        problems.append(
+            f"secure_aggregation.min_sites: {sa.min_sites} but secure_aggregation.peers lists only "
+            f"{len(sa.peers)} site(s)"
+        )
+    if (sa.site_key_file is None) != (not sa.peers):
+        have, lack = ("peers", "site_key_file") if sa.site_key_file is None else ("site_key_file", "peers")
+        problems.append(f"secure_aggregation.{lack}: required with secure_aggregation.{have}")
     if problems:
         raise ConfigError(f"{where}: " + f"\n{where}: ".join(problems))
 
@@ -436,6 +504,12 @@ def _check_paths(cfg: AgentConfig, where: str) -> None:
             missing.append(f"connect.token_file: cannot be read: {token_file}: {exc}")
     if cfg.site.secret_file is not None and cfg.site.secret_file.exists() and cfg.site.secret_file.is_dir():
         missing.append(f"site.secret_file: is a folder: {cfg.site.secret_file}")
+    key_file = cfg.secure_aggregation.site_key_file
+    if key_file is not None and not key_file.is_file():
+        missing.append(
+            f"secure_aggregation.site_key_file: file does not exist: {key_file} "
+            "(create it with `fedsite secagg keygen`)"
+        )
     if missing:
         raise ConfigError(f"{where}: " + f"\n{where}: ".join(missing))
 
@@ -456,6 +530,7 @@ def parse_config(
         raise ConfigError(format_validation_error(exc, where)) from None
     cfg.source = source
     _check_connect(cfg, where)
+    _check_secure_aggregation(cfg, where)
     _resolve_paths(cfg, source.parent.resolve() if source else Path.cwd())
     if check_paths:
         _check_paths(cfg, where)

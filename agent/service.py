@@ -14,13 +14,14 @@ caller only the fields its own response models pick, which are counts, metrics a
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from agent.fsaccess import fix_command
 from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.retention import RetentionReport, apply_retention
 from agent.jobs.runner import JobRunner
+from agent.jobs.secure_round import SecureRounds
 from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
 from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
@@ -85,6 +87,7 @@ class SiteService:
         self.runner = JobRunner(cfg, self.store, **options)
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
         self.plan_refusals = PlanRefusals(self.audit)
+        self.secure = SecureRounds(cfg, self.store, self.audit, self.gate)
         self._create_lock = threading.Lock()
         self._device: str | None = None
         self._key_lock = threading.Lock()
@@ -243,6 +246,11 @@ class SiteService:
     def get_update(self, round_id: str, actor: str) -> Update:
         """The released update of a completed round, as recorded by the egress gate."""
         job = self._job(JobKind.TRAIN, round_id)
+        if json.loads(job.plan_json).get("aggregation") is not None:
+            raise Conflict(
+                f"round {round_id} is a secure-aggregation round: only its masked update leaves, "
+                "through the secure-aggregation steps (/v1/rounds/{id}/secagg/...)"
+            )
         if job.status != JobStatus.COMPLETED:
             raise Conflict(f"round {round_id} is {job.status}; its update is available once it is completed")
         if job.update_removed_at is not None:
@@ -264,6 +272,25 @@ class SiteService:
             "egress.sent", actor=actor, details={"round_id": round_id, "sha256": digest, "bytes": len(data)}
         )
         return Update(round_id=round_id, data=data, sha256=digest)
+
+    # ---- secure aggregation (agent.jobs.secure_round) --------------------------------
+
+    def secagg_advertise(self, round_id: str, message: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """Step 0 of a secure round: this site's signed public keys for the round."""
+        return self.secure.advertise(round_id, message, actor)
+
+    def secagg_share(self, round_id: str, message: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """Step 1: the other sites' keys, checked against this site's roster -> sealed shares."""
+        return self.secure.share(round_id, message, actor)
+
+    def secagg_mask(self, round_id: str, message: Mapping[str, Any], actor: str) -> Update:
+        """Step 2: the masked update, released through the egress gate."""
+        masked = self.secure.mask(round_id, message, actor)
+        return Update(round_id=masked.round_id, data=masked.data, sha256=masked.sha256)
+
+    def secagg_unmask(self, round_id: str, message: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """Step 3, once per round: the shares that unmask the survivors' sum."""
+        return self.secure.unmask(round_id, message, actor)
 
     # ---- audit -----------------------------------------------------------------------
 
@@ -377,6 +404,8 @@ class SiteService:
     def _submit(self, kind: JobKind, plan_text: str | bytes, weights: bytes | None, actor: str) -> JobView:
         plan = self._parse_plan(plan_text)
         self._check_dataset(plan, kind)
+        if kind == JobKind.TRAIN:
+            self.secure.check_plan(plan, actor)
         digest = plan_hash(plan)
         try:
             check_plan_allowed(self.cfg.approval, self.db, digest)

@@ -116,6 +116,14 @@ class SiteClient(Protocol):
 
     def download_update(self, round_id: str, expected_sha256: str | None) -> bytes: ...
 
+    def secagg(self, round_id: str, step: str, message: dict[str, Any]) -> dict[str, Any]:
+        """A secure-aggregation step (advertise, share, unmask) of ROUND_ID: the site's JSON answer."""
+        ...
+
+    def secagg_mask(self, round_id: str, message: dict[str, Any]) -> tuple[bytes, str]:
+        """The mask step: the masked update's bytes and their SHA-256 (checked)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -448,6 +456,28 @@ class AgentClient:
                 "the bytes were changed on the way",
             )
         return data
+
+    def secagg(self, round_id: str, step: str, message: dict[str, Any]) -> dict[str, Any]:
+        """POST a secure-aggregation step's message; a refusal is an AgentError with status 409
+        whose message carries the site's reason."""
+        what = f"secure aggregation {step}"
+        path = f"/v1/rounds/{round_id}/secagg/{step}"
+        return self._json(self.request("POST", path, what=what, json=message), what)
+
+    def secagg_mask(self, round_id: str, message: dict[str, Any]) -> tuple[bytes, str]:
+        """The masked update; refused unless its SHA-256 equals the X-Content-SHA256 header."""
+        what = "secure aggregation mask"
+        resp = self.request("POST", f"/v1/rounds/{round_id}/secagg/mask", what=what, json=message)
+        data = resp.content
+        actual = hashlib.sha256(data).hexdigest()
+        header = (resp.headers.get("X-Content-SHA256") or "").strip().lower()
+        if actual != header:
+            raise UpdateIntegrityError(
+                self.name,
+                f"masked update of round {round_id} refused: its SHA-256 is {actual}, the header says "
+                f"{header or 'nothing'}; the bytes were changed on the way",
+            )
+        return data, actual
 
     def wait(
         self,

@@ -40,6 +40,8 @@ federation can fix the file without reading code.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,11 +70,27 @@ class AgentEntry(StrictModel):
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    # The site's secure-aggregation public key (base64 of 32 bytes, `fedsite secagg public-key`):
+    # the coordinator checks the keys each site advertises against it (strategy secure_fedavg).
+    secagg_public_key: str | None = None
 
     @field_validator("name")
     @classmethod
     def _name_shape(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("secagg_public_key")
+    @classmethod
+    def _secagg_key(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        try:
+            raw = base64.b64decode(v.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise ValueError("not base64 (expected the output of `fedsite secagg public-key`)") from None
+        if len(raw) != 32:
+            raise ValueError(f"{len(raw)} bytes, an Ed25519 public key is 32")
+        return v
 
     @field_validator("url")
     @classmethod

@@ -333,6 +333,51 @@ class Coordinator:
             duration_s=round(time.monotonic() - t0, 3),
         )
 
+    def train_held(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
+        """One training job at SITE whose update the site keeps (a secure-aggregation round): the
+        job's status and metrics, no update. What leaves comes later, masked (`secagg_mask`)."""
+        client = self.clients[site]
+        sent0, recv0 = client.transfer.snapshot()
+        t0 = time.monotonic()
+        self.reporter.site(site, "sending plan and weights", 0.0)
+        job = client.start_round({**plan, "round_id": round_id}, weights)
+
+        def show(status: RemoteJobStatus) -> None:
+            text = progress_text(status.progress)
+            self.reporter.site(site, f"{status.status} {text}".strip(), progress_fraction(status.progress))
+
+        try:
+            status = client.wait(
+                "round", job, timeout=self.fed.timeouts.round, on_status=show, should_stop=self._stop.is_set
+            )
+        except AgentError as exc:
+            if isinstance(exc, JobTimeout) or self._stop.is_set():
+                self._cancel_quietly(client, job)
+            raise
+        if status.audit_anchor is not None:
+            self.recorder.add_anchor(site, status.audit_anchor)
+        sent1, recv1 = client.transfer.snapshot()
+        self.reporter.site(site, "trained; update kept at the site", 1.0)
+        return SiteResult(
+            site=site,
+            round_id=job,
+            tensors={},
+            num_samples=int(status.num_samples or 0),
+            metrics=dict(status.metrics),
+            update_sha256="",
+            bytes_sent=sent1 - sent0,
+            bytes_received=recv1 - recv0,
+            duration_s=round(time.monotonic() - t0, 3),
+        )
+
+    def site_client(self, site: str) -> SiteClient:
+        """SITE's transport, for the steps a strategy runs itself (secure aggregation)."""
+        return self.clients[site]
+
+    def secagg_public_keys(self) -> dict[str, str | None]:
+        """Each training site's pinned secure-aggregation key (federation file), None where unset."""
+        return {a.name: a.secagg_public_key for a in self.fed.agents}
+
     def _cancel_quietly(self, client: SiteClient, job: str) -> None:
         try:
             client.cancel_round(job)

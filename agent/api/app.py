@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from agent import __version__
 from agent.api.metrics import AgentMetrics
 from agent.api.middleware import BodyLimitMiddleware, InternalErrorAnswer
-from agent.api.routers import audit, evaluations, health, info, rounds
+from agent.api.routers import audit, evaluations, health, info, rounds, secagg
 from agent.api.routers import metrics as prometheus  # `metrics` names the AgentMetrics below
 from agent.api.schemas import plan_schema_components
 from agent.api.throttle import RefusalGuard
@@ -78,7 +78,7 @@ def _include_routers(app: FastAPI, *, control_api: bool = True) -> None:
     """Mount one router per resource; all but the Prometheus endpoint are under /v1. Without
     CONTROL_API (outbound mode) only the local probes: /v1/health and /metrics."""
     v1 = APIRouter(prefix="/v1")
-    resources = (health, info, rounds, evaluations, audit) if control_api else (health,)
+    resources = (health, info, rounds, secagg, evaluations, audit) if control_api else (health,)
     for resource in resources:
         v1.include_router(resource.router)
     app.include_router(v1)

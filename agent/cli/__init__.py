@@ -1,7 +1,7 @@
 """The `fedsite` command line, assembled here from one module per command group.
 
 Every group lives in `agent.cli.<group>` (init, config, doctor, data, demo, tokens, plans, audit, serve,
-certs, coordinate, relay, flower) and calls library code elsewhere in the agent; shared helpers are in
+certs, coordinate, relay, flower, secagg) and calls library code elsewhere in the agent; shared helpers are in
 `agent.cli.common`. No module outside this package imports Typer. The order below is the
 order `fedsite --help` lists the commands in.
 """
@@ -22,6 +22,7 @@ from agent.cli.flower import flower_app
 from agent.cli.init import init_app
 from agent.cli.plans import plans_app
 from agent.cli.relay import relay_app
+from agent.cli.secagg import secagg_app
 from agent.cli.serve import serve_app
 from agent.cli.tokens import tokens_app
 
@@ -53,6 +54,7 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(coordinate_app)
 app.add_typer(relay_app, name="relay")
 app.add_typer(flower_app, name="flower")
+app.add_typer(secagg_app, name="secagg")
 app.add_typer(demo_app)
 
 

@@ -15,7 +15,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors.numpy import save as st_save_numpy
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -67,8 +69,13 @@ def _sniff(data: bytes) -> None:
         raise WeightError("payload is gzip-compressed, not safetensors; refused")
 
 
-def parse_header(data: bytes, *, max_bytes: int) -> dict[str, dict[str, Any]]:
-    """Validate the safetensors framing and return {name: {"dtype", "shape", "data_offsets"}}."""
+def parse_header(
+    data: bytes, *, max_bytes: int, dtypes: Mapping[str, int] = _WIRE_DTYPES
+) -> dict[str, dict[str, Any]]:
+    """Validate the safetensors framing and return {name: {"dtype", "shape", "data_offsets"}}.
+
+    DTYPES maps the allowed safetensors dtypes to their sizes: model weights by default, the
+    one unsigned integer type of a masked update for `decode_masked`."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise WeightError(f"payload must be bytes, got {type(data).__name__}")
     size = len(data)
@@ -100,7 +107,7 @@ def parse_header(data: bytes, *, max_bytes: int) -> dict[str, dict[str, Any]]:
     body = size - 8 - header_len
     spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
-        _check_entry(name, info)
+        _check_entry(name, info, dtypes)
         begin, end = info["data_offsets"]
         spans.append((begin, end, name))
     spans.sort()
@@ -140,15 +147,15 @@ def _count(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def _check_entry(name: str, info: Any) -> None:
+def _check_entry(name: str, info: Any, dtypes: Mapping[str, int] = _WIRE_DTYPES) -> None:
     if not isinstance(info, dict):
         raise WeightError(f"tensor {name!r}: malformed header entry")
     dtype = info.get("dtype")
     shape = info.get("shape")
     offsets = info.get("data_offsets")
-    if dtype not in _WIRE_DTYPES:
+    if dtype not in dtypes:
         raise WeightError(
-            f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire (only F32, F16, BF16)"
+            f"tensor {name!r}: dtype {dtype!r} is not allowed on the wire (only {', '.join(dtypes)})"
         )
     if not (isinstance(shape, list) and all(_count(d) for d in shape)):
         raise WeightError(f"tensor {name!r}: malformed shape {shape!r}")
@@ -159,7 +166,7 @@ def _check_entry(name: str, info: Any) -> None:
         and offsets[0] <= offsets[1]
     ):
         raise WeightError(f"tensor {name!r}: malformed data offsets {offsets!r}")
-    need = math.prod(shape) * _WIRE_DTYPES[dtype]
+    need = math.prod(shape) * dtypes[str(dtype)]
     if offsets[1] - offsets[0] != need:
         raise WeightError(
             f"tensor {name!r}: {offsets[1] - offsets[0]} data bytes for shape {shape} {dtype} (needs {need})"
@@ -208,3 +215,34 @@ def decode_weights(
     out = {name: t.to(torch.float32) for name, t in tensors.items()}
     check_finite(out)
     return out
+
+
+# A masked update (secure aggregation): one little-endian uint32 vector, the site's quantised
+# and masked update, meaningless on its own; only the sum over the sites can be unmasked.
+MASKED_TENSOR = "masked"
+_MASKED_DTYPES = {"U32": 4}
+
+
+def encode_masked(values: np.ndarray) -> bytes:
+    """A masked update as safetensors bytes: the one uint32 tensor `masked`, 1-D."""
+    if values.dtype != np.uint32 or values.ndim != 1 or values.size == 0:
+        raise WeightError(
+            f"a masked update is a non-empty 1-D uint32 vector, got {values.dtype} {values.shape}"
+        )
+    return st_save_numpy(
+        {MASKED_TENSOR: np.ascontiguousarray(values, dtype="<u4")}, metadata={"format": "np"}
+    )
+
+
+def decode_masked(data: bytes, *, length: int, max_bytes: int) -> np.ndarray:
+    """A received masked update: exactly one uint32 tensor `masked` of LENGTH elements."""
+    header = parse_header(data, max_bytes=max_bytes, dtypes=_MASKED_DTYPES)
+    if set(header) != {MASKED_TENSOR}:
+        raise WeightError(
+            f"a masked update holds exactly the tensor {MASKED_TENSOR!r}, got {_names(set(header))}"
+        )
+    shape = header[MASKED_TENSOR]["shape"]
+    if shape != [length]:
+        raise WeightError(f"masked update has shape {shape}, expected [{length}] (the plan's model size)")
+    begin = 8 + int.from_bytes(data[:8], "little")
+    return np.frombuffer(bytes(data[begin:]), dtype="<u4").astype(np.uint32)

@@ -15,6 +15,14 @@
    SHA-256, filters) — if this fails, nothing is written;
 5. writes the bytes atomically to ``outbox/<round_id>.safetensors``.
 
+A round under secure aggregation (plan ``aggregation.mode: secure``) releases nothing at the
+end of training: ``release`` then *holds* the filtered update (steps 1-3, an ``egress.held``
+audit event with its hash) in ``secagg/<round_id>/update.safetensors`` (0600) beside the
+round's protocol state, where only this site reads it. What leaves is the masked vector,
+through ``release_masked``: encoded (one uint32 tensor), hashed, recorded as ``egress.update``
+(kind ``masked``) and written to the outbox like any release, and served only if its bytes
+still match that record.
+
 ``read_released`` is what the update endpoint serves from: it returns a file's bytes only
 when their SHA-256 equals the hash recorded for that round in the audit log, whose hash
 chain makes the record itself tamper-evident. A file dropped into the outbox by anything
@@ -32,12 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 
 from agent.audit.sink import AuditSink
 from agent.config import EgressConfig
 from agent.errors import EgressError, WeightError
-from agent.exchange.codec import check_names_and_shapes, encode_weights
+from agent.exchange.codec import check_names_and_shapes, encode_masked, encode_weights
 from agent.fileio import atomic_write_bytes
 from agent.training.plan import ROUND_ID_PATTERN, plan_hash
 from agent.training.registry import expected_shapes
@@ -50,12 +59,17 @@ ACTOR = "egress-gate"
 _ROUND_ID = re.compile(ROUND_ID_PATTERN)
 
 
+HELD_ACTION = "egress.held"
+
+
 @dataclass(frozen=True)
 class Released:
     sha256: str
     nbytes: int
     path: Path
     filters: dict[str, Any] = field(default_factory=dict)
+    # True: a secure round's update, kept at the site (`EgressGate.hold`), not released.
+    held: bool = False
 
 
 def _check_round_id(round_id: str) -> None:
@@ -65,10 +79,19 @@ def _check_round_id(round_id: str) -> None:
 
 
 class EgressGate:
-    def __init__(self, audit: AuditSink, outbox: Path, config: EgressConfig | None = None) -> None:
+    def __init__(
+        self,
+        audit: AuditSink,
+        outbox: Path,
+        config: EgressConfig | None = None,
+        *,
+        held_dir: Path | None = None,
+    ) -> None:
         self.audit = audit
         self.outbox = Path(outbox)
         self.config = config or EgressConfig()
+        # Secure rounds' private state, beside the outbox in the work directory.
+        self.held_dir = Path(held_dir) if held_dir is not None else self.outbox.parent / "secagg"
 
     def path_for(self, round_id: str) -> Path:
         _check_round_id(round_id)
@@ -105,7 +128,9 @@ class EgressGate:
         global_weights: Mapping[str, torch.Tensor] | None,
         kind: Literal["weights", "diff"],
     ) -> Released:
-        """Check, filter, encode, hash, audit, then write the update for ``round_id``."""
+        """Check, filter, encode, hash, audit, then write the update for ``round_id``.
+
+        A secure round's update is held at the site instead (`hold`)."""
         path = self.path_for(round_id)
         if kind not in ("weights", "diff"):
             raise EgressError(f"update kind {kind!r} must be 'weights' or 'diff'")
@@ -113,6 +138,8 @@ class EgressGate:
             raise EgressError(f"update kind {kind!r} differs from the plan's send {plan.send!r}")
         self._check_update(plan, update, global_weights)
         filtered, filters = self._apply_filters(plan, update, global_weights, kind)
+        if plan.aggregation is not None:
+            return self._hold(round_id, plan, filtered, filters)
         try:
             data = encode_weights(filtered, plan.transfer_dtype)
         except WeightError as exc:
@@ -176,6 +203,86 @@ class EgressGate:
             return diff, filters
         assert global_weights is not None
         return {n: global_weights[n].detach().cpu().float() + diff[n] for n in diff}, filters
+
+    def held_path(self, round_id: str) -> Path:
+        _check_round_id(round_id)
+        return self.held_dir / round_id / "update.safetensors"
+
+    def _hold(
+        self, round_id: str, plan: Plan, filtered: dict[str, torch.Tensor], filters: dict[str, Any]
+    ) -> Released:
+        """Keep a secure round's filtered update at the site: encoded in float32, hashed,
+        recorded as `egress.held`, written 0600 where only the protocol reads it."""
+        try:
+            data = encode_weights(filtered, "float32")
+        except WeightError as exc:
+            raise EgressError(f"update refused: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append(
+            HELD_ACTION,
+            actor=ACTOR,
+            details={
+                "round_id": round_id,
+                "plan_hash": plan_hash(plan),
+                "tensors": len(filtered),
+                "bytes": len(data),
+                "sha256": digest,
+                "filters": filters,
+                "reason": "secure aggregation: only the masked update leaves",
+            },
+        )
+        path = self.held_path(round_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(path, data)  # mkstemp: 0600
+        return Released(sha256=digest, nbytes=len(data), path=path, filters=filters, held=True)
+
+    def read_held(self, round_id: str) -> bytes:
+        """A secure round's held update, only if it is exactly what `hold` recorded."""
+        path = self.held_path(round_id)
+        events = self.audit.find(HELD_ACTION, round_id=round_id)
+        sha = events[-1].get("details", {}).get("sha256") if events else None
+        if not isinstance(sha, str):
+            raise EgressError(f"round {round_id}: no update is held for secure aggregation")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise EgressError(f"round {round_id}: the held update file is missing") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise EgressError(f"round {round_id}: the held update does not match the hash recorded; refused")
+        return data
+
+    def release_masked(
+        self, *, round_id: str, plan: Plan, masked: np.ndarray, details: Mapping[str, Any]
+    ) -> Released:
+        """Release a secure round's masked vector: encode, hash, audit (`egress.update`, kind
+        ``masked``, with DETAILS: the protocol's counts), write to the outbox. Once per round."""
+        path = self.path_for(round_id)
+        if plan.aggregation is None:
+            raise EgressError(f"round {round_id}: a masked update belongs to a secure round only")
+        if self.audit.find(EGRESS_ACTION, round_id=round_id):
+            raise EgressError(f"round {round_id}: an update was already released; a round releases once")
+        try:
+            data = encode_masked(masked)
+        except WeightError as exc:
+            raise EgressError(f"masked update refused: {exc}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append(
+            EGRESS_ACTION,
+            actor=ACTOR,
+            details={
+                "round_id": round_id,
+                "plan_hash": plan_hash(plan),
+                "kind": "masked",
+                "tensors": 1,
+                "elements": int(masked.size),
+                "bytes": len(data),
+                "sha256": digest,
+                **dict(details),
+            },
+        )
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)
+        return Released(sha256=digest, nbytes=len(data), path=path)
 
     def recorded_sha256(self, round_id: str) -> str:
         """The hash recorded by the most recent release for ``round_id``."""

@@ -170,7 +170,10 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
             assert released is not None, "a ClientAlgo with a gate records what it released"
             metrics = dict(out.metrics or {})
             num_samples = int((out.statistics or {})["num_samples"])
-            update = {"update_sha256": released.sha256, "update_nbytes": int(released.nbytes)}
+            # A secure round's update is held at the site: its hash is not the coordinator's to
+            # see (the masked update's is, once released by the protocol's mask step).
+            held = released.held
+            update = {} if held else {"update_sha256": released.sha256, "update_nbytes": int(released.nbytes)}
     finally:
         algo.finalize()
     store.transition(

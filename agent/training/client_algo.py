@@ -129,8 +129,9 @@ class FedsiteClientAlgo(ClientAlgo):
                 kind=self.plan.send,
             )
             # The gate's own output, checked against the hash it recorded: the size limit on
-            # received weights does not apply to it.
-            data = self.gate.read_released(round_id)
+            # received weights does not apply to it. A secure round's update is held, not released.
+            read = self.gate.read_held if self.released.held else self.gate.read_released
+            data = read(round_id)
             update = decode_weights(data, expected=expected_shapes(self.plan), max_bytes=len(data))
         kind = WeightType.WEIGHT_DIFF if self.plan.send == "diff" else WeightType.WEIGHTS
         return ExchangeObject(

@@ -205,6 +205,12 @@ class RelaySiteClient:
     def cancel_evaluation(self, evaluation_id: str) -> None:
         self.store.cancel(self._name, "evaluate", evaluation_id)
 
+    def secagg(self, round_id: str, step: str, message: dict[str, Any]) -> dict[str, Any]:
+        raise AgentError(self._name, "secure aggregation is not available through the relay (pull sites)")
+
+    def secagg_mask(self, round_id: str, message: dict[str, Any]) -> tuple[bytes, str]:
+        raise AgentError(self._name, "secure aggregation is not available through the relay (pull sites)")
+
     def download_update(self, round_id: str, expected_sha256: str | None) -> bytes:
         """The committed update, refused unless its hash equals the commit's and EXPECTED_SHA256."""
         task = self._task("round", round_id)

@@ -14,6 +14,7 @@ from coordinator.strategies.fedavgm import FedAvgM
 from coordinator.strategies.fednova import FedNova
 from coordinator.strategies.fedyogi import FedYogi
 from coordinator.strategies.iil import IIL
+from coordinator.strategies.secure_fedavg import SecureFedAvg
 
 STRATEGIES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
@@ -23,6 +24,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "fednova": FedNova,
     "iil": IIL,
     "ciil": CIIL,
+    "secure_fedavg": SecureFedAvg,
 }
 
 __all__ = ["STRATEGIES"]
