@@ -40,7 +40,7 @@ from coordinator.federation import Federation
 from coordinator.options import RunOptions
 from coordinator.report import QuietReporter
 from coordinator.runner import Coordinator
-from coordinator.weights import initial_weights
+from coordinator.weights import encode, initial_weights
 from tests.fixtures.coordinator import RealFederation, real_federation, results, tiny_plan
 
 pytestmark = pytest.mark.timeout(600)
@@ -99,7 +99,8 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFederation]:
             doc["secure_aggregation"] = {
                 "site_key_file": str(key_file),
                 "peers": public,
-                "min_threshold": 2,
+                # site-5 accepts no secure round with a threshold below 3.
+                "min_threshold": 3 if site == "site-5" else 2,
                 "min_sites": 3,
             }
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -338,6 +339,21 @@ def test_coordinator_stores_no_unmasked_site_update(
     # Per site: scalars and hashes only (the masked update's hash, never an update).
     for entry in doc["rounds"][0]["training"].values():
         assert all(not isinstance(v, list) for v in entry.values()), entry
+
+
+def test_a_plan_weaker_than_the_site_accepts_is_refused_at_start_and_audited(fed: SecureFederation) -> None:
+    site = "site-5"
+    plan = {**secure_plan(2), "round_id": "too-weak"}
+    weights = encode(initial_weights(plan))
+    headers = {"Authorization": f"Bearer {fed.real.tokens[site]}"}
+    with httpx.Client(base_url=fed.real.agents[site].url, headers=headers, timeout=60) as http:
+        resp = http.post("/v1/rounds", files={"plan": (None, json.dumps(plan)), "weights": ("w", weights)})
+        assert resp.status_code == 422, resp.text
+        assert "plan.aggregation.threshold: 2 is below this site's minimum 3" in resp.json()["detail"]
+        assert http.get("/v1/rounds/too-weak").status_code == 404
+    [refused] = [e for e in fed.audit(site, "secagg.refused") if e["details"].get("round_id") == "too-weak"]
+    assert refused["details"]["step"] == "start_round"
+    assert refused["details"]["reason"] == "threshold_below_minimum"
 
 
 def test_substituted_keys_are_refused_by_every_agent(fed: SecureFederation, tmp_path: Path) -> None:
