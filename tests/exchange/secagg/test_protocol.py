@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import stat
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import pytest
 
 from agent.errors import SecAggError, SecAggRefused
 from agent.exchange.secagg import (
+    REASONS,
     AdvertiseBundle,
     ShareRequest,
     UnmaskRequest,
+    client,
     dequantize_sum,
     error_bound,
     generate_site_key,
@@ -262,3 +265,12 @@ def test_the_coordinator_refuses_what_does_not_fit_the_round(tmp_path: Path) -> 
     with pytest.raises(SecAggError, match="second masked input"):
         r.coordinator.add_masked(ids[0], np.zeros(r.length + 1, dtype=np.uint32))
     assert set(masks) == set(ids)
+
+
+def test_every_reason_a_site_gives_is_documented() -> None:
+    """The reason codes in the site's refusals are exactly those `REASONS` explains (audit, docs)."""
+    source = Path(client.__file__).read_text()
+    used = set(re.findall(r'_refuse\(\s*state,\s*"(\w+)"', source)) | set(
+        re.findall(r'SecAggRefused\(\s*"(\w+)"', source)
+    )
+    assert used == set(REASONS)
