@@ -325,6 +325,24 @@ class SecureAggregationConfig(StrictModel):
         return self.site_key_file is not None and bool(self.peers)
 
 
+class ConsoleConfig(StrictModel):
+    """The site admin's web console (`agent.console`): its own listener, never the coordinator-facing
+    port, off unless enabled. Admins log in with accounts made by `fedsite admin-users add`."""
+
+    enabled: bool = False
+    # Loopback by default: reach it over an SSH tunnel, or bind the hospital's internal interface.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8444, ge=1, le=65535)
+    # HTTPS for the console (its cookies are then marked Secure); None: plain HTTP, for loopback.
+    tls: TlsConfig | None = None
+    # A login lasts at most this long, and ends after this long without a request.
+    session_minutes: int = Field(default=480, ge=1, le=7 * 24 * 60)
+    idle_minutes: int = Field(default=30, ge=1, le=7 * 24 * 60)
+    # Failed logins an address may make per window; past it the login answers 429 until the window ends.
+    login_failures: int = Field(default=5, ge=1, le=1000)
+    login_window_seconds: int = Field(default=900, ge=1, le=86_400)
+
+
 class AgentConfig(StrictModel):
     site: SiteConfig
     datasets: list[DatasetConfig] = Field(default_factory=list)
@@ -339,6 +357,7 @@ class AgentConfig(StrictModel):
     egress: EgressConfig = Field(default_factory=EgressConfig)
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     connect: ConnectConfig = Field(default_factory=ConnectConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     # Set by load_config: the file this config came from (not a YAML key).
@@ -416,6 +435,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         value = getattr(connect, key)
         if value is not None:
             setattr(connect, key, fix(value))
+    if cfg.console.tls is not None:
+        for key in ("cert_file", "key_file"):
+            setattr(cfg.console.tls, key, fix(getattr(cfg.console.tls, key)))
     if cfg.secure_aggregation.site_key_file is not None:
         cfg.secure_aggregation.site_key_file = fix(cfg.secure_aggregation.site_key_file)
     if (
@@ -470,6 +492,22 @@ def _check_secure_aggregation(cfg: AgentConfig, where: str) -> None:
         problems.append(f"secure_aggregation.{lack}: required with secure_aggregation.{have}")
     if problems:
         raise ConfigError(f"{where}: " + f"\n{where}: ".join(problems))
+
+
+def _check_console(cfg: AgentConfig, where: str) -> None:
+    """The console never shares the coordinator-facing port (or the metrics port) of its host."""
+    console = cfg.console
+    if not console.enabled:
+        return
+    for key in ("port", "metrics_port"):
+        if getattr(cfg.api, key) == console.port:
+            raise ConfigError(
+                f"{where}: console.port: {console.port} is api.{key}; the console needs a port of its own"
+            )
+    if console.tls is not None and console.tls.client_ca_file is not None:
+        raise ConfigError(
+            f"{where}: console.tls.client_ca_file: not used by the console (admins log in with a password)"
+        )
 
 
 def _check_paths(cfg: AgentConfig, where: str) -> None:
@@ -530,6 +568,7 @@ def parse_config(
         raise ConfigError(format_validation_error(exc, where)) from None
     cfg.source = source
     _check_connect(cfg, where)
+    _check_console(cfg, where)
     _check_secure_aggregation(cfg, where)
     _resolve_paths(cfg, source.parent.resolve() if source else Path.cwd())
     if check_paths:

@@ -54,14 +54,16 @@ class RefusalGuard:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        action: str = REFUSED_ACTION,
     ) -> None:
         self.config = config or RefusalsConfig()
         self._clock = clock
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = {}
+        # ACTION names the events (the admin console's failed logins use a name of their own).
         self.recorder = CoalescingRecorder(
             audit,
-            REFUSED_ACTION,
+            action,
             window_s=self.config.window_seconds,
             detailed_per_window=self.config.audit_per_window,
             clock=clock,
@@ -84,6 +86,19 @@ class RefusalGuard:
                 return max(1, math.ceil(window.start + self.config.window_seconds - now))
             window.count += 1
             return None
+
+    def retry_after(self, client: str) -> int | None:
+        """The seconds until CLIENT's window ends if it is throttled now, else None; counts
+        nothing. For a caller that must refuse a throttled address before checking what it sent
+        (a login must not tell a throttled guesser that a password was right)."""
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get(client)
+            if window is None or now - window.start >= self.config.window_seconds:
+                return None
+            if window.count < self.config.max_per_client:
+                return None
+            return max(1, math.ceil(window.start + self.config.window_seconds - now))
 
     def refused(self, client: str, *, actor: str, reason: str, details: dict[str, Any]) -> None:
         """Record a refusal of CLIENT (charged already) in full or in the window's summary."""

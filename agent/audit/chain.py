@@ -240,12 +240,15 @@ class AuditLog:
         with self.db.session() as s:
             return [_row_dict(row) for row in s.scalars(query)]
 
-    def tail(self, n: int = 20) -> list[dict[str, Any]]:
-        """The newest `n` events, oldest first."""
+    def tail(self, n: int = 20, *, action: str | None = None) -> list[dict[str, Any]]:
+        """The newest `n` events (of `action` only, if given), oldest first."""
         if not 1 <= n <= MAX_LIMIT:
             raise ValueError(f"n must be between 1 and {MAX_LIMIT}, got {n}")
+        query = select(AuditEvent)
+        if action is not None:
+            query = query.where(AuditEvent.action == action)
         with self.db.session() as s:
-            rows = list(s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(n)))
+            rows = list(s.scalars(query.order_by(AuditEvent.id.desc()).limit(n)))
         return [_row_dict(row) for row in reversed(rows)]
 
     def iter_all(self, *, since_id: int = 0, batch: int = 1000) -> Iterator[dict[str, Any]]:
@@ -278,6 +281,11 @@ class AuditLog:
         with self.db.session() as s:
             row = s.get(AuditChainHead, _HEAD_ROW)
             return (row.last_id, row.last_hash) if row is not None else (0, GENESIS_HASH)
+
+    def actions(self) -> list[str]:
+        """The distinct actions recorded so far, sorted (what an event filter can offer)."""
+        with self.db.session() as s:
+            return sorted(s.scalars(select(AuditEvent.action).distinct()))
 
     def count(self) -> int:
         with self.db.session() as s:

@@ -1,9 +1,9 @@
 """The `fedsite` command line, assembled here from one module per command group.
 
-Every group lives in `agent.cli.<group>` (init, config, doctor, data, demo, tokens, plans, audit, serve,
-certs, coordinate, relay, flower, secagg) and calls library code elsewhere in the agent; shared helpers are in
-`agent.cli.common`. No module outside this package imports Typer. The order below is the
-order `fedsite --help` lists the commands in.
+Every group lives in `agent.cli.<group>` (init, config, doctor, data, demo, tokens, plans, admin_users,
+audit, serve, certs, coordinate, relay, flower, secagg) and calls library code elsewhere in the agent;
+shared helpers are in `agent.cli.common`. No module outside this package imports Typer. The order below
+is the order `fedsite --help` lists the commands in.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import typer
 
 from agent import __version__
+from agent.cli.admin_users import admin_users_app
 from agent.cli.audit import audit_app
 from agent.cli.certs import certs_app
 from agent.cli.config import config_app
@@ -48,6 +49,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(demo_data_app)
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(plans_app, name="plans")
+app.add_typer(admin_users_app, name="admin-users")
 app.add_typer(audit_app, name="audit")
 app.add_typer(serve_app)
 app.add_typer(certs_app, name="certs")

@@ -4,12 +4,13 @@ with the outbound connector (`agent.connect`) beside it when `connect.mode` asks
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 
-from agent.config import ConnectConfig, load_config
+from agent.config import AgentConfig, ConnectConfig, load_config
 from agent.errors import ConfigError, TlsError
 from agent.tls.files import check_tls_files
 
@@ -37,6 +38,8 @@ def serve(
             check_tls_files(cfg.api.tls)
         if cfg.connect.enabled:
             _check_connect_tls(cfg.connect)
+        if cfg.console.enabled and cfg.console.tls is not None:
+            check_tls_files(cfg.console.tls)
     except (ConfigError, TlsError) as exc:
         typer.echo(f"{config}: {exc}" if isinstance(exc, TlsError) else str(exc), err=True)
         raise typer.Exit(2) from None
@@ -44,7 +47,9 @@ def serve(
         cfg.api.host = host
     if port is not None:
         cfg.api.port = port
-    run_agent(cfg, scan=scan, companions=_connector if cfg.connect.enabled else None)
+    run_agent(
+        cfg, scan=scan, companions=_companions(cfg) if cfg.connect.enabled or cfg.console.enabled else None
+    )
 
 
 def _check_connect_tls(connect: ConnectConfig) -> None:
@@ -55,6 +60,21 @@ def _check_connect_tls(connect: ConnectConfig) -> None:
         ssl_verify(connect)
     except (ssl.SSLError, OSError) as exc:
         raise TlsError(f"connect.ca_file / connect.client_cert: cannot be used: {exc}") from None
+
+
+def _companions(cfg: AgentConfig) -> Callable[[SiteService], list[Companion]]:
+    """What runs beside the API: the outbound connector (connect.mode outbound or both) and the
+    admin console on its own listener (console.enabled)."""
+
+    def build(service: SiteService) -> list[Companion]:
+        extra = _connector(service) if cfg.connect.enabled else []
+        if cfg.console.enabled:
+            from agent.console.server import ConsoleServer
+
+            extra.append(ConsoleServer(service))
+        return extra
+
+    return build
 
 
 def _connector(service: SiteService) -> list[Companion]:
