@@ -20,6 +20,15 @@ process from the saved models (--eval-every-round: FL's at the agents as well).
 
     python -m benchmarks.paper_reproduction --quick   # scale 0.2, 1 seed
     python -m benchmarks.paper_reproduction           # the full split, 3 seeds for CIIL and IIL
+    python -m benchmarks.paper_reproduction --quick --methods fl --dp-epsilon 8   # FL with DP
+
+With --dp-epsilon E, FL trains with DP-SGD at every site (plan privacy.dp, subject-level
+sampling, `agent.training.dp`) and every site's config gets the privacy budget (E, 1e-5), which
+its agent enforces. One noise multiplier for all sites is chosen so that the whole FL run costs
+at most E at the site where it costs most (the site with the fewest training subjects, whose
+sample rate is highest), with the sites' own accountant (RDP). Each FL run also reports the
+membership-inference AUC of its final global model (loss-threshold attack, `agent.privacy.mia`):
+every federation site's training subjects against their validation subjects.
     python -m benchmarks.paper_reproduction --fl-strategy fedavg,fednova,fedadam --methods fl,cds
 
 ``--fl-strategy`` runs FL with each of the named coordinator strategies (FedAvg and its server
@@ -93,6 +102,10 @@ class Settings:
     fl_strategies: list[str] = field(default_factory=lambda: ["fedavg"])
     # Which methods run (all by default); CDS always runs when a percentage of CDS is wanted.
     methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # FL with DP-SGD at this total ε per site over the whole run (None: without DP).
+    dp_epsilon: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_subject_slices: int = 4
 
     @property
     def epochs_per_site(self) -> int:
@@ -174,6 +187,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         eval_every_round=bool(args.eval_every_round),
         fl_strategies=fl_strategies,
         methods=[m for m in METHODS if m in methods],
+        dp_epsilon=args.dp_epsilon,
+        dp_max_grad_norm=args.dp_max_grad_norm,
+        dp_subject_slices=args.dp_subject_slices,
     )
 
 
@@ -232,6 +248,43 @@ def fix_site_secret(config: Path, data_seed: int) -> None:
     path.write_text(digest)
 
 
+DP_DELTA = 1e-5
+
+
+def set_privacy_budget(config: Path, epsilon: float) -> None:
+    """Every dataset of the site may spend at most (EPSILON, DP_DELTA), DP rounds only."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text())
+    raw["privacy"] = {"accountant": "rdp", "budgets": {"*": {"epsilon": epsilon, "delta": DP_DELTA}}}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def dp_noise(s: Settings, train_counts: Sequence[int]) -> tuple[float, dict[str, float]]:
+    """One noise multiplier for every site such that the FL run's total ε (all rounds) is at most
+    s.dp_epsilon at every site; with the ε it gives each site, keyed by its training count."""
+    from agent.training.dp import epsilon
+
+    assert s.dp_epsilon is not None
+    per_step = max(1, s.batch_size // s.dp_subject_slices)
+
+    def history(n: int, sigma: float) -> list[tuple[float, float, int]]:
+        rate = min(1.0, per_step / n)
+        return [(sigma, rate, s.rounds * s.local_epochs * max(1, round(1.0 / rate)))]
+
+    def worst(sigma: float) -> float:
+        return max(epsilon(history(n, sigma), DP_DELTA, "rdp") for n in set(train_counts))
+
+    target = s.dp_epsilon * 0.999  # the sites' budget is s.dp_epsilon exactly
+    low, high = 0.3, 1.0
+    while worst(high) > target:
+        low, high = high, high * 2
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if worst(mid) > target else (low, mid)
+    return high, {str(n): epsilon(history(n, high), DP_DELTA, "rdp") for n in sorted(set(train_counts))}
+
+
 def prepare(console: Console, s: Settings) -> Any:
     from coordinator.demo_federation import generate_federation
 
@@ -253,6 +306,8 @@ def prepare(console: Console, s: Settings) -> Any:
         _outside_sites_evaluate_everything(site.config_path)
     for site in layout.all_sites:
         fix_site_secret(site.config_path, s.data_seed)
+        if s.dp_epsilon is not None:
+            set_privacy_budget(site.config_path, s.dp_epsilon)
     console.print(f"generated in {time.monotonic() - t0:.0f} s under {layout.root}")
 
     # Static config tokens (hash in the config, token in the site's token file): one
@@ -371,6 +426,19 @@ class MethodRunner:
         s = self.s
         plan = self.seeded(seed)
         name = fl_label(strategy)
+        dp: dict[str, Any] | None = None
+        if s.dp_epsilon is not None:
+            sigma, per_count = dp_noise(s, [len(x.train) for x in self.splits])
+            plan["privacy"] = {
+                "dp": {
+                    "noise_multiplier": sigma,
+                    "max_grad_norm": s.dp_max_grad_norm,
+                    "subject_slices": s.dp_subject_slices,
+                }
+            }
+            dp = {"epsilon": s.dp_epsilon, "delta": DP_DELTA, "noise_multiplier": sigma}
+            dp["epsilon_by_train_subjects"] = per_count
+            self.console.print(f"DP: noise multiplier {sigma:.3f}; run epsilon by site size {per_count}")
         what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
         self.console.rule(f"[bold]{name} seed {seed}: {what}")
         # FedAvg keeps its historical run names (fl-seed0, fl-s0); the variants their own.
@@ -388,12 +456,32 @@ class MethodRunner:
         )
         summary["strategy"] = strategy
         summary["strategy_settings"] = res.doc.get("strategy_settings", {})
+        summary["dp"] = dp
+        summary["mia"] = self.mia(plan, res.final_model_path)
         self.curve_from_models(res, summary)
         self.console.print(
             f"{name} seed {seed}: Dice {_d(summary['inside'])} ({res.doc['duration_s']:.0f} s); "
             f"per round: {_curve(summary['curve'])}"
         )
         return summary
+
+    def mia(self, plan: dict[str, Any], model_path: Path) -> dict[str, Any]:
+        """Loss-threshold membership inference on a final model: every federation site's training
+        subjects (members) against their validation subjects (non-members)."""
+        from agent.privacy.mia import membership_report
+        from agent.training.plan import parse_plan
+
+        members = [item for x in self.splits for item in x.train]
+        nonmembers = [item for x in self.splits for item in x.val]
+        [loss] = membership_report(
+            parse_plan(plan), load_file(model_path), members, nonmembers, cache_dir=self.cache
+        )
+        out = loss.summary()
+        self.console.print(
+            f"MIA (loss) on the final model: AUC {loss.auc:.3f} [{loss.auc_low:.3f}, {loss.auc_high:.3f}], "
+            f"TPR at 5% FPR {loss.tpr_at_5_fpr:.3f}"
+        )
+        return out
 
     def cds(self, seed: int) -> dict[str, Any]:
         s, n = self.s, self.s.epochs_per_site
@@ -570,6 +658,9 @@ def table_rows(methods: dict[str, Any]) -> list[dict[str, Any]]:
                 "study_pct_of_cds": round(100 * STUDY[_study_name(name)] / STUDY["CDS"], 1),
             }
         )
+        if any(r.get("mia") for r in runs):
+            rows[-1]["mia_auc"] = _stats([r["mia"]["auc"] for r in runs if r.get("mia")])
+            rows[-1]["dp"] = runs[0].get("dp")
     return rows
 
 
@@ -694,6 +785,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--fl-strategy",
         help=f"FL run with these coordinator strategies, comma-separated ({', '.join(FL_STRATEGIES)}); "
         "default fedavg (the study's). Each gets its own row.",
+    )
+    ap.add_argument(
+        "--dp-epsilon",
+        type=float,
+        help="FL with DP-SGD: the total epsilon (delta 1e-5) each site may spend on the whole run; "
+        "the sites' budgets are set to it. Default: no DP.",
+    )
+    ap.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP: per-subject clipping norm.")
+    ap.add_argument(
+        "--dp-subject-slices", type=int, default=4, help="DP: slices drawn per sampled subject per step."
     )
     ap.add_argument(
         "--methods",
