@@ -197,6 +197,10 @@ class EgressConfig(StrictModel):
     exclude_parameters: list[str] = Field(default_factory=list)
     # Clip the update's L2 norm (of the difference to the global weights) to this value.
     clip_norm: float | None = Field(default=None, gt=0)
+    # Compression modes a plan may not use here (int8, int8_topk); such a round sends its
+    # difference uncompressed (the plan's transfer_dtype) and the audit record says why.
+    # int8_topk keeps a residual of the site's updates in the work directory between rounds.
+    forbid_compression: list[Literal["int8", "int8_topk"]] = Field(default_factory=list)
 
 
 class RetentionConfig(StrictModel):
@@ -283,6 +287,31 @@ class ConnectConfig(StrictModel):
         return self.mode != "outbound"
 
 
+class PrivacyBudget(StrictModel):
+    """One dataset's differential-privacy budget: the most (ε, δ) that all rounds together,
+    from every coordinator, may spend on it (`agent.privacy`)."""
+
+    epsilon: float = Field(gt=0, le=1000)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    # False: every training round on the dataset must train with DP (plan privacy.dp).
+    allow_non_dp: bool = False
+
+
+class PrivacyConfig(StrictModel):
+    """The site's differential-privacy ledger and budgets (`agent.privacy`).
+
+    ``budgets`` maps a dataset name (or ``"*"``, any dataset without its own entry) to its
+    budget. The ledger keeps one accountant; RDP and PRV give different ε for one history,
+    so changing ``accountant`` once rounds are recorded is refused, never mixed.
+    """
+
+    accountant: Literal["rdp", "prv"] = "rdp"
+    budgets: dict[str, PrivacyBudget] = Field(default_factory=dict)
+
+    def budget(self, dataset: str) -> PrivacyBudget | None:
+        return self.budgets.get(dataset, self.budgets.get("*"))
+
+
 class SecureAggregationConfig(StrictModel):
     """What this site accepts of secure aggregation (plans with ``aggregation.mode: secure``).
 
@@ -358,6 +387,7 @@ class AgentConfig(StrictModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     connect: ConnectConfig = Field(default_factory=ConnectConfig)
     console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     # Set by load_config: the file this config came from (not a YAML key).
@@ -435,11 +465,11 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> None:
         value = getattr(connect, key)
         if value is not None:
             setattr(connect, key, fix(value))
+    if cfg.secure_aggregation.site_key_file is not None:
+        cfg.secure_aggregation.site_key_file = fix(cfg.secure_aggregation.site_key_file)
     if cfg.console.tls is not None:
         for key in ("cert_file", "key_file"):
             setattr(cfg.console.tls, key, fix(getattr(cfg.console.tls, key)))
-    if cfg.secure_aggregation.site_key_file is not None:
-        cfg.secure_aggregation.site_key_file = fix(cfg.secure_aggregation.site_key_file)
     if (
         cfg.database_url
         and cfg.database_url.startswith("sqlite:///")

@@ -60,6 +60,8 @@ from agent.jobs.runner import JobRunner
 from agent.jobs.secure_round import SecureRounds
 from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
+from agent.privacy.ledger import JobState, PrivacyLedger, verify_ledger
+from agent.training.dp import ROUND_FILE
 from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
 from agent.training.registry import expected_shapes
 
@@ -87,6 +89,8 @@ class SiteService:
         self.runner = JobRunner(cfg, self.store, **options)
         self.gate = EgressGate(self.audit, cfg.work_dir / "outbox", cfg.egress)
         self.plan_refusals = PlanRefusals(self.audit)
+        # The per-dataset privacy budget: checked before a round is queued, settled when it ends.
+        self.privacy = PrivacyLedger(cfg, db, self.audit)
         self.secure = SecureRounds(cfg, self.store, self.audit, self.gate)
         self._create_lock = threading.Lock()
         self._device: str | None = None
@@ -117,6 +121,7 @@ class SiteService:
             log.warning("resuming %d interrupted job(s): %s", len(recovery.resumed), recovery.resumed)
         for round_id, why in recovery.not_resumed.items():
             log.warning("job %s cannot resume: %s", round_id, why)
+        self.settle_privacy()
         self.apply_retention()
         if scan and self.cfg.datasets:
             self.scan()
@@ -134,12 +139,38 @@ class SiteService:
         self._job_listeners.append(listener)
 
     def _after_job(self) -> None:
+        # Before retention: settling reads the ended round's step counter in its job folder.
+        self.settle_privacy()
         self.apply_retention()
         for listener in list(self._job_listeners):
             try:
                 listener()
             except Exception:
                 log.exception("a job-end listener failed")
+
+    def settle_privacy(self) -> list[str]:
+        """Charge every ended DP round the steps it took (`agent.privacy.ledger`); never raises,
+        so that a ledger problem cannot stop the scheduler (the reservation then stays counted)."""
+        try:
+            return self.privacy.settle(self._job_state)
+        except Exception:
+            log.exception("settling the privacy ledger failed; reservations stay counted")
+            return []
+
+    def privacy_remaining(self) -> dict[str, float]:
+        """ε left per dataset with a budget (for the metrics gauge)."""
+        out = {}
+        for ds in self.cfg.datasets:
+            left = self.privacy.remaining(ds.name)
+            if left is not None:
+                out[ds.name] = left
+        return out
+
+    def _job_state(self, round_id: str) -> JobState | None:
+        job = self.store.get(JobKind.TRAIN, round_id)
+        if job is None:
+            return None
+        return JobState(ended=is_terminal(job.status), job_dir=Path(job.job_dir))
 
     def apply_retention(self) -> RetentionReport:
         """Delete the job files that `jobs.retention` no longer keeps; at start and after each job."""
@@ -211,6 +242,12 @@ class SiteService:
             }
             if ds.name in self._scan_problems:
                 entry = {**entry, "problems": [self._scan_problems[ds.name], *entry["problems"]]}
+            budget = self.cfg.privacy.budget(ds.name)
+            entry = {
+                **entry,
+                "dp_required": budget is not None and not budget.allow_non_dp,
+                "epsilon_remaining": self.privacy.remaining(ds.name),
+            }
             datasets.append(entry)
         return {
             "site_id": self.cfg.site.id,
@@ -300,8 +337,15 @@ class SiteService:
         return self.audit.events(since_id=since_id, limit=limit, action=action)
 
     def verify_audit(self) -> ChainReport:
-        """Check the whole hash chain; the report names the first bad event."""
-        return self.audit.verify()
+        """Check the whole hash chain, then the privacy ledger's rows against the hashes the
+        chain recorded for them; the report names the first bad event."""
+        report = self.audit.verify()
+        if not report.ok:
+            return report
+        event_id, problem = verify_ledger(self.db, self.audit)
+        if problem:
+            return ChainReport(False, report.count, event_id, problem, report.last_id, report.head_hash)
+        return report
 
     def audit_key(self) -> Ed25519PrivateKey:
         """The site's key for signing audit anchors (`agent.audit.anchors`), loaded once;
@@ -458,17 +502,32 @@ class SiteService:
                         f"the job queue is full ({queued} waiting, "
                         f"api.queue_size {self.cfg.api.queue_size}); retry later"
                     )
-                job = self.store.create(
-                    round_id=round_id,
-                    kind=kind,
-                    actor=actor,
-                    dataset=plan.dataset,
-                    plan_json=stored_json,
-                    plan_hash=digest,
-                    weights_sha256=weights_sha,
-                    weights_path=str(weights_path) if weights_path else None,
-                    job_dir=str(job_dir),
-                )
+                dp_round = None
+                if kind == JobKind.TRAIN:
+                    self.settle_privacy()
+                    num_train = sum(1 for item in self._items(plan.dataset) if item.split == "train")
+                    dp_round = self.privacy.check_and_reserve(
+                        plan, digest, actor=actor, round_id=round_id, num_subjects=num_train
+                    )
+                    if dp_round is not None:
+                        # The worker trains with exactly the mechanism the ledger reserved.
+                        (job_dir / ROUND_FILE).write_text(dp_round.to_json())
+                try:
+                    job = self.store.create(
+                        round_id=round_id,
+                        kind=kind,
+                        actor=actor,
+                        dataset=plan.dataset,
+                        plan_json=stored_json,
+                        plan_hash=digest,
+                        weights_sha256=weights_sha,
+                        weights_path=str(weights_path) if weights_path else None,
+                        job_dir=str(job_dir),
+                    )
+                except BaseException:
+                    if dp_round is not None:
+                        self.privacy.release(round_id, actor=actor, reason="the round could not be queued")
+                    raise
         except IntegrityError:
             # The same id arrived twice at once; the first one is the round.
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -534,4 +593,6 @@ class SiteService:
             if state is None or is_terminal(state[0]):
                 break
             time.sleep(0.1)
+        if kind == JobKind.TRAIN:
+            self.settle_privacy()
         return self._job(kind, round_id)

@@ -114,7 +114,7 @@ def create_app(
     evaluations, info and audit do not exist on this app, only /v1/health and /metrics.
     COMPANIONS start after the service and stop before it closes, in reverse order."""
     cfg = service.cfg
-    metrics = AgentMetrics(service.db)
+    metrics = AgentMetrics(service.db, service.privacy_remaining)
     refusals = RefusalGuard(service.audit, cfg.api.refusals)
 
     async def summarise_refusals() -> None:

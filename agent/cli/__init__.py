@@ -22,6 +22,7 @@ from agent.cli.doctor import doctor_app
 from agent.cli.flower import flower_app
 from agent.cli.init import init_app
 from agent.cli.plans import plans_app
+from agent.cli.privacy import privacy_app
 from agent.cli.relay import relay_app
 from agent.cli.secagg import secagg_app
 from agent.cli.serve import serve_app
@@ -51,6 +52,7 @@ app.add_typer(tokens_app, name="tokens")
 app.add_typer(plans_app, name="plans")
 app.add_typer(admin_users_app, name="admin-users")
 app.add_typer(audit_app, name="audit")
+app.add_typer(privacy_app, name="privacy")
 app.add_typer(serve_app)
 app.add_typer(certs_app, name="certs")
 app.add_typer(coordinate_app)

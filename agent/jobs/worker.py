@@ -115,6 +115,21 @@ def _load_weights(cfg: AgentConfig, job: JobView, plan: Any) -> Any:
     return decode_weights(data, expected=expected_shapes(plan), max_bytes=cfg.limits.max_weights_bytes)
 
 
+def _dp_round(job: JobView, job_dir: Path) -> Any:
+    """The DP mechanism the site's privacy ledger reserved for this round (written by the
+    service when it accepted the round). Without it the round does not train: its cost would
+    not be on the ledger."""
+    from agent.training.dp import ROUND_FILE, DPRound
+
+    path = job_dir / ROUND_FILE
+    try:
+        return DPRound.from_json(path.read_text())
+    except (OSError, ValueError, TypeError) as exc:
+        raise JobInputError(
+            f"round {job.round_id} trains with DP but has no privacy reservation ({type(exc).__name__})"
+        ) from None
+
+
 def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, job: JobView) -> None:
     """Train or evaluate one job through the project's ClientAlgo and record its result.
 
@@ -143,6 +158,7 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
         cache_dir=cfg.work_dir / "cache",
         progress=progress,
         should_stop=StopCheck(store, job.id),
+        dp=_dp_round(job, job_dir) if job.kind == JobKind.TRAIN and plan.privacy.dp is not None else None,
     )
     weights = _load_weights(cfg, job, plan)
     if job.kind == JobKind.EVALUATE:
@@ -152,7 +168,7 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
             raise JobInputError(f"dataset {plan.dataset!r} has no validation subjects")
     elif not train:
         raise JobInputError(f"dataset {plan.dataset!r} has no training subjects")
-    gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress)
+    gate = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress, requester=job.actor)
     # A job queued again after an interruption continues from its last completed epoch.
     algo = FedsiteClientAlgo(plan, train, val, ctx, gate=gate, resume_from_checkpoint=job.resumes > 0)
     # A round whose plan starts from random weights may come without any.
