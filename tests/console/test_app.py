@@ -1,0 +1,121 @@
+"""The console app in-process (no browser, no listener): cookies, headers, redirects, audit events."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from agent.config import ConsoleConfig, TlsConfig, parse_config
+from agent.console.app import SECURITY_HEADERS, SESSION_COOKIE, create_console_app
+from agent.console.auth import add_admin
+from agent.service import SiteService
+
+PASSWORD = "a long enough passphrase"
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[SiteService]:
+    cfg = parse_config(
+        {"site": {"id": "site-1"}, "work_dir": str(tmp_path / "work"), "device": "cpu"},
+        environ={},
+        check_paths=False,
+    )
+    svc = SiteService.open(cfg)
+    add_admin(svc.db, svc.audit, "alice", PASSWORD, "cli:test")
+    try:
+        yield svc
+    finally:
+        svc.db.dispose()
+
+
+def _login(client: TestClient, next_: str = "/", password: str = PASSWORD) -> httpx.Response:
+    page = client.get("/login")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert token is not None
+    data = {"name": "alice", "password": password, "csrf_token": token.group(1), "next": next_}
+    return client.post("/login", data=data, follow_redirects=False)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_the_session_cookie_is_httponly_strict_and_secure_under_tls(service: SiteService, tls: bool) -> None:
+    config = ConsoleConfig(enabled=True)
+    if tls:
+        config = ConsoleConfig(enabled=True, tls=TlsConfig(cert_file=Path("c"), key_file=Path("k")))
+    base = "https://testserver" if tls else "http://testserver"
+    with TestClient(create_console_app(service, config), base_url=base) as client:
+        r = _login(client)
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith(f"{SESSION_COOKIE}="))
+        attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/"} <= attributes
+        assert ("secure" in attributes) is tls
+        assert client.get("/").status_code == 200
+
+
+def test_every_answer_carries_the_security_headers_and_no_store(service: SiteService) -> None:
+    with TestClient(create_console_app(service, ConsoleConfig(enabled=True))) as client:
+        for r in (
+            client.get("/login"),
+            client.get("/", follow_redirects=False),
+            client.get("/static/console.css"),
+        ):
+            for key, value in SECURITY_HEADERS.items():
+                assert r.headers[key] == value
+        _login(client)
+        page = client.get("/")
+        assert page.status_code == 200 and "<script" not in page.text
+        assert client.get("/docs").status_code in (303, 404) and client.get("/openapi.json").status_code in (
+            303,
+            404,
+        )
+
+
+def test_the_login_redirects_only_within_the_console(service: SiteService) -> None:
+    with TestClient(create_console_app(service, ConsoleConfig(enabled=True))) as client:
+        assert _login(client, next_="//evil.example/x").headers["location"] == "/"
+        client.cookies.clear()
+        assert _login(client, next_="https://evil.example/").headers["location"] == "/"
+        client.cookies.clear()
+        assert (
+            _login(client, next_="/audit?action=plan.approved").headers["location"]
+            == "/audit?action=plan.approved"
+        )
+
+
+def test_login_and_logout_are_audited_under_the_admins_name_and_logout_ends_the_session(
+    service: SiteService,
+) -> None:
+    with TestClient(create_console_app(service, ConsoleConfig(enabled=True))) as client:
+        assert _login(client, password="wrong password!").status_code == 401
+        _login(client)
+        page = client.get("/audit")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert csrf is not None
+        session = client.cookies.get(SESSION_COOKIE)
+        r = client.post("/logout", data={"csrf_token": csrf.group(1)}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        # The old cookie, replayed, no longer opens anything.
+        client.cookies.set(SESSION_COOKIE, session or "")
+        assert client.get("/audit", follow_redirects=False).status_code == 303
+    actions = [
+        (e["action"], e["actor"]) for e in service.audit.tail(10) if e["action"].startswith("console.")
+    ]
+    assert actions[-3:] == [
+        ("console.login_refused", "anonymous"),
+        ("console.login", "console:alice"),
+        ("console.logout", "console:alice"),
+    ]
+
+
+def test_unknown_pages_and_subjects_are_404_without_a_path(service: SiteService) -> None:
+    with TestClient(create_console_app(service, ConsoleConfig(enabled=True))) as client:
+        _login(client)
+        for path in ("/rounds/train/nope", "/rounds/other/nope", "/datasets/nope/subjects/abc"):
+            r = client.get(path)
+            assert r.status_code == 404, path
+            assert str(service.cfg.work_dir) not in r.text
