@@ -17,6 +17,8 @@ from typing import Any
 from sqlalchemy import select
 
 from agent.access.approvals import list_approvals, pending_plans
+from agent.audit.chain import canonical_json
+from agent.audit.models import AuditEvent
 from agent.data.catalog import dataset_summaries, item_details
 from agent.errors import UnknownDataset
 from agent.exchange.egress import EGRESS_ACTION
@@ -297,16 +299,36 @@ def audit_events(
     ]
 
 
-def round_events(service: SiteService, round_id: str) -> list[dict[str, Any]]:
-    """The audit events that name this round, oldest first."""
-    events: list[dict[str, Any]] = []
-    for action in service.audit.actions():
-        events += service.audit.find(action, round_id=round_id)
-    events.sort(key=lambda e: e["id"])
-    return [
-        {**e, "ts": e["ts"][:19].replace("T", " "), "details_text": json.dumps(e["details"], sort_keys=True)}
-        for e in events
-    ]
+def round_events(service: SiteService, round_id: str, limit: int = 500) -> list[dict[str, Any]]:
+    """The audit events that name this round, oldest first (one query: a pre-filter on the
+    canonical text of the details, then the exact test on the parsed JSON, as AuditLog.find)."""
+    needle = canonical_json({"round_id": round_id})[1:-1]
+    query = (
+        select(AuditEvent)
+        .where(AuditEvent.details.contains(needle, autoescape=True))
+        .order_by(AuditEvent.id)
+        .limit(limit)
+    )
+    with service.db.session() as s:
+        rows = [(r.id, r.ts, r.actor, r.action, r.details) for r in s.scalars(query)]
+    out = []
+    for event_id, ts, actor, action, text in rows:
+        try:
+            details = json.loads(text)
+        except ValueError:
+            continue
+        if details.get("round_id") == round_id:
+            out.append(
+                {
+                    "id": event_id,
+                    "ts": ts[:19].replace("T", " "),
+                    "actor": actor,
+                    "action": action,
+                    "details": details,
+                    "details_text": json.dumps(details, sort_keys=True),
+                }
+            )
+    return out
 
 
 def privacy_ledger(service: SiteService) -> Any | None:
