@@ -47,6 +47,10 @@ def serve(
         cfg.api.host = host
     if port is not None:
         cfg.api.port = port
+    if cfg.console.enabled and cfg.console.port == cfg.api.port:
+        clash = f"console.port: {cfg.console.port} is the API's port (--port); the console needs its own"
+        typer.echo(f"{config}: {clash}", err=True)
+        raise typer.Exit(2)
     run_agent(
         cfg, scan=scan, companions=_companions(cfg) if cfg.connect.enabled or cfg.console.enabled else None
     )

@@ -9,7 +9,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from agent.cli import app
 from agent.config import parse_config
 from agent.console.thumbnails import SLICE_FRACTIONS, png_gray8, render_slices, window
 from agent.data.volume import Volume
@@ -104,3 +107,11 @@ def test_slices_are_windowed_and_taken_along_the_slice_axis() -> None:
         pixels = rows[:, 1:]
         # J upwards: voxel (i=0, j=7) is at the top left.
         assert pixels[0, 0] == 255 and pixels[-1, -1] < 255
+
+
+def test_serve_refuses_a_port_override_onto_the_consoles_port(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"site": {"id": "s"}, "work_dir": "work", "console": {"enabled": True}}))
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), "--port", "8444"])
+    assert result.exit_code == 2
+    assert "console.port: 8444 is the API's port (--port)" in result.output
