@@ -67,7 +67,7 @@ def coordinate(
     plan: Path = typer.Option(..., "--plan", help="Plan JSON sent to every site."),
     out: Path = typer.Option(..., "--out", help="Folder for results.json, the models per round and the PNG."),
     strategy: str = typer.Option(
-        "fedavg", "--strategy", help="fedavg, fedavgm, fedadam, fedyogi, fednova, iil or ciil."
+        "fedavg", "--strategy", help="fedavg, fedavgm, fedadam, fedyogi, fednova, iil, ciil or secure_fedavg."
     ),
     rounds: int = typer.Option(
         3, "--rounds", min=1, help="FedAvg rounds, or CIIL cycles (IIL visits each site once)."
