@@ -14,6 +14,11 @@
 - upload: a completed job's result goes back: an update through `SiteService.get_update` (which
   audits `egress.sent`) and the resumable chunk upload (`agent.connect.transfer`), an
   evaluation as a commit with its metrics.
+- secure aggregation: a task of kind `secagg` is one protocol step of a secure round (its plan
+  is {round_id, step, message}); the poll thread answers it at once through the same
+  `SiteService.secagg_*` methods as the push API's routes and commits the answer (the mask
+  step's masked update as the data). A secure round's own training task commits its result
+  without an update: that stays at the site.
 
 What it was doing is in `connector_tasks` (`agent.connect.tasks`), so that a restart resumes
 it. Audit actions: connect.registered, connect.disconnected, connect.task_received,
@@ -264,6 +269,9 @@ class Connector:
                 self._audit_refusal(None, "invalid_task", reason, None)
             return
         self._taking = (task.task_id, task.lease_id)
+        if task.kind == "secagg":
+            self._secagg(task)
+            return
         plan = dict(task.plan)
         if plan.get("round_id") is None:
             plan["round_id"] = task.job_id
@@ -316,6 +324,76 @@ class Connector:
         self.tasks.record(task.task_id, task.lease_id, kind.value, job.round_id, state)
         log.info("connect: task %s is %s %s (%s)", task.task_id, kind.noun, job.round_id, job.status)
         self._wake_uploads.set()
+
+    def _secagg(self, task: Task) -> None:
+        """One secure-aggregation step, answered at once through the same SiteService methods as
+        the push API's routes: the JSON answer is committed as the task's result, the masked
+        update (mask) as its data. A refusal goes back with code secagg_refused and the site's
+        reason (audited by the service as secagg.refused). Not kept in connector_tasks: a step
+        whose commit is lost is failed by the relay when its lease runs out, never handed out again."""
+        plan = task.plan
+        round_id, step, message = plan.get("round_id"), plan.get("step"), plan.get("message")
+        steps = {
+            "advertise": self.service.secagg_advertise,
+            "share": self.service.secagg_share,
+            "unmask": self.service.secagg_unmask,
+        }
+        if (
+            not isinstance(round_id, str)
+            or not isinstance(message, dict)
+            or (step not in steps and step != "mask")
+        ):
+            self._refuse_raw(
+                task.task_id,
+                task.lease_id,
+                "invalid_task",
+                "secagg task: needs round_id, step and message",
+                None,
+            )
+            return
+        self.audit.append(
+            "connect.task_received",
+            actor=ACTOR,
+            details={"task_id": task.task_id, "kind": task.kind, "job_id": task.job_id, "step": step},
+        )
+        data, sha256 = b"", None
+        try:
+            if step == "mask":
+                update = self.service.secagg_mask(round_id, message, ACTOR)
+                data, sha256, answer = update.data, update.sha256, {"sha256": update.sha256}
+            else:
+                answer = steps[str(step)](round_id, message, ACTOR)
+        except Conflict as exc:
+            self._refuse_raw(task.task_id, task.lease_id, "secagg_refused", str(exc), None)
+            return
+        except (InvalidRequest, NotFound) as exc:
+            self._refuse_raw(task.task_id, task.lease_id, "invalid_task", str(exc), None)
+            return
+        uploader = Uploader(
+            client=self.client,
+            audit=self.audit,
+            actor=ACTOR,
+            attempts=self.cfg.upload_attempts,
+            max_backoff_s=self.cfg.max_backoff_s,
+            stop=self.stopping,
+            lease_valid=lambda: task.lease_id not in self._lost_leases,
+        )
+        outcome = uploader.upload(
+            task.task_id, task.lease_id, data, sha256, self.chunk_bytes, {"metrics": {"answer": answer}}
+        )
+        self.audit.append(
+            "connect.commit" if outcome.outcome == UploadOutcome.COMMITTED else "connect.commit_refused",
+            actor=ACTOR,
+            details={
+                "task_id": task.task_id,
+                "lease_id": task.lease_id,
+                "step": step,
+                "sha256": sha256,
+                "bytes": len(data),
+                "outcome": str(outcome.outcome),
+            },
+        )
+        log.info("connect: secure aggregation %s of %s: %s", step, round_id, outcome.outcome)
 
     def _plan_hash(self, plan_text: str) -> str | None:
         try:
@@ -513,7 +591,11 @@ class Connector:
             "audit_anchor": None,
         }
         data, sha256 = b"", None
-        if row.kind == JobKind.TRAIN:
+        if row.kind == JobKind.TRAIN and json.loads(job.plan_json).get("aggregation") is not None:
+            # A secure round: its update stays at the site; the masked update leaves with the
+            # mask step (a task of kind secagg). The commit carries the job's result only.
+            result["audit_anchor"] = self.service.round_anchor(job)
+        elif row.kind == JobKind.TRAIN:
             update = self._updates.get(row.lease_id)
             if update is None:
                 try:

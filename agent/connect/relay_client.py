@@ -33,8 +33,10 @@ SHA256 = r"^[0-9a-f]{64}$"
 JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 # Added to a long poll's wait: the relay answers 204 after `wait` seconds, not before.
 POLL_GRACE_S = 15.0
-REFUSAL_CODES = ("plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable")
-RefusalCode = Literal["plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable"]
+REFUSAL_CODES = ("plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable", "secagg_refused")
+RefusalCode = Literal[
+    "plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable", "secagg_refused"
+]
 
 
 class WeightsRef(StrictModel):
@@ -48,7 +50,8 @@ class Task(StrictModel):
     task_id: str = Field(pattern=HEX)
     lease_id: str = Field(pattern=HEX)
     lease_expires_at: datetime
-    kind: Literal["train", "evaluate"]
+    # secagg: one secure-aggregation step of a round; its plan is {round_id, step, message}.
+    kind: Literal["train", "evaluate", "secagg"]
     job_id: str = Field(pattern=JOB_ID)
     plan: dict[str, Any]
     weights: WeightsRef | None = None

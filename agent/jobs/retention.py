@@ -41,6 +41,9 @@ log = logging.getLogger("fedsite.jobs")
 CHECKPOINT = "checkpoint"
 RECEIVED_WEIGHTS = "received_weights"
 RELEASED_UPDATE = "released_update"
+# A secure-aggregation round's update, held at the site (`EgressGate.hold`): it goes with the
+# masked update that was released in its place, under the same rule.
+HELD_UPDATE = "held_update"
 
 
 @dataclass
@@ -123,6 +126,7 @@ def apply_retention(
         reason = _update_due(job, cfg, now)
         if reason is not None:
             remove(job, gate.path_for(job.round_id), RELEASED_UPDATE, reason, released=True)
+            remove(job, gate.held_path(job.round_id), HELD_UPDATE, reason)
     if report.removed:
         log.info("retention: deleted %d file(s), %d bytes", len(report.removed), report.bytes_freed)
     return report

@@ -49,6 +49,7 @@ class RelaySiteClient:
         poll_interval: float = 1.0,
         register_wait_s: float = 60.0,
         on_expiry: str = "requeue",
+        step_timeout: float = 60.0,
     ) -> None:
         if on_expiry not in LEASE_POLICIES:
             raise ValueError(f"on_expiry must be one of {', '.join(LEASE_POLICIES)}, got {on_expiry!r}")
@@ -57,6 +58,8 @@ class RelaySiteClient:
         self.poll_interval = poll_interval
         self.register_wait_s = register_wait_s
         self.on_expiry = on_expiry
+        # How long one secure-aggregation step may wait for the site's answer.
+        self.step_timeout = step_timeout
         self.url = f"relay:{name}"
 
     @property
@@ -205,11 +208,55 @@ class RelaySiteClient:
     def cancel_evaluation(self, evaluation_id: str) -> None:
         self.store.cancel(self._name, "evaluate", evaluation_id)
 
+    # -- secure aggregation ------------------------------------------------------------------
+    #
+    # Each step is a task of kind `secagg` with job id `<round id>:secagg:<step>` and the step's
+    # message as its plan; the site answers through the same commit as a round (its JSON answer
+    # in the commit's metrics, the masked update as the committed data) or refuses it with the
+    # code `secagg_refused` and its reason. A lease that runs out fails the task (the site
+    # counts as dropped at that step): a step is never handed out twice.
+
     def secagg(self, round_id: str, step: str, message: dict[str, Any]) -> dict[str, Any]:
-        raise AgentError(self._name, "secure aggregation is not available through the relay (pull sites)")
+        task = self._secagg_task(round_id, step, message)
+        answer = (task.metrics or {}).get("answer")
+        if not isinstance(answer, dict):
+            raise AgentError(self._name, f"secure aggregation {step}: the site committed no answer")
+        return answer
 
     def secagg_mask(self, round_id: str, message: dict[str, Any]) -> tuple[bytes, str]:
-        raise AgentError(self._name, "secure aggregation is not available through the relay (pull sites)")
+        task = self._secagg_task(round_id, "mask", message)
+        try:
+            data = self.store.read_update(task)
+        except (Conflict, OSError) as exc:
+            raise UpdateIntegrityError(self._name, f"masked update of round {round_id}: {exc}") from None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def _secagg_task(self, round_id: str, step: str, message: dict[str, Any]) -> RelayTask:
+        what = f"secure aggregation {step}"
+        job_id = f"{round_id}:secagg:{step}"
+        plan = {"round_id": round_id, "step": step, "message": message}
+        try:
+            self.store.queue_task(self._name, "secagg", job_id, plan, None, on_expiry="fail")
+        except ServiceError as exc:
+            code = 409 if isinstance(exc, Conflict) else 404 if isinstance(exc, NotFound) else 400
+            raise AgentError(self._name, f"{what}: {exc}", status_code=code) from None
+        deadline = time.monotonic() + self.step_timeout
+        while True:
+            self.store.sweep()
+            task = self.store.find_task(self._name, "secagg", job_id)
+            if task is None:
+                raise AgentError(self._name, f"{what}: the task {job_id} vanished from the relay")
+            if task.status == "completed":
+                return task
+            if task.status == "refused":
+                # As the push API answers a refusal: 409 with the site's reason.
+                raise AgentError(self._name, f"{what}: HTTP 409: {task.error}", status_code=409)
+            if task.status in ("failed", "cancelled"):
+                raise JobFailed(self._name, f"{what}: {task.status}: {task.error}")
+            remaining = wait_left(
+                self._name, what, job_id, deadline=deadline, timeout=self.step_timeout, should_stop=None
+            )
+            self.store.wait_for_change(min(self.poll_interval, remaining))
 
     def download_update(self, round_id: str, expected_sha256: str | None) -> bytes:
         """The committed update, refused unless its hash equals the commit's and EXPECTED_SHA256."""
@@ -247,6 +294,7 @@ def site_clients(
                     store,
                     poll_interval=fed.poll_interval,
                     register_wait_s=fed.relay.register_wait_s,
+                    step_timeout=fed.timeouts.read + fed.relay.lease_s,
                 )
             else:
                 clients[entry.name] = AgentClient(

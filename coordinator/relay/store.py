@@ -64,12 +64,12 @@ from coordinator.relay.models import (
     RelayTask,
 )
 
-TASK_KINDS = ("train", "evaluate")
+TASK_KINDS = ("train", "evaluate", "secagg")
 LEASE_POLICIES = ("requeue", "fail")
 # What a heartbeat may report of the agent's job (the agent's JobStatus values).
 AGENT_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "interrupted")
 ENDED = ("completed", "failed", "refused", "cancelled")
-REFUSAL_CODES = ("plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable")
+REFUSAL_CODES = ("plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable", "secagg_refused")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -418,7 +418,8 @@ class RelayStore:
         *,
         on_expiry: str = "requeue",
     ) -> RelayTask:
-        """Queue KIND (train or evaluate) JOB_ID for SITE; the same job with the same plan and
+        """Queue KIND (train, evaluate, or secagg: one secure-aggregation step, whose message
+        travels as PLAN) JOB_ID for SITE; the same job with the same plan and
         weights returns the task already queued, with different ones raises Conflict."""
         if kind not in TASK_KINDS:
             raise InvalidRequest(f"task kind must be one of {', '.join(TASK_KINDS)}, got {kind!r}")
@@ -893,13 +894,22 @@ class RelayStore:
             else:
                 refused = None
                 kind = task.kind
+                # A secure-aggregation round keeps its update at the site: it commits no data.
+                held = (
+                    kind == "train"
+                    and isinstance(task.plan, dict)
+                    and task.plan.get("aggregation") is not None
+                )
         if refused is not None:
             raise Conflict(refused)
         data_path: Path | None = None
-        if kind == "train":
+        # A secure-aggregation step commits its JSON answer in `metrics`, and the mask step
+        # its masked update as the data (like a round's update).
+        if kind == "evaluate" or (held and not manifest and sha256 is None):
+            if manifest or sha256 is not None:
+                raise InvalidRequest("an evaluation commits no update: send manifest [] and sha256 null")
+        elif kind == "train" or manifest or sha256 is not None:
             data_path = self._assemble(task_id, manifest, sha256, size)
-        elif manifest or sha256 is not None:
-            raise InvalidRequest("an evaluation commits no update: send manifest [] and sha256 null")
         now = self.now()
         try:
             with self._tx() as s:

@@ -150,6 +150,8 @@ class SecureFedAvg(Strategy):
                 progress.jobs[job.site] = res.round_id
 
         session = f"r{rnd.index:03d}"
+        # The protocol's bytes count with the round's, per site (what results.json reports).
+        before = {site: sctx.site_client(site).transfer.snapshot() for site in progress.jobs}
         shapes = {name: tuple(t.shape) for name, t in ctx.global_weights.items()}
         length = sum(math.prod(s) for s in shapes.values()) + 1  # the model's values, then the weight
         server = CoordinatorSecAgg(
@@ -288,9 +290,11 @@ class SecureFedAvg(Strategy):
         results: list[SiteResult] = []
         for site in survivors:
             res = trained[site]
-            digest, nbytes = masked_sha[site]
+            digest, _ = masked_sha[site]
             res.update_sha256 = digest
-            res.bytes_received += nbytes
+            sent, received = sctx.site_client(site).transfer.snapshot()
+            res.bytes_sent += sent - before[site][0]
+            res.bytes_received += received - before[site][1]
             results.append(res)
         return results, progress.left_out
 

@@ -34,14 +34,17 @@ from agent.exchange.secagg import (
     write_site_key,
 )
 from agent.exchange.secagg.primitives import b64e, sign
-from coordinator.client import AgentClient, SiteClient
+from coordinator.client import SiteClient
 from coordinator.errors import AgentUnreachable, RoundFailed
-from coordinator.federation import Federation
+from coordinator.federation import AgentEntry, Federation
 from coordinator.options import RunOptions
+from coordinator.relay.client import site_clients
+from coordinator.relay.store import RelayStore
 from coordinator.report import QuietReporter
 from coordinator.runner import Coordinator
 from coordinator.weights import encode, initial_weights
 from tests.fixtures.coordinator import RealFederation, real_federation, results, tiny_plan
+from tests.fixtures.relay import RelayEnv, relay_env, relay_in_thread
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,10 +64,19 @@ def secure_plan(threshold: int) -> dict[str, Any]:
 class SecureFederation:
     real: RealFederation
     public_keys: dict[str, str]
+    # The relay that site-3 (connect.mode both) also polls, served in this process.
+    relay: RelayEnv
+    store: RelayStore
 
-    def federation(self, sites: list[str], min_sites: int = 1) -> Federation:
+    def federation(self, sites: list[str], min_sites: int = 1, pull: tuple[str, ...] = ()) -> Federation:
+        """SITES with their pinned keys; those in PULL reached through the relay (outbound mode)."""
         fed = self.real.federation(min_sites=min_sites)
-        fed.agents = [a for a in fed.agents if a.name in sites]
+        fed.relay = self.relay.federation().relay
+        fed.agents = [
+            a if a.name not in pull else AgentEntry(name=a.name, pull=True)
+            for a in fed.agents
+            if a.name in sites
+        ]
         for entry in fed.agents:
             entry.secagg_public_key = self.public_keys[entry.name]
         return fed
@@ -91,6 +103,9 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFederation]:
     keys = {site: generate_site_key() for site in SITES}
     public = {site: public_key_b64(key) for site, key in keys.items()}
 
+    relay = relay_env(root / "relay", pull=["site-3"], lease_s=30.0, heartbeat_s=0.5)
+    store = relay.store()
+
     def prepare(configs: dict[str, Path]) -> None:
         for site, path in configs.items():
             key_file = path.parent / "secagg.key"
@@ -103,10 +118,25 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureFederation]:
                 "min_threshold": 3 if site == "site-5" else 2,
                 "min_sites": 3,
             }
+            if site == "site-3":  # its push API for most tests, the relay for the outbound one
+                doc["connect"] = {
+                    "mode": "both",
+                    "coordinator_url": server.url,
+                    "token_file": str(relay.token_files[site]),
+                    "poll_wait_s": 1.0,
+                    "heartbeat_s": 0.5,
+                    "max_backoff_s": 1.0,
+                }
             path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
-    with real_federation(root, subjects=[4, 3, 5, 3, 4], size=32, prepare=prepare) as real:
-        yield SecureFederation(real, public)
+    try:
+        with (
+            relay_in_thread(store) as server,
+            real_federation(root, subjects=[4, 3, 5, 3, 4], size=32, prepare=prepare) as real,
+        ):
+            yield SecureFederation(real, public, relay, store)
+    finally:
+        store.close()
 
 
 class Recorder(QuietReporter):
@@ -177,9 +207,10 @@ def run_secure(
     out: Path,
     run_id: str,
     wrap: dict[str, Callable[[SiteClient], Any]] | None = None,
+    pull: tuple[str, ...] = (),
 ) -> Run:
-    fed = sfed.federation(sites)
-    clients: dict[str, Any] = dict(AgentClient.for_federation(fed))
+    fed = sfed.federation(sites, pull=pull)
+    clients: dict[str, Any] = dict(site_clients(fed, store=sfed.store))
     for site, make in (wrap or {}).items():
         clients[site] = make(clients[site])
     reporter = Recorder()
@@ -423,6 +454,26 @@ def test_below_threshold_fails_cleanly_and_every_agent_says_why(
         assert refused["details"]["step"] == "mask" and refused["details"]["reason"] == reason
         # Nothing left the site: no masked update was released.
         assert not [e for e in fed.audit(site, "secagg.masked") if e["details"]["run_id"] == "below"]
+
+
+def test_a_site_in_outbound_mode_takes_part_through_the_relay(fed: SecureFederation, tmp_path: Path) -> None:
+    """site-3 reached only through the relay (its connector answers each step as a task of kind
+    secagg): the same protocol, the same result, the masked update committed to the relay."""
+    sites = ["site-1", "site-2", "site-3"]
+    run = run_secure(fed, sites, secure_plan(2), tmp_path / "out", "outbound", pull=("site-3",))
+    assert run.error is None, run.error
+    checked = check_secure_mean(fed, run, sites)
+    assert checked["report"]["unmasked"] == sites
+    round_id = checked["round"]["training"]["site-3"]["round_id"]
+    steps = [
+        e["details"].get("step") for e in fed.audit("site-3", "connect.commit") if e["details"].get("step")
+    ]
+    assert steps[-4:] == ["advertise", "share", "mask", "unmask"]
+    [released] = [e for e in fed.audit("site-3", "egress.update") if e["details"]["round_id"] == round_id]
+    assert released["details"]["kind"] == "masked"
+    assert released["details"]["sha256"] == checked["round"]["training"]["site-3"]["update_sha256"]
+    task = fed.store.find_task("site-3", "secagg", f"{round_id}:secagg:mask")
+    assert task is not None and task.update_sha256 == released["details"]["sha256"]
 
 
 def test_sites_killed_before_and_after_masking_leave_the_survivors_mean(
