@@ -312,7 +312,7 @@ class Coordinator:
         self.reporter.site(site, "downloading update", 1.0)
         data = client.download_update(job, status.update_sha256)
         try:
-            tensors = decode(data)
+            tensors = decode(data, expected={k: tuple(v.shape) for k, v in self.global_weights.items()})
         except ValueError as exc:
             raise AgentError(site, f"update of round {job} is not usable: {exc}") from None
         if self.opts.keep_updates:

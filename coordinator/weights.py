@@ -6,6 +6,7 @@ they receive (finite values, size limit); no pickle is ever read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,17 @@ def encode(state: dict[str, torch.Tensor]) -> bytes:
     return encode_weights(state)
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_UPDATE_BYTES) -> dict[str, torch.Tensor]:
-    from agent.exchange.codec import decode_weights
+def decode(
+    data: bytes,
+    *,
+    max_bytes: int = MAX_UPDATE_BYTES,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Weights or an update as float32 tensors. A compressed update (int8, int8 top-k) decodes
+    to the difference it stands for and needs EXPECTED, the model's names and shapes."""
+    from agent.exchange.compression import decode_update
 
-    return decode_weights(data, expected=None, max_bytes=max_bytes)
+    return decode_update(data, expected=expected, max_bytes=max_bytes)
 
 
 def load_file(path: Path) -> dict[str, torch.Tensor]:

@@ -10,9 +10,14 @@
    weights' values, so that the coordinator learns nothing about them while a weighted
    average stays unchanged for those tensors. ``clip_norm``: the L2 norm of the difference
    to the global weights (over all tensors) is scaled down to at most this value;
-3. encodes with the safetensors codec in the plan's transfer dtype and hashes the bytes;
+3. encodes with the safetensors codec in the plan's transfer dtype and hashes the bytes —
+   or, when the plan asks for ``compression`` and the site does not forbid the mode, encodes
+   the difference compressed (``agent.exchange.compression``); for ``int8_topk`` the residual
+   that error feedback keeps between rounds is read from and written back to
+   ``compression/<key>.safetensors`` in the work directory, keyed by requester, dataset, model
+   and compression settings, and the audit record carries its hash before and after;
 4. records an ``egress.update`` audit event (round, plan hash, tensor count, bytes,
-   SHA-256, filters) — if this fails, nothing is written;
+   SHA-256, filters, compression) — if this fails, nothing is written;
 5. writes the bytes atomically to ``outbox/<round_id>.safetensors``.
 
 A round under secure aggregation (plan ``aggregation.mode: secure``) releases nothing at the
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -46,7 +52,8 @@ import torch
 from agent.audit.sink import AuditSink
 from agent.config import EgressConfig
 from agent.errors import EgressError, WeightError
-from agent.exchange.codec import check_names_and_shapes, encode_masked, encode_weights
+from agent.exchange.codec import check_names_and_shapes, decode_weights, encode_masked, encode_weights
+from agent.exchange.compression import Compression, compress
 from agent.fileio import atomic_write_bytes
 from agent.training.plan import ROUND_ID_PATTERN, plan_hash
 from agent.training.registry import expected_shapes
@@ -86,10 +93,15 @@ class EgressGate:
         config: EgressConfig | None = None,
         *,
         held_dir: Path | None = None,
+        requester: str = "",
     ) -> None:
         self.audit = audit
         self.outbox = Path(outbox)
         self.config = config or EgressConfig()
+        # Who asked for the round (the job's actor): error feedback keeps one residual per
+        # requester, so that two coordinators' runs never feed each other's remainders.
+        self.requester = requester
+        self.residual_dir = self.outbox.parent / "compression"
         # Secure rounds' private state, beside the outbox in the work directory.
         self.held_dir = Path(held_dir) if held_dir is not None else self.outbox.parent / "secagg"
 
@@ -140,28 +152,90 @@ class EgressGate:
         filtered, filters = self._apply_filters(plan, update, global_weights, kind)
         if plan.aggregation is not None:
             return self._hold(round_id, plan, filtered, filters)
+        compression: dict[str, Any] | None = None
+        residual: tuple[Path, bytes] | None = None
         try:
-            data = encode_weights(filtered, plan.transfer_dtype)
+            if plan.compression is not None and plan.compression.mode in self.config.forbid_compression:
+                compression = {
+                    "asked": plan.compression.mode,
+                    "used": "none",
+                    "reason": "forbidden by this site's egress.forbid_compression",
+                }
+            if plan.compression is not None and compression is None:
+                data, compression, residual = self._compress(round_id, plan, filtered)
+            else:
+                data = encode_weights(filtered, plan.transfer_dtype)
         except WeightError as exc:
             raise EgressError(f"update refused: {exc}") from None
         digest = hashlib.sha256(data).hexdigest()
-        self.audit.append(
-            EGRESS_ACTION,
-            actor=ACTOR,
-            details={
-                "round_id": round_id,
-                "plan_hash": plan_hash(plan),
-                "kind": kind,
-                "tensors": len(filtered),
-                "bytes": len(data),
-                "sha256": digest,
-                "transfer_dtype": plan.transfer_dtype,
-                "filters": filters,
-            },
-        )
+        details: dict[str, Any] = {
+            "round_id": round_id,
+            "plan_hash": plan_hash(plan),
+            "kind": kind,
+            "tensors": len(filtered),
+            "bytes": len(data),
+            "sha256": digest,
+            "transfer_dtype": plan.transfer_dtype,
+            "filters": filters,
+        }
+        if compression is not None:
+            details["compression"] = compression
+        self.audit.append(EGRESS_ACTION, actor=ACTOR, details=details)
         self.outbox.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, data)
+        if residual is not None:
+            # After the release is on record: a failed audit leaves the residual as it was.
+            self.residual_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_bytes(residual[0], residual[1])  # mkstemp: 0600
         return Released(sha256=digest, nbytes=len(data), path=path, filters=filters)
+
+    def residual_path(self, plan: Plan) -> Path:
+        """Where error feedback keeps what earlier rounds of this requester's run did not send."""
+        assert plan.compression is not None
+        key = {
+            "requester": self.requester,
+            "dataset": plan.dataset,
+            "model": plan.model.model_dump(mode="json"),
+            "compression": plan.compression.model_dump(mode="json"),
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return self.residual_dir / f"{digest}.safetensors"
+
+    def _compress(
+        self, round_id: str, plan: Plan, diff: dict[str, torch.Tensor]
+    ) -> tuple[bytes, dict[str, Any], tuple[Path, bytes] | None]:
+        """The compressed payload, its audit details, and the residual to keep (int8_topk)."""
+        spec_model = plan.compression
+        assert spec_model is not None
+        spec = Compression(
+            mode=spec_model.mode,
+            scale=spec_model.scale,
+            rounding=spec_model.rounding,
+            topk_fraction=spec_model.topk_fraction,
+        )
+        details: dict[str, Any] = {"used": spec.mode, **spec_model.model_dump(mode="json")}
+        previous: dict[str, torch.Tensor] | None = None
+        path: Path | None = None
+        if spec.mode == "int8_topk":
+            path = self.residual_path(plan)
+            before: str | None = None
+            if path.is_file():
+                raw = path.read_bytes()
+                before = hashlib.sha256(raw).hexdigest()
+                try:
+                    previous = decode_weights(raw, expected=expected_shapes(plan), max_bytes=len(raw) + 1)
+                except WeightError as exc:
+                    # The site's own file, unreadable: start again from nothing, on record.
+                    details["residual_reset"] = f"unreadable residual: {exc}"
+                    previous = None
+            details["residual"] = {"key": path.stem, "sha256_before": before}
+        # Seeded by the round: a rerun of the round sends the same bytes.
+        data, kept = compress(diff, spec, seed_material=round_id, residual=previous)
+        if kept is None or path is None:
+            return data, details, None
+        kept_bytes = encode_weights(kept)
+        details["residual"]["sha256_after"] = hashlib.sha256(kept_bytes).hexdigest()
+        return data, details, (path, kept_bytes)
 
     def _apply_filters(
         self,

@@ -30,7 +30,7 @@ from monai.fl.utils.constants import ExtraItems, FlStatistics, WeightType
 from monai.fl.utils.exchange_object import ExchangeObject
 
 from agent.errors import WeightError
-from agent.exchange.codec import decode_weights
+from agent.exchange.compression import decode_update
 from agent.training.engine import EngineContext, TrainResult, evaluate, train_round
 from agent.training.registry import expected_shapes
 
@@ -129,10 +129,11 @@ class FedsiteClientAlgo(ClientAlgo):
                 kind=self.plan.send,
             )
             # The gate's own output, checked against the hash it recorded: the size limit on
-            # received weights does not apply to it. A secure round's update is held, not released.
+            # received weights does not apply to it. A secure round's update is held, not released;
+            # a compressed one decodes to the difference it stands for.
             read = self.gate.read_held if self.released.held else self.gate.read_released
             data = read(round_id)
-            update = decode_weights(data, expected=expected_shapes(self.plan), max_bytes=len(data))
+            update = decode_update(data, expected=expected_shapes(self.plan), max_bytes=len(data))
         kind = WeightType.WEIGHT_DIFF if self.plan.send == "diff" else WeightType.WEIGHTS
         return ExchangeObject(
             weights=dict(update),

@@ -142,6 +142,29 @@ class AggregationSpec(StrictModel):
     max_weight: int = Field(ge=1, le=2**24)
 
 
+class CompressionSpec(StrictModel):
+    """The update sent compressed (``agent.exchange.compression``): the difference to the
+    global weights as int8 (``scale`` per tensor or per output channel, ``rounding`` to
+    nearest or stochastic), or only its ``topk_fraction`` largest values per tensor as int8,
+    the rest kept at the site and added to the next round's difference (``int8_topk``).
+    A site may forbid modes (`egress.forbid_compression`); it then sends the difference as
+    ``transfer_dtype`` and says so in its audit log.
+    """
+
+    mode: Literal["int8", "int8_topk"]
+    scale: Literal["tensor", "channel"] = "channel"
+    rounding: Literal["deterministic", "stochastic"] = "deterministic"
+    topk_fraction: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _fraction(self) -> CompressionSpec:
+        if self.mode == "int8_topk" and self.topk_fraction is None:
+            raise ValueError("compression.mode 'int8_topk' needs topk_fraction (0 < f <= 1)")
+        if self.mode == "int8" and self.topk_fraction is not None:
+            raise ValueError("compression.topk_fraction applies to mode 'int8_topk' only")
+        return self
+
+
 class EarlyStopping(StrictModel):
     """Train epoch by epoch up to ``max_epochs``, evaluating on the validation split after each,
     stop after ``patience`` epochs without improvement, and return the best epoch's weights
@@ -169,6 +192,8 @@ class Plan(StrictModel):
     early_stopping: EarlyStopping | None = None
     # None: the coordinator averages the updates it receives (plain FedAvg).
     aggregation: AggregationSpec | None = None
+    # None: the update travels as transfer_dtype.
+    compression: CompressionSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -233,6 +258,17 @@ class Plan(StrictModel):
             if self.early_stopping is not None:
                 raise ValueError(
                     "aggregation.mode 'secure' is for rounds of averaged updates, not early_stopping"
+                )
+        if self.compression is not None:
+            if self.send != "diff":
+                raise ValueError(
+                    "compression needs send 'diff': what is compressed is the round's difference to the "
+                    "global weights"
+                )
+            if self.aggregation is not None:
+                raise ValueError(
+                    "compression and aggregation.mode 'secure' exclude each other: secure aggregation "
+                    "quantises the update itself"
                 )
         # Two samples: batch-norm refuses a batch of one sample with one voxel per channel in
         # training, which a real batch would pass.
@@ -371,7 +407,7 @@ def check_channels(plan: Plan, dataset_modalities: Sequence[str]) -> None:
 
 # Keys added to plans after sites began approving them by hash, dropped from the canonical
 # JSON while they are None (dotted paths), so that a plan without them keeps its old hash.
-_OPTIONAL_ADDITIONS: tuple[str, ...] = ("aggregation", "privacy.dp")
+_OPTIONAL_ADDITIONS: tuple[str, ...] = ("aggregation", "privacy.dp", "compression")
 
 
 def canonical_json(plan: Plan) -> str:
