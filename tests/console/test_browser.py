@@ -318,10 +318,14 @@ def test_a_round_shows_live_progress_then_its_metrics_and_the_audited_update_has
 def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
     console: Console, browser: WebDriver
 ) -> None:
+    with _database(console.site.config_path) as db:
+        # An approval to try to revoke (the earlier tests of the module made some too).
+        approve_plan(db, AuditLog(db), "cd" * 32, "cli:test")
     _ensure_logged_in(browser, console.url)
     browser.get(f"{console.url}/plans")
     active = browser.find_elements(By.CSS_SELECTOR, "tr.approval.active")
-    assert len(active) == 2
+    before = len(active)
+    assert before >= 1
     digest = active[0].get_attribute("data-hash")
     # The browser submits the revoke form with its token removed.
     form = active[0].find_element(By.CSS_SELECTOR, "form")
@@ -340,7 +344,7 @@ def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
         # Still logged in: the refused logout ended nothing.
         assert c.get("/plans").status_code == 200
     browser.get(f"{console.url}/plans")
-    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.approval.active")) == 2
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.approval.active")) == before
     assert not browser.find_elements(By.CSS_SELECTOR, f"tr.approval[data-hash='{'ab' * 32}']")
     assert not _audit(console, "plan.revoked")
     refused = _audit(console, "console.refused")
