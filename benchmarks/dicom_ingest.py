@@ -36,10 +36,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.dicom import write_series  # noqa: E402  (the series writer the tests use)
-
 from agent.data.dicom import scan_dicom_folder  # noqa: E402
 from agent.data.volume import write_nifti  # noqa: E402
+from tests.fixtures.dicom import write_series  # noqa: E402  (the series writer the tests use)
 
 FULL_SIZES = [(1000, 64, 64), (200, 256, 256), (300, 512, 512)]
 QUICK_SIZES = [(200, 64, 64), (60, 256, 256), (30, 512, 512)]
