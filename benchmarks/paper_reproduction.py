@@ -106,6 +106,9 @@ class Settings:
     dp_epsilon: float | None = None
     dp_max_grad_norm: float = 1.0
     dp_subject_slices: int = 4
+    # Each site derives its own noise from a per-round target ε (plan privacy.dp.target_epsilon)
+    # instead of one noise multiplier for all sites.
+    dp_per_site: bool = False
 
     @property
     def epochs_per_site(self) -> int:
@@ -190,6 +193,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dp_epsilon=args.dp_epsilon,
         dp_max_grad_norm=args.dp_max_grad_norm,
         dp_subject_slices=args.dp_subject_slices,
+        dp_per_site=bool(args.dp_per_site),
     )
 
 
@@ -283,6 +287,39 @@ def dp_noise(s: Settings, train_counts: Sequence[int]) -> tuple[float, dict[str,
         mid = (low + high) / 2
         low, high = (mid, high) if worst(mid) > target else (low, mid)
     return high, {str(n): epsilon(history(n, high), DP_DELTA, "rdp") for n in sorted(set(train_counts))}
+
+
+def dp_round_target(s: Settings, train_counts: Sequence[int]) -> tuple[float, dict[str, float]]:
+    """The per-round target ε (plan privacy.dp.target_epsilon) such that the whole FL run costs at
+    most s.dp_epsilon at every site, each site deriving its own noise for its own sample rate
+    (as the agent does, `agent.training.dp.resolve`); with the run's ε at each site size."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from agent.training.dp import epsilon
+
+    assert s.dp_epsilon is not None
+    per_step = max(1, s.batch_size // s.dp_subject_slices)
+
+    def run_epsilon(n: int, target: float) -> float:
+        rate = min(1.0, per_step / n)
+        steps = s.local_epochs * max(1, round(1.0 / rate))
+        sigma = get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=DP_DELTA,
+            sample_rate=rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=0.01,
+        )
+        return epsilon([(sigma, rate, s.rounds * steps)], DP_DELTA, "rdp")
+
+    sizes = sorted(set(train_counts))
+    budget = s.dp_epsilon * 0.999
+    low, high = s.dp_epsilon / (4 * s.rounds), s.dp_epsilon
+    for _ in range(12):
+        mid = (low + high) / 2
+        low, high = (mid, high) if max(run_epsilon(n, mid) for n in sizes) <= budget else (low, mid)
+    return low, {str(n): run_epsilon(n, low) for n in sizes}
 
 
 def prepare(console: Console, s: Settings) -> Any:
@@ -428,17 +465,21 @@ class MethodRunner:
         name = fl_label(strategy)
         dp: dict[str, Any] | None = None
         if s.dp_epsilon is not None:
-            sigma, per_count = dp_noise(s, [len(x.train) for x in self.splits])
-            plan["privacy"] = {
-                "dp": {
-                    "noise_multiplier": sigma,
-                    "max_grad_norm": s.dp_max_grad_norm,
-                    "subject_slices": s.dp_subject_slices,
-                }
+            counts = [len(x.train) for x in self.splits]
+            spec: dict[str, Any] = {
+                "max_grad_norm": s.dp_max_grad_norm,
+                "subject_slices": s.dp_subject_slices,
             }
-            dp = {"epsilon": s.dp_epsilon, "delta": DP_DELTA, "noise_multiplier": sigma}
+            dp = {"epsilon": s.dp_epsilon, "delta": DP_DELTA, "per_site_noise": s.dp_per_site}
+            if s.dp_per_site:
+                target, per_count = dp_round_target(s, counts)
+                spec["target_epsilon"] = dp["round_target_epsilon"] = target
+            else:
+                sigma, per_count = dp_noise(s, counts)
+                spec["noise_multiplier"] = dp["noise_multiplier"] = sigma
+            plan["privacy"] = {"dp": spec}
             dp["epsilon_by_train_subjects"] = per_count
-            self.console.print(f"DP: noise multiplier {sigma:.3f}; run epsilon by site size {per_count}")
+            self.console.print(f"DP: {spec}; run epsilon by site size {per_count}")
         what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
         self.console.rule(f"[bold]{name} seed {seed}: {what}")
         # FedAvg keeps its historical run names (fl-seed0, fl-s0); the variants their own.
@@ -793,6 +834,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the sites' budgets are set to it. Default: no DP.",
     )
     ap.add_argument("--dp-max-grad-norm", type=float, default=1.0, help="DP: per-subject clipping norm.")
+    ap.add_argument(
+        "--dp-per-site",
+        action="store_true",
+        help="DP: every site derives its own noise from a per-round target epsilon (less noise at "
+        "larger sites) instead of one noise multiplier for all, set by the smallest site.",
+    )
     ap.add_argument(
         "--dp-subject-slices", type=int, default=4, help="DP: slices drawn per sampled subject per step."
     )
