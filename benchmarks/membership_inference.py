@@ -100,6 +100,28 @@ def run_one(
     return row, attacks
 
 
+def time_ratio(args: argparse.Namespace, epsilon: float, split: Any, cache: Path) -> dict[str, Any]:
+    """Training time of the same plan with and without DP, alternated --timing-repeats times; the
+    ratio of the fastest of each (the minimum is the least disturbed by other load)."""
+    times: dict[str, list[float]] = {"no_dp": [], "dp": []}
+    for rep in range(args.timing_repeats):
+        for key, eps in (("no_dp", None), ("dp", epsilon)):
+            plan = parse_plan(make_plan(args, eps, 0))
+            torch.manual_seed(1000)
+            start = exchanged_state(build_model(plan))
+            work = args.out / "timing" / f"{key}-{rep}"
+            ctx = EngineContext(device="cpu", work_dir=work, cache_dir=cache, dp_seed=0)
+            t0 = time.perf_counter()
+            train_round(plan, start, split.train, [], ctx)
+            times[key].append(time.perf_counter() - t0)
+    return {
+        "epsilon": epsilon,
+        "seconds": times,
+        "ratio_of_minimums": min(times["dp"]) / min(times["no_dp"]),
+        "ratio_of_medians": statistics.median(times["dp"]) / statistics.median(times["no_dp"]),
+    }
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -122,6 +144,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--epsilons", default="8,1", help="Comma-separated ε of the DP runs.")
     ap.add_argument("--seeds", type=int, default=2, help="Runs per setting (their spread).")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--timing-repeats", type=int, default=3, help="Alternated DP / non-DP rounds for the time ratio."
+    )
     return ap.parse_args(argv)
 
 
@@ -170,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for a in attacks
         if a.attack == "loss"
     ]
+    timing = time_ratio(args, float(settings[-1] or 8.0), split, cache) if args.timing_repeats else None
     png = write_roc(curves, args.out / "mia_roc.png", "loss-threshold membership inference (last seed)")
     doc = {
         "benchmark": "membership_inference",
@@ -177,11 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train_subjects": len(split.train),
         "val_subjects": len(split.val),
         "summary": summary,
+        "timing": timing,
         "runs": rows,
         "png": str(png),
     }
     (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(json.dumps({k: doc[k] for k in ("train_subjects", "val_subjects", "summary", "png")}, indent=2))
+    keys = ("train_subjects", "val_subjects", "summary", "timing", "png")
+    print(json.dumps({k: doc[k] for k in keys}, indent=2))
     return 0
 
 
