@@ -181,8 +181,10 @@ class SecAggRefused(SecAggError):
     """The site refuses a secure-aggregation step, on purpose, to protect its update.
 
     ``reason`` is a short stable code (``bad_signature``, ``below_threshold``,
-    ``second_unmask``, ...; the list is `agent.exchange.secagg.client.REASONS`) that the
-    audit log and the coordinator's report carry; the text says what was wrong in words.
+    ``second_unmask``, ...) that the audit log and the coordinator's report carry; the text says
+    what was wrong in words. The protocol's codes and their meanings are
+    `agent.exchange.secagg.client.REASONS`; the agent's checks around it (`agent.jobs.secure_round`:
+    ``not_configured``, ``weight_above_maximum``, ``other_session``, ``no_update``) add their own.
     """
 
     def __init__(self, reason: str, message: str) -> None:
