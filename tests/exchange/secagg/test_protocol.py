@@ -274,3 +274,15 @@ def test_every_reason_a_site_gives_is_documented() -> None:
         re.findall(r'SecAggRefused\(\s*"(\w+)"', source)
     )
     assert used == set(REASONS)
+
+
+def test_the_coordinator_keeps_only_the_running_sum_of_masked_inputs(tmp_path: Path) -> None:
+    r = Round(tmp_path, n=3, threshold=2)
+    ids = list(r.sites)
+    masks = r.share(r.advertise(), ids)
+    vector = np.arange(r.length + 1, dtype=np.uint32)
+    masked = [r.sites[s].mask(masks[s], vector) for s in ids[:2]]
+    for s, m in zip(ids[:2], masked, strict=True):
+        r.coordinator.add_masked(s, m)
+    arrays = [v for v in vars(r.coordinator).values() if isinstance(v, np.ndarray)]
+    assert len(arrays) == 1 and np.array_equal(arrays[0], masked[0] + masked[1])
