@@ -127,6 +127,7 @@ class SiteService:
             self.scan()
         # The key that signs audit anchors: created (and its creation audited) on first start.
         self.audit_key()
+        self.secure.check_setup()
         self.runner.start()
         self.runner.wake()
 

@@ -40,6 +40,10 @@ def serve(
             _check_connect_tls(cfg.connect)
         if cfg.console.enabled and cfg.console.tls is not None:
             check_tls_files(cfg.console.tls)
+        if cfg.secure_aggregation.configured:
+            from agent.jobs.secure_round import check_setup
+
+            check_setup(cfg)
     except (ConfigError, TlsError) as exc:
         typer.echo(f"{config}: {exc}" if isinstance(exc, TlsError) else str(exc), err=True)
         raise typer.Exit(2) from None

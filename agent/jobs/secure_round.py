@@ -27,6 +27,7 @@ different survivors would learn one site's update as the difference of two sums.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent.audit.sink import AuditSink
 from agent.config import AgentConfig
 from agent.errors import (
+    ConfigError,
     Conflict,
     EgressError,
     InvalidRequest,
@@ -59,6 +61,7 @@ from agent.exchange.secagg import (
     flatten,
     load_site_key,
     parse_public_key,
+    public_key_b64,
     quantize,
 )
 from agent.exchange.secagg.messages import check_run_id
@@ -82,6 +85,27 @@ class MaskedUpdate:
     sha256: str
 
 
+def check_setup(cfg: AgentConfig) -> str | None:
+    """A configured site key and roster that can be used: the key readable and this site's roster
+    entry its public key; the public key, or None when secure aggregation is not configured. A
+    ConfigError naming the key otherwise, so that a mistake stops the agent when it starts
+    (`fedsite serve` checks it first) rather than at the first secure round."""
+    sa = cfg.secure_aggregation
+    if not sa.configured or sa.site_key_file is None:
+        return None
+    try:
+        own = public_key_b64(load_site_key(sa.site_key_file))
+    except SecAggError as exc:
+        raise ConfigError(f"secure_aggregation.site_key_file: {exc}") from None
+    pinned = sa.peers.get(cfg.site.id)
+    if pinned is None or base64.b64decode(pinned) != base64.b64decode(own):
+        raise ConfigError(
+            f"secure_aggregation.peers.{cfg.site.id}: is not the public key of "
+            f"secure_aggregation.site_key_file ({sa.site_key_file}), which is {own}"
+        )
+    return own
+
+
 class SecureRounds:
     """Secure-aggregation steps for this site's rounds (see the module docstring)."""
 
@@ -92,6 +116,12 @@ class SecureRounds:
         self.gate = gate
         self._key: Ed25519PrivateKey | None = None
         self._roster: dict[str, Ed25519PublicKey] | None = None
+
+    # ---- at start ---------------------------------------------------------------------------
+
+    def check_setup(self) -> None:
+        """At agent start: `check_setup` of the config (a ConfigError naming the key)."""
+        check_setup(self.cfg)
 
     # ---- at start_round ------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from agent.config import parse_config
-from agent.errors import InvalidRequest
-from agent.jobs.secure_round import SecureRounds
+from agent.errors import ConfigError, InvalidRequest
+from agent.exchange.secagg import generate_site_key, public_key_b64, write_site_key
+from agent.jobs.secure_round import SecureRounds, check_setup
 from tests.exchange.test_egress import MemorySink
 from tests.fixtures.training import tiny_plan
 
@@ -61,3 +62,14 @@ def test_a_round_the_site_accepts_passes_without_a_record(tmp_path: Path) -> Non
     rounds.check_plan(tiny_plan(round_id="r1", send="diff", aggregation=SECURE), "token:coord")
     rounds.check_plan(tiny_plan(round_id="r2"), "token:coord")
     assert sink.events == []
+
+
+def test_a_roster_that_does_not_pin_this_sites_key_stops_the_agent(tmp_path: Path) -> None:
+    key = generate_site_key()
+    write_site_key(tmp_path / "site.key", key)
+    ok = {"site_key_file": "site.key", "peers": {**PEERS, "site-1": public_key_b64(key)}}
+    assert check_setup(_rounds(tmp_path, ok)[0].cfg) == public_key_b64(key)
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.peers\.site-1: is not the public key"):
+        check_setup(_rounds(tmp_path, {"site_key_file": "site.key", "peers": PEERS})[0].cfg)
+    with pytest.raises(ConfigError, match=r"secure_aggregation\.site_key_file: .*not an unencrypted PEM"):
+        check_setup(_rounds(tmp_path, {"site_key_file": "k", "peers": PEERS})[0].cfg)
