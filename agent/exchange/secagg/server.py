@@ -9,7 +9,8 @@ Sets, each frozen when the next step starts: U1 (advertised; frozen by `share_re
 (shared; frozen by `mask_requests`), U3 (masked inputs received; frozen by `unmask_request`).
 It verifies each bundle against the federation's pinned keys as the sites do (a site whose
 bundle does not verify is left out, with the reason), so a relaying fault is caught here
-first; the sites' own checks are what protects them.
+first; the sites' own checks are what protects them. One survivor's wrong share (a bug, or a
+site trying to spoil the round) is outvoted when there are spare answers (`bad_shares`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class RoundReport:
     unmasked: list[str] = field(default_factory=list)
     dropped_before_mask: list[str] = field(default_factory=list)
     dropped_after_mask: list[str] = field(default_factory=list)
+    bad_shares: list[str] = field(default_factory=list)
 
 
 class CoordinatorSecAgg:
@@ -81,6 +83,8 @@ class CoordinatorSecAgg:
         self._dropped: tuple[str, ...] = ()
         self._responses: dict[str, UnmaskResponse] = {}
         self._done = False
+        # Sites whose unmask answer held a share that disagreed with all the others (left out).
+        self.bad_shares: set[str] = set()
 
     # ------------------------------------------------------------------ sets
 
@@ -106,6 +110,7 @@ class CoordinatorSecAgg:
             unmasked=sorted(self._responses),
             dropped_before_mask=sorted(set(self.advertised) - set(u3)),
             dropped_after_mask=sorted(set(u2) - set(u3)) if self._u3 is not None else [],
+            bad_shares=sorted(self.bad_shares),
         )
 
     def _check_context(self, what: str, run_id: str, round_id: str) -> None:
@@ -234,6 +239,51 @@ class CoordinatorSecAgg:
                 )
         self._responses[response.site_id] = response
 
+    def _reconstruct(
+        self,
+        v: str,
+        what: str,
+        blobs: list[tuple[str, bytes]],
+        public: bytes | None = None,
+    ) -> bytes:
+        """V's secret from the survivors' shares, surviving one wrong share when there are spares.
+
+        With every share consistent this is `combine`. Otherwise, if leaving out exactly one
+        answer makes the rest agree (verified: at least t + 1 shares remain, or t when the rebuilt
+        key must match its advertised PUBLIC key), that answer is dropped and its site recorded in
+        ``bad_shares``; anything else is an error naming V.
+        """
+        t = self.threshold
+
+        def check(secret: bytes) -> bool:
+            return public is None or P.x25519_public(secret) == public
+
+        shares = [(site, Share.from_bytes(blob)) for site, blob in blobs]
+        try:
+            secret = combine([sh for _, sh in shares], t)
+            if check(secret):
+                return secret
+        except SecAggError:
+            pass
+        needed = t + 1 if public is not None else t + 2
+        found: list[tuple[str, bytes]] = []
+        if len(shares) >= needed:
+            for i, (site, _) in enumerate(shares):
+                rest = [sh for j, (_, sh) in enumerate(shares) if j != i]
+                try:
+                    candidate = combine(rest, t)
+                except SecAggError:
+                    continue
+                if check(candidate):
+                    found.append((site, candidate))
+        if len(found) == 1:
+            self.bad_shares.add(found[0][0])
+            return found[0][1]
+        raise SecAggError(
+            f"the shares of the {what} of {v} do not agree and no single answer explains it: "
+            "the sum stays masked"
+        )
+
     def result(self) -> np.ndarray:
         """The unmasked sum of U3's quantised vectors (uint32); SecAggError when it cannot be had."""
         if self._u3 is None or self._sum is None:
@@ -246,13 +296,16 @@ class CoordinatorSecAgg:
         total = self._sum.copy()
         answers = [self._responses[s] for s in sorted(self._responses)]
         for v in self._u3:
-            seed = combine([Share.from_bytes(a.b_shares[v]) for a in answers], self.threshold)
+            seed = self._reconstruct(v, "self-mask seed", [(a.site_id, a.b_shares[v]) for a in answers])
             P.add_prg(total, seed, -1)
         s_pks = {s: b.s_pk for s, b in self._bundles.items()}
         for v in self._dropped:
-            s_sk = combine([Share.from_bytes(a.s_shares[v]) for a in answers], self.threshold)
-            if P.x25519_public(s_sk) != s_pks[v]:
-                raise SecAggError(f"the reconstructed mask key of {v} does not match its advertised key")
+            s_sk = self._reconstruct(
+                v,
+                "mask key",
+                [(a.site_id, a.s_shares[v]) for a in answers],
+                public=s_pks[v],
+            )
             for u in self._u3:
                 seed = P.agree(s_sk, s_pks[u], mask_seed_context(self.run_id, self.round_id, u, v))
                 # y_u carries sign(u, v) * PRG(s_uv): take it out.

@@ -18,12 +18,14 @@ from agent.exchange.secagg import (
     AdvertiseBundle,
     ShareRequest,
     UnmaskRequest,
+    UnmaskResponse,
     client,
     dequantize_sum,
     error_bound,
     generate_site_key,
 )
 from agent.exchange.secagg.primitives import sign
+from agent.exchange.secagg.shamir import PRIME, Share
 from tests.exchange.secagg.sim import RUN, Round, site_ids
 
 
@@ -286,3 +288,41 @@ def test_the_coordinator_keeps_only_the_running_sum_of_masked_inputs(tmp_path: P
         r.coordinator.add_masked(s, m)
     arrays = [v for v in vars(r.coordinator).values() if isinstance(v, np.ndarray)]
     assert len(arrays) == 1 and np.array_equal(arrays[0], masked[0] + masked[1])
+
+
+def _with_bad_share(response: UnmaskResponse, kind: str, v: str) -> UnmaskResponse:
+    shares = dict(getattr(response, kind))
+    good = Share.from_bytes(shares[v])
+    shares[v] = Share(good.x, (good.y + 1) % PRIME).to_bytes()
+    if kind == "b_shares":
+        return dataclasses.replace(response, b_shares=shares)
+    return dataclasses.replace(response, s_shares=shares)
+
+
+@pytest.mark.parametrize("kind", ["b_shares", "s_shares"])
+def test_one_wrong_share_is_outvoted_when_there_are_spare_answers(tmp_path: Path, kind: str) -> None:
+    """A seed needs t + 2 answers to single out the wrong one; a mask key t + 1, since the key it
+    rebuilds must match the dropped site's advertised public key."""
+    r = Round(tmp_path, n=5, threshold=3)
+    ids = list(r.sites)
+    # For s-shares, ids[4] drops before its masked input; 4 answers remain.
+    contributors = ids if kind == "b_shares" else ids[:4]
+    unmask = r.mask(r.share(r.advertise(), ids), contributors)
+    target = ids[0] if kind == "b_shares" else ids[4]
+    liar = ids[2]
+    for s in unmask.survivors:
+        answer = r.sites[s].unmask(unmask)
+        r.coordinator.add_unmask(_with_bad_share(answer, kind, target) if s == liar else answer)
+    assert np.array_equal(r.coordinator.result(), r.expected_sum(contributors))
+    assert r.coordinator.report().bad_shares == [liar]
+
+
+def test_a_wrong_share_without_spare_answers_stops_the_round(tmp_path: Path) -> None:
+    r = Round(tmp_path, n=5, threshold=3)
+    ids = list(r.sites)
+    unmask = r.mask(r.share(r.advertise(), ids), ids)
+    for s in ids[:4]:  # t + 1 answers: one wrong b-share cannot be told from the rest
+        answer = r.sites[s].unmask(unmask)
+        r.coordinator.add_unmask(_with_bad_share(answer, "b_shares", ids[1]) if s == ids[0] else answer)
+    with pytest.raises(SecAggError, match=f"self-mask seed of {ids[1]} do not agree"):
+        r.coordinator.result()
