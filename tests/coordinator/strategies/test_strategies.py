@@ -78,7 +78,16 @@ def _start() -> dict[str, torch.Tensor]:
 
 
 def test_registry_holds_the_cli_values_with_their_round_labels() -> None:
-    assert list(STRATEGIES) == ["fedavg", "fedavgm", "fedadam", "fedyogi", "fednova", "iil", "ciil"]
+    assert list(STRATEGIES) == [
+        "fedavg",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fednova",
+        "iil",
+        "ciil",
+        "secure_fedavg",
+    ]
     assert {n: (c.title, c.round_label) for n, c in STRATEGIES.items()} == {
         "fedavg": ("FedAvg", "round"),
         "fedavgm": ("FedAvgM", "round"),
@@ -87,6 +96,7 @@ def test_registry_holds_the_cli_values_with_their_round_labels() -> None:
         "fednova": ("FedNova", "round"),
         "iil": ("IIL", "visit"),
         "ciil": ("CIIL", "cycle"),
+        "secure_fedavg": ("Secure FedAvg", "round"),
     }
     assert all(issubclass(c, Strategy) for c in STRATEGIES.values())
 
@@ -96,7 +106,7 @@ def test_unknown_strategy_names_the_registered_ones(tmp_path: Path) -> None:
     with pytest.raises(
         RunError,
         match=r"unknown strategy 'fedsgd'; choose one of fedavg, fedavgm, fedadam, fedyogi, fednova, "
-        r"iil, ciil$",
+        r"iil, ciil, secure_fedavg$",
     ):
         _run(fake, tmp_path, strategy="fedsgd")
 
