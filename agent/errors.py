@@ -41,6 +41,10 @@ so that every layer, `agent.db` included, may raise from it::
     │   ├── ApprovalError [ValueError]
     │   ├── PlanNotApproved [PermissionError]
     │   └── AdminUserError [ValueError]
+    ├── ConsoleError
+    │   ├── LoginRequired [PermissionError]
+    │   ├── CsrfRefused [PermissionError]
+    │   └── PreviewError [ValueError]
     ├── JobError
     │   └── JobInputError
     ├── ServiceError
@@ -250,6 +254,25 @@ class PlanNotApproved(AccessError, PermissionError):
 
 class AdminUserError(AccessError, ValueError):
     """An admin-console account that cannot be made or used: a bad name or password, an unknown user."""
+
+
+# --------------------------------------------------------------------------- console
+
+
+class ConsoleError(FedsiteError):
+    """The site admin's web console (`agent.console`): its sessions, forms and previews."""
+
+
+class LoginRequired(ConsoleError, PermissionError):
+    """No valid session: the console answers with a redirect to its login page."""
+
+
+class CsrfRefused(ConsoleError, PermissionError):
+    """A form without its CSRF token (or with another one): 403, and nothing changed."""
+
+
+class PreviewError(ConsoleError, ValueError):
+    """A preview that cannot be rendered; the message names no path."""
 
 
 # --------------------------------------------------------------------------- jobs

@@ -41,8 +41,8 @@ from agent.console.auth import (
     session_of,
     verify_login,
 )
-from agent.console.thumbnails import PreviewError, Previews
-from agent.errors import AdminUserError, ApprovalError, NotFound
+from agent.console.thumbnails import Previews
+from agent.errors import AdminUserError, ApprovalError, CsrfRefused, LoginRequired, NotFound, PreviewError
 from agent.jobs.states import JobKind
 from agent.service import SiteService
 
@@ -65,14 +65,6 @@ SECURITY_HEADERS = {
         "frame-ancestors 'none'; base-uri 'none'"
     ),
 }
-
-
-class LoginRequired(Exception):
-    """No valid session: the answer is a redirect to the login page."""
-
-
-class CsrfRefused(Exception):
-    """A form without its CSRF token (or with another one): 403, nothing changed."""
 
 
 class _SecurityHeaders(BaseHTTPMiddleware):

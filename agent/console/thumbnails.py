@@ -20,17 +20,13 @@ from agent.config import DatasetConfig
 from agent.data.catalog import item_details
 from agent.data.volume import Volume, read_nifti_volume
 from agent.db.engine import Database
-from agent.errors import FedsiteError, UnknownDataset
+from agent.errors import PreviewError, UnknownDataset
 
 # Where along the slice axis the previews are taken (fractions of the volume's depth).
 SLICE_FRACTIONS = (0.3, 0.5, 0.7)
 # The rendered side: small volumes are enlarged by whole pixels up to about this size.
 TARGET_PIXELS = 192
 _CACHE_SUBJECTS = 8
-
-
-class PreviewError(FedsiteError):
-    """A preview that cannot be rendered; the message names no path."""
 
 
 def png_gray8(image: np.ndarray) -> bytes:
