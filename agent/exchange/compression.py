@@ -14,16 +14,24 @@ magnitudes travel, quantised as above, with their flat indices; what is not sent
 values and every value's quantisation error) is kept at the site as a residual and added to
 the next round's difference (error feedback), so that nothing is lost, only delayed.
 
-On the wire it is still safetensors, one group of entries per model tensor NAME::
+On the wire it is still safetensors, with a handful of entries whatever the model's size (a
+header entry per tensor would weigh more than the int8 values of a small model). The model's
+tensors are taken in sorted-name order, each flattened, and concatenated:
 
-    NAME::q       int8     the tensor's shape (int8), or [k] (int8_topk)
-    NAME::scale   float32  [1] (per tensor) or [C] (per channel, C = the tensor's first dimension)
-    NAME::index   int32    [k], int8_topk only: strictly increasing flat indices into the tensor
+    q              int8     the values sent, tensor after tensor
+    scale          float32  the scales, tensor after tensor: 1 (per tensor) or C (per channel,
+                            C = the tensor's first dimension) each
+    scale_counts   int32    [n tensors] how many scales each tensor has (1 or C)
+    mask           uint8    int8_topk only: one bit per value of the whole model (numpy's
+                            packbits order), set where the value was sent; ``q`` holds the set
+                            values in order
 
-`decode_update` is the one reader for every update a coordinator receives: it tells a
-compressed payload by its ``::`` names (model tensor names never hold one) and refuses
-malformed scales (negative, not finite, wrong length) and indices (out of range, repeated,
-unordered, more than the tensor holds) with a WeightError that names the tensor.
+A bit mask costs an eighth of a byte per value, less than 4-byte indices as soon as more than
+one value in 32 is sent. `decode_update` is the one reader for every update a coordinator
+receives: it tells a compressed payload by its entry names (no model tensor is called ``q``
+and ``scale_counts``), needs the model's names and shapes, and refuses malformed scales
+(negative, not finite, a count that is neither 1 nor C), values (-128, too many or too few)
+and masks (wrong length, bits past the model's end, a count that differs from the values).
 """
 
 from __future__ import annotations
@@ -32,22 +40,22 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from safetensors.numpy import save as st_save_numpy
 
 from agent.errors import WeightError
-from agent.exchange.codec import check_names_and_shapes, decode_weights, parse_header
+from agent.exchange.codec import decode_weights, parse_header
 
 Mode = Literal["int8", "int8_topk"]
 ScaleMode = Literal["tensor", "channel"]
 Rounding = Literal["deterministic", "stochastic"]
 
-SEP = "::"
-VALUES, SCALE, INDEX = "q", "scale", "index"
-_DTYPES = {"I8": 1, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}
+VALUES, SCALE, SCALE_COUNTS, MASK = "q", "scale", "scale_counts", "mask"
+_ENTRIES = {VALUES: "I8", SCALE: "F32", SCALE_COUNTS: "I32", MASK: "U8"}
+_DTYPES = {"I8": 1, "F32": 4, "I32": 4, "U8": 1, "F16": 2, "BF16": 2}
 _QMAX = 127
 
 
@@ -74,13 +82,10 @@ def _channels(shape: tuple[int, ...], scale: ScaleMode) -> int:
     return shape[0] if scale == "channel" and len(shape) >= 2 and shape[0] > 0 else 1
 
 
-def _scales(
-    flat: np.ndarray, shape: tuple[int, ...], scale: ScaleMode, keep: np.ndarray | None
-) -> np.ndarray:
+def _scales(flat: np.ndarray, channels: int, keep: np.ndarray | None) -> np.ndarray:
     """Per-channel (or one) scale: the largest magnitude of the values sent, mapped to 127."""
-    c = _channels(shape, scale)
-    mags = np.abs(flat if keep is None else np.where(keep, flat, 0.0)).reshape(c, -1)
-    return (mags.max(axis=1) / _QMAX).astype(np.float32) if mags.size else np.zeros(c, np.float32)
+    mags = np.abs(flat if keep is None else np.where(keep, flat, 0.0)).reshape(channels, -1)
+    return (mags.max(axis=1) / _QMAX).astype(np.float32) if mags.size else np.zeros(channels, np.float32)
 
 
 def _rng(seed_material: str, name: str) -> np.random.Generator:
@@ -116,11 +121,12 @@ def compress(
     """
     if not diff:
         raise WeightError("no tensors to compress")
-    out: dict[str, np.ndarray] = {}
+    values: list[np.ndarray] = []
+    scales: list[np.ndarray] = []
+    counts: list[int] = []
+    masks: list[np.ndarray] = []
     new_residual: dict[str, torch.Tensor] | None = {} if spec.mode == "int8_topk" else None
     for name in sorted(diff):
-        if SEP in name:
-            raise WeightError(f"tensor {name!r}: a model tensor name may not contain {SEP!r}")
         tensor = diff[name].detach().to(device="cpu", dtype=torch.float32)
         if not bool(torch.isfinite(tensor).all()):
             raise WeightError(f"tensor {name!r}: contains NaN or Inf values")
@@ -130,32 +136,39 @@ def compress(
             acc = acc + residual[name].detach().to(torch.float64).numpy().reshape(-1)
         rng = _rng(seed_material, name) if spec.rounding == "stochastic" else None
         c = _channels(shape, spec.scale)
-        if spec.mode == "int8":
-            scales = _scales(acc, shape, spec.scale, None)
-            q = _quantise(acc.reshape(c, -1), scales[:, None], spec.rounding, rng).reshape(shape)
-            out[f"{name}{SEP}{VALUES}"] = q
-        else:
-            assert spec.topk_fraction is not None and new_residual is not None
+        per = acc.size // c
+        keep: np.ndarray | None = None
+        if spec.mode == "int8_topk":
+            assert spec.topk_fraction is not None
             k = min(acc.size, max(1, math.ceil(spec.topk_fraction * acc.size))) if acc.size else 0
             # The k largest magnitudes; ties broken by index, so the choice is reproducible.
-            order = np.lexsort((np.arange(acc.size), -np.abs(acc)))[:k]
-            index = np.sort(order).astype(np.int32)
+            chosen = np.lexsort((np.arange(acc.size), -np.abs(acc)))[:k]
             keep = np.zeros(acc.size, dtype=bool)
-            keep[index] = True
-            scales = _scales(acc, shape, spec.scale, keep)
-            per = acc.size // c if c else 0
-            channel_scale = scales[index // per] if per else scales[:0]
-            q = _quantise(acc[index], channel_scale, spec.rounding, rng)
+            keep[chosen] = True
+            masks.append(keep)
+        s = _scales(acc, c, keep)
+        per_value = np.repeat(s.astype(np.float64), per) if per else np.zeros(0)
+        if keep is None:
+            values.append(_quantise(acc, per_value, spec.rounding, rng))
+        else:
+            q = _quantise(acc[keep], per_value[keep], spec.rounding, rng)
+            values.append(q)
             sent = np.zeros(acc.size, dtype=np.float64)
-            sent[index] = q.astype(np.float64) * channel_scale
+            sent[keep] = q.astype(np.float64) * per_value[keep]
+            assert new_residual is not None
             new_residual[name] = torch.from_numpy((acc - sent).astype(np.float32).reshape(shape))
-            out[f"{name}{SEP}{VALUES}"] = q
-            out[f"{name}{SEP}{INDEX}"] = index
-        out[f"{name}{SEP}{SCALE}"] = scales.astype(np.float32)
+        scales.append(s)
+        counts.append(c)
+    out: dict[str, np.ndarray] = {
+        VALUES: np.concatenate(values).astype(np.int8),
+        SCALE: np.concatenate(scales).astype("<f4"),
+        SCALE_COUNTS: np.asarray(counts, dtype="<i4"),
+    }
+    if masks:
+        out[MASK] = np.packbits(np.concatenate(masks))
     # One metadata key: safetensors writes the metadata map in no fixed order, and a rerun of a
-    # round must send the same bytes. (np.array keeps 0-d tensors 0-d; ascontiguousarray would not.)
-    meta = {"format": f"fedsite-{spec.mode}"}
-    return st_save_numpy({k: np.array(v, order="C") for k, v in out.items()}, metadata=meta), new_residual
+    # round must send the same bytes.
+    return st_save_numpy(out, metadata={"format": f"fedsite-{spec.mode}"}), new_residual
 
 
 def error_bound(spec: Compression, scale_value: float) -> float:
@@ -164,7 +177,8 @@ def error_bound(spec: Compression, scale_value: float) -> float:
 
 
 def is_compressed(names: set[str] | list[str]) -> bool:
-    return any(SEP in n for n in names)
+    """A compressed payload's entries: ``q``, ``scale``, ``scale_counts`` (and ``mask``)."""
+    return {VALUES, SCALE, SCALE_COUNTS} <= set(names)
 
 
 def decode_update(
@@ -173,65 +187,81 @@ def decode_update(
     """Any update a site released: plain safetensors (`decode_weights`) or compressed.
 
     A compressed payload decodes to the dense float32 difference it stands for, and needs
-    EXPECTED (the model's names and shapes: a top-k entry does not carry its tensor's shape).
+    EXPECTED, the model's names and shapes (the payload carries values, not names).
     """
     header = parse_header(data, max_bytes=max_bytes, dtypes=_DTYPES)
     if not is_compressed(list(header)):
         return decode_weights(data, expected=expected, max_bytes=max_bytes)
     if expected is None:
         raise WeightError("a compressed update can only be decoded against the model's tensor shapes")
-    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    unknown = sorted(set(header) - set(_ENTRIES))
+    if unknown:
+        raise WeightError(f"compressed update: unexpected entries {unknown}")
     for entry, info in header.items():
-        name, sep, part = entry.rpartition(SEP)
-        if not sep or part not in (VALUES, SCALE, INDEX) or SEP in name:
-            raise WeightError(f"compressed update: unexpected entry {entry!r}")
-        groups.setdefault(name, {})[part] = info
-    # Names first (missing, unknown); the shapes are the model's, checked per entry below.
-    check_names_and_shapes({n: tuple(expected.get(n, ())) for n in groups}, expected)
+        if info["dtype"] != _ENTRIES[entry]:
+            raise WeightError(f"compressed update: {entry} must be {_ENTRIES[entry]}, got {info['dtype']}")
+        if len(info["shape"]) != 1:
+            raise WeightError(
+                f"compressed update: {entry} must be one-dimensional, got shape {info['shape']}"
+            )
     begin = 8 + int.from_bytes(data[:8], "little")
     body = memoryview(bytes(data))[begin:]
 
-    def array(info: dict[str, Any], dtype: str) -> np.ndarray:
-        lo, hi = info["data_offsets"]
+    def array(entry: str, dtype: str) -> np.ndarray:
+        lo, hi = header[entry]["data_offsets"]
         return np.frombuffer(body[lo:hi], dtype=dtype)
 
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in sorted(groups.items()):
-        shape = tuple(expected[name])
-        size = math.prod(shape)
-        for part, dtype in ((VALUES, "I8"), (SCALE, "F32")):
-            if part not in parts:
-                raise WeightError(f"tensor {name!r}: compressed entry {name}{SEP}{part} is missing")
-            if parts[part]["dtype"] != dtype:
-                raise WeightError(f"tensor {name!r}: {part} must be {dtype}, got {parts[part]['dtype']}")
-        scales = array(parts[SCALE], "<f4").astype(np.float64)
-        c_tensor, c_channel = 1, _channels(shape, "channel")
-        if scales.size not in {c_tensor, c_channel}:
+    names = sorted(expected)
+    shapes = [tuple(expected[n]) for n in names]
+    sizes = [math.prod(shape) for shape in shapes]
+    total = sum(sizes)
+    counts = array(SCALE_COUNTS, "<i4").astype(np.int64)
+    if counts.size != len(names):
+        raise WeightError(
+            f"compressed update: scale_counts has {counts.size} entries for a model of {len(names)}"
+        )
+    for name, shape, count in zip(names, shapes, counts, strict=True):
+        channels = _channels(shape, "channel")
+        if count not in {1, channels}:
             raise WeightError(
-                f"tensor {name!r}: {scales.size} scale(s); expected 1 or {c_channel} (one per channel)"
+                f"tensor {name!r}: {count} scale(s); expected 1 or {channels} (one per channel)"
             )
-        if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)):
-            raise WeightError(f"tensor {name!r}: scales must be finite and not negative")
-        q = array(parts[VALUES], "i1").astype(np.float64)
-        if np.any(q < -_QMAX):
-            raise WeightError(f"tensor {name!r}: int8 value -128 is outside the range sent (-127..127)")
-        per = size // scales.size if scales.size else 0
-        if INDEX in parts:
-            if parts[INDEX]["dtype"] != "I32":
-                raise WeightError(f"tensor {name!r}: index must be I32, got {parts[INDEX]['dtype']}")
-            index = array(parts[INDEX], "<i4").astype(np.int64)
-            if index.size != q.size:
-                raise WeightError(f"tensor {name!r}: {index.size} indices for {q.size} values")
-            if index.size > size or (index.size and (index[0] < 0 or index[-1] >= size)):
-                raise WeightError(f"tensor {name!r}: indices out of range for {size} values")
-            if index.size > 1 and not np.all(np.diff(index) > 0):
-                raise WeightError(f"tensor {name!r}: indices must be strictly increasing (no repeats)")
-            dense = np.zeros(size, dtype=np.float64)
-            dense[index] = q * scales[index // per] if per else 0.0
-        else:
-            got = list(parts[VALUES]["shape"])
-            if got != list(shape):
-                raise WeightError(f"tensor {name!r}: int8 values have shape {got}, expected {list(shape)}")
-            dense = (q.reshape(scales.size, -1) * scales[:, None]).reshape(-1) if size else q
-        out[name] = torch.from_numpy(dense.astype(np.float32).reshape(shape))
+    scales = array(SCALE, "<f4").astype(np.float64)
+    if scales.size != int(counts.sum()):
+        raise WeightError(
+            f"compressed update: {scales.size} scales, scale_counts adds up to {int(counts.sum())}"
+        )
+    if not (np.all(np.isfinite(scales)) and np.all(scales >= 0)):
+        bad = int(np.argmax(~np.isfinite(scales) | (scales < 0)))
+        owner = names[int(np.searchsorted(np.cumsum(counts), bad, side="right"))]
+        raise WeightError(f"tensor {owner!r}: scales must be finite and not negative")
+    q = array(VALUES, "i1").astype(np.float64)
+    if np.any(q < -_QMAX):
+        raise WeightError("compressed update: int8 value -128 is outside the range sent (-127..127)")
+    if MASK in header:
+        packed = array(MASK, "u1")
+        if packed.size != (total + 7) // 8:
+            raise WeightError(
+                f"compressed update: mask has {packed.size} bytes; {total} values need {(total + 7) // 8}"
+            )
+        bits = np.unpackbits(packed)
+        if bits[total:].any():
+            raise WeightError("compressed update: mask has bits set past the model's last value")
+        keep = bits[:total].astype(bool)
+        if int(keep.sum()) != q.size:
+            raise WeightError(f"compressed update: mask marks {int(keep.sum())} values, {q.size} were sent")
+        dense_q = np.zeros(total, dtype=np.float64)
+        dense_q[keep] = q
+    else:
+        if q.size != total:
+            raise WeightError(f"compressed update: {q.size} int8 values for a model of {total}")
+        dense_q = q
+    out: dict[str, torch.Tensor] = {}
+    at, at_scale = 0, 0
+    for name, shape, size, count in zip(names, shapes, sizes, counts, strict=True):
+        s = scales[at_scale : at_scale + count]
+        per_value = np.repeat(s, size // count) if size else np.zeros(0)
+        out[name] = torch.from_numpy((dense_q[at : at + size] * per_value).astype(np.float32).reshape(shape))
+        at += size
+        at_scale += int(count)
     return out

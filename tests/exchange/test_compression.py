@@ -35,15 +35,26 @@ def _shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _scales(payload: bytes) -> dict[str, np.ndarray]:
+def _entries(payload: bytes) -> dict[str, np.ndarray]:
     n = int.from_bytes(payload[:8], "little")
     header = json.loads(payload[8 : 8 + n])
+    header.pop("__metadata__", None)
     body = payload[8 + n :]
+    kinds = {"I8": "i1", "F32": "<f4", "I32": "<i4", "U8": "u1"}
     out = {}
     for entry, info in header.items():
-        if entry.endswith("::scale"):
-            lo, hi = info["data_offsets"]
-            out[entry.split("::")[0]] = np.frombuffer(body[lo:hi], dtype="<f4")
+        lo, hi = info["data_offsets"]
+        out[entry] = np.frombuffer(body[lo:hi], dtype=kinds[info["dtype"]])
+    return out
+
+
+def _scales(payload: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Each tensor's scales, split by scale_counts in sorted-name order."""
+    e = _entries(payload)
+    out, at = {}, 0
+    for name, count in zip(sorted(shapes), e["scale_counts"], strict=True):
+        out[name] = e["scale"][at : at + count]
+        at += int(count)
     return out
 
 
@@ -55,7 +66,7 @@ def test_int8_round_trip_is_within_the_bound_of_each_scale(scale: Any, rounding:
     payload, residual = compress(diff, spec, seed_material="round-1")
     assert residual is None
     back = decode_update(payload, expected=_shapes(diff), max_bytes=MAX)
-    scales = _scales(payload)
+    scales = _scales(payload, _shapes(diff))
     for name, tensor in diff.items():
         assert back[name].shape == tensor.shape and back[name].dtype == torch.float32
         if tensor.numel() == 0:
@@ -142,73 +153,86 @@ def test_spec_is_checked() -> None:
         Compression("int8", topk_fraction=0.5)
     with pytest.raises(WeightError, match="NaN or Inf"):
         compress({"w": torch.tensor([float("nan")])}, Compression("int8"), seed_material="x")
-    with pytest.raises(WeightError, match="may not contain"):
-        compress({"a::q": torch.zeros(2)}, Compression("int8"), seed_material="x")
 
 
 # -- hostile payloads ------------------------------------------------------------------------
 
 
 def _payload(entries: dict[str, np.ndarray]) -> bytes:
-    return st_save_numpy(entries, metadata={"format": "fedsite-compressed"})
+    return st_save_numpy(entries, metadata={"format": "fedsite-int8"})
 
 
-GOOD_Q = np.array([[1, -2], [3, 4]], dtype=np.int8)
-TOPK_Q = np.array([1, -2], dtype=np.int8)
-GOOD_S = np.array([0.5], dtype=np.float32)
+# A model of two tensors: "a" of shape (2, 2) (per-channel: 2 scales) and "b" of shape (3,).
+SHAPES = {"a": (2, 2), "b": (3,)}
+Q = np.array([1, -2, 3, 4, 5, 6, 7], dtype=np.int8)
+S = np.array([0.5, 0.25, 1.0], dtype=np.float32)
+C = np.array([2, 1], dtype=np.int32)
+GOOD = {"q": Q, "scale": S, "scale_counts": C}
+
+
+def test_the_packed_layout_decodes_tensor_by_tensor() -> None:
+    out = decode_update(_payload(GOOD), expected=SHAPES, max_bytes=MAX)
+    torch.testing.assert_close(out["a"], torch.tensor([[0.5, -1.0], [0.75, 1.0]]))
+    torch.testing.assert_close(out["b"], torch.tensor([5.0, 6.0, 7.0]))
+    # Top-k: a mask over all 7 values marks which the 3 values sent belong to.
+    mask = np.packbits(np.array([1, 0, 0, 1, 0, 0, 1], dtype=bool))
+    sparse = {"q": np.array([2, 4, 6], np.int8), "scale": S, "scale_counts": C, "mask": mask}
+    out = decode_update(_payload(sparse), expected=SHAPES, max_bytes=MAX)
+    torch.testing.assert_close(out["a"], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(out["b"], torch.tensor([0.0, 0.0, 6.0]))
+
+
+def _with(**change: np.ndarray | None) -> dict[str, np.ndarray]:
+    out = {**GOOD, **{k: v for k, v in change.items() if v is not None}}
+    for k, v in change.items():
+        if v is None:
+            out.pop(k)
+    return out
 
 
 @pytest.mark.parametrize(
     ("entries", "message"),
     [
-        ({"w::q": GOOD_Q, "w::scale": np.array([-0.5], np.float32)}, "finite and not negative"),
-        ({"w::q": GOOD_Q, "w::scale": np.array([np.nan], np.float32)}, "finite and not negative"),
-        ({"w::q": GOOD_Q, "w::scale": np.array([np.inf], np.float32)}, "finite and not negative"),
-        ({"w::q": GOOD_Q, "w::scale": np.ones(3, np.float32)}, r"3 scale\(s\); expected 1 or 2"),
-        ({"w::q": GOOD_Q}, "w::scale is missing"),
-        ({"w::scale": GOOD_S}, "w::q is missing"),
-        ({"w::q": GOOD_Q, "w::scale": GOOD_S, "w::extra": GOOD_S}, "unexpected entry 'w::extra'"),
-        ({"w::q": GOOD_Q.astype(np.int32), "w::scale": GOOD_S}, "q must be I8"),
-        ({"w::q": np.array([[-128, 0], [0, 0]], np.int8), "w::scale": GOOD_S}, "-128"),
-        ({"w::q": GOOD_Q.reshape(-1), "w::scale": GOOD_S}, r"shape \[4\], expected \[2, 2\]"),
-        ({"v::q": GOOD_Q, "v::scale": GOOD_S}, "missing tensors: 'w'"),
         (
-            {"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([0, 4], np.int32)},
-            "out of range",
+            _with(scale=np.array([-0.5, 1, 1], np.float32)),
+            "tensor 'a': scales must be finite and not negative",
         ),
+        (_with(scale=np.array([0.5, 1, np.nan], np.float32)), "tensor 'b': scales must be finite"),
+        (_with(scale=np.array([0.5, np.inf, 1], np.float32)), "finite and not negative"),
+        (_with(scale=np.ones(2, np.float32)), "2 scales, scale_counts adds up to 3"),
+        (_with(scale_counts=np.array([3, 0], np.int32)), r"tensor 'a': 3 scale\(s\); expected 1 or 2"),
+        (_with(scale_counts=np.array([2], np.int32)), "scale_counts has 1 entries for a model of 2"),
+        (_with(q=Q.astype(np.int32)), "q must be I8"),
+        (_with(q=np.array([-128, 0, 0, 0, 0, 0, 0], np.int8)), "-128"),
+        (_with(q=Q[:6]), "6 int8 values for a model of 7"),
+        (_with(extra=S), r"unexpected entries \['extra'\]"),
+        (_with(q=Q.reshape(7, 1)), "must be one-dimensional"),
         (
-            {"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([-1, 2], np.int32)},
-            "out of range",
+            _with(q=Q[:2], mask=np.packbits(np.array([1, 0, 0, 1, 0, 0, 1], dtype=bool))),
+            "mask marks 3 values, 2 were sent",
         ),
-        (
-            {"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([2, 2], np.int32)},
-            "strictly increasing",
-        ),
-        (
-            {"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([3, 1], np.int32)},
-            "strictly increasing",
-        ),
-        ({"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([1], np.int32)}, "1 indices for 2"),
-        (
-            {"w::q": TOPK_Q, "w::scale": GOOD_S, "w::index": np.array([0, 1], np.int64)},
-            "not allowed on the wire",
-        ),
+        (_with(q=Q[:1], mask=np.array([0x80, 0], np.uint8)), "mask has 2 bytes; 7 values need 1"),
+        (_with(q=Q[:2], mask=np.array([0x81], np.uint8)), "bits set past the model's last value"),
+        (_with(mask=np.packbits(np.ones(7, dtype=bool)).astype(np.int8)), "mask must be U8"),
     ],
 )
 def test_malformed_compressed_payloads_are_refused(entries: dict[str, np.ndarray], message: str) -> None:
     with pytest.raises(WeightError, match=message):
-        decode_update(_payload(entries), expected={"w": (2, 2)}, max_bytes=MAX)
+        decode_update(_payload(entries), expected=SHAPES, max_bytes=MAX)
+
+
+def test_a_payload_missing_an_entry_is_not_taken_for_a_compressed_one() -> None:
+    # Without scale_counts it is no compressed payload, and no model either.
+    with pytest.raises(WeightError, match="not allowed on the wire"):
+        decode_update(_payload(_with(scale_counts=None)), expected=SHAPES, max_bytes=MAX)
 
 
 def test_a_compressed_payload_needs_the_model_shapes_and_a_sane_header() -> None:
-    payload = _payload({"w::q": GOOD_Q, "w::scale": GOOD_S})
+    payload = _payload(GOOD)
     with pytest.raises(WeightError, match="against the model's tensor shapes"):
         decode_update(payload, expected=None, max_bytes=MAX)
-    torn = payload[:-3]
     with pytest.raises(WeightError, match="truncated"):
-        decode_update(torn, expected={"w": (2, 2)}, max_bytes=MAX)
+        decode_update(payload[:-3], expected=SHAPES, max_bytes=MAX)
     n = struct.unpack("<Q", payload[:8])[0]
     with pytest.raises(WeightError, match="over the limit"):
-        decode_update(payload, expected={"w": (2, 2)}, max_bytes=8 + n)
-    ok = decode_update(payload, expected={"w": (2, 2)}, max_bytes=MAX)["w"]
-    torch.testing.assert_close(ok, torch.tensor([[0.5, -1.0], [1.5, 2.0]]))
+        decode_update(payload, expected=SHAPES, max_bytes=8 + n)
