@@ -101,9 +101,11 @@ def run_one(
 
 
 def time_ratio(args: argparse.Namespace, epsilon: float, split: Any, cache: Path) -> dict[str, Any]:
-    """Training time of the same plan with and without DP, alternated --timing-repeats times; the
-    ratio of the fastest of each (the minimum is the least disturbed by other load)."""
+    """Training time of the same plan with and without DP, alternated --timing-repeats times: wall
+    seconds and this process's CPU seconds (the CPU ratio holds on a machine shared with other
+    load, where wall times of identical rounds differ several-fold)."""
     times: dict[str, list[float]] = {"no_dp": [], "dp": []}
+    cpu: dict[str, list[float]] = {"no_dp": [], "dp": []}
     for rep in range(args.timing_repeats):
         for key, eps in (("no_dp", None), ("dp", epsilon)):
             plan = parse_plan(make_plan(args, eps, 0))
@@ -111,12 +113,15 @@ def time_ratio(args: argparse.Namespace, epsilon: float, split: Any, cache: Path
             start = exchanged_state(build_model(plan))
             work = args.out / "timing" / f"{key}-{rep}"
             ctx = EngineContext(device="cpu", work_dir=work, cache_dir=cache, dp_seed=0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             train_round(plan, start, split.train, [], ctx)
             times[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
     return {
         "epsilon": epsilon,
         "seconds": times,
+        "cpu_seconds": cpu,
+        "cpu_ratio_of_medians": statistics.median(cpu["dp"]) / statistics.median(cpu["no_dp"]),
         "ratio_of_minimums": min(times["dp"]) / min(times["no_dp"]),
         "ratio_of_medians": statistics.median(times["dp"]) / statistics.median(times["no_dp"]),
     }
