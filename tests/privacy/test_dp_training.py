@@ -98,3 +98,17 @@ def test_mia_finds_the_members_of_an_overfit_non_private_model(tmp_path: Path) -
 def test_mia_cannot_tell_members_of_a_dp_model_at_epsilon_1(tmp_path: Path) -> None:
     auc, low, high = _mia_auc(tmp_path, _dp(target_epsilon=1.0))
     assert low <= 0.5 <= high, (auc, low, high)
+
+
+def test_a_resumed_round_never_takes_more_steps_than_were_reserved(tmp_path: Path) -> None:
+    plan = parse_plan(tiny_plan_dict(local_epochs=2, privacy=_dp(noise_multiplier=1.0)))
+    train, _ = make_blob_items(tmp_path / "data", train=4, val=0)
+    reserved = dp_sgd.resolve(plan, len(train), delta=1e-5, accountant="rdp")
+    assert reserved.steps == 4  # 2 of 4 subjects per step: 2 steps per epoch
+    ctx = context(tmp_path, dp=reserved, dp_seed=3)
+    ctx.work_dir.mkdir(parents=True)
+    # An earlier attempt of this round took 3 noisy steps before the agent stopped.
+    (ctx.work_dir / dp_sgd.STEPS_FILE).write_text('{"steps": 3}')
+    result = train_round(plan, initial_weights(plan), train, [], ctx)
+    assert result.metrics["dp_steps"] == 4.0
+    assert dp_sgd.read_steps(ctx.work_dir) == 4
