@@ -179,8 +179,20 @@ def test_info_reports_counts_only(env: Env) -> None:
     assert info["device"] == "cpu"
     assert info["agent_version"]
     [ds] = info["datasets"]
-    assert set(ds) == {"name", "format", "num_train", "num_val", "num_excluded", "modalities", "problems"}
+    assert set(ds) == {
+        "name",
+        "format",
+        "num_train",
+        "num_val",
+        "num_excluded",
+        "modalities",
+        "problems",
+        "dp_required",
+        "epsilon_remaining",
+    }
     assert ds["num_excluded"] == 0 and ds["problems"] == []
+    # No privacy budget configured: DP not required, no remaining epsilon to show.
+    assert ds["dp_required"] is False and ds["epsilon_remaining"] is None
     assert ds["name"] == "brain" and ds["format"] == "dicom" and ds["modalities"] == ["flair"]
     assert ds["num_train"] + ds["num_val"] == 6 and ds["num_train"] >= 1 and ds["num_val"] >= 1
     assert "/" not in json.dumps(info)
