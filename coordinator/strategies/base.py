@@ -137,6 +137,11 @@ class Strategy(ABC):
         """The strategy's own settings as results.json records them (a server optimiser's rates)."""
         return {}
 
+    def round_record(self, index: int) -> dict[str, Any]:
+        """What the strategy adds to round INDEX's record in results.json (secure aggregation:
+        its protocol report); nothing by default."""
+        return {}
+
     @abstractmethod
     def label(self, index: int) -> str:
         """Round INDEX's (1-based) name in results.json, warnings and the Dice table."""
@@ -184,4 +189,8 @@ class Strategy(ABC):
                 started=started,
             )
             trained, left_out = self.train_round(ctx, rnd)
-            ctx.finish_round(rnd, trained, left_out)
+            record = ctx.finish_round(rnd, trained, left_out)
+            extra = self.round_record(index)
+            if extra:
+                record.update(extra)
+                ctx.recorder.flush()

@@ -56,6 +56,7 @@ from agent.training.plan import AggregationSpec
 from coordinator.aggregate import UpdateKind, apply_update
 from coordinator.client import SiteClient
 from coordinator.errors import AgentError, AggregationError, RoundFailed, RunError
+from coordinator.options import RunOptions
 from coordinator.strategies.base import Job, Round, RunContext, SiteResult, Strategy
 from coordinator.weights import MAX_UPDATE_BYTES, encode
 
@@ -97,6 +98,11 @@ class SecureFedAvg(Strategy):
     # step with the same keys: the task fails and the site counts as dropped.
     lease_expiry = "fail"
 
+    def __init__(self, options: RunOptions, sites: Sequence[str]) -> None:
+        super().__init__(options, sites)
+        # Each round's protocol report, until the round's record takes it (`round_record`).
+        self._reports: dict[int, dict[str, Any]] = {}
+
     def label(self, index: int) -> str:
         return f"round {index}"
 
@@ -110,21 +116,9 @@ class SecureFedAvg(Strategy):
         """Not used: the coordinator never holds the sites' updates, only their masked sum (train_round)."""
         raise AggregationError("secure FedAvg aggregates through the secure-aggregation protocol only")
 
-    def run(self, ctx: RunContext) -> None:
-        """The base loop, with each round's protocol report added to its record in results.json."""
-        self._reports: dict[int, dict[str, Any]] = {}
-        for index in range(1, self.num_rounds() + 1):
-            rnd = Round(
-                index=index,
-                label=self.label(index),
-                plan=self.round_plan(ctx.plan, index),
-                jobs=self.configure_train(index, ctx.run_id),
-                started=time.monotonic(),
-            )
-            trained, left_out = self.train_round(ctx, rnd)
-            record = ctx.finish_round(rnd, trained, left_out)
-            record["secure_aggregation"] = self._reports.pop(index, {})
-            ctx.recorder.flush()
+    def round_record(self, index: int) -> dict[str, Any]:
+        """Round INDEX's protocol report (session, threshold, who took part in which step)."""
+        return {"secure_aggregation": self._reports.pop(index, {})}
 
     # -- one round -------------------------------------------------------------------------
 
@@ -163,7 +157,6 @@ class SecureFedAvg(Strategy):
             "clip": agg.clip,
             "max_weight": agg.max_weight,
         }
-        self._reports = getattr(self, "_reports", {})
         self._reports[rnd.index] = report
 
         def fail(step: str, why: str, notify: Mapping[str, dict[str, Any]], notify_step: str) -> RoundFailed:
