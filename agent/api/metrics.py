@@ -127,9 +127,7 @@ class PrivacyCollector(Collector):
 class AgentMetrics:
     """The agent's registry: its own (not the process-global one), so several apps can coexist."""
 
-    def __init__(
-        self, db: Database, privacy_remaining: Callable[[], dict[str, float]] | None = None
-    ) -> None:
+    def __init__(self, db: Database, privacy_remaining: Callable[[], dict[str, float]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.auth_failures = Counter(
             "fedsite_auth_failures",
