@@ -58,6 +58,33 @@ def new_run_id() -> str:
     return time.strftime("run-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
 
 
+@dataclass
+class _SiteJob:
+    """A training job at one site that has ended, with the counters read at its start."""
+
+    site: str
+    client: SiteClient
+    job: str
+    status: RemoteJobStatus
+    sent0: int
+    recv0: int
+    t0: float
+
+    def result(self, tensors: dict[str, torch.Tensor], num_samples: int, update_sha256: str) -> SiteResult:
+        sent1, recv1 = self.client.transfer.snapshot()
+        return SiteResult(
+            site=self.site,
+            round_id=self.job,
+            tensors=tensors,
+            num_samples=num_samples,
+            metrics=dict(self.status.metrics),
+            update_sha256=update_sha256,
+            bytes_sent=sent1 - self.sent0,
+            bytes_received=recv1 - self.recv0,
+            duration_s=round(time.monotonic() - self.t0, 3),
+        )
+
+
 class Coordinator:
     """Drives one run of one strategy over the agents of a federation (the strategy's RunContext)."""
 
@@ -281,8 +308,9 @@ class Coordinator:
 
     # -- one site, one job -----------------------------------------------------------------
 
-    def train_at(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
-        """One training job at SITE, from WEIGHTS; raises AgentError when it brings nothing usable."""
+    def _train_job(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> _SiteJob:
+        """Start a training job at SITE and wait for its end, showing its progress; the job's
+        final status with what the transfer counters and the clock read at its start."""
         client = self.clients[site]
         sent0, recv0 = client.transfer.snapshot()
         t0 = time.monotonic()
@@ -305,12 +333,18 @@ class Coordinator:
             # Kept for the site's privacy officer (fedsite audit verify --anchors), whatever
             # becomes of the update.
             self.recorder.add_anchor(site, status.audit_anchor)
+        return _SiteJob(site, client, job, status, sent0, recv0, t0)
+
+    def train_at(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
+        """One training job at SITE, from WEIGHTS; raises AgentError when it brings nothing usable."""
+        run = self._train_job(site, plan, weights, round_id)
+        status, job = run.status, run.job
         if status.num_samples is None or status.num_samples <= 0:
             raise AgentError(
                 site, f"round {job} completed without a positive num_samples ({status.num_samples})"
             )
         self.reporter.site(site, "downloading update", 1.0)
-        data = client.download_update(job, status.update_sha256)
+        data = run.client.download_update(job, status.update_sha256)
         try:
             tensors = decode(data, expected={k: tuple(v.shape) for k, v in self.global_weights.items()})
         except ValueError as exc:
@@ -319,56 +353,15 @@ class Coordinator:
             folder = self.out_dir / "updates"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{round_id}.safetensors").write_bytes(data)
-        sent1, recv1 = client.transfer.snapshot()
         self.reporter.site(site, "update received", 1.0)
-        return SiteResult(
-            site=site,
-            round_id=job,
-            tensors=tensors,
-            num_samples=status.num_samples,
-            metrics=dict(status.metrics),
-            update_sha256=str(status.update_sha256),
-            bytes_sent=sent1 - sent0,
-            bytes_received=recv1 - recv0,
-            duration_s=round(time.monotonic() - t0, 3),
-        )
+        return run.result(tensors, status.num_samples, str(status.update_sha256))
 
     def train_held(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> SiteResult:
         """One training job at SITE whose update the site keeps (a secure-aggregation round): the
         job's status and metrics, no update. What leaves comes later, masked (`secagg_mask`)."""
-        client = self.clients[site]
-        sent0, recv0 = client.transfer.snapshot()
-        t0 = time.monotonic()
-        self.reporter.site(site, "sending plan and weights", 0.0)
-        job = client.start_round({**plan, "round_id": round_id}, weights)
-
-        def show(status: RemoteJobStatus) -> None:
-            text = progress_text(status.progress)
-            self.reporter.site(site, f"{status.status} {text}".strip(), progress_fraction(status.progress))
-
-        try:
-            status = client.wait(
-                "round", job, timeout=self.fed.timeouts.round, on_status=show, should_stop=self._stop.is_set
-            )
-        except AgentError as exc:
-            if isinstance(exc, JobTimeout) or self._stop.is_set():
-                self._cancel_quietly(client, job)
-            raise
-        if status.audit_anchor is not None:
-            self.recorder.add_anchor(site, status.audit_anchor)
-        sent1, recv1 = client.transfer.snapshot()
+        run = self._train_job(site, plan, weights, round_id)
         self.reporter.site(site, "trained; update kept at the site", 1.0)
-        return SiteResult(
-            site=site,
-            round_id=job,
-            tensors={},
-            num_samples=int(status.num_samples or 0),
-            metrics=dict(status.metrics),
-            update_sha256="",
-            bytes_sent=sent1 - sent0,
-            bytes_received=recv1 - recv0,
-            duration_s=round(time.monotonic() - t0, 3),
-        )
+        return run.result({}, int(run.status.num_samples or 0), "")
 
     def site_client(self, site: str) -> SiteClient:
         """SITE's transport, for the steps a strategy runs itself (secure aggregation)."""

@@ -167,22 +167,17 @@ class EgressGate:
                 data = encode_weights(filtered, plan.transfer_dtype)
         except WeightError as exc:
             raise EgressError(f"update refused: {exc}") from None
-        digest = hashlib.sha256(data).hexdigest()
         details: dict[str, Any] = {
             "round_id": round_id,
             "plan_hash": plan_hash(plan),
             "kind": kind,
             "tensors": len(filtered),
-            "bytes": len(data),
-            "sha256": digest,
             "transfer_dtype": plan.transfer_dtype,
             "filters": filters,
         }
         if compression is not None:
             details["compression"] = compression
-        self.audit.append(EGRESS_ACTION, actor=ACTOR, details=details)
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        digest = self._record_and_write(EGRESS_ACTION, path, data, details)
         if residual is not None:
             # After the release is on record: a failed audit leaves the residual as it was.
             self.residual_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -291,24 +286,41 @@ class EgressGate:
             data = encode_weights(filtered, "float32")
         except WeightError as exc:
             raise EgressError(f"update refused: {exc}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        self.audit.append(
-            HELD_ACTION,
-            actor=ACTOR,
-            details={
-                "round_id": round_id,
-                "plan_hash": plan_hash(plan),
-                "tensors": len(filtered),
-                "bytes": len(data),
-                "sha256": digest,
-                "filters": filters,
-                "reason": "secure aggregation: only the masked update leaves",
-            },
-        )
+        details = {
+            "round_id": round_id,
+            "plan_hash": plan_hash(plan),
+            "tensors": len(filtered),
+            "filters": filters,
+            "reason": "secure aggregation: only the masked update leaves",
+        }
         path = self.held_path(round_id)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(path, data)  # mkstemp: 0600
+        digest = self._record_and_write(HELD_ACTION, path, data, details, private=True)
         return Released(sha256=digest, nbytes=len(data), path=path, filters=filters, held=True)
+
+    def _record_and_write(
+        self, action: str, path: Path, data: bytes, details: dict[str, Any], *, private: bool = False
+    ) -> str:
+        """Hash DATA, record ACTION with DETAILS plus its size and hash, then write it to PATH
+        (atomically; in a 0700 folder when PRIVATE). Nothing is written if the record fails."""
+        digest = hashlib.sha256(data).hexdigest()
+        self.audit.append(action, actor=ACTOR, details={**details, "bytes": len(data), "sha256": digest})
+        if private:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data)  # mkstemp: 0600
+        return digest
+
+    @staticmethod
+    def _read_recorded(round_id: str, path: Path, sha: str, what: str) -> bytes:
+        """PATH's bytes, only if their SHA-256 is SHA (what the audit log recorded for them)."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise EgressError(f"round {round_id}: the {what} file is missing") from None
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise EgressError(f"round {round_id}: the {what} file does not match the hash recorded; refused")
+        return data
 
     def read_held(self, round_id: str) -> bytes:
         """A secure round's held update, only if it is exactly what `hold` recorded."""
@@ -317,13 +329,7 @@ class EgressGate:
         sha = events[-1].get("details", {}).get("sha256") if events else None
         if not isinstance(sha, str):
             raise EgressError(f"round {round_id}: no update is held for secure aggregation")
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise EgressError(f"round {round_id}: the held update file is missing") from None
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise EgressError(f"round {round_id}: the held update does not match the hash recorded; refused")
-        return data
+        return self._read_recorded(round_id, path, sha, "held update")
 
     def release_masked(
         self, *, round_id: str, plan: Plan, masked: np.ndarray, details: Mapping[str, Any]
@@ -339,23 +345,15 @@ class EgressGate:
             data = encode_masked(masked)
         except WeightError as exc:
             raise EgressError(f"masked update refused: {exc}") from None
-        digest = hashlib.sha256(data).hexdigest()
-        self.audit.append(
-            EGRESS_ACTION,
-            actor=ACTOR,
-            details={
-                "round_id": round_id,
-                "plan_hash": plan_hash(plan),
-                "kind": "masked",
-                "tensors": 1,
-                "elements": int(masked.size),
-                "bytes": len(data),
-                "sha256": digest,
-                **dict(details),
-            },
-        )
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
+        record = {
+            "round_id": round_id,
+            "plan_hash": plan_hash(plan),
+            "kind": "masked",
+            "tensors": 1,
+            "elements": int(masked.size),
+            **dict(details),
+        }
+        digest = self._record_and_write(EGRESS_ACTION, path, data, record)
         return Released(sha256=digest, nbytes=len(data), path=path)
 
     def recorded_sha256(self, round_id: str) -> str:
@@ -371,14 +369,6 @@ class EgressGate:
 
     def read_released(self, round_id: str) -> bytes:
         """The released update's bytes, only if they are exactly what the gate recorded."""
-        path = self.path_for(round_id)
-        sha = self.recorded_sha256(round_id)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise EgressError(f"round {round_id}: the released update file is missing") from None
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise EgressError(
-                f"round {round_id}: the outbox file does not match the hash recorded at release; refused"
-            )
-        return data
+        return self._read_recorded(
+            round_id, self.path_for(round_id), self.recorded_sha256(round_id), "released update"
+        )

@@ -57,7 +57,8 @@ from coordinator.aggregate import UpdateKind, apply_update
 from coordinator.client import SiteClient
 from coordinator.errors import AgentError, AggregationError, RoundFailed, RunError
 from coordinator.options import RunOptions
-from coordinator.strategies.base import Job, Round, RunContext, SiteResult, Strategy
+from coordinator.strategies.base import Job, Round, RunContext, SiteResult
+from coordinator.strategies.fedavg import FedAvg
 from coordinator.weights import MAX_UPDATE_BYTES, encode
 
 
@@ -91,9 +92,10 @@ class _Progress:
         ctx.reporter.site(site, f"left out at {step}", 0.0)
 
 
-class SecureFedAvg(Strategy):
+class SecureFedAvg(FedAvg):
+    """FedAvg's jobs and labels; the round's shape (`train_round`) is the protocol's."""
+
     title = "Secure FedAvg"
-    round_label = "round"
     # A pull site whose lease ran out while the round's protocol waits cannot rejoin a later
     # step with the same keys: the task fails and the site counts as dropped.
     lease_expiry = "fail"
@@ -102,13 +104,6 @@ class SecureFedAvg(Strategy):
         super().__init__(options, sites)
         # Each round's protocol report, until the round's record takes it (`round_record`).
         self._reports: dict[int, dict[str, Any]] = {}
-
-    def label(self, index: int) -> str:
-        return f"round {index}"
-
-    def configure_train(self, index: int, run_id: str) -> list[Job]:
-        """Every site of the federation, under `<run>-r<round>-<site>` (as FedAvg)."""
-        return [Job(site, f"{run_id}-r{index:03d}-{site}", self.label(index)) for site in self.sites]
 
     def aggregate_train(
         self, global_weights: dict[str, torch.Tensor], results: Sequence[SiteResult], kind: UpdateKind

@@ -88,7 +88,7 @@ def test_update_endpoint_can_only_serve_what_the_gate_released(tmp_path: Path) -
     tampered = bytearray(original)
     tampered[-1] ^= 0x01
     path.write_bytes(bytes(tampered))
-    with pytest.raises(EgressError, match="does not match the hash recorded at release"):
+    with pytest.raises(EgressError, match="released update file does not match the hash recorded"):
         gate.read_released("r-1")
     path.write_bytes(original)
     assert gate.read_released("r-1") == original
