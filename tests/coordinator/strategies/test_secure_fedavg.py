@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,10 +466,17 @@ def test_a_site_in_outbound_mode_takes_part_through_the_relay(fed: SecureFederat
     checked = check_secure_mean(fed, run, sites)
     assert checked["report"]["unmasked"] == sites
     round_id = checked["round"]["training"]["site-3"]["round_id"]
-    steps = [
-        e["details"].get("step") for e in fed.audit("site-3", "connect.commit") if e["details"].get("step")
-    ]
-    assert steps[-4:] == ["advertise", "share", "mask", "unmask"]
+
+    def committed_steps() -> list[str]:
+        events = fed.audit("site-3", "connect.commit")
+        return [e["details"]["step"] for e in events if e["details"].get("step")]
+
+    # The connector records a commit once the relay has taken it, which can be just after the
+    # coordinator, holding the answer, has finished the round: wait for the record, boundedly.
+    deadline = time.monotonic() + 30
+    while committed_steps()[-4:] != ["advertise", "share", "mask", "unmask"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert committed_steps()[-4:] == ["advertise", "share", "mask", "unmask"]
     [released] = [e for e in fed.audit("site-3", "egress.update") if e["details"]["round_id"] == round_id]
     assert released["details"]["kind"] == "masked"
     assert released["details"]["sha256"] == checked["round"]["training"]["site-3"]["update_sha256"]
