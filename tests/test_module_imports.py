@@ -84,3 +84,18 @@ def test_every_module_imports_on_its_own() -> None:
     )
     failures = json.loads(out.stdout.strip().splitlines()[-1])
     assert failures == {}, "\n\n".join(f"{name}:\n{text}" for name, text in failures.items())
+
+
+def test_the_cli_starts_without_monai_or_matplotlib() -> None:
+    """`fedsite version`, `tokens`, `audit verify` and the rest load the command tree first; MONAI
+    (which brings matplotlib, which wants a writable config folder) only where a command trains,
+    evaluates or accounts for privacy. In the image's read-only container an eager import made
+    every `fedsite` command fail."""
+    probe = (
+        "import sys, agent.cli; "
+        "print(sorted(m for m in ('monai', 'matplotlib', 'opacus') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -13,16 +13,7 @@ import typer
 
 from agent.audit.chain import AuditLog
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table
-from agent.data.catalog import dataset_items
 from agent.errors import EgressError, UnknownDataset, WeightError
-from agent.exchange.codec import decode_weights
-from agent.exchange.egress import EgressGate
-from agent.jobs.states import JobKind, JobStatus
-from agent.jobs.store import JobStore
-from agent.privacy.ledger import PrivacyLedger
-from agent.privacy.mia import membership_report, released_weights, write_roc
-from agent.training.plan import load_stored_plan
-from agent.training.registry import expected_shapes
 
 privacy_app = typer.Typer(
     help="The differential-privacy ledger and the membership-inference report.", no_args_is_help=True
@@ -39,6 +30,10 @@ def privacy_status(
     json_out: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Budget, spent, reserved (rounds in progress) and remaining ε per dataset, and the last rounds."""
+    # Imported here, not with the CLI: the ledger's accountants bring torch, MONAI and Opacus,
+    # which every other `fedsite` command (and a read-only container) can do without.
+    from agent.privacy.ledger import PrivacyLedger
+
     cfg = load(config)
     with database(cfg, must_exist=True) as db:
         status = PrivacyLedger(cfg, db, AuditLog(db)).status()
@@ -97,6 +92,15 @@ def privacy_audit_mia(
     """Membership inference on what the site released for ROUND: its training subjects against its
     held-out (validation) subjects, loss-threshold and calibrated attacks, AUC with a bootstrap
     interval and TPR at 5% / 10% FPR. Run it before trusting a configuration."""
+    from agent.data.catalog import dataset_items
+    from agent.exchange.compression import decode_update
+    from agent.exchange.egress import EgressGate
+    from agent.jobs.states import JobKind, JobStatus
+    from agent.jobs.store import JobStore
+    from agent.privacy.mia import membership_report, released_weights, write_roc
+    from agent.training.plan import load_stored_plan
+    from agent.training.registry import expected_shapes
+
     cfg = load(config)
     with database(cfg, must_exist=True) as db:
         audit = AuditLog(db)
@@ -109,11 +113,11 @@ def privacy_audit_mia(
         shapes = expected_shapes(plan)
         try:
             data = EgressGate(audit, cfg.work_dir / "outbox", cfg.egress).read_released(round_id)
-            update = decode_weights(data, expected=shapes, max_bytes=len(data))
+            update = decode_update(data, expected=shapes, max_bytes=len(data))
             global_weights = None
             if job.weights_path and Path(job.weights_path).is_file():
                 raw = Path(job.weights_path).read_bytes()
-                global_weights = decode_weights(raw, expected=shapes, max_bytes=len(raw))
+                global_weights = decode_update(raw, expected=shapes, max_bytes=len(raw))
             released = released_weights(plan, update, global_weights)
         except (EgressError, WeightError, ValueError) as exc:
             fail(f"error: round {round_id}: cannot rebuild the released model: {exc}", 1)

@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -52,7 +52,6 @@ from agent.exchange.secagg import (
     parse_public_key,
     unflatten,
 )
-from agent.training.plan import AggregationSpec
 from coordinator.aggregate import UpdateKind, apply_update
 from coordinator.client import SiteClient
 from coordinator.errors import AgentError, AggregationError, RoundFailed, RunError
@@ -60,6 +59,9 @@ from coordinator.options import RunOptions
 from coordinator.strategies.base import Job, Round, RunContext, SiteResult
 from coordinator.strategies.fedavg import FedAvg
 from coordinator.weights import MAX_UPDATE_BYTES, encode
+
+if TYPE_CHECKING:
+    from agent.training.plan import AggregationSpec
 
 
 class SecureRunContext(RunContext, Protocol):
@@ -342,6 +344,10 @@ def _aggregation(plan: dict[str, Any], kind: UpdateKind) -> AggregationSpec:
             "strategy secure_fedavg needs the plan's send to be 'diff' (the masked updates are differences)"
         )
     try:
+        # Imported here: the plan module brings MONAI, which `fedsite` commands that only load
+        # the strategy registry (and a read-only container) do without.
+        from agent.training.plan import AggregationSpec
+
         return AggregationSpec.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
