@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -182,19 +182,15 @@ class SecureFedAvg(FedAvg):
 
         # Step 0: advertise.
         bundles: dict[str, AdvertiseBundle] = {}
+
+        def took_bundle(site: str, answer: dict[str, Any]) -> None:
+            bundle = AdvertiseBundle.from_dict(answer)
+            _names_itself(bundle.site_id, site, "the bundle")
+            server.add_advertisement(bundle)
+            bundles[site] = bundle
+
         ask = {site: {"run_id": ctx.run_id, "round_id": session} for site in progress.jobs}
-        for site, answer, err in self._ask(ctx, sctx, progress, "advertise", ask):
-            if err is not None or answer is None:
-                progress.drop(ctx, rnd, site, "advertise", err or "no answer")
-                continue
-            try:
-                bundle = AdvertiseBundle.from_dict(answer)
-                if bundle.site_id != site:
-                    raise SecAggError(f"the bundle names site {bundle.site_id!r}")
-                server.add_advertisement(bundle)
-                bundles[site] = bundle
-            except SecAggError as exc:
-                progress.drop(ctx, rnd, site, "advertise", str(exc))
+        self._collect(ctx, sctx, progress, rnd, "advertise", ask, took_bundle)
         try:
             share_request = server.share_request()
         except SecAggError as exc:
@@ -204,17 +200,13 @@ class SecureFedAvg(FedAvg):
         # Step 1: share.
         u1 = list(share_request.bundles)
         message = share_request.to_dict()
-        for site, answer, err in self._ask(ctx, sctx, progress, "share", {b.site_id: message for b in u1}):
-            if err is not None or answer is None:
-                progress.drop(ctx, rnd, site, "share", err or "no answer")
-                continue
-            try:
-                response = ShareResponse.from_dict(answer)
-                if response.site_id != site:
-                    raise SecAggError(f"the shares name site {response.site_id!r}")
-                server.add_shares(response)
-            except SecAggError as exc:
-                progress.drop(ctx, rnd, site, "share", str(exc))
+
+        def took_shares(site: str, answer: dict[str, Any]) -> None:
+            response = ShareResponse.from_dict(answer)
+            _names_itself(response.site_id, site, "the share answer")
+            server.add_shares(response)
+
+        self._collect(ctx, sctx, progress, rnd, "share", {b.site_id: message for b in u1}, took_shares)
         try:
             mask_requests = server.mask_requests()
         except SecAggError as exc:
@@ -245,19 +237,15 @@ class SecureFedAvg(FedAvg):
 
         # Step 3: unmask, answered once by each survivor.
         message = unmask_request.to_dict()
-        for site, answer, err in self._ask(
-            ctx, sctx, progress, "unmask", {s: message for s in unmask_request.survivors}
-        ):
-            if err is not None or answer is None:
-                progress.drop(ctx, rnd, site, "unmask", err or "no answer")
-                continue
-            try:
-                unmask_response = UnmaskResponse.from_dict(answer)
-                if unmask_response.site_id != site:
-                    raise SecAggError(f"the answer names site {unmask_response.site_id!r}")
-                server.add_unmask(unmask_response)
-            except SecAggError as exc:
-                progress.drop(ctx, rnd, site, "unmask", str(exc))
+
+        def took_unmask(site: str, answer: dict[str, Any]) -> None:
+            response = UnmaskResponse.from_dict(answer)
+            _names_itself(response.site_id, site, "the unmask answer")
+            server.add_unmask(response)
+
+        self._collect(
+            ctx, sctx, progress, rnd, "unmask", {s: message for s in unmask_request.survivors}, took_unmask
+        )
         try:
             total = server.result()
             params = QuantParams(n_sites=len(u1), clip=agg.clip, max_weight=agg.max_weight)
@@ -309,6 +297,28 @@ class SecureFedAvg(FedAvg):
 
         return ctx.parallel(one, sorted(messages))
 
+    @classmethod
+    def _collect(
+        cls,
+        ctx: RunContext,
+        sctx: SecureRunContext,
+        progress: _Progress,
+        rnd: Round,
+        step: str,
+        messages: Mapping[str, dict[str, Any]],
+        take: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        """Ask STEP of every site in MESSAGES and TAKE each answer; a site that does not answer,
+        or whose answer TAKE refuses (SecAggError), is dropped from the round with the reason."""
+        for site, answer, err in cls._ask(ctx, sctx, progress, step, messages):
+            if err is not None or answer is None:
+                progress.drop(ctx, rnd, site, step, err or "no answer")
+                continue
+            try:
+                take(site, answer)
+            except SecAggError as exc:
+                progress.drop(ctx, rnd, site, step, str(exc))
+
     @staticmethod
     def _mask(
         ctx: RunContext, sctx: SecureRunContext, progress: _Progress, requests: Mapping[str, MaskRequest]
@@ -321,6 +331,12 @@ class SecureFedAvg(FedAvg):
                 return site, None, str(exc)
 
         return ctx.parallel(one, sorted(requests))
+
+
+def _names_itself(named: str, site: str, what: str) -> None:
+    """An answer must come from the site it names: WHAT names NAMED, but SITE sent it."""
+    if named != site:
+        raise SecAggError(f"{what} names site {named!r}")
 
 
 def _secure_context(ctx: RunContext) -> SecureRunContext:
