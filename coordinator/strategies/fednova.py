@@ -55,11 +55,15 @@ class FedNova(FedAvg):
                 SiteUpdate(r.site, {k: d / steps[r.site] for k, d in delta.items()}, r.num_samples)
             )
         direction = weighted_mean(per_step)
-        counters = apply_update(
-            global_weights,
-            weighted_mean([SiteUpdate(r.site, r.tensors, r.num_samples) for r in ordered]),
-            kind,
-        )
+        # Integer counters (batch norm's) take FedAvg's mean: computed for them alone, not for
+        # the whole model a second time.
+        ints = [n for n, g in global_weights.items() if not g.is_floating_point()]
+        counters: dict[str, torch.Tensor] = {}
+        if ints:
+            means = weighted_mean(
+                [SiteUpdate(r.site, {n: r.tensors[n] for n in ints}, r.num_samples) for r in ordered]
+            )
+            counters = apply_update({n: global_weights[n] for n in ints}, means, kind)
         out: dict[str, torch.Tensor] = {}
         for name, g in global_weights.items():
             if not g.is_floating_point():

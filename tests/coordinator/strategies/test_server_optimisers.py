@@ -123,7 +123,10 @@ def test_fednova_with_equal_steps_is_fedavg() -> None:
     opts = RunOptions()
     g = _global(1.0)
     res = [_result("site-1", 2.0, 3, steps=4), _result("site-2", 5.0, 1, steps=4)]
-    assert _w(FedNova(opts, SITES).aggregate_train(g, res, "weights")) == pytest.approx(2.75, abs=1e-6)
+    model = FedNova(opts, SITES).aggregate_train(g, res, "weights")
+    assert _w(model) == pytest.approx(2.75, abs=1e-6)
+    # The integer counter takes FedAvg's weighted mean.
+    assert int(model["n"][0]) == 3
 
 
 def test_fednova_normalises_by_local_steps() -> None:
