@@ -23,6 +23,9 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.wait import WebDriverWait
 
 from agent.access.approvals import approve_plan
 from agent.audit.chain import AuditLog
@@ -135,7 +138,19 @@ def _login(driver: WebDriver, url: str, password: str = PASSWORD, name: str = AD
     driver.get(f"{url}/login")
     driver.find_element(By.ID, "name").send_keys(name)
     driver.find_element(By.ID, "password").send_keys(password)
-    driver.find_element(By.ID, "login").click()
+    _click_and_load(driver, driver.find_element(By.ID, "login"))
+
+
+def _click_and_load(driver: WebDriver, element: WebElement) -> None:
+    """Click what submits a form or follows a link, and wait for the page it leads to.
+
+    A click returns once the event is dispatched, which can be before the browser has replaced
+    the page: reading the next page straight after it finds the old one (or nothing).
+    """
+    old = driver.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 def _ensure_logged_in(driver: WebDriver, url: str) -> None:
@@ -208,7 +223,7 @@ def test_manual_approval_in_the_console_lets_the_coordinators_retry_run(
     browser.execute_script("arguments[0].value = '2099-12-31'", expires)
     row.find_element(By.CSS_SELECTOR, "input.note").send_keys("study 42")
     _shot(browser, "plans-pending")
-    row.find_element(By.CSS_SELECTOR, "button.approve").click()
+    _click_and_load(browser, row.find_element(By.CSS_SELECTOR, "button.approve"))
 
     assert f"approved {digest}" in browser.find_element(By.ID, "done").text
     assert not browser.find_elements(By.CSS_SELECTOR, f"tr.pending-plan[data-hash='{digest}']")
@@ -227,7 +242,7 @@ def test_manual_approval_in_the_console_lets_the_coordinators_retry_run(
     events = browser.find_elements(By.CSS_SELECTOR, "tr.event[data-action='plan.approved']")
     assert [e.find_element(By.CSS_SELECTOR, ".actor").text for e in events] == [f"console:{ADMIN}"]
     assert digest in events[0].text
-    browser.find_element(By.ID, "verify").click()
+    _click_and_load(browser, browser.find_element(By.ID, "verify"))
     assert browser.find_element(By.ID, "verify-status").text == "Chain intact"
     anchor = browser.find_element(By.ID, "anchor").get_attribute("value") or ""
     event_id, head = anchor.split(":")
@@ -330,7 +345,7 @@ def test_a_form_without_its_csrf_token_is_refused_and_changes_nothing(
     # The browser submits the revoke form with its token removed.
     form = active[0].find_element(By.CSS_SELECTOR, "form")
     browser.execute_script("arguments[0].querySelector('input[name=csrf_token]').remove()", form)
-    form.find_element(By.CSS_SELECTOR, "button.revoke").click()
+    _click_and_load(browser, form.find_element(By.CSS_SELECTOR, "button.revoke"))
     assert "CSRF" in browser.find_element(By.ID, "error").text
     # The same with the session's cookie, without a token and with a wrong one: 403 each time.
     cookie = browser.get_cookie("fedsite_console")
@@ -409,7 +424,7 @@ def test_no_patient_identity_and_no_local_path_in_any_page(console: Console, bro
 
 def test_the_privacy_page_shows_each_datasets_budget(console: Console, browser: WebDriver) -> None:
     _ensure_logged_in(browser, console.url)
-    browser.find_element(By.ID, "nav-privacy").click()
+    _click_and_load(browser, browser.find_element(By.ID, "nav-privacy"))
     row = browser.find_element(By.CSS_SELECTOR, "tr.budget[data-dataset='brain']")
     assert row.find_element(By.CSS_SELECTOR, ".budget-epsilon").text == "8.0"
     # The rounds of this module trained without DP: nothing spent, the whole budget remains.
