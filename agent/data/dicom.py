@@ -88,7 +88,14 @@ from pydicom.pixels import apply_modality_lut
 from pydicom.uid import UID
 
 from agent.config import WarningCategory
-from agent.data.volume import Volume, VolumeWarning, choose_volume, count_nonfinite, nonfinite_warning
+from agent.data.volume import (
+    StoredVoxels,
+    Volume,
+    VolumeWarning,
+    choose_volume,
+    count_nonfinite,
+    nonfinite_warning,
+)
 from agent.errors import DicomError, FedsiteError, VolumeError
 
 with warnings.catch_warnings():
@@ -1060,6 +1067,32 @@ def _provably_finite(frames: Sequence[_Frame]) -> bool:
     return True
 
 
+# Stored pixel types a volume keeps as they are (rescaled on use): float32 holds each exactly.
+_KEPT_STORED = frozenset(np.dtype(t) for t in ("i1", "u1", "<i2", "<u2"))
+
+
+def _kept_stored(frames: Sequence[_Frame]) -> tuple[np.dtype[Any], float, float] | None:
+    """The stored type, slope and intercept when the volume can keep its frames' stored values.
+
+    That is when every frame has the same integer type of at most 16 bits, the same rescale and
+    no MONOCHROME1 inversion, and the rescaled values are finite: one linear map then gives every
+    voxel's value. None otherwise: the frames are rescaled into a float32 stack one by one.
+    """
+    ref = frames[0]
+    dtype = ref.pixels.dtype
+    if dtype not in _KEPT_STORED or not _provably_finite(frames):
+        return None
+    for f in frames:
+        if (
+            f.pixels.dtype != dtype
+            or f.slope != ref.slope
+            or f.intercept != ref.intercept
+            or f.invert_range is not None
+        ):
+            return None
+    return dtype, ref.slope, ref.intercept
+
+
 def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
     warns: list[str] = []
     if group.note:
@@ -1155,11 +1188,12 @@ def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
         # writer or the catalog meets the singular matrix and fails the whole folder.
         raise DicomError("the series' geometry gives no valid voxel-to-world transform")
 
-    stack = np.empty((len(frames), group.rows, group.cols), dtype=np.float32)
+    kept = _kept_stored(frames)
+    stack = np.empty((len(frames), group.rows, group.cols), dtype=np.float32 if kept is None else kept[0])
     # A rescale past float32's range gives infinity: counted and reported below, not a numpy warning.
     with np.errstate(over="ignore", invalid="ignore"):
         for k, f in enumerate(frames):
-            if f.slope == 1.0 and f.intercept == 0.0:
+            if kept is not None or (f.slope == 1.0 and f.intercept == 0.0):
                 stack[k] = f.pixels
             else:
                 np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
@@ -1186,13 +1220,14 @@ def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
         )
     # Float pixel data (and float rescale of integers) can hold NaN or infinity; say so here, where
     # the administrator inspects a folder, not first in a training round.
-    nonfinite = 0 if _provably_finite(frames) else count_nonfinite(stack)
+    nonfinite = 0 if kept is not None or _provably_finite(frames) else count_nonfinite(stack)
     if nonfinite:
         warns.append(nonfinite_warning(nonfinite))
     files = list(dict.fromkeys(f.path for f in frames))
     ref = frames[0]
     return Volume(
-        array=stack.transpose(2, 1, 0),
+        array=stack.transpose(2, 1, 0) if kept is None else None,
+        stored=None if kept is None else StoredVoxels(stack.transpose(2, 1, 0), kept[1], kept[2]),
         affine=affine,
         modality=ref.modality,
         source="dicom",

@@ -8,12 +8,13 @@ NIfTI file dcm2niix would make of it are interchangeable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
 
 from agent.config import WarningCategory
 from agent.errors import VolumeError
@@ -45,28 +46,93 @@ def warning_category(warning: str) -> WarningCategory:
     return warning.category if isinstance(warning, VolumeWarning) else WarningCategory.OTHER
 
 
-@dataclass
+@dataclass(frozen=True)
+class StoredVoxels:
+    """Integer voxels as a DICOM series stores them, and the linear map to their values.
+
+    ``values`` has the volume's shape (I, J, K) and an integer dtype of at most 16 bits; every
+    voxel's value is ``values * slope + intercept`` in float32, computed exactly as the float
+    assembly computes it (:meth:`to_float32`).
+    """
+
+    values: np.ndarray
+    slope: float
+    intercept: float
+
+    def to_float32(self) -> np.ndarray:
+        """The voxel values, float32, in the memory order of ``values``."""
+        out = np.empty(self.values.T.shape, dtype=np.float32).T
+        if self.slope == 1.0 and self.intercept == 0.0:
+            np.copyto(out, self.values, casting="unsafe")
+            return out
+        # Slope in float64 then float32, the intercept added in float32: the frame-by-frame float
+        # assembly's arithmetic, so both paths give the same bits.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(self.values, self.slope, out=out, casting="unsafe")
+            out += np.float32(self.intercept)
+        return out
+
+    @property
+    def integral(self) -> bool:
+        """Whether every value is the stored integer plus a whole number: slope 1, whole intercept."""
+        return self.slope == 1.0 and float(self.intercept).is_integer()
+
+
 class Volume:
     """A 3D image with its voxel-to-world geometry.
 
     ``array`` is float32 with shape (I, J, K); for DICOM, I is the column index, J the row index and K
     the slice index in increasing order along the slice normal. ``affine`` maps (i, j, k, 1) to RAS+ mm.
     ``patient_id`` never leaves the site: it exists only to derive the keyed subject hash.
+
+    A DICOM series of integer pixels with one rescale keeps its stored values (``stored``) and
+    computes ``array`` from them on first use: converting a folder to NIfTI then writes the stored
+    integers as they are, as dcm2niix does, and never makes the float32 copy (twice the size).
     """
 
-    array: np.ndarray
-    affine: np.ndarray
-    modality: str
-    source: Literal["dicom", "nifti"]
-    files: list[Path]
-    warnings: list[str] = field(default_factory=list)
-    patient_id: str | None = None
-    series_uid: str | None = None
-    description: str = ""
+    def __init__(
+        self,
+        *,
+        affine: np.ndarray,
+        modality: str,
+        source: Literal["dicom", "nifti"],
+        files: list[Path],
+        array: np.ndarray | None = None,
+        stored: StoredVoxels | None = None,
+        warnings: list[str] | None = None,
+        patient_id: str | None = None,
+        series_uid: str | None = None,
+        description: str = "",
+    ) -> None:
+        if (array is None) == (stored is None):
+            raise ValueError("a Volume takes either its float32 array or its stored voxels")
+        self._array = array
+        self.stored = stored
+        self.affine = affine
+        self.modality = modality
+        self.source = source
+        self.files = files
+        self.warnings: list[str] = [] if warnings is None else warnings
+        self.patient_id = patient_id
+        self.series_uid = series_uid
+        self.description = description
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            assert self.stored is not None
+            self._array = self.stored.to_float32()
+        return self._array
+
+    def __repr__(self) -> str:
+        return (
+            f"Volume(shape={self.shape}, source={self.source!r}, modality={self.modality!r}, "
+            f"files={len(self.files)}, stored={self.stored is not None})"
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        i, j, k = self.array.shape
+        i, j, k = self.array.shape if self.stored is None else self.stored.values.shape
         return int(i), int(j), int(k)
 
     @property
@@ -307,12 +373,42 @@ def write_nifti(volume: Volume, path: Path) -> Path:
     if not _is_nifti_name(path):
         raise VolumeError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(_compact(np.asarray(volume.array, dtype=np.float32)), volume.affine)
-    img.set_sform(volume.affine, code=1)
-    img.set_qform(volume.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
     # Written to a sibling first and renamed, so a crash never leaves a half-written file behind.
     tmp = path.with_name(f".{path.name}.partial{''.join(path.suffixes)}")
-    nib.save(img, str(tmp))
+    if volume.stored is not None and volume.stored.integral:
+        _write_stored(volume.stored, volume.affine, tmp)
+    else:
+        img = nib.Nifti1Image(_compact(np.asarray(volume.array, dtype=np.float32)), volume.affine)
+        img.set_sform(volume.affine, code=1)
+        img.set_qform(volume.affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        nib.save(img, str(tmp))
     tmp.replace(path)
     return path
+
+
+def _write_stored(stored: StoredVoxels, affine: np.ndarray, path: Path) -> None:
+    """Write STORED's integers as they are, the whole-number intercept in ``scl_inter``.
+
+    The header is nibabel's; the voxels go out in one write straight from the slice stack (NIfTI's
+    order is the stack's memory order), without the copy and the checks nibabel's writer makes.
+    """
+    values = stored.values
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(values.dtype)
+    hdr.set_data_shape(values.shape)
+    hdr.set_sform(affine, code=1)
+    hdr.set_qform(affine, code=1)
+    hdr.set_xyzt_units("mm", "sec")
+    if stored.intercept != 0.0:
+        hdr.set_slope_inter(1.0, stored.intercept)
+    hdr["vox_offset"] = _SINGLE_FILE_OFFSET
+    with Opener(str(path), "wb") as out:
+        out.write(hdr.binaryblock)
+        out.write(b"\0" * (_SINGLE_FILE_OFFSET - len(hdr.binaryblock)))  # no extensions
+        # A view of the stack's memory, not a copy (the opener takes any bytes-like object).
+        out.write(cast(bytes, np.ascontiguousarray(values.T).data))
+
+
+# A single-file NIfTI-1's voxels start after the 348-byte header and the 4-byte extension flag.
+_SINGLE_FILE_OFFSET = 352
