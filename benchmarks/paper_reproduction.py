@@ -74,9 +74,39 @@ METHODS = ("fl", "cds", "ciil", "iil")
 FL_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fednova")
 
 
+# The server optimisers' settings an --fl-strategy entry may give (RunOptions' fields).
+SERVER_SETTINGS = ("server_lr", "server_momentum", "server_beta1", "server_beta2", "server_tau")
+
+
+def parse_fl_strategy(entry: str) -> tuple[str, dict[str, float]]:
+    """One --fl-strategy entry, ``name`` or ``name:setting=value:...``: the name and its settings."""
+    name, *pairs = entry.split(":")
+    if name not in FL_STRATEGIES:
+        raise ValueError(f"{entry!r}: {name!r} is not one of {', '.join(FL_STRATEGIES)}")
+    settings: dict[str, float] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if key not in SERVER_SETTINGS or not eq:
+            raise ValueError(
+                f"{entry!r}: {pair!r} is not setting=value with one of {', '.join(SERVER_SETTINGS)}"
+            )
+        try:
+            settings[key] = float(value)
+        except ValueError:
+            raise ValueError(f"{entry!r}: {key}={value!r} is not a number") from None
+    return name, settings
+
+
 def fl_label(strategy: str) -> str:
-    """The table's name for FL run with STRATEGY: "FL" for FedAvg (the study's), else "FL (name)"."""
+    """The table's name for FL run with STRATEGY: "FL" for FedAvg (the study's), else "FL (entry)"."""
     return "FL" if strategy == "fedavg" else f"FL ({strategy})"
+
+
+def fl_run_label(strategy: str) -> str:
+    """The run's folder and id stem: FedAvg keeps its historical "fl"; settings become a suffix."""
+    if strategy == "fedavg":
+        return "fl"
+    return "fl-" + strategy.replace(":", "-").replace("=", "")
 
 
 @dataclass
@@ -163,11 +193,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         )
     n_seeds = args.seeds or base["seeds"]
     fl_strategies = [x.strip() for x in (args.fl_strategy or "fedavg").split(",") if x.strip()]
-    unknown = [x for x in fl_strategies if x not in FL_STRATEGIES]
-    if unknown or not fl_strategies or len(set(fl_strategies)) != len(fl_strategies):
-        raise SystemExit(
-            f"--fl-strategy {args.fl_strategy!r}: give distinct names from {', '.join(FL_STRATEGIES)}"
-        )
+    try:
+        for entry in fl_strategies:
+            parse_fl_strategy(entry)
+    except ValueError as exc:
+        raise SystemExit(f"--fl-strategy: {exc}") from None
+    if not fl_strategies or len(set(fl_strategies)) != len(fl_strategies):
+        raise SystemExit(f"--fl-strategy {args.fl_strategy!r}: give distinct entries")
     methods = [x.strip() for x in (args.methods or ",".join(METHODS)).split(",") if x.strip()]
     if not methods or any(m not in METHODS for m in methods):
         raise SystemExit(f"--methods {args.methods!r}: give names from {', '.join(METHODS)}")
@@ -482,20 +514,21 @@ class MethodRunner:
             self.console.print(f"DP: {spec}; run epsilon by site size {per_count}")
         what = f"{s.rounds} rounds x {s.local_epochs} local epoch(s) at every site"
         self.console.rule(f"[bold]{name} seed {seed}: {what}")
-        # FedAvg keeps its historical run names (fl-seed0, fl-s0); the variants their own.
-        label = "fl" if strategy == "fedavg" else f"fl-{strategy}"
+        label = fl_run_label(strategy)
+        strategy_name, server_settings = parse_fl_strategy(strategy)
         res, summary = self.run_over_agents(
             label,
             plan,
             RunOptions(
-                strategy=strategy,
+                strategy=strategy_name,
                 rounds=s.rounds,
                 evaluate=s.eval_every_round,
                 reseed_rounds=True,
                 run_id=f"{label}-s{seed}",
+                **server_settings,  # type: ignore[arg-type]
             ),
         )
-        summary["strategy"] = strategy
+        summary["strategy"] = strategy_name
         summary["strategy_settings"] = res.doc.get("strategy_settings", {})
         summary["dp"] = dp
         summary["mia"] = self.mia(plan, res.final_model_path)
@@ -825,7 +858,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--fl-strategy",
         help=f"FL run with these coordinator strategies, comma-separated ({', '.join(FL_STRATEGIES)}); "
-        "default fedavg (the study's). Each gets its own row.",
+        "default fedavg (the study's). Each gets its own row. An entry may set the server "
+        "optimiser: fedavgm:server_lr=1:server_momentum=0.5 (settings: "
+        f"{', '.join(SERVER_SETTINGS)}).",
     )
     ap.add_argument(
         "--dp-epsilon",
