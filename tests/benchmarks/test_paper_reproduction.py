@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.options import RunOptions
+from coordinator.strategies import STRATEGIES
+
 # The benchmarks are scripts next to the packages, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -14,7 +17,10 @@ from benchmarks.paper_reproduction import (
     _outside_sites_evaluate_everything,
     budget_lines,
     fix_site_secret,
+    fl_label,
+    fl_run_label,
     parse_args,
+    parse_fl_strategy,
     scaled_split,
     settings_from,
     shuffled,
@@ -91,12 +97,38 @@ def test_fl_strategies_and_methods_are_checked() -> None:
     assert s.fl_strategies == ["fedavg", "fednova"]
     assert s.methods == ["fl", "cds"]
     assert settings_from(parse_args([])).methods == ["fl", "cds", "ciil", "iil"]
-    with pytest.raises(SystemExit, match="--fl-strategy 'iil'"):
+    with pytest.raises(SystemExit, match="--fl-strategy: 'iil': 'iil' is not one of fedavg, "):
         settings_from(parse_args(["--fl-strategy", "iil"]))
-    with pytest.raises(SystemExit, match="--fl-strategy 'fedavg,fedavg'"):
+    with pytest.raises(SystemExit, match="--fl-strategy 'fedavg,fedavg': give distinct entries"):
         settings_from(parse_args(["--fl-strategy", "fedavg,fedavg"]))
+    for bad, why in (
+        ("fedavgm:momentum=0.5", "'momentum=0.5' is not setting=value with one of server_lr, "),
+        ("fedavgm:server_lr", "'server_lr' is not setting=value"),
+        ("fedadam:server_lr=fast", "server_lr='fast' is not a number"),
+    ):
+        with pytest.raises(SystemExit, match=why):
+            settings_from(parse_args(["--fl-strategy", bad]))
     with pytest.raises(SystemExit, match="--methods 'pooled'"):
         settings_from(parse_args(["--methods", "pooled"]))
+
+
+def test_an_fl_strategy_entry_sets_its_server_optimiser_and_names_its_own_run() -> None:
+    entry = "fedavgm:server_lr=0.7:server_momentum=0.3"
+    s = settings_from(parse_args(["--fl-strategy", f"fedavg,{entry},fedavgm"]))
+    assert s.fl_strategies == ["fedavg", entry, "fedavgm"]
+    assert parse_fl_strategy(entry) == ("fedavgm", {"server_lr": 0.7, "server_momentum": 0.3})
+    assert parse_fl_strategy("fedavg") == ("fedavg", {})
+    # Each entry its own row and run folder; FedAvg keeps the historical names.
+    assert [fl_label(x) for x in s.fl_strategies] == ["FL", f"FL ({entry})", "FL (fedavgm)"]
+    assert [fl_run_label(x) for x in s.fl_strategies] == [
+        "fl",
+        "fl-fedavgm-server_lr0.7-server_momentum0.3",
+        "fl-fedavgm",
+    ]
+    # The settings reach the strategy: its recorded settings are the entry's.
+    name, settings = parse_fl_strategy(entry)
+    strategy = STRATEGIES[name](RunOptions(strategy=name, **settings), ["a", "b"])  # type: ignore[arg-type]
+    assert strategy.settings() == {"server_lr": 0.7, "server_momentum": 0.3}
 
 
 def test_outside_sites_validate_on_nearly_everything(tmp_path: Path) -> None:
