@@ -10,8 +10,8 @@ runs, after one untimed warm-up of each so both read from the page cache):
 Wall-clock ratios are the target; CPU-second ratios are reported too, because on a shared machine the
 wall clock mostly measures the other processes.
 
-It prints JSON with per-size times and the ratios ours/dcm2niix (target: at most 2.0) and writes a bar
-chart ``dicom_ingest.png`` to --out.
+It prints JSON with per-size times and the ratios ours/dcm2niix (target: at most 1.0, to volumes and
+to NIfTI, on every size) and writes a bar chart ``dicom_ingest.png`` to --out.
 
     .venv/bin/python benchmarks/dicom_ingest.py --out bench-out/dicom_ingest [--quick] [--repeats 3]
 """
@@ -42,7 +42,7 @@ from tests.fixtures.dicom import write_series  # noqa: E402  (the series writer 
 
 FULL_SIZES = [(1000, 64, 64), (200, 256, 256), (300, 512, 512)]
 QUICK_SIZES = [(200, 64, 64), (60, 256, 256), (30, 512, 512)]
-TARGET_RATIO = 2.0
+TARGET_RATIO = 1.0
 
 
 def _cpu_seconds() -> float:
@@ -55,6 +55,9 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     fn()  # warm-up: page cache, imports
     walls, cpus = [], []
     for _ in range(repeats):
+        # The previous run's output still being written back to disk would slow this one (the
+        # largest size writes 157 MB a run): flushed first, outside the timing, for both sides.
+        os.sync()
         cpu0, start = _cpu_seconds(), time.perf_counter()
         fn()
         walls.append(time.perf_counter() - start)
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data is None:
             shutil.rmtree(data_root, ignore_errors=True)
     worst = max(r["ratio_nifti"] for r in results)
+    worst_scan = max(r["ratio_scan"] for r in results)
     worst_cpu = max(r["ratio_nifti_cpu"] for r in results)
     report = {
         "benchmark": "dicom_ingest",
@@ -188,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "target_ratio": TARGET_RATIO,
+        "worst_ratio_scan": worst_scan,
         "worst_ratio_nifti": worst,
         "worst_ratio_nifti_cpu": worst_cpu,
-        "meets_target": worst <= TARGET_RATIO,
+        "meets_target": max(worst, worst_scan) <= TARGET_RATIO,
         "sizes": results,
     }
     _chart(results, args.out / "dicom_ingest.png")
