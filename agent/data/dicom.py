@@ -98,6 +98,9 @@ from agent.data.volume import (
 )
 from agent.errors import DicomError, FedsiteError, VolumeError
 
+# A whole file's bytes as read (`_read_rest`): the parser only reads it.
+Buffer = bytes | bytearray
+
 with warnings.catch_warnings():
     # nibabel warns on import that its DICOM *readers* are experimental; only its CSA header parser
     # (stable, and what dcm2niix's own parser mirrors) is used here.
@@ -388,7 +391,7 @@ _UNDEFINED = 0xFFFFFFFF
 
 
 def _walk(
-    data: bytes, pos: int, implicit: bool, out: dict[int, memoryview] | None, stop_group: int | None = None
+    data: Buffer, pos: int, implicit: bool, out: dict[int, memoryview] | None, stop_group: int | None = None
 ) -> tuple[int, bool]:
     """Walk little-endian data elements from ``pos``, keeping the values of FAST_TAGS in ``out``.
 
@@ -410,7 +413,7 @@ def _walk(
             length = _UNPACK_U32(data, pos + 4)[0]
             pos += 8
         else:
-            vr = data[pos + 4 : pos + 6]
+            vr = bytes(data[pos + 4 : pos + 6])  # hashed below: not a bytearray
             if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
                 raise _Fallback
             if vr in _LONG_VRS:
@@ -441,7 +444,7 @@ def _walk(
     return pos, False
 
 
-def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int:
+def _skip_sequence(data: Buffer, pos: int, implicit: bool) -> int:
     end = len(data)
     while True:
         if pos + 8 > end:
@@ -462,7 +465,7 @@ def _skip_sequence(data: bytes, pos: int, implicit: bool) -> int:
             pos += length
 
 
-def _fast_frames(path: Path, data: bytes, pos: int, implicit: bool, meta_sop: str) -> _FileResult | None:
+def _fast_frames(path: Path, data: Buffer, pos: int, implicit: bool, meta_sop: str) -> _FileResult | None:
     """Parse an uncompressed little-endian file; None when it needs the general path (multi-frame, ...)."""
     raw: dict[int, memoryview] = {}
     try:
@@ -776,7 +779,7 @@ def _read_file(path: Path) -> _FileResult:
             has_marker = len(head) == 132 and head[128:132] == b"DICM"
             if not has_marker and not _looks_like_dataset_start(head):
                 return _FileResult(path, skip_reason="not a DICOM file (no 'DICM' marker at byte 128)")
-            data = head + fh.read()
+            data = _read_rest(fh, head)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _parse(path, data, has_marker)
@@ -788,7 +791,32 @@ def _read_file(path: Path) -> _FileResult:
         return _FileResult(path, skip_reason=f"cannot be parsed as DICOM: {type(exc).__name__}: {exc}")
 
 
-def _parse(path: Path, data: bytes, has_marker: bool) -> _FileResult:
+def _read_rest(fh: io.BufferedReader, head: bytes) -> Buffer:
+    """HEAD and the rest of the file in one buffer, read into place.
+
+    ``head + fh.read()`` would copy every file's pixels once more (157 MB for a 300-slice
+    512x512 series); the frames' pixel arrays are views of this buffer.
+    """
+    size = os.fstat(fh.fileno()).st_size
+    if size <= len(head):
+        return head + fh.read()
+    buf = bytearray(size)
+    view = memoryview(buf)
+    view[: len(head)] = head
+    got = len(head)
+    while got < size:
+        n = fh.readinto(view[got:])
+        if not n:
+            break  # the file shrank while read: parse what is there, as fh.read() would
+        got += n
+    view.release()
+    rest = fh.read()  # the file grew while read: its tail too
+    if got < size or rest:
+        return bytes(buf[:got]) + rest
+    return buf  # bytes-like: the parser only reads it
+
+
+def _parse(path: Path, data: Buffer, has_marker: bool) -> _FileResult:
     meta_sop = ""
     if has_marker:
         meta: dict[int, memoryview] = {}

@@ -12,6 +12,7 @@ import pydicom.data
 import pytest
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from agent.data import dicom as dicom_module
 from agent.data.dicom import read_dicom_series, scan_dicom_folder
 from agent.data.volume import Volume, read_nifti_volume, write_nifti
 from agent.errors import DicomError, VolumeError
@@ -572,3 +573,23 @@ def test_nifti_with_nan_is_read_with_a_warning(tmp_path: Path) -> None:
 def _write_clean(tmp_path: Path) -> Path:
     nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.float32), np.eye(4)), tmp_path / "ok.nii.gz")
     return tmp_path / "ok.nii.gz"
+
+
+@pytest.mark.parametrize("size", [0, 5, 131, 132, 133, 4096, 1_000_003])
+def test_a_file_is_read_whole_into_one_buffer_whatever_its_size(tmp_path: Path, size: int) -> None:
+    content = np.random.default_rng(size).integers(0, 256, size=size, dtype=np.uint8).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(content)
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        assert bytes(dicom_module._read_rest(fh, head)) == content
+
+
+def test_a_file_that_grew_after_its_head_was_read_is_read_to_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 500)
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+        with open(path, "ab") as more:
+            more.write(b"b" * 100)
+        assert bytes(dicom_module._read_rest(fh, head)) == b"a" * 500 + b"b" * 100
