@@ -1,7 +1,8 @@
 """DICOM ingest speed: our series assembly versus dcm2niix on the same generated files.
 
-For each series size, the script writes one single-frame MR series, then times (median of --repeats
-runs, after one untimed warm-up of each so both read from the page cache):
+For each series size, the script writes one single-frame MR series, then times (--repeats rounds,
+each running the three below in turn, after one untimed warm-up of each so all read from the page
+cache; ratios are taken within a round, and their median and range reported):
 
 * ``ours_scan``: ``scan_dicom_folder`` -> volumes in memory (what the agent's catalog and loaders use);
 * ``ours_nifti``: the same plus writing the volume as uncompressed NIfTI (like for like with dcm2niix);
@@ -50,19 +51,40 @@ def _cpu_seconds() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    """Median wall-clock and median CPU seconds (this process, its threads and its children)."""
-    fn()  # warm-up: page cache, imports
-    walls, cpus = [], []
+# Per measured function: its wall-clock seconds and its CPU seconds, one of each per repeat.
+Times = dict[str, tuple[list[float], list[float]]]
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> Times:
+    """Wall-clock and CPU seconds (this process, its threads and its children) of each of FNS.
+
+    Each repeat runs every function once, in turn, so that a change in the machine's state (other
+    processes, the page cache of a VM whose memory the host reclaims) falls on all of them alike
+    and the ratios are taken within one repeat.
+    """
+    for fn in fns.values():
+        fn()  # warm-up: page cache, imports
+    times: Times = {name: ([], []) for name in fns}
     for _ in range(repeats):
-        # The previous run's output still being written back to disk would slow this one (the
-        # largest size writes 157 MB a run): flushed first, outside the timing, for both sides.
-        os.sync()
-        cpu0, start = _cpu_seconds(), time.perf_counter()
-        fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(_cpu_seconds() - cpu0)
-    return statistics.median(walls), statistics.median(cpus)
+        for name, fn in fns.items():
+            # The previous run's output still being written back to disk would slow this one (the
+            # largest size writes 157 MB a run): flushed first, outside the timing, for each side.
+            os.sync()
+            cpu0, start = _cpu_seconds(), time.perf_counter()
+            fn()
+            times[name][0].append(time.perf_counter() - start)
+            times[name][1].append(_cpu_seconds() - cpu0)
+    return times
+
+
+def _ratios(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Median and range of the per-repeat ratios ours / theirs."""
+    per_repeat = [a / max(b, 1e-9) for a, b in zip(ours, theirs, strict=True)]
+    return {
+        "median": round(statistics.median(per_repeat), 3),
+        "min": round(min(per_repeat), 3),
+        "max": round(max(per_repeat), 3),
+    }
 
 
 def _run_dcm2niix(folder: Path, out: Path) -> None:
@@ -148,13 +170,19 @@ def main(argv: list[str] | None = None) -> int:
                     folder, n_slices=slices, rows=rows, cols=cols, slice_spacing=1.0, seed=slices, smooth=True
                 )
             scratch = data_root / name / "out"
-            ours_scan, ours_scan_cpu = _median_time(partial(_ours_scan, folder, args.workers), args.repeats)
-            ours_nifti, ours_nifti_cpu = _median_time(
-                partial(_ours_nifti, folder, scratch / "ours", args.workers), args.repeats
+            times = _interleaved(
+                {
+                    "ours_scan": partial(_ours_scan, folder, args.workers),
+                    "ours_nifti": partial(_ours_nifti, folder, scratch / "ours", args.workers),
+                    "dcm2niix": partial(_run_dcm2niix, folder, scratch / "dcm2niix"),
+                },
+                args.repeats,
             )
-            theirs, theirs_cpu = _median_time(
-                partial(_run_dcm2niix, folder, scratch / "dcm2niix"), args.repeats
-            )
+            median = {name: statistics.median(walls) for name, (walls, _) in times.items()}
+            median_cpu = {name: statistics.median(cpus) for name, (_, cpus) in times.items()}
+            ours_scan, ours_nifti, theirs = median["ours_scan"], median["ours_nifti"], median["dcm2niix"]
+            scan_ratio = _ratios(times["ours_scan"][0], times["dcm2niix"][0])
+            nifti_ratio = _ratios(times["ours_nifti"][0], times["dcm2niix"][0])
             size_mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
             results.append(
                 {
@@ -166,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_scan_s": round(ours_scan, 4),
                     "ours_nifti_s": round(ours_nifti, 4),
                     "dcm2niix_s": round(theirs, 4),
-                    "ratio_scan": round(ours_scan / theirs, 3),
-                    "ratio_nifti": round(ours_nifti / theirs, 3),
-                    "ours_scan_cpu_s": round(ours_scan_cpu, 4),
-                    "ours_nifti_cpu_s": round(ours_nifti_cpu, 4),
-                    "dcm2niix_cpu_s": round(theirs_cpu, 4),
-                    "ratio_nifti_cpu": round(ours_nifti_cpu / max(theirs_cpu, 1e-9), 3),
+                    # Medians of the per-repeat ratios, with their range.
+                    "ratio_scan": scan_ratio["median"],
+                    "ratio_nifti": nifti_ratio["median"],
+                    "ratio_scan_range": [scan_ratio["min"], scan_ratio["max"]],
+                    "ratio_nifti_range": [nifti_ratio["min"], nifti_ratio["max"]],
+                    "ours_scan_cpu_s": round(median_cpu["ours_scan"], 4),
+                    "ours_nifti_cpu_s": round(median_cpu["ours_nifti"], 4),
+                    "dcm2niix_cpu_s": round(median_cpu["dcm2niix"], 4),
+                    "ratio_nifti_cpu": _ratios(times["ours_nifti"][1], times["dcm2niix"][1])["median"],
                 }
             )
             print(
