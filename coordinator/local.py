@@ -235,10 +235,30 @@ class LocalFederation:
     def start_many(self, configs: Mapping[str, Path], ready_timeout: float = 180.0) -> dict[str, LocalAgent]:
         """Start several agents at once (their start-up overlaps) and wait for all of them."""
         started: dict[str, LocalAgent] = {}
+        taken = {a.port for a in self.agents.values()}
         for name, config in configs.items():
-            started[name] = self.agents[name] = spawn_agent(name, config, log_dir=self.log_dir, env=self.env)
+            # A port free now is not reserved: the OS can offer it again before the agent given
+            # it has bound it, and another agent would then answer that agent's health checks.
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            taken.add(port)
+            started[name] = self.agents[name] = spawn_agent(
+                name, config, port=port, log_dir=self.log_dir, env=self.env
+            )
         for agent in started.values():
             wait_healthy(agent, ready_timeout)
+        # An agent that lost its port to another process (whose answer passed its health check)
+        # exits when it fails to bind, at the end of its start-up, about when the others are up:
+        # checked once more here, so that it is most likely refused now rather than met as
+        # another site's 401 in a round (the distinct ports above rule out our own agents).
+        for agent in started.values():
+            if not agent.alive():
+                raise LocalAgentError(
+                    f"{agent.name}: the agent exited with code {agent.process.returncode} after another "
+                    f"process answered on its port {agent.port}; last lines of {agent.log_path}:\n"
+                    f"{agent.log_tail()}"
+                )
         return started
 
     def stop(self, timeout: float = 15.0) -> None:
