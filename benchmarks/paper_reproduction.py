@@ -408,6 +408,19 @@ def shuffled(names: Sequence[str], seed: int) -> list[str]:
     return order
 
 
+def require_every_site(label: str, *evaluations: dict[str, dict[str, Any]]) -> None:
+    """Stop the reproduction when a site's evaluation of a final model failed.
+
+    The coordinator leaves such a site out of the mean Dice (right for a federation that goes
+    on), but then the method's figure is over other sites than the others' and its "% of CDS"
+    compares nothing: a reproduction with a site missing is refused, naming it and why.
+    """
+    failed = {site: e["error"] for ev in evaluations for site, e in ev.items() if "error" in e}
+    if failed:
+        reasons = "; ".join(f"{site}: {why}" for site, why in sorted(failed.items()))
+        raise SystemExit(f"{label}: the final model's evaluation failed at {len(failed)} site(s): {reasons}")
+
+
 def summarise_run(doc: dict[str, Any]) -> dict[str, Any]:
     final = doc.get("final", {})
     curve = [
@@ -487,6 +500,8 @@ class MethodRunner:
             initial_weights=initial_weights(plan),
             reporter=self.reporter,
         )
+        final = res.doc.get("final", {})
+        require_every_site(label, final.get("evaluation") or {}, final.get("outside_evaluation") or {})
         summary = summarise_run(res.doc)
         summary["seed"] = seed
         return res, summary
@@ -593,6 +608,7 @@ class MethodRunner:
         finally:
             for c in clients.values():
                 c.close()
+        require_every_site(f"cds-seed{seed}", per_site, per_out)
         # The final model's point is the agents' evaluation: same splits, same engine.
         curve.append((n, inside_dice))
         self.console.print(

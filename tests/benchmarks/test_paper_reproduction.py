@@ -21,6 +21,7 @@ from benchmarks.paper_reproduction import (
     fl_run_label,
     parse_args,
     parse_fl_strategy,
+    require_every_site,
     scaled_split,
     settings_from,
     shuffled,
@@ -154,3 +155,13 @@ def test_generated_sites_get_a_secret_from_the_data_seed(tmp_path: Path) -> None
     assert load_config(first).site_secret() == secret
     fix_site_secret(first, 1)
     assert load_config(first).site_secret() != secret
+
+
+def test_a_site_whose_final_evaluation_failed_stops_the_reproduction_naming_it() -> None:
+    inside = {"site-1": {"dice": 0.8}, "site-2": {"error": "HTTP 401: invalid or revoked token"}}
+    outside = {"site-11": {"dice": 0.7}}
+    with pytest.raises(
+        SystemExit, match=r"^cds-seed0: the final model's evaluation failed at 1 site\(s\): site-2: HTTP 401"
+    ):
+        require_every_site("cds-seed0", inside, outside)
+    require_every_site("cds-seed0", {"site-1": {"dice": 0.8}}, outside)  # all answered: goes on
