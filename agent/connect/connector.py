@@ -369,16 +369,7 @@ class Connector:
         except (InvalidRequest, NotFound) as exc:
             self._refuse_raw(task.task_id, task.lease_id, "invalid_task", str(exc), None)
             return
-        uploader = Uploader(
-            client=self.client,
-            audit=self.audit,
-            actor=ACTOR,
-            attempts=self.cfg.upload_attempts,
-            max_backoff_s=self.cfg.max_backoff_s,
-            stop=self.stopping,
-            lease_valid=lambda: task.lease_id not in self._lost_leases,
-        )
-        outcome = uploader.upload(
+        outcome = self._uploader(task.lease_id).upload(
             task.task_id, task.lease_id, data, sha256, self.chunk_bytes, {"metrics": {"answer": answer}}
         )
         self.audit.append(
@@ -575,16 +566,20 @@ class Connector:
                 continue
             self._deliver(row, job)
 
-    def _deliver(self, row: TaskRow, job: JobView) -> None:
-        uploader = Uploader(
+    def _uploader(self, lease_id: str) -> Uploader:
+        """An uploader for one task's result, which stops once LEASE_ID is reported lost."""
+        return Uploader(
             client=self.client,
             audit=self.audit,
             actor=ACTOR,
             attempts=self.cfg.upload_attempts,
             max_backoff_s=self.cfg.max_backoff_s,
             stop=self.stopping,
-            lease_valid=lambda: row.lease_id not in self._lost_leases,
+            lease_valid=lambda: lease_id not in self._lost_leases,
         )
+
+    def _deliver(self, row: TaskRow, job: JobView) -> None:
+        uploader = self._uploader(row.lease_id)
         result: dict[str, Any] = {
             "num_samples": job.num_samples,
             "metrics": job.metrics,
