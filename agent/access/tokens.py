@@ -41,7 +41,10 @@ from agent.errors import ApprovalError, TokenError, TokenExpired
 Role = Literal["coordinator", "admin"]
 ROLES: tuple[Role, ...] = ("coordinator", "admin")
 MAX_TOKEN_CHARS = 512
+# Token names and console admin names alike: each appears in audit actors (`token:NAME`,
+# `console:NAME`), so both keep to one safe alphabet.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+NAME_RULE = "1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit"
 # A lifetime: a count and a unit (minutes, hours, days, weeks), e.g. "90d" or "12h".
 _DURATION = re.compile(r"([1-9][0-9]{0,5})\s*([mhdw])")
 _UNITS = {"m": timedelta(minutes=1), "h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -93,12 +96,14 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def is_actor_name(name: object) -> bool:
+    """Whether NAME can name a token or a console admin (see NAME_RULE)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise TokenError(
-            f"token name {name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', "
-            "starting with a letter or digit"
-        )
+    if not is_actor_name(name):
+        raise TokenError(f"token name {name!r}: use {NAME_RULE}")
     return name
 
 

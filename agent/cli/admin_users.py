@@ -10,18 +10,34 @@ operation, 2 a config, database or password file that cannot be used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 
 from agent.audit.chain import AuditLog
 from agent.cli.common import ConfigOption, cli_actor, database, fail, load, print_table, when
+from agent.config import AgentConfig
 from agent.console.auth import MIN_PASSWORD_CHARS, add_admin, list_admins, remove_admin, set_password
+from agent.db.engine import Database
 from agent.errors import AdminUserError
+
+T = TypeVar("T")
 
 admin_users_app = typer.Typer(help="Manage the admin web console's accounts.", no_args_is_help=True)
 
 FILE_HELP = "Read the password from the first line of this file instead of asking for it."
+
+
+def _change(cfg: AgentConfig, change: Callable[[Database, AuditLog, str], T]) -> T:
+    """Run one account change against the config's database, audited as this OS user; a refusal
+    (unknown name, short password, ...) ends the command with its reason and exit code 1."""
+    with database(cfg) as db:
+        try:
+            return change(db, AuditLog(db), cli_actor())
+        except AdminUserError as exc:
+            fail(f"error: {exc}", 1)
 
 
 def _password(password_file: Path | None) -> str:
@@ -53,11 +69,7 @@ def admin_users_add(
     """Create a console account (its password is stored as an argon2id hash)."""
     cfg = load(config)
     password = _password(password_file)
-    with database(cfg) as db:
-        try:
-            add_admin(db, AuditLog(db), name, password, cli_actor())
-        except AdminUserError as exc:
-            fail(f"error: {exc}", 1)
+    _change(cfg, lambda db, audit, actor: add_admin(db, audit, name, password, actor))
     typer.echo(f"Created console admin {name!r}.")
     if not cfg.console.enabled:
         typer.echo(
@@ -74,11 +86,7 @@ def admin_users_password(
     """Set a new password; the account's open sessions end."""
     cfg = load(config)
     password = _password(password_file)
-    with database(cfg) as db:
-        try:
-            ended = set_password(db, AuditLog(db), name, password, cli_actor())
-        except AdminUserError as exc:
-            fail(f"error: {exc}", 1)
+    ended = _change(cfg, lambda db, audit, actor: set_password(db, audit, name, password, actor))
     typer.echo(f"New password for {name!r}; {ended} session(s) ended.")
 
 
@@ -103,9 +111,5 @@ def admin_users_remove(
 ) -> None:
     """Remove an account; its open sessions end at once."""
     cfg = load(config)
-    with database(cfg) as db:
-        try:
-            ended = remove_admin(db, AuditLog(db), name, cli_actor())
-        except AdminUserError as exc:
-            fail(f"error: {exc}", 1)
+    ended = _change(cfg, lambda db, audit, actor: remove_admin(db, audit, name, actor))
     typer.echo(f"Removed console admin {name!r}; {ended} session(s) ended.")

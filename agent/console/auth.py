@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,13 +24,13 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
+from agent.access.tokens import NAME_RULE, is_actor_name
 from agent.audit.chain import AuditLog
 from agent.console.models import AdminSession, AdminUser
 from agent.db.base import utcnow
 from agent.db.engine import Database
 from agent.errors import AdminUserError
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
 MIN_PASSWORD_CHARS = 12
 MAX_PASSWORD_CHARS = 1024
 
@@ -61,11 +60,8 @@ class SessionInfo:
 
 def check_admin_name(name: str) -> str:
     """NAME if it can name an account (it appears in audit actors as `console:NAME`)."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise AdminUserError(
-            f"admin name {name!r}: expected 1-64 letters, digits, '.', '_', '@' or '-', "
-            "starting with a letter or digit"
-        )
+    if not is_actor_name(name):
+        raise AdminUserError(f"admin name {name!r}: expected {NAME_RULE}")
     return name
 
 
@@ -86,6 +82,14 @@ def actor_of(name: str) -> str:
 
 def _active(name: str) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
     return (AdminUser.name == name, AdminUser.removed_at.is_(None))
+
+
+def _active_row(session: Session, name: str) -> AdminUser:
+    """NAME's account, which must exist and not be removed."""
+    row = session.scalar(select(AdminUser).where(*_active(name)))
+    if row is None:
+        raise AdminUserError(f"no admin named {name!r}")
+    return row
 
 
 def add_admin(db: Database, audit: AuditLog, name: str, password: str, actor: str) -> AdminInfo:
@@ -112,9 +116,7 @@ def set_password(db: Database, audit: AuditLog, name: str, password: str, actor:
     digest = _hasher.hash(check_password(password))
     now = utcnow()
     with audit.transaction() as tx:
-        row = tx.session.scalar(select(AdminUser).where(*_active(name)))
-        if row is None:
-            raise AdminUserError(f"no admin named {name!r}")
+        row = _active_row(tx.session, name)
         row.password_hash = digest
         row.password_changed_at = now
         ended = _end_sessions(tx.session, row.id, now)
@@ -128,9 +130,7 @@ def remove_admin(db: Database, audit: AuditLog, name: str, actor: str) -> int:
     """Remove the account NAME and end its sessions; returns how many sessions ended."""
     now = utcnow()
     with audit.transaction() as tx:
-        row = tx.session.scalar(select(AdminUser).where(*_active(name)))
-        if row is None:
-            raise AdminUserError(f"no admin named {name!r}")
+        row = _active_row(tx.session, name)
         row.removed_at = now
         row.removed_by = actor
         ended = _end_sessions(tx.session, row.id, now)
@@ -157,7 +157,7 @@ def verify_login(db: Database, name: str, password: str) -> bool:
     """Whether NAME's password is PASSWORD (as long to answer for an unknown name); re-hashes a
     password stored with outdated parameters."""
     with db.session() as s:
-        row = s.scalar(select(AdminUser).where(*_active(name))) if _NAME.fullmatch(name or "") else None
+        row = s.scalar(select(AdminUser).where(*_active(name))) if is_actor_name(name) else None
         stored = row.password_hash if row is not None else _DUMMY_HASH
         try:
             _hasher.verify(stored, password)
