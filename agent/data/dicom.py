@@ -95,6 +95,7 @@ from agent.data.volume import (
     choose_volume,
     count_nonfinite,
     nonfinite_warning,
+    rescale_into,
 )
 from agent.errors import DicomError, FedsiteError, VolumeError
 
@@ -1221,11 +1222,10 @@ def _assemble(group: _Group, volume_index: int | None = None) -> Volume:
     # A rescale past float32's range gives infinity: counted and reported below, not a numpy warning.
     with np.errstate(over="ignore", invalid="ignore"):
         for k, f in enumerate(frames):
-            if kept is not None or (f.slope == 1.0 and f.intercept == 0.0):
+            if kept is not None:
                 stack[k] = f.pixels
             else:
-                np.multiply(f.pixels, f.slope, out=stack[k], casting="unsafe")
-                stack[k] += np.float32(f.intercept)
+                rescale_into(stack[k], f.pixels, f.slope, f.intercept)
             if f.invert_range is not None:
                 low, high = f.invert_range
                 np.subtract(np.float32(low + high), stack[k], out=stack[k])

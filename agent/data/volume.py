@@ -46,6 +46,21 @@ def warning_category(warning: str) -> WarningCategory:
     return warning.category if isinstance(warning, VolumeWarning) else WarningCategory.OTHER
 
 
+def rescale_into(out: np.ndarray, stored: np.ndarray, slope: float, intercept: float) -> None:
+    """OUT (float32) = STORED * SLOPE + INTERCEPT, the one rescale arithmetic of DICOM values.
+
+    The product in float64 then float32, the intercept added in float32: a slice stack rescaled
+    frame by frame and stored voxels rescaled whole give the same bits. A value past float32's
+    range becomes infinity without a numpy warning (the caller counts such values).
+    """
+    if slope == 1.0 and intercept == 0.0:
+        np.copyto(out, stored, casting="unsafe")
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.multiply(stored, slope, out=out, casting="unsafe")
+        out += np.float32(intercept)
+
+
 @dataclass(frozen=True)
 class StoredVoxels:
     """Integer voxels as a DICOM series stores them, and the linear map to their values.
@@ -62,14 +77,7 @@ class StoredVoxels:
     def to_float32(self) -> np.ndarray:
         """The voxel values, float32, in the memory order of ``values``."""
         out = np.empty(self.values.T.shape, dtype=np.float32).T
-        if self.slope == 1.0 and self.intercept == 0.0:
-            np.copyto(out, self.values, casting="unsafe")
-            return out
-        # Slope in float64 then float32, the intercept added in float32: the frame-by-frame float
-        # assembly's arithmetic, so both paths give the same bits.
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(self.values, self.slope, out=out, casting="unsafe")
-            out += np.float32(self.intercept)
+        rescale_into(out, self.values, self.slope, self.intercept)
         return out
 
     @property
