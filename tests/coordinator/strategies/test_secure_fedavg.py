@@ -264,6 +264,10 @@ def check_secure_mean(sfed: SecureFederation, run: Run, contributors: list[str])
     assert bound == pytest.approx(report["error_bound"])
     assert 0 < bound < 1e-6
     worst = 0.0
+    # How far training moved each tensor, in units of its slack. One small tensor (a final bias)
+    # may barely move in one round, so the comparison is meaningful when the model as a whole
+    # moved far beyond the bound: most tensors, and by a wide margin the largest move.
+    moved: dict[str, float] = {}
     for name, g in start.items():
         expected = sum(held[s][name].double().clamp(-CLIP, CLIP) * weights[s] for s in contributors) / total
         got = model[name].double() - g.double()
@@ -272,7 +276,10 @@ def check_secure_mean(sfed: SecureFederation, run: Run, contributors: list[str])
         err = float((got - expected).abs().max())
         assert err <= slack, f"{name}: {err} > {slack}"
         worst = max(worst, err)
-        assert float(expected.abs().max()) > 100 * slack, "training must move the model beyond the bound"
+        moved[name] = float(expected.abs().max()) / slack
+    far = sorted(name for name, ratio in moved.items() if ratio > 100)
+    assert len(far) * 2 > len(moved), f"training must move most tensors beyond the bound: {moved}"
+    assert max(moved.values()) > 1000, f"training must move the model far beyond the bound: {moved}"
     return {"max_error": worst, "bound": bound, "report": report, "held": held, "round": rnd}
 
 
