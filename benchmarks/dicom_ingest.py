@@ -9,7 +9,13 @@ cache; ratios are taken within a round, and their median and range reported):
 * ``dcm2niix``: ``dcm2niix -z n`` writing uncompressed NIfTI, as a subprocess.
 
 Wall-clock ratios are the target; CPU-second ratios are reported too, because on a shared machine the
-wall clock mostly measures the other processes.
+wall clock mostly measures the other processes. Each side's output of the previous repeat is
+deleted before its timing starts: what is timed is writing a new file, as a conversion does, and
+not freeing the old one (which the kernel would charge to whichever side runs when memory is short).
+
+``--cold`` drops the page cache before every timed run (Linux, as root), so the files come from
+the disk: what an agent meets on its first read of a hospital's folder, and what the reader
+threads are for.
 
 It prints JSON with per-size times and the ratios ours/dcm2niix (target: at most 1.0, to volumes and
 to NIfTI, on every size) and writes a bar chart ``dicom_ingest.png`` to --out.
@@ -54,22 +60,42 @@ def _cpu_seconds() -> float:
 # Per measured function: its wall-clock seconds and its CPU seconds, one of each per repeat.
 Times = dict[str, tuple[list[float], list[float]]]
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> Times:
+
+def _drop_page_cache() -> None:
+    os.sync()
+    DROP_CACHES.write_text("1\n")
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    cold: bool = False,
+    before: dict[str, Callable[[], Any]] | None = None,
+) -> Times:
     """Wall-clock and CPU seconds (this process, its threads and its children) of each of FNS.
 
     Each repeat runs every function once, in turn, so that a change in the machine's state (other
     processes, the page cache of a VM whose memory the host reclaims) falls on all of them alike
-    and the ratios are taken within one repeat.
+    and the ratios are taken within one repeat. BEFORE[name], where given, runs untimed before
+    each run of fns[name]; COLD drops the page cache after it.
     """
-    for fn in fns.values():
+    before = before or {}
+    for name, fn in fns.items():
+        before.get(name, lambda: None)()
         fn()  # warm-up: page cache, imports
     times: Times = {name: ([], []) for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            before.get(name, lambda: None)()
             # The previous run's output still being written back to disk would slow this one (the
             # largest size writes 157 MB a run): flushed first, outside the timing, for each side.
-            os.sync()
+            if cold:
+                _drop_page_cache()
+            else:
+                os.sync()
             cpu0, start = _cpu_seconds(), time.perf_counter()
             fn()
             times[name][0].append(time.perf_counter() - start)
@@ -87,9 +113,13 @@ def _ratios(ours: list[float], theirs: list[float]) -> dict[str, float]:
     }
 
 
-def _run_dcm2niix(folder: Path, out: Path) -> None:
+def _fresh(out: Path) -> None:
+    """OUT, empty: the previous repeat's output deleted (untimed)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+
+
+def _run_dcm2niix(folder: Path, out: Path) -> None:
     proc = subprocess.run(
         ["dcm2niix", "-z", "n", "-x", "n", "-f", "%s", "-o", str(out), str(folder)],
         capture_output=True,
@@ -108,12 +138,11 @@ def _ours_scan(folder: Path, workers: int | None) -> None:
 
 def _ours_nifti(folder: Path, out: Path, workers: int | None) -> None:
     scan = scan_dicom_folder(folder, workers=workers)
-    out.mkdir(parents=True, exist_ok=True)
     for n, volume in enumerate(scan.volumes):
         write_nifti(volume, out / f"{n:03d}.nii")
 
 
-def _chart(results: list[dict[str, Any]], path: Path) -> None:
+def _chart(results: list[dict[str, Any]], path: Path, page_cache: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +162,7 @@ def _chart(results: list[dict[str, Any]], path: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(results)), labels)
     ax.set_ylabel("seconds (median)")
-    ax.set_title("DICOM series ingest: fedsite vs dcm2niix")
+    ax.set_title(f"DICOM series ingest: fedsite vs dcm2niix ({page_cache} page cache)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -153,9 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=None, help="where to write the series (default: a temp dir)"
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every timed run (Linux, root)"
+    )
     args = parser.parse_args(argv)
     if shutil.which("dcm2niix") is None:
         print("dcm2niix is not installed (Debian package dcm2niix)", file=sys.stderr)
+        return 2
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        print(f"--cold needs to write {DROP_CACHES} (Linux, as root)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     data_root = args.data or Path(tempfile.mkdtemp(prefix="fedsite-dicom-bench-"))
@@ -177,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
                     "dcm2niix": partial(_run_dcm2niix, folder, scratch / "dcm2niix"),
                 },
                 args.repeats,
+                cold=args.cold,
+                before={
+                    "ours_nifti": partial(_fresh, scratch / "ours"),
+                    "dcm2niix": partial(_fresh, scratch / "dcm2niix"),
+                },
             )
             median = {name: statistics.median(walls) for name, (walls, _) in times.items()}
             median_cpu = {name: statistics.median(cpus) for name, (_, cpus) in times.items()}
@@ -219,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "dicom_ingest",
         "repeats": args.repeats,
         "workers": args.workers,
+        "page_cache": "cold" if args.cold else "warm",
         "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
@@ -229,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "meets_target": max(worst, worst_scan) <= TARGET_RATIO,
         "sizes": results,
     }
-    _chart(results, args.out / "dicom_ingest.png")
+    _chart(results, args.out / "dicom_ingest.png", report["page_cache"])
     (args.out / "dicom_ingest.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
     return 0
