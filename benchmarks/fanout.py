@@ -13,6 +13,10 @@ data) and measures per round:
 * where that share goes: the longest wait of a job in a site's queue (``site_queue_s_max``) and
   the most a site's job took as the coordinator saw it beyond the site's own queue and run
   (``transport_s_max``);
+* the coordinator's own CPU seconds per round (``coordinator_cpu_s``: this process's CPU time,
+  all its threads, between one round's end and the next). Unlike the wall time it does not grow
+  when the agents and the coordinator share too few cores: it is what the coordinator itself
+  costs, whatever the machine. The RSS sampler below runs in this process and is included;
 * the coordinator's resident memory: the peak of this process's RSS during the N-agent rounds
   (sampled every 20 ms), and its growth over the RSS before the first round.
 
@@ -34,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +109,17 @@ class PeakRss:
         self.peak_mb = max(self.peak_mb, _rss_mb())
 
 
+class CpuPerRound(QuietReporter):
+    """Records this process's CPU seconds (all threads) at the end of every round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_round_end: list[float] = []
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        self.at_round_end.append(time.process_time())
+
+
 def _site_job_times(databases: dict[str, Database], site: str, round_id: str) -> tuple[float, float]:
     """The site's own times for the round's job, from its job table: (queued, running) seconds."""
     with databases[site].session() as session:
@@ -136,12 +152,14 @@ def _measure(
         strategy="fedavg", rounds=repeats + 1, run_id=f"fanout-{n}", evaluate=False, evaluate_final=False
     )
     before = _rss_mb()
+    cpu = CpuPerRound()
     with PeakRss() as rss:
-        result = run_strategy(
-            fed, plan, out, options, initial_weights=initial_weights(plan), reporter=QuietReporter()
-        )
+        result = run_strategy(fed, plan, out, options, initial_weights=initial_weights(plan), reporter=cpu)
+    if len(cpu.at_round_end) != len(result.rounds):
+        raise RuntimeError(f"{len(result.rounds)} rounds ran but {len(cpu.at_round_end)} were reported")
     rounds = []
-    for record in result.rounds[1:]:  # the first round warms caches, imports and fork servers
+    # The first round warms caches, imports and fork servers; round i's CPU is from round i-1's end.
+    for i, record in enumerate(result.rounds[1:], start=1):
         times = {
             site: _site_job_times(databases, site, str(t["round_id"]))
             for site, t in record["training"].items()
@@ -158,6 +176,7 @@ def _measure(
                 "orchestration_s": round(float(record["duration_s"]) - slowest, 3),
                 "site_queue_s_max": round(max(q for q, _r in times.values()), 3),
                 "transport_s_max": round(max(beyond), 3),
+                "coordinator_cpu_s": round(cpu.at_round_end[i] - cpu.at_round_end[i - 1], 3),
             }
         )
     orch = [r["orchestration_s"] for r in rounds]
@@ -171,6 +190,7 @@ def _measure(
         "slowest_site_s_median": round(statistics.median(r["slowest_site_s"] for r in rounds), 3),
         "site_queue_s_max_median": round(statistics.median(r["site_queue_s_max"] for r in rounds), 3),
         "transport_s_max_median": round(statistics.median(r["transport_s_max"] for r in rounds), 3),
+        "coordinator_cpu_s_median": round(statistics.median(r["coordinator_cpu_s"] for r in rounds), 3),
         "coordinator_rss_peak_mb": round(rss.peak_mb, 1),
         "coordinator_rss_growth_mb": round(rss.peak_mb - before, 1),
     }
@@ -190,6 +210,7 @@ def _chart(result: dict[str, Any], path: Path) -> None:
     high = [r["orchestration_s_max"] - r["orchestration_s_median"] for r in rows]
     ax.errorbar(ns, med, yerr=[low, high], marker="o", capsize=3, label="orchestration per round")
     ax.plot(ns, [r["slowest_site_s_median"] for r in rows], "s--", label="slowest site's job")
+    ax.plot(ns, [r["coordinator_cpu_s_median"] for r in rows], "d-.", label="coordinator CPU per round")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("agents")
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             db.dispose()
         medians = [r["orchestration_s_median"] for r in rows]
         spread = max(medians) - min(medians)
+        cpu_medians = [r["coordinator_cpu_s_median"] for r in rows]
         result: dict[str, Any] = {
             "benchmark": "fanout",
             "repeats": args.repeats,
@@ -255,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             "orchestration_spread_s": round(spread, 3),
             "goal": f"orchestration per round flat within {GOAL_SPREAD_S} s across the sizes",
             "goal_met": spread <= GOAL_SPREAD_S,
+            "coordinator_cpu_spread_s": round(max(cpu_medians) - min(cpu_medians), 3),
             "machine": {
                 "platform": platform.platform(),
                 "python": platform.python_version(),
@@ -268,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 {k: v for k, v in result.items() if k != "by_agents"}
                 | {
                     "orchestration_s_by_agents": {r["agents"]: r["orchestration_s_median"] for r in rows},
+                    "coordinator_cpu_s_by_agents": {r["agents"]: r["coordinator_cpu_s_median"] for r in rows},
                     "coordinator_rss_peak_mb_by_agents": {
                         r["agents"]: r["coordinator_rss_peak_mb"] for r in rows
                     },
