@@ -189,6 +189,8 @@ class RelaySettings(StrictModel):
     chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     max_wait_s: float = Field(default=25.0, ge=0, le=300)
     max_requeues: int = Field(default=3, ge=0, le=100)
+    # Files of an ended task (its update; weights no other task needs) are deleted after this.
+    keep_files_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     register_wait_s: float = Field(default=60.0, ge=0)
     tls: RelayTls | None = None
 

@@ -17,6 +17,11 @@ killed mid-write leaves no half file under a final name):
 - ``updates/<task_id>``: the committed update, assembled from the chunks and checked
   against the commit's size and SHA-256.
 
+Chunks go as soon as their task ends. An ended task's update, and weights that no task still
+needs, are deleted ``keep_files_s`` after the task ended (`drop_old_files`, from the sweep at
+most once a minute): a relay that serves a consortium for months must not keep every round's
+models. The database keeps the tasks' rows and events (hashes, sizes, times) for the record.
+
 Lease expiry is lazy and periodic: `sweep` runs first in every operation a site asks for
 (so the answer sees leases as they stand now), on every poll of the coordinator's wait and of a
 long poll, and every second in the relay server. What becomes of a task whose
@@ -72,6 +77,8 @@ ENDED = ("completed", "failed", "refused", "cancelled")
 REFUSAL_CODES = ("plan_not_approved", "invalid_task", "weights_mismatch", "not_runnable", "secagg_refused")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
+# How often the sweep looks for files past keep_files_s (a listing of two folders).
+FILES_SWEEP_EVERY = timedelta(seconds=60)
 
 
 def utcnow() -> datetime:
@@ -109,10 +116,14 @@ class RelayLimits:
     chunk_bytes: int = 4 * 1024 * 1024
     max_wait_s: float = 25.0
     max_requeues: int = 3
+    # How long the files of an ended task (its update, weights no other task needs) are kept.
+    keep_files_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.heartbeat_s <= 0 or self.lease_s <= 0 or self.max_wait_s < 0:
             raise ValueError("heartbeat_s and lease_s must be > 0, max_wait_s >= 0")
+        if self.keep_files_s <= 0:
+            raise ValueError(f"keep_files_s must be > 0, got {self.keep_files_s:g}")
         if self.lease_s <= self.heartbeat_s:
             raise ValueError(
                 f"lease_s ({self.lease_s:g}) must be longer than heartbeat_s ({self.heartbeat_s:g}), "
@@ -228,6 +239,7 @@ class RelayStore:
         self._polls_stopped = threading.Event()
         self._traffic: dict[str, SiteTraffic] = {}
         self._traffic_lock = threading.Lock()
+        self._files_dropped_at: datetime | None = None
         RelayBase.metadata.create_all(self.engine)
         self._check_schema()
 
@@ -240,6 +252,7 @@ class RelayStore:
             chunk_bytes=settings.chunk_bytes,
             max_wait_s=settings.max_wait_s,
             max_requeues=settings.max_requeues,
+            keep_files_s=settings.keep_files_s,
         )
         return cls(settings.dir, database_url=settings.database_url, limits=limits, **kwargs)
 
@@ -274,6 +287,11 @@ class RelayStore:
     def _tx(self) -> Iterator[Session]:
         with self._lock, self._sessions() as session, session.begin():
             yield session
+
+    def _lock_files(self, s: Session) -> None:
+        """Serialise with every other transaction that creates or deletes a blob, across
+        processes: SQLite's BEGIN IMMEDIATE already does; on PostgreSQL the schema row is the lock."""
+        s.execute(select(RelayMeta).where(RelayMeta.key == "schema").with_for_update())
 
     def _check_schema(self) -> None:
         with self._tx() as s:
@@ -429,15 +447,18 @@ class RelayStore:
             raise InvalidRequest("job_id is empty")
         plan_sha = canonical_sha256(plan)
         weights_sha = hashlib.sha256(weights).hexdigest() if weights is not None else None
-        if weights is not None and weights_sha is not None:
-            blob = self.blob_path(weights_sha)
-            if not blob.exists():
-                _write_atomic(blob, weights)
         with self._tx() as s:
             if s.get(RelaySite, site) is None:
                 raise NotFound(
                     f"site {site!r} has no token at the relay; issue one with `fedsite relay add-site {site}`"
                 )
+            if weights is not None and weights_sha is not None:
+                # In the transaction, so that `drop_old_files` cannot delete the blob between
+                # this check and the task that needs it.
+                self._lock_files(s)
+                blob = self.blob_path(weights_sha)
+                if not blob.exists():
+                    _write_atomic(blob, weights)
             existing = s.scalar(
                 select(RelayTask).where(
                     RelayTask.site == site, RelayTask.kind == kind, RelayTask.job_id == job_id
@@ -525,7 +546,14 @@ class RelayStore:
         """The committed update of TASK, checked against the commit's SHA-256 and size."""
         if task.status != "completed" or task.update_sha256 is None:
             raise Conflict(f"task {task.task_id} ({task.kind} {task.job_id}) has no committed update")
-        data = self.update_path(task.task_id).read_bytes()
+        try:
+            data = self.update_path(task.task_id).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(
+                f"the update of {task.kind} {task.job_id} (task {task.task_id}, ended {iso(task.ended_at)}) "
+                f"is no longer stored: the relay deletes an ended task's files keep_files_s="
+                f"{self.limits.keep_files_s:g} s after it ended"
+            ) from None
         actual = hashlib.sha256(data).hexdigest()
         if actual != task.update_sha256 or len(data) != task.update_bytes:
             raise Conflict(
@@ -592,7 +620,62 @@ class RelayStore:
         if expired or absent:
             self._notify()
         self._drop_chunks_of_ended_tasks()
+        if self._files_dropped_at is None or now - self._files_dropped_at >= FILES_SWEEP_EVERY:
+            self.drop_old_files()
         return len(expired) + len(absent)
+
+    def drop_old_files(self) -> tuple[int, int]:
+        """Delete the updates of tasks that ended more than keep_files_s ago, and the weights
+        that no task needs any more (none queued or leased uses them, and every task that used
+        them ended more than keep_files_s ago). Returns (updates, blobs) deleted."""
+        now = self.now()
+        self._files_dropped_at = now
+        cutoff = now - timedelta(seconds=self.limits.keep_files_s)
+        updates = {p.name for p in (self.root / "updates").iterdir() if _TASK_ID.fullmatch(p.name)}
+        blobs = {p.name for p in (self.root / "blobs").iterdir() if _HEX64.fullmatch(p.name)}
+        if not updates and not blobs:
+            return 0, 0
+        with self._tx() as s:
+            self._lock_files(s)
+            old = set(
+                s.scalars(
+                    select(RelayTask.task_id).where(
+                        RelayTask.status.in_(ENDED),
+                        RelayTask.ended_at.is_not(None),
+                        RelayTask.ended_at < cutoff,
+                    )
+                )
+            )
+            needed = set(
+                s.scalars(
+                    select(RelayTask.weights_sha256)
+                    .where(
+                        RelayTask.weights_sha256.is_not(None),
+                        or_(
+                            RelayTask.status.not_in(ENDED),
+                            RelayTask.ended_at.is_(None),
+                            RelayTask.ended_at >= cutoff,
+                        ),
+                    )
+                    .distinct()
+                )
+            )
+            gone_updates = sorted(updates & old)
+            gone_blobs = sorted(blobs - needed)
+            for task_id in gone_updates:
+                self.update_path(task_id).unlink(missing_ok=True)
+            for sha in gone_blobs:
+                self.blob_path(sha).unlink(missing_ok=True)
+            if gone_updates or gone_blobs:
+                self._event(
+                    s,
+                    "files.dropped",
+                    None,
+                    updates=len(gone_updates),
+                    blobs=len(gone_blobs),
+                    keep_files_s=self.limits.keep_files_s,
+                )
+        return len(gone_updates), len(gone_blobs)
 
     def _drop_chunks_of_ended_tasks(self) -> None:
         """Chunks are kept while their task may still commit (across re-queues and restarts);

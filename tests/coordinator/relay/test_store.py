@@ -8,12 +8,15 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from agent.errors import Conflict, InvalidRequest, NotFound
+from coordinator.federation import Federation
 from coordinator.relay.models import RelaySite, RelayTask
 from coordinator.relay.store import RelayLimits, RelayStore
 from tests.fixtures.relay import FakeClock, sha256, split_chunks
@@ -343,3 +346,89 @@ def test_chunks_of_a_task_that_ended_are_dropped(store: RelayStore, clock: FakeC
     store.cancel("a", "train", "j1")
     store.sweep()
     assert not store.chunk_dir(t.task_id).exists()
+
+
+def _commit(store: RelayStore, site: str, data: bytes) -> str:
+    """Lease SITE's next task and commit DATA as its update; the task's id."""
+    task = lease(store, site)
+    tid, lid = task["task_id"], task["lease_id"]
+    store.put_chunk(site, tid, lid, sha256(data), data)
+    store.commit(site, tid, lid, [sha256(data)], sha256(data), len(data), {"num_samples": 1})
+    return str(tid)
+
+
+def test_files_of_ended_tasks_are_deleted_after_keep_files_s_and_rows_stay(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    store = RelayStore(tmp_path / "relay", limits=replace(LIMITS, keep_files_s=100), clock=clock)
+    try:
+        store.add_site("a", token="token-a")
+        store.add_site("b", token="token-b")
+        weights = b"global weights of round 1"
+        blob = store.blob_path(sha256(weights))
+        store.queue_task("a", "train", "j1", PLAN, weights)
+        waiting = store.queue_task("b", "train", "j1", PLAN, weights)
+        done = _commit(store, "a", b"update of a")
+        update = store.update_path(done)
+        clock.advance(50)
+        assert store.drop_old_files() == (0, 0)
+        assert update.is_file() and blob.is_file()
+
+        # Past keep_files_s: a's update goes; the weights stay while b's task still needs them.
+        clock.advance(60)
+        assert store.drop_old_files() == (1, 0)
+        assert not update.exists() and blob.is_file()
+        row = task_row(store, done)
+        assert row.status == "completed" and row.update_sha256 == sha256(b"update of a")
+        with pytest.raises(NotFound, match=r"no longer stored.*keep_files_s=100 s after it ended"):
+            store.read_update(row)
+        assert store.blob_for("b", sha256(weights)) == blob
+        [event] = store.events(action="files.dropped")
+        assert event.details == {"updates": 1, "blobs": 0, "keep_files_s": 100}
+
+        # b's task ends: its weights are kept for keep_files_s after that, then deleted.
+        store.cancel("b", "train", "j1")
+        assert task_row(store, waiting.task_id).status == "cancelled"
+        clock.advance(99)
+        assert store.drop_old_files() == (0, 0)
+        clock.advance(2)
+        assert store.drop_old_files() == (0, 1)
+        assert not blob.exists()
+        with pytest.raises(NotFound, match="no blob"):
+            store.blob_for("b", sha256(weights))
+
+        # The same weights queued again are stored again.
+        store.queue_task("a", "train", "j2", PLAN, weights)
+        assert store.blob_for("a", sha256(weights)).read_bytes() == weights
+    finally:
+        store.close()
+
+
+def test_the_sweep_deletes_old_files_at_most_once_a_minute(tmp_path: Path, clock: FakeClock) -> None:
+    store = RelayStore(tmp_path / "relay", limits=replace(LIMITS, keep_files_s=10), clock=clock)
+    try:
+        store.add_site("a", token="token-a")
+        store.queue_task("a", "train", "j1", PLAN, b"w1")
+        first = store.update_path(_commit(store, "a", b"u1"))
+        store.sweep()  # the store's first sweep looks at once: nothing is old yet
+        clock.advance(30)
+        store.sweep()  # 30 s after the last look: not yet
+        assert first.is_file() and store.blob_path(sha256(b"w1")).is_file()
+        clock.advance(31)
+        store.sweep()
+        assert not first.exists() and not store.blob_path(sha256(b"w1")).exists()
+    finally:
+        store.close()
+
+
+def test_keep_files_s_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_files_s must be > 0, got 0"):
+        replace(LIMITS, keep_files_s=0)
+    doc = {
+        "agents": [{"name": "a", "pull": True}],
+        "relay": {"dir": str(tmp_path / "relay"), "keep_files_s": -1},
+    }
+    with pytest.raises(ValidationError, match="keep_files_s"):
+        Federation.model_validate(doc)
+    relay = Federation.model_validate({**doc, "relay": {"keep_files_s": 3600}}).relay
+    assert relay is not None and relay.keep_files_s == 3600
