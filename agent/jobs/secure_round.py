@@ -271,7 +271,8 @@ class SecureRounds:
         return MaskedUpdate(round_id=job.round_id, data=data, sha256=digest)
 
     def unmask(self, round_id: str, message: Mapping[str, Any], actor: str) -> dict[str, Any]:
-        """Step 3, once per round: b-shares of the survivors, s-shares of the dropped."""
+        """Step 3, for one request per round (and its retries, each audited): b-shares of the
+        survivors, s-shares of the dropped."""
         job, agg = self._secure_job(round_id)
         request = self._parse(UnmaskRequest.from_dict, message, "unmask", job)
 

@@ -8,11 +8,13 @@ same state and a site answers each step once. Phases::
                  (any refusal before unmask) --> refused (terminal; secrets deleted)
 
 Each step may be asked again with the *same* input (an HTTP retry) and gives the same answer;
-asked with a different input it is refused. Unmasking is answered once, ever. Every refusal
-raises `SecAggRefused` with a reason code from `REASONS`, and (except a second unmask, which
-leaves the answered round as it was) ends the round for this site: a coordinator that tried a
-forbidden step once gets nothing more. After unmasking, or a refusal, the round's secrets are
-deleted from the disk.
+asked with a different input it is refused. Unmasking answers one request, ever: the answer is
+kept (0600, ``unmask.json``) so that the same request again, a coordinator's retry after a lost
+response, gets it again, while any other survivor set is refused. Every refusal raises
+`SecAggRefused` with a reason code from `REASONS`, and (except a second unmask, which leaves the
+answered round as it was) ends the round for this site: a coordinator that tried a forbidden
+step once gets nothing more. After unmasking, or a refusal, the round's secrets are deleted
+from the disk.
 
 What the site checks (against its own roster, never the coordinator's word):
 
@@ -85,6 +87,7 @@ REASONS: dict[str, str] = {
 
 _STATE = "state.json"
 _SECRETS = "secrets.json"
+_UNMASK_ANSWER = "unmask.json"
 _LOCK = ".lock"
 _PHASES = ("new", "advertised", "shared", "masked", "unmasked", "refused")
 
@@ -513,10 +516,23 @@ class SiteSecAgg:
             state = self._state()
             self._check_open(state)
             if state["phase"] == "unmasked":
+                answered = state.get("unmask") or {}
+                same = (
+                    (request.run_id, request.round_id) == (self.run_id, self.round_id)
+                    and sorted(set(request.survivors)) == answered.get("survivors")
+                    and sorted(set(request.dropped)) == answered.get("dropped")
+                )
+                answer = self.directory / _UNMASK_ANSWER
+                if same and answer.is_file():
+                    # A retry of the request answered (its response lost on the way): the
+                    # same shares again reveal nothing the first answer did not.
+                    return UnmaskResponse.from_dict(_read_json(answer))
                 raise self._refuse(
                     state,
                     "second_unmask",
-                    f"this site already answered the unmasking of round {self.round_id}",
+                    f"this site already answered the unmasking of round {self.round_id} for survivors "
+                    f"{', '.join(answered.get('survivors', []))} and dropped "
+                    f"{', '.join(answered.get('dropped', [])) or 'none'}; it answers only that request again",
                     terminal=False,
                 )
             if state["phase"] != "masked":
@@ -567,6 +583,9 @@ class SiteSecAgg:
             for v in sorted(dropped):
                 s_out[v] = P.b64d(peers[v]["s"], field="s share")
             response = UnmaskResponse(self.site_id, self.run_id, self.round_id, b_out, s_out)
+            # The answer before the phase: a crash between the two leaves the round masked, and
+            # the same request is answered from the secrets again.
+            _write_json(self.directory / _UNMASK_ANSWER, response.to_dict())
             state.update(phase="unmasked", unmask={"survivors": sorted(u3), "dropped": sorted(dropped)})
             self._save(state)
             self._wipe_secrets()

@@ -36,7 +36,7 @@ from agent.exchange.secagg import (
 )
 from agent.exchange.secagg.primitives import b64e, sign
 from coordinator.client import SiteClient
-from coordinator.errors import AgentUnreachable, RoundFailed
+from coordinator.errors import AgentError, AgentUnreachable, RoundFailed
 from coordinator.federation import AgentEntry, Federation
 from coordinator.options import RunOptions
 from coordinator.relay.client import site_clients
@@ -344,6 +344,45 @@ def test_asking_one_agent_for_both_shares_of_a_peer_is_refused_and_audited(
     assert not [e for e in fed.audit("site-1", "secagg.unmasked") if e["details"]["round_id"] == round_id]
     [left] = [x for x in checked["round"]["left_out"] if x["site"] == "site-1"]
     assert left["step"] == "unmask" and "both_shares" in left["reason"]
+
+
+def test_an_unmask_asked_again_after_a_lost_answer_is_answered_the_same(
+    fed: SecureFederation, tmp_path: Path
+) -> None:
+    """The coordinator's client retries a request whose answer it did not get (a timeout after
+    the site answered): the site answers the same unmask request again with the same shares,
+    and still refuses any other."""
+    answers: list[dict[str, Any]] = []
+    refusals: list[str] = []
+
+    class LostAnswer(Wrapped):
+        def secagg(self, round_id: str, step: str, message: dict[str, Any]) -> dict[str, Any]:
+            if step != "unmask":
+                return super().secagg(round_id, step, message)
+            answers.append(self.inner.secagg(round_id, step, message))  # the answer that was lost
+            answers.append(self.inner.secagg(round_id, step, message))
+            other = {**message, "survivors": message["survivors"][1:], "dropped": message["survivors"][:1]}
+            with pytest.raises(AgentError) as refused:
+                self.inner.secagg(round_id, step, other)
+            refusals.append(str(refused.value))
+            return answers[-1]
+
+    run = run_secure(
+        fed,
+        ["site-1", "site-2", "site-3"],
+        secure_plan(2),
+        tmp_path / "out",
+        "lost-unmask",
+        wrap={"site-3": lambda c: LostAnswer(c)},
+    )
+    assert run.error is None, run.error
+    assert len(answers) == 2 and answers[0] == answers[1] and answers[0]["b_shares"]
+    [refusal] = refusals
+    assert "second_unmask" in refusal and "answers only that request again" in refusal
+    checked = check_secure_mean(fed, run, ["site-1", "site-2", "site-3"])
+    round_id = checked["round"]["training"]["site-3"]["round_id"]
+    unmasked = [e for e in fed.audit("site-3", "secagg.unmasked") if e["details"]["round_id"] == round_id]
+    assert len(unmasked) == 2  # each answer that left is on the record
 
 
 def test_coordinator_stores_no_unmasked_site_update(

@@ -177,16 +177,29 @@ def test_asking_both_shares_of_one_peer_is_refused_and_recorded(tmp_path: Path) 
     _refused("not_a_subset", r.sites[ids[3]].unmask, UnmaskRequest(RUN, r.round_id, (*ids, "site-99"), ()))
 
 
-def test_a_second_unmask_is_refused(tmp_path: Path) -> None:
+def test_unmask_answers_one_request_and_its_retries_only(tmp_path: Path) -> None:
     r = Round(tmp_path, n=3, threshold=2)
     ids = list(r.sites)
     unmask = r.mask(r.share(r.advertise(), ids), ids)
-    r.sites[ids[0]].unmask(unmask)
-    _refused("second_unmask", r.sites[ids[0]].unmask, unmask)
+    site = r.sites[ids[0]]
+    first = site.unmask(unmask)
+    assert not (site.directory / "secrets.json").exists()
+    # The same request again (a retry after a lost response) gets the same shares, from the
+    # kept answer: the secrets are gone.
+    assert site.unmask(unmask) == first
+    assert site.unmask(UnmaskRequest(RUN, r.round_id, tuple(reversed(ids)), ())) == first
+    answer = site.directory / "unmask.json"
+    assert answer.stat().st_mode & 0o777 == 0o600
+    # Any other survivor set is refused, and the round stays answered.
     other = UnmaskRequest(RUN, r.round_id, tuple(ids[:2]), (ids[2],))
-    _refused("second_unmask", r.sites[ids[0]].unmask, other)
-    assert r.sites[ids[0]].phase == "unmasked"
-    assert not (r.sites[ids[0]].directory / "secrets.json").exists()
+    err = _refused("second_unmask", site.unmask, other)
+    assert f"survivors {', '.join(sorted(ids))} and dropped none" in str(err)
+    _refused("second_unmask", site.unmask, UnmaskRequest(RUN, "round-2", tuple(ids), ()))
+    assert site.phase == "unmasked"
+    assert site.unmask(unmask) == first
+    # Without its kept answer (a site upgraded mid-round), even the same request is refused.
+    answer.unlink()
+    _refused("second_unmask", site.unmask, unmask)
 
 
 def test_retries_get_the_same_answer_and_other_inputs_are_refused(tmp_path: Path) -> None:
