@@ -180,7 +180,27 @@ FULL = {
 FULL_LR = 1e-3
 
 
+# Options that default when absent: given, they must be positive (0 would silently mean the default).
+POSITIVE_OPTIONS = (
+    "seeds",
+    "rounds",
+    "local_epochs",
+    "ciil_epochs",
+    "scale",
+    "size",
+    "patience",
+    "max_epochs",
+    "samples_per_subject",
+    "batch_size",
+    "lr",
+)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
+    for name in POSITIVE_OPTIONS:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {value}")
     quick = bool(args.quick)
     base = QUICK if quick else FULL
     rounds = args.rounds or base["rounds"]

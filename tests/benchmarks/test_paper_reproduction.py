@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,14 @@ def test_budget_options_keep_methods_on_one_budget() -> None:
     assert settings_from(parse_args(["--quick", "--eval-every-round"])).eval_every_round
     with pytest.raises(SystemExit, match="--ciil-epochs 5 must divide"):
         settings_from(parse_args(["--rounds", "4", "--local-epochs", "3", "--ciil-epochs", "5"]))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--seeds", "0"), ("--rounds", "-1"), ("--scale", "0"), ("--lr", "0")]
+)
+def test_a_count_or_size_of_zero_is_refused_not_taken_for_the_default(option: str, value: str) -> None:
+    with pytest.raises(SystemExit, match=f"{option} must be positive, got {value}"):
+        settings_from(parse_args([option, value]))
 
 
 def test_orders_differ_by_seed_but_are_reproducible() -> None:
@@ -158,8 +167,11 @@ def test_generated_sites_get_a_secret_from_the_data_seed(tmp_path: Path) -> None
 
 
 def test_a_site_whose_final_evaluation_failed_stops_the_reproduction_naming_it() -> None:
-    inside = {"site-1": {"dice": 0.8}, "site-2": {"error": "HTTP 401: invalid or revoked token"}}
-    outside = {"site-11": {"dice": 0.7}}
+    inside: dict[str, dict[str, Any]] = {
+        "site-1": {"dice": 0.8},
+        "site-2": {"error": "HTTP 401: invalid or revoked token"},
+    }
+    outside: dict[str, dict[str, Any]] = {"site-11": {"dice": 0.7}}
     with pytest.raises(
         SystemExit, match=r"^cds-seed0: the final model's evaluation failed at 1 site\(s\): site-2: HTTP 401"
     ):
