@@ -12,7 +12,7 @@ import contextlib
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 from agent.access.approvals import approve_plan
@@ -149,8 +149,31 @@ def _click_and_load(driver: WebDriver, element: WebElement) -> None:
     """
     old = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(old))
-    WebDriverWait(driver, 60).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(driver, 60).until(_left_the_document(old))
+    # While the new document loads, a script may find no context to run in: asked again.
+    WebDriverWait(driver, 60, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
+
+
+def _left_the_document(old: WebElement) -> Callable[[WebDriver], bool]:
+    """True once OLD is no longer in the page: the browser has replaced the document.
+
+    Selenium's `staleness_of` expects 'stale element' for that, but while the browser swaps
+    documents chromedriver may answer 'Node with given id does not belong to the document', or
+    another inspector error: the first means the node left too, any other is asked again.
+    """
+
+    def check(_driver: WebDriver) -> bool:
+        try:
+            old.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            return "does not belong to the document" in str(exc)
+        return False
+
+    return check
 
 
 def _ensure_logged_in(driver: WebDriver, url: str) -> None:
