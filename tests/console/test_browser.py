@@ -295,11 +295,14 @@ def test_a_round_shows_live_progress_then_its_metrics_and_the_audited_update_has
     # While the round is live the page reloads itself (no script: a meta refresh): a mark left on
     # this page's window is gone once it has.
     browser.execute_script("window.fedsiteTestMark = 1")
-    _wait(
-        lambda: browser.execute_script("return window.fedsiteTestMark === undefined"),
-        timeout=30,
-        what="the round page to reload itself",
-    )
+
+    def reloaded() -> bool:
+        try:
+            return bool(browser.execute_script("return window.fedsiteTestMark === undefined"))
+        except WebDriverException:  # caught mid-reload, with no document to run in: asked again
+            return False
+
+    _wait(reloaded, timeout=30, what="the round page to reload itself")
     seen: list[tuple[str, str]] = []
 
     def state() -> str:
