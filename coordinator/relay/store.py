@@ -637,9 +637,11 @@ class RelayStore:
             return 0, 0
         with self._tx() as s:
             self._lock_files(s)
+            # Only the tasks whose update is still on disk: the table keeps every task ever run.
             old = set(
                 s.scalars(
                     select(RelayTask.task_id).where(
+                        RelayTask.task_id.in_(updates),
                         RelayTask.status.in_(ENDED),
                         RelayTask.ended_at.is_not(None),
                         RelayTask.ended_at < cutoff,
@@ -660,7 +662,7 @@ class RelayStore:
                     .distinct()
                 )
             )
-            gone_updates = sorted(updates & old)
+            gone_updates = sorted(old)
             gone_blobs = sorted(blobs - needed)
             for task_id in gone_updates:
                 self.update_path(task_id).unlink(missing_ok=True)
