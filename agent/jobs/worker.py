@@ -280,6 +280,9 @@ def _release_accelerator_memory() -> None:
 
 def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
     """Take job specs, one JSON line each, until end of input; answer each with a line."""
+    # Everything imported so far stays: the collection after each job (Worker.run) scans only
+    # what came after (see agent.jobs.forkserver, where forked workers' imports are frozen).
+    gc.freeze()
     worker = Worker()
     try:
         while True:
