@@ -20,6 +20,8 @@ import functools
 import inspect
 import json
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -95,7 +97,32 @@ def _instantiate(name: str, args: Mapping[str, Any]) -> nn.Module:
 
 
 def validate_model(name: str, args: Mapping[str, Any], input_shape: Sequence[int] | None = None) -> None:
-    """Check the arguments, build on the meta device, optionally run one meta forward pass."""
+    """Check the arguments, build on the meta device, optionally run one meta forward pass.
+
+    A model that passed is remembered (by name, arguments and input shape; the check depends on
+    nothing else): every plan is validated where it is received, again when the agent reads
+    back what it stored, and in the worker, and building a U-Net and running it on the meta
+    device was a quarter of an agent's CPU per round of a small model (benchmarks/fanout.py).
+    A model that failed is checked again each time and fails the same way."""
+    key = (name, repr(sorted(args.items())), None if input_shape is None else tuple(input_shape))
+    with _VALIDATED_LOCK:
+        if key in _VALIDATED:
+            _VALIDATED.move_to_end(key)
+            return
+    _check_model(name, args, input_shape)
+    with _VALIDATED_LOCK:
+        _VALIDATED[key] = None
+        while len(_VALIDATED) > VALIDATED_KEEP:
+            _VALIDATED.popitem(last=False)
+
+
+# The models that passed `validate_model` in this process, least recently used first.
+VALIDATED_KEEP = 64
+_VALIDATED: OrderedDict[tuple[str, str, tuple[int, ...] | None], None] = OrderedDict()
+_VALIDATED_LOCK = threading.Lock()
+
+
+def _check_model(name: str, args: Mapping[str, Any], input_shape: Sequence[int] | None) -> None:
     check_arguments(name, args)
     with torch.device("meta"):
         model = _instantiate(name, args)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 import torch
 
 from agent.errors import PlanError
+from agent.training import registry
 from agent.training.plan import (
     MAX_BATCH_VALUES,
     Plan,
@@ -267,3 +271,34 @@ def test_channels_must_be_modalities_the_dataset_has() -> None:
         PlanError, match=re.escape("model.in_channels: is 1 but dataset 'brain' gives 2 channel")
     ):
         check_channels(tiny_plan(), ["flair", "t1"])
+
+
+def test_a_model_that_passed_is_not_built_again_and_one_that_failed_always_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every plan is validated where it arrives, where it is read back and in the worker: the
+    model check (a build and a meta-device forward pass) runs once per distinct model."""
+    checked: list[str] = []
+    real = registry._check_model
+
+    def counting(name: str, args: Mapping[str, Any], shape: Sequence[int] | None) -> None:
+        checked.append(json.dumps(dict(args), sort_keys=True))
+        real(name, args, shape)
+
+    monkeypatch.setattr(registry, "_check_model", counting)
+    monkeypatch.setattr(registry, "_VALIDATED", OrderedDict())
+    plan = tiny_plan_dict()
+    parse_plan(json.dumps(plan))
+    parse_plan(json.dumps(plan | {"local_epochs": 3}))  # another plan, the same model
+    assert len(checked) == 1
+    wider = json.loads(json.dumps(plan))
+    wider["model"]["channels"] = [8, 16, 64]
+    parse_plan(json.dumps(wider))
+    assert len(checked) == 2
+
+    broken = json.loads(json.dumps(plan))
+    broken["model"]["strides"] = [2]  # one stride for three channel levels
+    for _ in range(2):
+        with pytest.raises(PlanError, match="model"):
+            parse_plan(json.dumps(broken))
+    assert len(checked) == 4
