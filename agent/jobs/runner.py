@@ -75,7 +75,8 @@ class JobRunner:
         *,
         cancel_grace_s: float = 5.0,
         kill_grace_s: float = 3.0,
-        poll_s: float = 0.2,
+        poll_s: float = 1.0,
+        idle_s: float = 30.0,
         launcher: WorkerLauncher | None = None,
         prestart_worker: bool = True,
         max_jobs_per_worker: int = 50,
@@ -87,7 +88,11 @@ class JobRunner:
         self.store = store
         self.cancel_grace_s = cancel_grace_s
         self.kill_grace_s = kill_grace_s
+        # Nothing here polls faster than these: every job the agent queues, every cancel it
+        # takes and its shutdown call `wake`, which ends the wait at once. The polls are for
+        # what another process changes in the database (a cancel flag set there).
         self.poll_s = poll_s
+        self.idle_s = idle_s
         # Owned: closed when the runner stops. `fedsite serve` passes the one that
         # `agent.jobs.launch.start_launcher` chose; anything else gets subprocess workers.
         self.launcher: WorkerLauncher = launcher if launcher is not None else SubprocessLauncher()
@@ -97,6 +102,10 @@ class JobRunner:
         # policy there (`agent.jobs.retention`), which deletes the files the job no longer needs.
         self.after_job = after_job
         self._wake = threading.Event()
+        # The same wake-up as a file descriptor, for the `select` on the worker's replies.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._current: tuple[int, WorkerProcess] | None = None
@@ -117,18 +126,25 @@ class JobRunner:
         self._thread.start()
 
     def wake(self) -> None:
+        """Look at the queue and the running job's cancel flag now (callable from any thread)."""
         self._wake.set()
+        # A full pipe already holds a wake-up; a closed one belongs to a stopped runner.
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop scheduling; a running worker is stopped and its job marked interrupted."""
         self._stopping.set()
-        self._wake.set()
+        self.wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.error("the job scheduler did not stop within %.0f s", timeout_s)
             self._thread = None
         self.launcher.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _loop(self) -> None:
         if self.prestart_worker:
@@ -147,7 +163,7 @@ class JobRunner:
                 self._stopping.wait(2.0)
                 continue
             if job is None:
-                self._wake.wait(1.0)
+                self._wake.wait(self.idle_s)
                 self._wake.clear()
                 continue
             try:
@@ -245,18 +261,30 @@ class JobRunner:
         self._current = (job.id, proc)
         self.store.set_worker_pid(job.id, proc.pid)
         started = time.monotonic()
+        overrun_at = started + self.cfg.limits.max_round_seconds
         reason: str | None = None
         code: int | None = None
         terminate_at = kill_at = math.inf
+        check_at = 0.0
         try:
             while True:
-                if self._job_done(proc, job.id):
+                # Wait for the reply, a wake-up, the next poll of the cancel flag or the next
+                # deadline (overrun, terminate, kill), whichever comes first.
+                now = time.monotonic()
+                if reason is None:
+                    until = min(check_at, overrun_at)
+                else:
+                    until = min(terminate_at, kill_at, now + self.poll_s)
+                if self._job_done(proc, job.id, max(0.0, until - now)):
                     break
                 if proc.poll() is not None:
                     code = self._discard_worker(proc)
                     break
                 now = time.monotonic()
-                if reason is None:
+                woken = self._wake.is_set()
+                if reason is None and (woken or now >= min(check_at, overrun_at)):
+                    self._wake.clear()
+                    check_at = now + self.poll_s
                     reason = self._stop_reason(job.id, now - started)
                     if reason is not None:
                         # A cancel first asks the worker to stop between steps; a shutdown
@@ -265,6 +293,7 @@ class JobRunner:
                         kill_at = terminate_at + self.kill_grace_s
                 if now >= kill_at:
                     proc.kill()
+                    kill_at = math.inf
                 elif now >= terminate_at and proc.poll() is None:
                     proc.terminate()
                     terminate_at = math.inf
@@ -272,9 +301,10 @@ class JobRunner:
             self._current = None
         self._finish(job, code, reason)
 
-    def _job_done(self, proc: WorkerProcess, job_id: int) -> bool:
-        """True once the worker reports `job_id` finished; waits up to `poll_s` for it."""
-        line = self._read_reply(proc)
+    def _job_done(self, proc: WorkerProcess, job_id: int, timeout_s: float) -> bool:
+        """True once the worker reports `job_id` finished; waits up to TIMEOUT_S for it (less
+        when the runner is woken)."""
+        line = self._read_reply(proc, timeout_s)
         if line is None:
             return False
         try:
@@ -286,16 +316,20 @@ class JobRunner:
             return False
         return True
 
-    def _read_reply(self, proc: WorkerProcess) -> bytes | None:
-        """One line from the worker's stdout, or None if none came within `poll_s`.
+    def _read_reply(self, proc: WorkerProcess, timeout_s: float) -> bytes | None:
+        """One line from the worker's stdout, or None if none came within TIMEOUT_S or the
+        runner was woken first.
 
         Reads the pipe's file descriptor directly: a buffered reader could pull the
         reply into its buffer behind another line, where `select` no longer sees it.
         """
         if b"\n" not in self._replies and proc.stdout is not None:
             fd = proc.stdout.fileno()
-            ready, _, _ = io_select.select([fd], [], [], self.poll_s)
-            if ready:
+            ready, _, _ = io_select.select([fd, self._wake_r], [], [], timeout_s)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if fd in ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     # End of output: the worker is exiting; its exit status tells why.

@@ -23,15 +23,19 @@ from agent.jobs.states import TERMINAL, JobStatus
 from agent.jobs.store import JobStore
 from tests.fixtures.db import queue_job
 
-# Answers each job line; exits with 7 on a job whose id is in CRASH_ON.
+# Answers each job line; exits with 7 on a job whose id is in CRASH_ON, never answers one in
+# HANG_ON.
 STAND_IN = r"""
-import json, os, sys
+import json, os, sys, time
 crash_on = {int(x) for x in os.environ.get("CRASH_ON", "").split(",") if x}
+hang_on = {int(x) for x in os.environ.get("HANG_ON", "").split(",") if x}
 print("a library that prints to stdout", flush=True) if os.environ.get("NOISY") else None
 for line in sys.stdin:
     job = json.loads(line)["job_id"]
     if job in crash_on:
         sys.exit(7)
+    while job in hang_on:
+        time.sleep(1)
     sys.stdout.write(json.dumps({"done": job}) + "\n")
     sys.stdout.flush()
 """
@@ -104,6 +108,51 @@ def test_a_worker_that_dies_mid_job_fails_that_job_and_a_fresh_one_takes_the_nex
     assert crashed.error == "the worker process ended unexpectedly (exit code 7) before it recorded a result"
     assert after.error == "the worker process finished without recording a result"
     assert first.worker_pid == crashed.worker_pid != after.worker_pid
+
+
+def _wait_for(store: JobStore, job_id: int, states: set[JobStatus], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = store.get_by_id(job_id)
+        if view is not None and view.status in states:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {sorted(states)}: {store.get_by_id(job_id)}")
+
+
+def test_a_wake_is_seen_at_once_while_idle_and_while_a_job_runs(
+    db: Database, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler polls the database only every hour here: a job queued while it is idle and
+    a cancel of the running job are taken because `wake` says so, not by a poll."""
+    store = JobStore(db, AuditLog(db))
+    runner = JobRunner(
+        _config(tmp_path, db_url),
+        store,
+        launcher=SubprocessLauncher([sys.executable, "-c", STAND_IN]),
+        poll_s=3600,
+        idle_s=3600,
+        cancel_grace_s=0.2,
+        kill_grace_s=0.5,
+        prestart_worker=False,  # started for the first job, with HANG_ON set
+    )
+    runner.start()
+    try:
+        time.sleep(0.5)  # the scheduler found the queue empty and sleeps
+        hung = queue_job(store, "hangs")
+        monkeypatch.setenv("HANG_ON", str(hung))  # read by the worker it starts for this job
+        runner.wake()
+        _wait_for(store, hung, {JobStatus.RUNNING})
+        assert store.request_cancel(hung)
+        runner.wake()
+        _wait_for(store, hung, {JobStatus.CANCELLED})
+        after = queue_job(store, "after")
+        runner.wake()
+        _wait_for(store, after, set(TERMINAL))
+    finally:
+        runner.stop()
+    view = store.get_by_id(after)
+    assert view is not None and view.error == "the worker process finished without recording a result"
 
 
 def test_max_jobs_per_worker_must_be_positive(db: Database, db_url: str, tmp_path: Path) -> None:
