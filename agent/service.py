@@ -54,6 +54,7 @@ from agent.errors import (
 from agent.exchange.codec import decode_weights
 from agent.exchange.egress import EgressGate
 from agent.fsaccess import fix_command
+from agent.jobs.ends import JobEnds
 from agent.jobs.recovery import check_resumable, recover_after_restart, resume
 from agent.jobs.retention import RetentionReport, apply_retention
 from agent.jobs.runner import JobRunner
@@ -99,6 +100,8 @@ class SiteService:
         # Per dataset, why its last scan failed (no paths): /v1/info shows it next to the kept counts.
         self._scan_problems: dict[str, str] = {}
         self._job_listeners: list[Callable[[], None]] = []
+        # Wakes the long-polled status requests (`?wait=`) when a job ends.
+        self.job_ends = JobEnds()
 
     @classmethod
     def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
@@ -140,6 +143,8 @@ class SiteService:
         self._job_listeners.append(listener)
 
     def _after_job(self) -> None:
+        # First: a coordinator waiting for this end fetches the update at once.
+        self.job_ends.notify()
         # Before retention: settling reads the ended round's step counter in its job folder.
         self.settle_privacy()
         self.apply_retention()
@@ -207,6 +212,7 @@ class SiteService:
 
     def close(self) -> None:
         """Stop the scheduler (a running job becomes interrupted) and release the database."""
+        self.job_ends.close()
         self.runner.stop()
         self.db.dispose()
 
@@ -580,6 +586,7 @@ class SiteService:
         if job.status in (JobStatus.QUEUED, JobStatus.INTERRUPTED) and self.store.transition(
             job.id, JobStatus.CANCELLED, actor=actor, details={"reason": f"cancelled while {job.status}"}
         ):
+            self.job_ends.notify()
             return self._job(kind, round_id)
         if self.store.request_cancel(job.id):
             self.audit.append(

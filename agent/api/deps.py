@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from agent.api.metrics import AgentMetrics
 from agent.api.throttle import THROTTLED_REASON, RefusalGuard
 from agent.errors import TokenExpired
+from agent.jobs.ends import MAX_WAIT_S
 from agent.service import SiteService
 
 COORDINATOR = "coordinator"
@@ -179,3 +180,16 @@ MetricsDep = Annotated[AgentMetrics, Depends(get_metrics)]
 # (the job form, for one, reads the request body).
 CoordinatorCaller = Annotated[Caller, Depends(require_coordinator)]
 AdminCaller = Annotated[Caller, Depends(require_admin)]
+# `?wait=` of a job's status: a long poll (agent.jobs.ends).
+StatusWait = Annotated[
+    float,
+    Query(
+        ge=0,
+        le=MAX_WAIT_S,
+        description=(
+            f"Seconds (at most {MAX_WAIT_S:g}) to wait for the job to stop (completed, failed, "
+            "cancelled or interrupted) before answering; the answer comes as soon as it does. "
+            "0 (the default) answers at once."
+        ),
+    ),
+]

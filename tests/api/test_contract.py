@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -266,7 +267,16 @@ def test_round_from_global_weights_then_evaluation(env: Env) -> None:
     with env.client() as c:
         r = post_job(c, "/v1/rounds", plan, weights=STATE["update"])
         assert r.status_code == 202, r.text
-        done = wait_status(c, "/v1/rounds/r-global", ("completed", "failed", "cancelled", "interrupted"))
+        # A long poll: the request waits for the round's end (up to 30 s) and is answered then.
+        for _ in range(10):
+            asked = time.monotonic()
+            answer = c.get("/v1/rounds/r-global", params={"wait": 30})
+            assert answer.status_code == 200, answer.text
+            done = answer.json()
+            if done["status"] in ("completed", "failed", "cancelled", "interrupted"):
+                break
+            # Answered before its end: only because the 30 s ran out.
+            assert time.monotonic() - asked >= 29, done
         assert done["status"] == "completed", done
         upd = c.get("/v1/rounds/r-global/update")
         assert upd.status_code == 200
@@ -307,9 +317,23 @@ def test_status_answers_while_training_and_queue_and_cancel(env: Env) -> None:
         assert "queue is full" in full.json()["detail"] and full.headers.get("retry-after")
         assert c.get("/v1/rounds/r-overflow").status_code == 404
 
-        for p in queued:
-            r = c.post(f"/v1/rounds/{p['round_id']}/cancel")
-            assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        # A status request waiting for a queued round's end is answered by its cancel.
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(c.get, f"/v1/rounds/{queued[0]['round_id']}", params={"wait": 30})
+            time.sleep(0.5)
+            assert not waiting.done(), "the long poll was answered while the round was still queued"
+            for p in queued:
+                r = c.post(f"/v1/rounds/{p['round_id']}/cancel")
+                assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+            assert waiting.result(timeout=60).json()["status"] == "cancelled"
+        # A wait that runs out answers with the status as it is.
+        short = c.get("/v1/rounds/r-long", params={"wait": 0.2})
+        assert short.status_code == 200 and short.json()["status"] == "running"
+        for bad in ("31", "-1", "soon"):
+            refused = c.get("/v1/rounds/r-long", params={"wait": bad})
+            assert refused.status_code == 422 and "wait" in refused.text, (bad, refused.text)
+        assert c.get("/v1/rounds/nope", params={"wait": 30}).status_code == 404
+        assert c.get("/v1/evaluations/nope", params={"wait": 30}).status_code == 404
 
         try:
             # 200 sequential status reads while the round trains: each answers, says running and

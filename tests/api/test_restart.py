@@ -15,9 +15,11 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.audit.chain import AuditLog
@@ -131,15 +133,33 @@ def test_kill_9_mid_round_then_restart_then_sigterm(site: tuple[Path, dict[str, 
             assert [e["details"]["round_id"] for e in events] == ["r-killed"]
             assert events[0]["details"]["reason"] == "agent restarted"
 
-        # SIGTERM mid-round: the agent stops on its own and the round is interrupted.
+        # SIGTERM mid-round: the agent stops on its own and the round is interrupted. A status
+        # request waiting for the round's end (a long poll) is answered as the agent stops,
+        # instead of holding the shutdown up until uvicorn cancels it.
         with agent.client(tokens["coord"]) as c:
             _start_long_round(c, "r-term")
         worker = _worker_pid(db, "r-term")
+        answers: list[httpx.Response | Exception] = []
+
+        def long_poll() -> None:
+            with agent.client(tokens["coord"]) as c:
+                try:
+                    answers.append(c.get("/v1/rounds/r-term", params={"wait": 30}, timeout=60))
+                except Exception as exc:
+                    answers.append(exc)
+
+        poller = threading.Thread(target=long_poll)
+        poller.start()
+        time.sleep(1.0)
+        assert poller.is_alive(), f"the long poll was answered before the round stopped: {answers}"
         t0 = time.monotonic()
         code = agent.stop(timeout=90)
         took = time.monotonic() - t0
+        poller.join(timeout=60)
     finally:
         agent.kill()
+    assert len(answers) == 1 and isinstance(answers[0], httpx.Response), answers
+    assert answers[0].status_code == 200 and answers[0].json()["status"] in ("running", "interrupted")
     # uvicorn ends by re-raising the SIGTERM it handled, after its graceful shutdown.
     assert code in (0, -signal.SIGTERM), agent.log_text()[-3000:]
     assert took < 60, f"shutdown took {took:.0f} s"

@@ -6,7 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from agent.api.deps import CoordinatorCaller, ServiceDep
+from agent.api.deps import CoordinatorCaller, ServiceDep, StatusWait
 from agent.api.forms import JobFormDep
 from agent.api.schemas import (
     JOB_ERRORS,
@@ -16,6 +16,7 @@ from agent.api.schemas import (
     EvaluationAccepted,
     EvaluationOut,
 )
+from agent.jobs.ends import status_after_wait
 
 router = APIRouter(prefix="/evaluations", tags=["evaluations"])
 
@@ -36,9 +37,13 @@ async def create_evaluation(
 
 
 @router.get("/{evaluation_id}", response_model=EvaluationOut, responses=STATUS_ERRORS)
-async def get_evaluation(evaluation_id: str, _: CoordinatorCaller, service: ServiceDep) -> EvaluationOut:
-    """An evaluation's status and, once completed, its metrics ("dice", ...) and subject count."""
-    return EvaluationOut.model_validate(service.get_evaluation(evaluation_id))
+async def get_evaluation(
+    evaluation_id: str, _: CoordinatorCaller, service: ServiceDep, wait: StatusWait = 0
+) -> EvaluationOut:
+    """An evaluation's status and, once completed, its metrics ("dice", ...) and subject count;
+    with `wait`, once the evaluation has stopped or that many seconds have passed."""
+    job = await status_after_wait(lambda: service.get_evaluation(evaluation_id), service.job_ends, wait)
+    return EvaluationOut.model_validate(job)
 
 
 @router.post(

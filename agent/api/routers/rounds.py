@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
-from agent.api.deps import CoordinatorCaller, MetricsDep, ServiceDep
+from agent.api.deps import CoordinatorCaller, MetricsDep, ServiceDep, StatusWait
 from agent.api.forms import JobFormDep
 from agent.api.schemas import (
     JOB_ERRORS,
@@ -16,6 +16,7 @@ from agent.api.schemas import (
     RoundAccepted,
     RoundOut,
 )
+from agent.jobs.ends import status_after_wait
 
 router = APIRouter(prefix="/rounds", tags=["rounds"])
 
@@ -34,12 +35,15 @@ async def create_round(caller: CoordinatorCaller, form: JobFormDep, service: Ser
 
 
 @router.get("/{round_id}", response_model=RoundOut, responses=STATUS_ERRORS)
-async def get_round(round_id: str, _: CoordinatorCaller, service: ServiceDep) -> RoundOut:
-    """A round's status, progress, metrics, sample count and update hash."""
+async def get_round(
+    round_id: str, _: CoordinatorCaller, service: ServiceDep, wait: StatusWait = 0
+) -> RoundOut:
+    """A round's status, progress, metrics, sample count and update hash; with `wait`, once the
+    round has stopped or that many seconds have passed."""
     # The hot path of a coordinator's polling: one indexed read (never blocked by the
     # worker's writes: WAL / MVCC), served on the event loop without a thread-pool hop.
     # A completed round adds the signed audit head: one more read and a signature (~0.1 ms).
-    job = service.get_round(round_id)
+    job = await status_after_wait(lambda: service.get_round(round_id), service.job_ends, wait)
     out = RoundOut.model_validate(job)
     anchor = service.round_anchor(job)
     if anchor is not None:
