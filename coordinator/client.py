@@ -127,6 +127,13 @@ class SiteClient(Protocol):
     def close(self) -> None: ...
 
 
+def _wait_param(wait: float) -> dict[str, str] | None:
+    """`?wait=` of a status request (none for 0: the plain request, as every agent knows it)."""
+    # Whole milliseconds: the agent refuses more than its limit, and a float's repr could
+    # round above it.
+    return {"wait": f"{wait:.3f}"} if wait > 0 else None
+
+
 def _ssl_context(entry: AgentEntry) -> ssl.SSLContext | bool:
     if entry.ca_file is None and entry.client_cert is None:
         return True
@@ -239,6 +246,7 @@ class AgentClient:
         timeouts: Timeouts | None = None,
         retries: Retries | None = None,
         poll_interval: float = 1.0,
+        status_wait: float = 0.0,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -252,6 +260,7 @@ class AgentClient:
         self.timeouts = timeouts or Timeouts()
         self.retries = retries or Retries()
         self.poll_interval = poll_interval
+        self.status_wait = status_wait
         self.transfer = Transfer()
         self._sleep = sleep
         self._lock = threading.Lock()
@@ -272,7 +281,12 @@ class AgentClient:
     def for_federation(cls, fed: Federation, **kwargs: Any) -> dict[str, AgentClient]:
         return {
             a.name: cls(
-                a, timeouts=fed.timeouts, retries=fed.retries, poll_interval=fed.poll_interval, **kwargs
+                a,
+                timeouts=fed.timeouts,
+                retries=fed.retries,
+                poll_interval=fed.poll_interval,
+                status_wait=fed.status_wait,
+                **kwargs,
             )
             for a in [*fed.agents, *fed.outside]
         }
@@ -419,13 +433,17 @@ class AgentClient:
     def start_evaluation(self, plan: dict[str, Any], weights: bytes) -> str:
         return self._start("/v1/evaluations", "evaluation_id", plan, weights, what="start evaluation")
 
-    def round_status(self, round_id: str) -> RemoteJobStatus:
-        body = self._json(self.request("GET", f"/v1/rounds/{round_id}", what="round status"), "round status")
-        return self._status(body, "round_id", round_id)
+    def round_status(self, round_id: str, *, wait: float = 0.0) -> RemoteJobStatus:
+        """The round's status; with WAIT, once it has stopped or WAIT seconds passed (a long
+        poll: an agent without it answers at once, which `wait` below allows for)."""
+        what = "round status"
+        resp = self.request("GET", f"/v1/rounds/{round_id}", what=what, params=_wait_param(wait))
+        return self._status(self._json(resp, what), "round_id", round_id)
 
-    def evaluation_status(self, evaluation_id: str) -> RemoteJobStatus:
+    def evaluation_status(self, evaluation_id: str, *, wait: float = 0.0) -> RemoteJobStatus:
         what = "evaluation status"
-        body = self._json(self.request("GET", f"/v1/evaluations/{evaluation_id}", what=what), what)
+        path = f"/v1/evaluations/{evaluation_id}"
+        body = self._json(self.request("GET", path, what=what, params=_wait_param(wait)), what)
         return self._status(body, "evaluation_id", evaluation_id)
 
     def cancel_round(self, round_id: str) -> None:
@@ -488,19 +506,30 @@ class AgentClient:
         on_status: Callable[[RemoteJobStatus], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> RemoteJobStatus:
-        """Poll a round or evaluation until it ends; raise JobFailed / JobTimeout naming the site."""
+        """Poll a round or evaluation until it ends; raise JobFailed / JobTimeout naming the site.
+
+        Each request waits at the agent up to `status_wait` for the end (a long poll); requests
+        to one site are at least `poll_interval` apart, so that an agent that answers at once
+        (one that predates `?wait=`) is polled as before."""
         status_of = self.round_status if kind == "round" else self.evaluation_status
         deadline = time.monotonic() + timeout
+        wait = self.status_wait
         while True:
-            status = status_of(job_id)
+            asked = time.monotonic()
+            status = status_of(job_id, wait=wait)
             if on_status is not None:
                 on_status(status)
             if status.status == "completed":
                 return status
             if status.status in TERMINAL:
                 raise job_ended(self.name, kind, job_id, status.status, status.error)
-            wait_left(self.name, kind, job_id, deadline=deadline, timeout=timeout, should_stop=should_stop)
-            self._sleep(self.poll_interval)
+            left = wait_left(
+                self.name, kind, job_id, deadline=deadline, timeout=timeout, should_stop=should_stop
+            )
+            wait = min(self.status_wait, left)
+            pause = self.poll_interval - (time.monotonic() - asked)
+            if pause > 0:
+                self._sleep(min(pause, left))
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ relay:                        # required when any entry is `pull: true` (see coo
 min_sites: 1
 timeouts: {connect: 5, read: 30, round: 3600, evaluation: 1800}
 retries: {attempts: 5, backoff: 0.5, max_backoff: 10}
-poll_interval: 1.0
+poll_interval: 1.0             # the least time between two status requests to one site
+status_wait: 5                 # each status request waits up to this long for the job to end
 ```
 
 A push site (`url` and a token) is reached by the coordinator; a pull site (`pull: true`)
@@ -217,6 +218,11 @@ class Federation(StrictModel):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: Retries = Field(default_factory=Retries)
     poll_interval: float = Field(default=1.0, gt=0, le=60)
+    # A status request waits at the agent up to this long for the job to stop (a long poll,
+    # agent.jobs.ends): the coordinator learns of the end at once and sends one request per
+    # wait instead of one per poll_interval. 0 polls plainly. It also bounds how late a
+    # stopping coordinator notices that it should cancel its sites' jobs.
+    status_wait: float = Field(default=5.0, ge=0, le=30)
     relay: RelaySettings | None = None
 
     # Set by load_federation: the file this came from (not a YAML key).
@@ -229,6 +235,11 @@ class Federation(StrictModel):
             if agent.name in seen:
                 raise ValueError(f"agent name {agent.name!r} appears twice")
             seen.add(agent.name)
+        if self.status_wait and self.status_wait >= self.timeouts.read:
+            raise ValueError(
+                f"status_wait ({self.status_wait:g} s) must be shorter than timeouts.read "
+                f"({self.timeouts.read:g} s): a status request waits that long for its answer"
+            )
         if self.min_sites > len(self.agents):
             raise ValueError(f"min_sites is {self.min_sites} but only {len(self.agents)} agent(s) are listed")
         pull = self.pull_names
