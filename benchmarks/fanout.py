@@ -17,6 +17,9 @@ data) and measures per round:
   all its threads, between one round's end and the next). Unlike the wall time it does not grow
   when the agents and the coordinator share too few cores: it is what the coordinator itself
   costs, whatever the machine. The RSS sampler below runs in this process and is included;
+* the agents' CPU seconds per round (``agents_cpu_s``): the N agents' processes, their fork
+  servers and workers together (Linux /proc; absent elsewhere). On a machine with fewer cores
+  than agents this, divided by the cores, is what bounds the round's wall time;
 * the coordinator's resident memory: the peak of this process's RSS during the N-agent rounds
   (sampled every 20 ms), and its growth over the RSS before the first round.
 
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +113,49 @@ class PeakRss:
         self.peak_mb = max(self.peak_mb, _rss_mb())
 
 
-class CpuPerRound(QuietReporter):
-    """Records this process's CPU seconds (all threads) at the end of every round."""
+def _tree_cpu_s(roots: Collection[int]) -> float | None:
+    """CPU seconds (user and system, with their reaped children's) of the processes ROOTS and
+    all their descendants, from /proc; None where there is no /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # ended meanwhile
+        # "pid (comm) state ppid ... utime stime cutime cstime ...": comm may hold spaces.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        used[pid] = sum(int(f) for f in fields[11:15]) / tick
+    total = 0.0
+    for pid, cpu in used.items():
+        p = pid
+        while p > 1 and p not in roots:
+            p = parent.get(p, 0)
+        if p in roots:
+            total += cpu
+    return total
 
-    def __init__(self) -> None:
+
+class CpuPerRound(QuietReporter):
+    """Records, at the end of every round, this process's CPU seconds (all threads) and those of
+    the agents' process trees (AGENT_PIDS)."""
+
+    def __init__(self, agent_pids: Collection[int] = ()) -> None:
         super().__init__()
+        self.agent_pids = set(agent_pids)
         self.at_round_end: list[float] = []
+        self.agents_at_round_end: list[float | None] = []
 
     def round_done(self, record: dict[str, Any]) -> None:
         self.at_round_end.append(time.process_time())
+        self.agents_at_round_end.append(_tree_cpu_s(self.agent_pids))
 
 
 def _site_job_times(databases: dict[str, Database], site: str, round_id: str) -> tuple[float, float]:
@@ -145,14 +183,19 @@ def _federation(root: Path, urls: dict[str, str], tokens: dict[str, str]) -> Fed
 
 
 def _measure(
-    fed: Federation, plan: dict[str, Any], out: Path, repeats: int, databases: dict[str, Database]
+    fed: Federation,
+    plan: dict[str, Any],
+    out: Path,
+    repeats: int,
+    databases: dict[str, Database],
+    agent_pids: Collection[int],
 ) -> dict[str, Any]:
     n = len(fed.names)
     options = RunOptions(
         strategy="fedavg", rounds=repeats + 1, run_id=f"fanout-{n}", evaluate=False, evaluate_final=False
     )
     before = _rss_mb()
-    cpu = CpuPerRound()
+    cpu = CpuPerRound(agent_pids)
     with PeakRss() as rss:
         result = run_strategy(fed, plan, out, options, initial_weights=initial_weights(plan), reporter=cpu)
     if len(cpu.at_round_end) != len(result.rounds):
@@ -179,6 +222,9 @@ def _measure(
                 "coordinator_cpu_s": round(cpu.at_round_end[i] - cpu.at_round_end[i - 1], 3),
             }
         )
+        now, then = cpu.agents_at_round_end[i], cpu.agents_at_round_end[i - 1]
+        if now is not None and then is not None:
+            rounds[-1]["agents_cpu_s"] = round(now - then, 3)
     orch = [r["orchestration_s"] for r in rounds]
     return {
         "agents": n,
@@ -191,6 +237,11 @@ def _measure(
         "site_queue_s_max_median": round(statistics.median(r["site_queue_s_max"] for r in rounds), 3),
         "transport_s_max_median": round(statistics.median(r["transport_s_max"] for r in rounds), 3),
         "coordinator_cpu_s_median": round(statistics.median(r["coordinator_cpu_s"] for r in rounds), 3),
+        "agents_cpu_s_median": (
+            round(statistics.median(r["agents_cpu_s"] for r in rounds), 3)
+            if all("agents_cpu_s" in r for r in rounds)
+            else None
+        ),
         "coordinator_rss_peak_mb": round(rss.peak_mb, 1),
         "coordinator_rss_growth_mb": round(rss.peak_mb - before, 1),
     }
@@ -261,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in sizes:
                 chosen = names[:n]
                 fed = _federation(work, {s: agents[s].url for s in chosen}, tokens)
-                rows.append(_measure(fed, plan, work / f"run-{n}", args.repeats, databases))
+                pids = [agents[s].process.pid for s in chosen]
+                rows.append(_measure(fed, plan, work / f"run-{n}", args.repeats, databases, pids))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}), file=sys.stderr)
         for db in databases.values():
             db.dispose()
@@ -292,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 | {
                     "orchestration_s_by_agents": {r["agents"]: r["orchestration_s_median"] for r in rows},
                     "coordinator_cpu_s_by_agents": {r["agents"]: r["coordinator_cpu_s_median"] for r in rows},
+                    "agents_cpu_s_by_agents": {r["agents"]: r["agents_cpu_s_median"] for r in rows},
                     "coordinator_rss_peak_mb_by_agents": {
                         r["agents"]: r["coordinator_rss_peak_mb"] for r in rows
                     },
