@@ -224,3 +224,27 @@ def test_node_config_and_token_file(tmp_path: Path) -> None:
     assert read_token(good) == "secret-token"
     with pytest.raises(AgentApiError, match="not an http"):
         AgentAPI.from_node_config({"agent-url": "ftp://x", "token-file": str(good)})
+
+
+def test_status_requests_ask_the_agent_to_wait_and_an_agent_that_does_not_is_polled() -> None:
+    """Each status request carries `?wait=`; an agent that answers at once anyway (one that
+    predates it) is asked again after poll_interval, not in a tight loop."""
+    seen: list[httpx.Request] = []
+    sleeps: list[float] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        status = "running" if len(seen) < 3 else "completed"
+        return httpx.Response(200, json={"round_id": "r", "status": status, "metrics": {}})
+
+    transport = httpx.MockTransport(handler)
+    api = AgentAPI(URL, "tok", transport=transport, sleep=sleeps.append, poll_interval=0.5, status_wait=4)
+    assert api.wait("round", "r", timeout=60).status == "completed"
+    assert [r.url.params.get("wait") for r in seen] == ["4.000"] * 3
+    assert len(sleeps) == 2 and all(0 < s <= 0.5 for s in sleeps), sleeps
+
+
+@pytest.mark.parametrize("status_wait", [-1.0, 60.0])
+def test_a_status_wait_that_cannot_work_is_refused(status_wait: float) -> None:
+    with pytest.raises(AgentApiError, match="status_wait"):
+        AgentAPI(URL, "tok", timeout=60.0, status_wait=status_wait)

@@ -108,6 +108,7 @@ class AgentAPI:
         *,
         timeout: float = 60.0,
         poll_interval: float = 0.5,
+        status_wait: float = 5.0,
         attempts: int = 4,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -115,7 +116,15 @@ class AgentAPI:
         if not url.startswith(("http://", "https://")):
             raise AgentApiError(f"agent-url {url!r} is not an http(s) URL")
         self.url = url.rstrip("/")
+        if not 0 <= status_wait < timeout:
+            raise AgentApiError(
+                f"status_wait ({status_wait:g} s) must be at least 0 and shorter than the timeout "
+                f"({timeout:g} s): a status request waits that long for its answer"
+            )
         self.poll_interval = poll_interval
+        # Each status request asks the agent to answer when the job stops, or after this many
+        # seconds (the agent's long poll, `?wait=`); 0 polls plainly.
+        self.status_wait = min(status_wait, 30.0)
         self.attempts = max(1, attempts)
         self.transfer = Transfer()
         self._sleep = sleep
@@ -215,12 +224,15 @@ class AgentAPI:
             raise AgentApiError(f"{what}: the agent's answer has no {id_key!r}: {json.dumps(body)[:200]}")
         return job_id
 
-    def status(self, kind: str, job_id: str) -> JobStatus:
+    def status(self, kind: str, job_id: str, *, wait: float = 0.0) -> JobStatus:
+        """The job's status; with WAIT, once it has stopped or WAIT seconds passed (an agent
+        that predates `?wait=` answers at once)."""
         if kind not in ("round", "evaluation"):
             raise ValueError(f"kind must be 'round' or 'evaluation', got {kind!r}")
         what = f"{kind} status"
         path = f"/v1/rounds/{job_id}" if kind == "round" else f"/v1/evaluations/{job_id}"
-        body = self._json(self.request("GET", path, what=what), what)
+        params = {"wait": f"{wait:.3f}"} if wait > 0 else None
+        body = self._json(self.request("GET", path, what=what, params=params), what)
         status = body.get("status")
         if not isinstance(status, str):
             raise AgentApiError(f"{what} of {job_id}: the answer has no 'status'")
@@ -237,10 +249,12 @@ class AgentAPI:
         )
 
     def wait(self, kind: str, job_id: str, *, timeout: float) -> JobStatus:
-        """Poll until the job ends; a job that does not complete raises JobEnded with its reason."""
+        """Poll until the job ends; a job that does not complete raises JobEnded with its reason.
+        Requests are at least `poll_interval` apart, each waiting up to `status_wait` at the agent."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self.status(kind, job_id)
+            asked = time.monotonic()
+            status = self.status(kind, job_id, wait=min(self.status_wait, max(0.0, deadline - asked)))
             if status.status == "completed":
                 return status
             if status.status in TERMINAL:
@@ -250,7 +264,9 @@ class AgentAPI:
                 raise JobEnded(
                     f"{kind} {job_id} did not finish within {timeout:g} s (last status {status.status})"
                 )
-            self._sleep(self.poll_interval)
+            pause = self.poll_interval - (time.monotonic() - asked)
+            if pause > 0:
+                self._sleep(pause)
 
     def cancel(self, kind: str, job_id: str) -> None:
         path = f"/v1/rounds/{job_id}/cancel" if kind == "round" else f"/v1/evaluations/{job_id}/cancel"
