@@ -167,10 +167,16 @@ def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None]) -> uvic
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             super().handle_exit(sig, frame)
-            on_exit()
             loop, event = self._loop, self._exit
             if loop is not None and event is not None:
+                # This runs as a signal handler, between any two bytecodes of the main thread,
+                # which also runs the loop: ON_EXIT takes a lock that the interrupted code may
+                # hold, so it runs on the loop, next, and not here.
                 with contextlib.suppress(RuntimeError):  # the loop has already closed
-                    loop.call_soon_threadsafe(event.set)
+                    loop.call_soon_threadsafe(_exit_now, event, on_exit)
+
+    def _exit_now(event: asyncio.Event, then: Callable[[], None]) -> None:
+        event.set()
+        then()
 
     return QuietServer(config)
