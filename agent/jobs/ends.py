@@ -71,18 +71,16 @@ class JobEnds:
                 self._waiters.append((loop, future))
         return future
 
-    def _forget(self, future: asyncio.Future[None]) -> None:
+    def unsubscribe(self, future: asyncio.Future[None]) -> None:
+        """FUTURE (from `subscribe`) is no longer waited for: the next `notify` skips it."""
         with self._lock:
             self._waiters = [w for w in self._waiters if w[1] is not future]
 
-    async def wait(self, future: asyncio.Future[None], timeout_s: float) -> None:
+    @staticmethod
+    async def wait(future: asyncio.Future[None], timeout_s: float) -> None:
         """Until FUTURE (from `subscribe`) is settled or TIMEOUT_S passed."""
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, timeout_s))
-        except TimeoutError:
-            pass
-        finally:
-            self._forget(future)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -96,12 +94,17 @@ async def status_after_wait(read: Callable[[], JobView], ends: JobEnds, wait_s: 
 
     READ runs on the event loop (one indexed read, as the plain status route does); it raises
     NotFound for an unknown job before any wait."""
+    if wait_s <= 0:
+        return read()  # the plain poll: nothing to subscribe to
     deadline = time.monotonic() + min(wait_s, MAX_WAIT_S)
     while True:
         future = ends.subscribe()
-        job = read()
-        left = deadline - time.monotonic()
-        if JobStatus(job.status) in STOPPED or left <= 0 or ends.closed:
-            ends._forget(future)
-            return job
-        await ends.wait(future, min(left, RECHECK_S))
+        try:
+            job = read()
+            left = deadline - time.monotonic()
+            if JobStatus(job.status) in STOPPED or left <= 0 or ends.closed:
+                return job
+            await ends.wait(future, min(left, RECHECK_S))
+        finally:
+            # Also when READ raised (an unknown job) or the request was cancelled.
+            ends.unsubscribe(future)

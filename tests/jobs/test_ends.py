@@ -171,5 +171,7 @@ def test_an_unknown_job_raises_before_any_wait() -> None:
     def read() -> JobView:
         raise LookupError("no round with id 'x'")
 
+    signal = JobEnds()
     with pytest.raises(LookupError, match="no round"):
-        _run(status_after_wait(read, JobEnds(), 30))
+        _run(status_after_wait(read, signal, 30))
+    assert signal._waiters == []  # nothing left for the next end to wake
