@@ -1,15 +1,20 @@
-"""The worker process under failure: a training error, a killed worker, a round over its time limit.
+"""The worker process under failure: a training error, a killed worker, a round over its time limit;
+and what it frees and freezes after a job.
 
 One in-process SiteService with its real scheduler and real worker processes; no HTTP.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
 import shutil
 import signal
+import sys
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +23,7 @@ import pytest
 from agent.config import load_config
 from agent.jobs.states import JobKind
 from agent.jobs.store import JobView
+from agent.jobs.worker import collect_after_job
 from agent.service import SiteService
 from tests.fixtures.agents import GeneratedSite, make_site, tiny_plan
 
@@ -142,3 +148,50 @@ def test_a_stored_plan_the_worker_cannot_read_fails_with_one_sentence(service: S
     st = wait(service, "r-stale", TERMINAL)
     assert st.status == "failed"
     assert st.error == "the stored plan is no longer valid: fedprox_mu: Input should be a valid number"
+
+
+class _Cyclic:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture()
+def freeze_undone() -> Iterator[None]:
+    """Give this process's collector back what a test froze (nothing here freezes otherwise)."""
+    assert gc.get_freeze_count() == 0
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _tracked(obj: object) -> bool:
+    """Whether the cyclic collector's generations hold `obj` (frozen objects are outside them)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+def test_a_job_that_imported_a_module_ends_with_its_survivors_frozen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, freeze_undone: None
+) -> None:
+    (tmp_path / "fedsite_lazily_imported.py").write_text("def helper() -> int:\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules_before = len(sys.modules)
+    try:
+        module = importlib.import_module("fedsite_lazily_imported")
+        garbage = weakref.ref(_Cyclic())
+        assert _tracked(module.helper)
+        collect_after_job(modules_before)
+        assert garbage() is None  # the job's cyclic garbage is freed first
+        assert gc.get_freeze_count() > 0
+        assert not _tracked(module.helper)  # the later jobs' collections skip it
+    finally:
+        sys.modules.pop("fedsite_lazily_imported", None)
+
+
+def test_a_job_that_imported_nothing_leaves_its_survivors_to_the_collector(freeze_undone: None) -> None:
+    survivor = _Cyclic()
+    garbage = weakref.ref(_Cyclic())
+    collect_after_job(len(sys.modules))
+    assert garbage() is None
+    assert gc.get_freeze_count() == 0
+    assert _tracked(survivor)
