@@ -249,13 +249,6 @@ class Worker:
         if job is None or job.status != JobStatus.RUNNING:
             log.warning("job %s is not running; nothing to do", spec["job_id"])
             return
-        redact = Redactor()
-        try:
-            from agent.data.catalog import dataset_items
-
-            redact = Redactor.for_items(dataset_items(db, job.dataset), [d.root for d in cfg.datasets])
-        except Exception:
-            log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
         try:
             run_job(cfg, db, store, audit, job)
         except TrainingCancelled:
@@ -263,6 +256,7 @@ class Worker:
                 job.id, JobStatus.CANCELLED, actor="worker", details={"reason": "cancel requested"}
             )
         except Exception as exc:
+            redact = _redactor(cfg, db, job)
             log.error("%s %s failed:\n%s", job.kind, job.round_id, redact(traceback.format_exc()))
             store.transition(
                 job.id, JobStatus.FAILED, actor="worker", fields={"error": public_error(exc, redact)}
@@ -270,6 +264,21 @@ class Worker:
         finally:
             collect_after_job(modules_before)
             _release_accelerator_memory()
+
+
+def _redactor(cfg: AgentConfig, db: Database, job: JobView) -> Redactor:
+    """What removes the dataset's paths and subject names from a failed job's error.
+
+    Built only when a job failed: it lists and decrypts every item's paths, a database
+    read that a job which succeeds (nearly all of them) does not need.
+    """
+    try:
+        from agent.data.catalog import dataset_items
+
+        return Redactor.for_items(dataset_items(db, job.dataset), [d.root for d in cfg.datasets])
+    except Exception:
+        log.warning("could not list the dataset's subjects for error redaction", exc_info=True)
+        return Redactor()
 
 
 def collect_after_job(modules_before: int) -> None:
