@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from agent.audit.anchors import key_path, load_or_create_key, public_key_text, s
 from agent.audit.chain import AuditLog, ChainReport
 from agent.config import AgentConfig
 from agent.data.catalog import dataset_items, dataset_summaries, scan_datasets
+from agent.db.base import utcnow
 from agent.db.engine import Database, open_database
 from agent.errors import (
     Conflict,
@@ -102,6 +104,9 @@ class SiteService:
         self._job_listeners: list[Callable[[], None]] = []
         # Wakes the long-polled status requests (`?wait=`) when a job ends.
         self.job_ends = JobEnds()
+        # When the last retention pass that deleted everything due started (None: none yet):
+        # a later pass reads only the jobs that can have become due since (see apply_retention).
+        self._retention_clean_before: datetime | None = None
 
     @classmethod
     def open(cls, cfg: AgentConfig, **kwargs: Any) -> SiteService:
@@ -179,8 +184,17 @@ class SiteService:
         return JobState(ended=is_terminal(job.status), job_dir=Path(job.job_dir))
 
     def apply_retention(self) -> RetentionReport:
-        """Delete the job files that `jobs.retention` no longer keeps; at start and after each job."""
-        return apply_retention(self.store, self.gate, self.cfg)
+        """Delete the job files that `jobs.retention` no longer keeps; at start and after each job.
+
+        Runs on one thread at a time (at start, then the scheduler's).
+        """
+        started = utcnow()
+        report = apply_retention(
+            self.store, self.gate, self.cfg, now=started, clean_before=self._retention_clean_before
+        )
+        if report.complete:
+            self._retention_clean_before = started
+        return report
 
     def scan(self) -> None:
         """Index the datasets; log one line per dataset and one per problem (unreadable files, no

@@ -309,6 +309,42 @@ class JobStore:
             ).all()
             return [JobView.of(r) for r in rows]
 
+    def retention_candidates(
+        self, *, ended_since: datetime, fetched_before: datetime, unfetched_before: datetime | None
+    ) -> list[JobView]:
+        """The stopped jobs in which a retention pass can find something due, oldest first.
+
+        Those that stopped at or after ENDED_SINCE (or at no recorded time); every interrupted
+        one (its files may stay for days); and every completed training job whose released
+        update is still on disk and was fetched at or before FETCHED_BEFORE, or never fetched
+        and completed at or before UNFETCHED_BEFORE (None: such updates are kept). A job that
+        stopped long ago and whose files are gone is not read: an agent's history grows by a
+        job per round.
+        """
+        update_due = RoundJob.update_fetched_at <= fetched_before
+        if unfetched_before is not None:
+            update_due = update_due | (
+                RoundJob.update_fetched_at.is_(None) & (RoundJob.finished_at <= unfetched_before)
+            )
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(RoundJob)
+                .where(
+                    RoundJob.status.in_(sorted(st.value for st in STOPPED)),
+                    (RoundJob.finished_at >= ended_since)
+                    | RoundJob.finished_at.is_(None)
+                    | (RoundJob.status == JobStatus.INTERRUPTED.value)
+                    | (
+                        (RoundJob.kind == JobKind.TRAIN.value)
+                        & (RoundJob.status == JobStatus.COMPLETED.value)
+                        & RoundJob.update_removed_at.is_(None)
+                        & update_due
+                    ),
+                )
+                .order_by(RoundJob.id)
+            ).all()
+            return [JobView.of(r) for r in rows]
+
     def remove_file(
         self,
         job: JobView,

@@ -10,17 +10,25 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from agent.audit.chain import AuditLog
+from agent.db.base import utcnow
+from agent.db.engine import Database
 from agent.errors import Conflict
+from agent.jobs.models import RoundJob
 from agent.jobs.recovery import check_resumable, recover_after_restart
 from agent.jobs.retention import apply_retention
 from agent.jobs.states import JobKind, JobStatus
+from agent.jobs.store import JobStore, JobView
 from agent.service import SiteService
 from agent.training.checkpoint import checkpoint_path
+from tests.fixtures.db import queue_job
 from tests.jobs.test_resume import (
     SimulatedCrash,
     crash_after_epoch,
@@ -181,3 +189,103 @@ def test_the_agent_applies_the_policy_at_start_and_after_each_job(tmp_path: Path
         assert ended.wait(30), "the job-end listener was not called"
     finally:
         again.close()
+
+
+def _set(db: Database, job_id: int, **values: object) -> None:
+    with db.session() as s:
+        s.execute(update(RoundJob).where(RoundJob.id == job_id).values(**values))
+
+
+def test_a_later_pass_reads_only_the_jobs_in_which_something_can_be_due(db: Database) -> None:
+    store = JobStore(db, AuditLog(db))
+    now = utcnow()
+    days, hour = timedelta(days=1), timedelta(hours=1)
+    rows: dict[str, dict[str, object]] = {
+        "failed-long-ago": {"status": "failed", "finished_at": now - 2 * days},
+        "failed-just-now": {"status": "failed", "finished_at": now - hour / 6},
+        "interrupted-long-ago": {"status": "interrupted", "finished_at": now - 20 * days},
+        "fetched-kept": {
+            "status": "completed",
+            "finished_at": now - 2 * days,
+            "update_fetched_at": now - 2 * days,
+        },
+        "fetched-due": {
+            "status": "completed",
+            "finished_at": now - 9 * days,
+            "update_fetched_at": now - 8 * days,
+        },
+        "fetched-due-deleted": {
+            "status": "completed",
+            "finished_at": now - 9 * days,
+            "update_fetched_at": now - 8 * days,
+            "update_removed_at": now - days,
+        },
+        "unfetched-due": {"status": "completed", "finished_at": now - 31 * days},
+        "unfetched-kept": {"status": "completed", "finished_at": now - 10 * days},
+        "running": {"status": "running"},
+    }
+    for round_id, values in rows.items():
+        _set(db, queue_job(store, round_id), **values)
+    _set(
+        db,
+        queue_job(store, "evaluated-long-ago", JobKind.EVALUATE),
+        status="completed",
+        finished_at=now - 40 * days,
+    )
+
+    def candidates(unfetched_before: datetime | None) -> list[str]:
+        jobs = store.retention_candidates(
+            ended_since=now - hour, fetched_before=now - 7 * days, unfetched_before=unfetched_before
+        )
+        return [j.round_id for j in jobs]
+
+    assert candidates(now - 30 * days) == [
+        "failed-just-now",
+        "interrupted-long-ago",
+        "fetched-due",
+        "unfetched-due",
+    ]
+    assert candidates(None) == ["failed-just-now", "interrupted-long-ago", "fetched-due"]
+
+
+def test_a_file_that_could_not_be_deleted_is_tried_again_however_long_ago_its_job_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = open_site(tmp_path)
+    try:
+        p = round_plan("r-stuck")
+        service.start_round(json.dumps(p), initial_weights(p), "token:coord")
+        job = run_next(service)
+        _set(service.db, job.id, finished_at=utcnow() - timedelta(days=2))
+        ckpt = checkpoint_path(job.job_dir)
+        unlink = Path.unlink
+
+        def refuse_the_checkpoint(path: Path, missing_ok: bool = False) -> None:
+            if path == ckpt:
+                raise PermissionError(13, "Permission denied", str(path))
+            unlink(path, missing_ok=missing_ok)
+
+        monkeypatch.setattr(Path, "unlink", refuse_the_checkpoint)
+        first = service.apply_retention()
+        assert not first.complete
+        assert [kind for _, kind, _ in first.removed] == ["received_weights"]
+        assert ckpt.is_file()
+        monkeypatch.setattr(Path, "unlink", unlink)
+
+        read: list[list[str]] = []
+        narrowed = service.store.retention_candidates
+
+        def recorded(**cutoffs: Any) -> list[JobView]:
+            jobs = narrowed(**cutoffs)
+            read.append([j.round_id for j in jobs])
+            return jobs
+
+        monkeypatch.setattr(service.store, "retention_candidates", recorded)
+        second = service.apply_retention()  # a full pass again: the last one left a file behind
+        assert second.complete and [kind for _, kind, _ in second.removed] == ["checkpoint"]
+        assert read == [] and not ckpt.exists()
+        third = service.apply_retention()  # complete before: only what can have become due is read
+        assert third.complete and third.removed == []
+        assert read == [[]]
+    finally:
+        service.close()
