@@ -40,6 +40,7 @@ log = logging.getLogger("fedsite.forkserver")
 
 _SPAWN = b"spawn"
 _PID, _EXIT = b"P", b"E"
+# Without pidfds (Linux before 5.3), how often the server looks for workers that exited.
 _REAP_EVERY_S = 0.2
 _GROUP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -213,10 +214,15 @@ def _serve(
     # pages, which therefore stay shared (Python's gc.freeze documentation).
     gc.freeze()
     server_pid = os.getpid()
+    # One pidfd per living worker, readable once it exits: the server sleeps until a request
+    # or an exit instead of waking five times a second to look (on a shared host, dozens of
+    # agents' servers waking add up). Where pidfds are missing, it looks every _REAP_EVERY_S.
+    exits = _ExitWatch()
+    sock_fd = sock.fileno()
     while True:
-        ready, _, _ = select.select([sock], [], [], _REAP_EVERY_S)
-        _report_exits(sock)
-        if not ready:
+        ready, _, _ = select.select([sock_fd, *exits.fds], [], [], exits.timeout)
+        exits.forget(_report_exits(sock))
+        if sock_fd not in ready:
             continue
         try:
             msg, fds, _, _ = socket.recv_fds(sock, 64, 2)
@@ -236,6 +242,7 @@ def _serve(
             code = 1
             try:
                 sock.close()
+                exits.close()  # the other workers' pidfds are the server's business
                 os.setsid()  # a signal to the agent's process group is the agent's to handle
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -249,17 +256,53 @@ def _serve(
                 os._exit(code)
         for fd in fds:
             os.close(fd)
+        if pid > 0:
+            exits.watch(pid)
         with contextlib.suppress(OSError):
             sock.send(_PID + struct.pack("!i", pid))
 
 
-def _report_exits(sock: socket.socket) -> None:
+class _ExitWatch:
+    """The fork server's pidfds of its living workers (`os.pidfd_open`), to wait on with select."""
+
+    def __init__(self) -> None:
+        self._pidfds: dict[int, int] = {}  # pid -> pidfd
+        self.timeout: float | None = None if hasattr(os, "pidfd_open") else _REAP_EVERY_S
+
+    @property
+    def fds(self) -> list[int]:
+        return list(self._pidfds.values())
+
+    def watch(self, pid: int) -> None:
+        try:
+            self._pidfds[pid] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            # No pidfd for this worker (an old kernel, or out of descriptors): look periodically.
+            self.timeout = _REAP_EVERY_S
+
+    def forget(self, reaped: Iterable[int]) -> None:
+        """Close the pidfds of the workers that were reaped."""
+        for pid in reaped:
+            fd = self._pidfds.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
+
+    def close(self) -> None:
+        for fd in self._pidfds.values():
+            os.close(fd)
+        self._pidfds.clear()
+
+
+def _report_exits(sock: socket.socket) -> list[int]:
+    """Reap every worker that exited and tell the agent its code; the pids reaped."""
+    reaped: list[int] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
+        reaped.append(pid)
         with contextlib.suppress(OSError):
             sock.send(_EXIT + struct.pack("!ii", pid, os.waitstatus_to_exitcode(status)))

@@ -6,6 +6,7 @@ of the agent, SIGTERM) and by every test that runs rounds through `fedsite serve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,9 +34,22 @@ def echo_worker(jobs_fd: int, replies_fd: int, agent_pid: int) -> int:
                 raise RuntimeError("a stand-in failure")
             if word == "sleep":
                 time.sleep(60)
+            if word == "pidfds":
+                replies.write(f"{_pidfds()}\n")
+                replies.flush()
+                continue
             replies.write(f"{word} {agent_pid} {os.getppid()}\n")
             replies.flush()
     return 0
+
+
+def _pidfds() -> int:
+    """How many process descriptors (pidfds) this process holds open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += "pidfd" in os.readlink(f"/proc/self/fd/{fd}")
+    return count
 
 
 @pytest.fixture
@@ -193,3 +207,30 @@ def test_a_launcher_whose_fork_server_died_starts_subprocesses_with_a_warning(
             proc.kill()
             proc.wait()
     assert fallback.closed
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_an_exit_is_reported_at_once_not_at_the_next_periodic_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server would look for exits only once an hour, were it not told of them by a pidfd.
+    monkeypatch.setattr("agent.jobs.forkserver._REAP_EVERY_S", 3600.0)
+    fs = ForkServer.start(echo_worker)
+    try:
+        worker = fs.spawn()
+        assert _ask(worker, "hello").startswith("hello ")
+        assert worker.stdin is not None
+        worker.stdin.write(b"exit 5\n")
+        worker.stdin.flush()
+        assert worker.wait(timeout=30) == 5
+        # And the server still answers the next request.
+        again = fs.spawn()
+        assert _ask(again, "still").startswith("still ")
+    finally:
+        fs.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3, Python 3.9)")
+def test_a_worker_holds_no_pidfd_of_another(server: ForkServer) -> None:
+    first = server.spawn()
+    second = server.spawn()
+    assert _ask(first, "pidfds") == "0"
+    assert _ask(second, "pidfds") == "0"  # the server watches the first one's; the second does not
