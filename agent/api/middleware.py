@@ -1,5 +1,5 @@
 """ASGI middleware of the agent's API: the answer to unexpected errors, the request-body
-limit and the mutual-TLS gate.
+limit, the Date header and the mutual-TLS gate.
 
 Why unexpected errors are answered here and not by an exception handler for `Exception`:
 Starlette hands such a handler to its outermost middleware, which sends the handler's answer
@@ -27,6 +27,7 @@ import json
 import logging
 import time
 import uuid
+from email.utils import formatdate
 from typing import Any
 
 from cryptography import x509
@@ -116,6 +117,47 @@ class InternalErrorAnswer:
                     f"internal error (reference {ref}); the agent's log has the details",
                     [(b"x-request-id", ref.encode())],
                 )
+
+
+# --------------------------------------------------------------------------- date header
+
+
+class DateHeader:
+    """Gives every answer that has none a Date header (RFC 9110), formatted once per second.
+
+    uvicorn adds one from a value that its main loop refreshes every second, and so keeps an
+    idle agent waking once a second; on a virtual machine each wake-up of a sleeping process
+    costs milliseconds of CPU, which dozens of agents sharing a few cores add up
+    (benchmarks/fanout.py). `fedsite serve` turns uvicorn's off and puts this outermost, and
+    also around the mutual-TLS gate, whose refusals do not pass through the app; an answer
+    that already has the header keeps it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._second = -1
+        self._value = b""
+
+    def _now(self) -> bytes:
+        second = int(time.time())
+        if second != self._second:
+            self._value = formatdate(second, usegmt=True).encode("ascii")
+            self._second = second
+        return self._value
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def dated_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"date" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"date", self._now())]}
+            await send(message)
+
+        await self.app(scope, receive, dated_send)
 
 
 # --------------------------------------------------------------------------- body limit
@@ -306,8 +348,8 @@ def gated_protocol_class(tls: TlsConfig, audit: AuditSink | None, guard: Refusal
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self.app = ClientCertGate(
-                self.app, _peer_der(transport), enforce=enforce, allowed=allowed, guard=guard
+            self.app = DateHeader(
+                ClientCertGate(self.app, _peer_der(transport), enforce=enforce, allowed=allowed, guard=guard)
             )
 
     return GatedHTTPProtocol

@@ -12,10 +12,9 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from agent.api.middleware import gated_protocol_class
+from agent.api.middleware import DateHeader, gated_protocol_class
 from agent.api.throttle import RefusalGuard
 from agent.audit.sink import AuditSink
 from agent.config import AgentConfig, TlsConfig
@@ -43,11 +42,12 @@ def tls_options(
     certificate, and every connection wrapped in the mutual-TLS gate, so that with
     `client_ca_file` requests without an allowed client certificate get 403 and an
     `api.refused` event in AUDIT, through GUARD, the app's throttle of refused callers (see
-    agent.api.middleware for why this is enforced per request, not in the handshake). Raises
-    TlsError naming the file or key when the TLS material cannot be used."""
+    agent.api.middleware for why this is enforced per request, not in the handshake). The gate's
+    connections give every answer its Date header themselves (`DateHeader`), uvicorn's is off.
+    Raises TlsError naming the file or key when the TLS material cannot be used."""
     if tls is None:
         return {}
-    return {**uvicorn_ssl_kwargs(tls), "http": gated_protocol_class(tls, audit, guard)}
+    return {**uvicorn_ssl_kwargs(tls), "http": gated_protocol_class(tls, audit, guard), "date_header": False}
 
 
 def configure_logging(level: str) -> None:
@@ -122,13 +122,16 @@ def run_agent(
             cfg.api.port,
         )
     config = uvicorn.Config(
-        app,
+        DateHeader(app),
         host=host,
         port=cfg.api.port,
         log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        **tls_options(cfg.api.tls, service.audit, app.state.refusals),
+        **{
+            "date_header": False,  # DateHeader gives it, without a tick a second (see quiet_server)
+            **tls_options(cfg.api.tls, service.audit, app.state.refusals),
+        },
     )
     server = quiet_server(config, on_exit=service.job_ends.close)
     with contextlib.suppress(KeyboardInterrupt):
@@ -139,41 +142,50 @@ def run_agent(
 
 
 def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None]) -> uvicorn.Server:
-    """uvicorn's server, woken once a second instead of ten times while idle.
+    """uvicorn's server, asleep until it is asked to stop instead of waking ten times a second.
 
     uvicorn's main loop wakes every 0.1 s to see whether it should stop and once a second
     refreshes its Date header. An idle agent should cost nothing: on a virtual machine each
     wake-up of a sleeping process costs milliseconds of CPU, and a federation's agents sharing
-    a few cores (benchmarks/fanout.py, 16 on 2) spent a measurable share of them there. This
-    loop refreshes the header once a second as before and sees a stop request at once: SIGTERM
-    or Ctrl-C sets an event instead of waiting for the next tick. ON_EXIT is called then as
-    well (the service ends its long-polled status requests, which would otherwise hold the
-    shutdown up for their wait)."""
+    a few cores (benchmarks/fanout.py, 28 on 2) spent a measurable share of them there. Here
+    the loop sets uvicorn's default headers once and then waits for an event that setting
+    `should_exit` sets, whoever sets it (SIGTERM and Ctrl-C do, through `handle_exit`); the
+    Date header comes from `DateHeader` instead (the config must have `date_header=False`).
+    ON_EXIT is called then as well (the service ends its long-polled status requests, which
+    would otherwise hold the shutdown up for their wait)."""
     import uvicorn
+
+    if config.date_header:
+        raise ValueError("quiet_server refreshes no Date header: use date_header=False and DateHeader")
 
     class QuietServer(uvicorn.Server):
         _exit: asyncio.Event | None = None
         _loop: asyncio.AbstractEventLoop | None = None
+        _stop = False
+
+        @property
+        def should_exit(self) -> bool:
+            return self._stop
+
+        @should_exit.setter
+        def should_exit(self, value: bool) -> None:
+            self._stop = value
+            loop, event = self._loop, self._exit
+            if value and loop is not None and event is not None:
+                # This may run as a signal handler, between any two bytecodes of the main
+                # thread, which also runs the loop: ON_EXIT takes a lock that the interrupted
+                # code may hold, so it runs on the loop, next, and not here.
+                with contextlib.suppress(RuntimeError):  # the loop has already closed
+                    loop.call_soon_threadsafe(_exit_now, event, on_exit)
 
         async def main_loop(self) -> None:
             self._loop = asyncio.get_running_loop()
             self._exit = asyncio.Event()
-            counter = 0
-            # on_tick refreshes the Date header when `counter % 10 == 0`: once per call here.
-            while not await self.on_tick(counter):
-                counter = (counter + 10) % 864000
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._exit.wait(), timeout=1.0)
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            loop, event = self._loop, self._exit
-            if loop is not None and event is not None:
-                # This runs as a signal handler, between any two bytecodes of the main thread,
-                # which also runs the loop: ON_EXIT takes a lock that the interrupted code may
-                # hold, so it runs on the loop, next, and not here.
-                with contextlib.suppress(RuntimeError):  # the loop has already closed
-                    loop.call_soon_threadsafe(_exit_now, event, on_exit)
+            # The default headers (the configured ones; no Date), and a stop asked for while
+            # the server started.
+            if await self.on_tick(0):
+                return
+            await self._exit.wait()
 
     def _exit_now(event: asyncio.Event, then: Callable[[], None]) -> None:
         event.set()

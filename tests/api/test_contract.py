@@ -5,6 +5,7 @@ file order and build on each other's rounds.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import re
@@ -145,6 +146,23 @@ def test_health_needs_no_token(env: Env) -> None:
         r = c.get("/v1/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok"}
+
+
+def test_every_answer_has_one_date_header_of_the_second_it_was_given(env: Env) -> None:
+    # The agent's server does not tick to refresh the header (agent.api.server.quiet_server):
+    # answers a second apart must still carry different dates, each the time of its answer.
+    dates = []
+    with env.client(None) as c:
+        for path in ("/v1/health", "/v1/nowhere"):
+            before = int(time.time())
+            r = c.get(path)
+            after = time.time()
+            assert len(r.headers.get_list("date")) == 1, r.headers
+            when = email.utils.parsedate_to_datetime(r.headers["date"]).timestamp()
+            assert before <= when <= after, (r.headers["date"], before, after)
+            dates.append(r.headers["date"])
+            time.sleep(1.1)
+    assert dates[0] != dates[1]
 
 
 def test_openapi_docs_describe_the_contract(env: Env) -> None:

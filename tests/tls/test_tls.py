@@ -256,6 +256,7 @@ def test_mtls_refuses_and_audits_a_client_without_certificate(
     resp = _get(server, "/v1/info", client_ssl_context(pki["site"] / "ca.crt"))
     assert resp.status_code == 403
     assert resp.json() == {"detail": "client certificate required"}
+    assert len(resp.headers.get_list("date")) == 1  # given by the gate's connection, not uvicorn
     events = _refusals(audit)
     assert len(events) == before + 1
     event = events[-1]
