@@ -232,7 +232,6 @@ class Worker:
 
     def run(self, spec: dict[str, Any]) -> None:
         """Run the job of `spec` (written by `JobRunner._hand_over`); never raises for a job's fault."""
-        modules_before = len(sys.modules)
         cfg = AgentConfig.model_validate(spec["config"])
         if not self._logging:
             logging.basicConfig(
@@ -262,7 +261,8 @@ class Worker:
                 job.id, JobStatus.FAILED, actor="worker", fields={"error": public_error(exc, redact)}
             )
         finally:
-            collect_after_job(modules_before)
+            # The next job starts from a clean slate: no tensors of this one kept alive.
+            gc.collect()
             _release_accelerator_memory()
 
 
@@ -281,22 +281,22 @@ def _redactor(cfg: AgentConfig, db: Database, job: JobView) -> Redactor:
         return Redactor()
 
 
-def collect_after_job(modules_before: int) -> None:
-    """Free what the job left (no tensors of it kept alive), and freeze what it imported.
+def freeze_new_imports(modules_before: int) -> int:
+    """Freeze what survived a job's collection if the job imported anything; `sys.modules`' size.
 
-    torch imports much lazily at its first use: the first training step of a worker
-    brings in torch._dynamo, sympy, the ONNX exporter and more, some 125,000 objects
-    that stay for the worker's life and that the fork server's `gc.freeze` could not
-    see. Left unfrozen, every later job's collection scans them again (0.1-0.3 s of
-    CPU per job on a shared core, more than a small round's training). So a job after
-    which `sys.modules` grew ends by freezing what survived the collection. Only such
-    jobs do (the first of each kind, in practice): a frozen object that later becomes
-    cyclic garbage is never collected, and what an ordinary job leaves behind is left
-    to the collector.
+    torch imports much lazily at its first use: a worker's first optimizer brings in
+    torch._dynamo, sympy, the ONNX exporter and more, some 125,000 objects that stay for the
+    worker's life and that the fork server's `gc.freeze` could not see. Left unfrozen, every
+    later job's collection scans them again (0.1-0.3 s of CPU per job on a shared core, more
+    than a small round's training). Only a job after which `sys.modules` grew freezes (the
+    first of each kind, in practice): a frozen object that later becomes cyclic garbage is
+    never collected, and what an ordinary job leaves behind is left to the collector. Called
+    by the worker process's loop (`serve_jobs`) after `Worker.run` has collected, and not by
+    `Worker.run`, which tests call in their own process.
     """
-    gc.collect()
     if len(sys.modules) > modules_before:
         gc.freeze()
+    return len(sys.modules)
 
 
 def _release_accelerator_memory() -> None:
@@ -310,6 +310,7 @@ def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
     # Everything imported so far stays: the collection after each job (Worker.run) scans only
     # what came after (see agent.jobs.forkserver, where forked workers' imports are frozen).
     gc.freeze()
+    modules = len(sys.modules)
     worker = Worker()
     try:
         while True:
@@ -324,6 +325,7 @@ def serve_jobs(jobs: IO[str], replies: IO[str], parent_pid: int) -> int:
             worker.run(spec)
             replies.write(json.dumps({"done": int(spec["job_id"])}) + "\n")
             replies.flush()
+            modules = freeze_new_imports(modules)
     finally:
         worker.close()
 

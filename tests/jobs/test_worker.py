@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import gc
 import importlib
+import io
 import json
 import os
 import shutil
 import signal
 import sys
 import time
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pytest
 from agent.config import load_config
 from agent.jobs.states import JobKind
 from agent.jobs.store import JobView
-from agent.jobs.worker import collect_after_job
+from agent.jobs.worker import freeze_new_imports, serve_jobs
 from agent.service import SiteService
 from tests.fixtures.agents import GeneratedSite, make_site, tiny_plan
 
@@ -157,8 +157,8 @@ class _Cyclic:
 
 @pytest.fixture()
 def frozen_before() -> Iterator[int]:
-    """How many objects were frozen before the test (a job run in this process, as some tests
-    do, freezes what it imported); if none were, the collector gets back what the test froze."""
+    """How many objects were frozen before the test; if none were, the collector gets back
+    what the test froze."""
     before = gc.get_freeze_count()
     try:
         yield before
@@ -172,28 +172,40 @@ def _tracked(obj: object) -> bool:
     return any(o is obj for o in gc.get_objects())
 
 
-def test_a_job_that_imported_a_module_ends_with_its_survivors_frozen(
+def test_the_worker_loop_freezes_what_a_job_imported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frozen_before: int
 ) -> None:
-    (tmp_path / "fedsite_lazily_imported.py").write_text("def helper() -> int:\n    return 1\n")
+    (tmp_path / "fedsite_imported_by_a_job.py").write_text("def helper() -> int:\n    return 1\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    modules_before = len(sys.modules)
+
+    class ImportingWorker:
+        def run(self, spec: dict[str, object]) -> None:
+            importlib.import_module("fedsite_imported_by_a_job")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr("agent.jobs.worker.Worker", ImportingWorker)
+    jobs = io.StringIO(json.dumps({"job_id": 1, "parent_pid": os.getpid()}) + "\n")
+    replies = io.StringIO()
     try:
-        module = importlib.import_module("fedsite_lazily_imported")
-        garbage = weakref.ref(_Cyclic())
-        assert _tracked(module.helper)
-        collect_after_job(modules_before)
-        assert garbage() is None  # the job's cyclic garbage is freed first
-        assert gc.get_freeze_count() > frozen_before
-        assert not _tracked(module.helper)  # the later jobs' collections skip it
+        assert serve_jobs(jobs, replies, os.getpid()) == 0
+        assert json.loads(replies.getvalue()) == {"done": 1}
+        # Imported after the loop's own freeze at start: frozen because the job imported it.
+        assert not _tracked(sys.modules["fedsite_imported_by_a_job"].helper)
     finally:
-        sys.modules.pop("fedsite_lazily_imported", None)
+        sys.modules.pop("fedsite_imported_by_a_job", None)
 
 
 def test_a_job_that_imported_nothing_leaves_its_survivors_to_the_collector(frozen_before: int) -> None:
     survivor = _Cyclic()
-    garbage = weakref.ref(_Cyclic())
-    collect_after_job(len(sys.modules))
-    assert garbage() is None
+    assert freeze_new_imports(len(sys.modules)) == len(sys.modules)
     assert gc.get_freeze_count() == frozen_before
     assert _tracked(survivor)
+
+
+def test_a_job_that_imported_something_has_its_survivors_frozen(frozen_before: int) -> None:
+    survivor = _Cyclic()
+    assert freeze_new_imports(len(sys.modules) - 1) == len(sys.modules)
+    assert gc.get_freeze_count() > frozen_before
+    assert not _tracked(survivor)
