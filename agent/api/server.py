@@ -141,7 +141,7 @@ def run_agent(
         sys.exit(STARTUP_FAILURE)
 
 
-def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None]) -> uvicorn.Server:
+def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
     """uvicorn's server, asleep until it is asked to stop instead of waking ten times a second.
 
     uvicorn's main loop wakes every 0.1 s to see whether it should stop and once a second
@@ -151,8 +151,10 @@ def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None]) -> uvic
     the loop sets uvicorn's default headers once and then waits for an event that setting
     `should_exit` sets, whoever sets it (SIGTERM and Ctrl-C do, through `handle_exit`); the
     Date header comes from `DateHeader` instead (the config must have `date_header=False`).
-    ON_EXIT is called then as well (the service ends its long-polled status requests, which
-    would otherwise hold the shutdown up for their wait)."""
+    ON_EXIT, if given, is called then as well (the service ends its long-polled status requests,
+    which would otherwise hold the shutdown up for their wait). The admin console's server
+    (`agent.console.server`, in a thread) is one too: setting `should_exit` from another thread
+    wakes it the same way."""
     import uvicorn
 
     if config.date_header:
@@ -187,8 +189,9 @@ def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None]) -> uvic
                 return
             await self._exit.wait()
 
-    def _exit_now(event: asyncio.Event, then: Callable[[], None]) -> None:
+    def _exit_now(event: asyncio.Event, then: Callable[[], None] | None) -> None:
         event.set()
-        then()
+        if then is not None:
+            then()
 
     return QuietServer(config)
