@@ -22,6 +22,7 @@ from agent.tls.contexts import uvicorn_ssl_kwargs
 
 if TYPE_CHECKING:
     import uvicorn
+    from starlette.types import ASGIApp
 
     from agent.api.app import Companion
     from agent.service import SiteService
@@ -91,7 +92,6 @@ def run_agent(
 
     With `connect.mode: outbound` no control route exists and the port answers only the local
     probes (/v1/health, /metrics), bound to 127.0.0.1 whatever api.host says."""
-    import uvicorn
 
     from agent.api.app import create_app
     from agent.jobs.launch import start_launcher
@@ -121,19 +121,16 @@ def run_agent(
             host,
             cfg.api.port,
         )
-    config = uvicorn.Config(
-        DateHeader(app),
+    server = quiet_server(
+        app,
+        on_exit=service.job_ends.close,
         host=host,
         port=cfg.api.port,
         log_level=cfg.log_level.lower(),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         server_header=False,
-        **{
-            "date_header": False,  # DateHeader gives it, without a tick a second (see quiet_server)
-            **tls_options(cfg.api.tls, service.audit, app.state.refusals),
-        },
+        **tls_options(cfg.api.tls, service.audit, app.state.refusals),
     )
-    server = quiet_server(config, on_exit=service.job_ends.close)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:
@@ -141,8 +138,11 @@ def run_agent(
         sys.exit(STARTUP_FAILURE)
 
 
-def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None] | None = None) -> uvicorn.Server:
-    """uvicorn's server, asleep until it is asked to stop instead of waking ten times a second.
+def quiet_server(
+    app: ASGIApp, *, on_exit: Callable[[], None] | None = None, **options: Any
+) -> uvicorn.Server:
+    """uvicorn's server of APP with OPTIONS (`uvicorn.Config`'s), asleep until it is asked to
+    stop instead of waking ten times a second.
 
     uvicorn's main loop wakes every 0.1 s to see whether it should stop and once a second
     refreshes its Date header. An idle agent should cost nothing: on a virtual machine each
@@ -150,15 +150,12 @@ def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None] | None =
     a few cores (benchmarks/fanout.py, 28 on 2) spent a measurable share of them there. Here
     the loop sets uvicorn's default headers once and then waits for an event that setting
     `should_exit` sets, whoever sets it (SIGTERM and Ctrl-C do, through `handle_exit`); the
-    Date header comes from `DateHeader` instead (the config must have `date_header=False`).
+    Date header comes from `DateHeader` around APP instead, and uvicorn's own is turned off.
     ON_EXIT, if given, is called then as well (the service ends its long-polled status requests,
     which would otherwise hold the shutdown up for their wait). The admin console's server
     (`agent.console.server`, in a thread) is one too: setting `should_exit` from another thread
     wakes it the same way."""
     import uvicorn
-
-    if config.date_header:
-        raise ValueError("quiet_server refreshes no Date header: use date_header=False and DateHeader")
 
     class QuietServer(uvicorn.Server):
         _exit: asyncio.Event | None = None
@@ -194,4 +191,4 @@ def quiet_server(config: uvicorn.Config, *, on_exit: Callable[[], None] | None =
         if then is not None:
             then()
 
-    return QuietServer(config)
+    return QuietServer(uvicorn.Config(DateHeader(app), **{**options, "date_header": False}))

@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Any
 
-from agent.api.middleware import DateHeader
 from agent.api.server import quiet_server
 from agent.console.app import create_console_app
 from agent.errors import ConfigError
@@ -39,24 +38,21 @@ class ConsoleServer:
         self._app: Any = None
 
     def start(self) -> None:
-        import uvicorn
 
         cfg = self.config
         self._app = create_console_app(self.service, cfg)
         ssl: dict[str, Any] = uvicorn_ssl_kwargs(cfg.tls) if cfg.tls is not None else {}
-        config = uvicorn.Config(
-            DateHeader(self._app),
+        # Like the API's: asleep between requests, woken at once by `stop`.
+        self._server = quiet_server(
+            self._app,
             host=cfg.host,
             port=cfg.port,
             lifespan="off",
             log_level=self.service.cfg.log_level.lower(),
             server_header=False,
-            date_header=False,
             access_log=False,
             **ssl,
         )
-        # Like the API's: asleep between requests, woken at once by `stop`.
-        self._server = quiet_server(config)
         self._thread = threading.Thread(target=self._server.run, name="console", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
