@@ -17,10 +17,11 @@ where `EgressGate.path_for` puts it). Without a policy every one of them stays f
 The policy runs at agent start and after each job (`JobRunner`). The pass at start reads every
 stopped job; a later one reads only those that stopped since the last pass that left nothing
 behind, with an hour's margin, and those whose time-based rule may have come due (an agent's
-job table grows by a row per round: 5,000 rows cost 0.45 s per full pass). Every deletion is one audit
-event "retention.removed" naming the job, the kind of file, the bytes freed and the rule,
-never a path. The kept optimizer state (`optimizer.keep_state`) and the dataset cache are
-not job files and are not touched.
+job table grows by a row per round: 5,000 rows cost 0.33 s per full pass,
+benchmarks/retention_history.py). Every deletion is one audit event "retention.removed"
+naming the job, the kind of file, the bytes freed and the rule, never a path. The kept
+optimizer state (`optimizer.keep_state`) and the dataset cache are not job files and are
+not touched.
 """
 
 from __future__ import annotations
