@@ -20,6 +20,7 @@ import ipaddress
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -300,12 +301,17 @@ def check_database(cfg: AgentConfig) -> tuple[Check, Database | None]:
     )
 
 
-def check_disk(cfg: AgentConfig) -> Check:
-    """Free space where the work directory is (or would be created)."""
-    where = cfg.work_dir
+def free_space(path: Path) -> int:
+    """Free bytes on the volume that holds `path`, or will hold it once it is created."""
+    where = path
     while not where.exists() and where != where.parent:  # not created yet: the volume it will be on
         where = where.parent
-    free = shutil.disk_usage(where).free
+    return shutil.disk_usage(where).free
+
+
+def check_disk(cfg: AgentConfig) -> Check:
+    """Free space where the work directory is (or would be created)."""
+    free = free_space(cfg.work_dir)
     text = f"{free / (1 << 30):.1f} GiB free for {cfg.work_dir}"
     if free < MIN_FREE_BYTES:
         return Check("disk", "fail", f"{text}: a round's checkpoint and update need more")

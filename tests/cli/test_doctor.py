@@ -15,9 +15,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from agent import doctor
 from agent.cli import app
 from agent.config import load_config
-from agent.doctor import check_clock, check_disk, check_tls, run_doctor
+from agent.doctor import check_clock, check_disk, check_tls, free_space, run_doctor
 from agent.tls.issue import init_certificates
 from tests.fixtures.agents import make_site
 from tests.fixtures.ownership import AGENT_UID, give_away, needs_root, open_tmp, run_as
@@ -184,11 +185,40 @@ def test_a_clock_behind_the_certificate_fails(tmp_path: Path) -> None:
     assert check_clock(cfg, None, dt.datetime.now(dt.UTC)).status == "ok"
 
 
-def test_low_disk_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("free", "status", "shown"),
+    [(1 << 20, "fail", "0.0 GiB"), (5 << 30, "warn", "5.0 GiB"), (50 << 30, "ok", "50.0 GiB")],
+)
+def test_disk_check_fails_below_1_gib_and_warns_below_10(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free: int, status: str, shown: str
+) -> None:
     cfg = load_config(_site(tmp_path))
-    monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(1, 1, 1 << 20))  # type: ignore[attr-defined]
+    seen: list[Path] = []
+
+    def reported(path: Path) -> int:
+        seen.append(path)
+        return free
+
+    monkeypatch.setattr(doctor, "free_space", reported)
     check = check_disk(cfg)
-    assert check.status == "fail" and "0.0 GiB free" in check.summary
+    assert check.status == status and f"{shown} free for {cfg.work_dir}" in check.summary
+    assert seen == [cfg.work_dir]
+
+
+def test_free_space_is_that_of_the_volume_the_work_directory_will_be_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[Path] = []
+
+    def usage(path: Path) -> tuple[int, int, int]:
+        asked.append(Path(path))
+        return shutil._ntuple_diskusage(3 << 30, 1 << 30, 2 << 30)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    assert free_space(tmp_path / "work" / "not-yet") == 2 << 30
+    assert asked == [tmp_path]  # the nearest folder that exists
+    (tmp_path / "work").mkdir()
+    assert free_space(tmp_path / "work") == 2 << 30 and asked[-1] == tmp_path / "work"
 
 
 def test_database_unreachable_or_unmigrated(tmp_path: Path) -> None:
