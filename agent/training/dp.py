@@ -14,7 +14,8 @@ them as such would understate ε by the number of slices per subject. So each st
 3. sums each subject's per-slice gradients into one per-subject gradient (the gradient of the
    subject's own loss over its slices) and hands those to Opacus's ``DPOptimizer``, which
    clips each to ``max_grad_norm``, adds N(0, (noise_multiplier * max_grad_norm)^2) and
-   divides by the expected number of subjects per step.
+   divides by the expected number of subjects per step. The noise is drawn in Opacus's secure
+   mode, which resists the floating-point attack on the Gaussian mechanism.
 
 One step therefore is the subsampled Gaussian mechanism on subjects, and the accountant's
 history ``(noise_multiplier, sample_rate, steps)`` gives the subject-level (ε, δ).
@@ -261,6 +262,11 @@ class DPTrainer:
             expected_batch_size=max(1, round(dpr.sample_rate * self.num_subjects)),
             loss_reduction="mean",
             generator=noise,
+            # Each noise value as the sum of four Gaussian draws, halved (Opacus's secure mode,
+            # after Holohan and Braghin, 2021): one draw's floating-point value shows which
+            # draws are possible and so leaks the value it was added to (Jin et al., 2021). Four
+            # draws per value cost little beside the per-subject gradients.
+            secure_mode=True,
         )
         self.params = [p for p in self.module.parameters() if p.requires_grad]
 

@@ -112,3 +112,27 @@ def test_a_resumed_round_never_takes_more_steps_than_were_reserved(tmp_path: Pat
     result = train_round(plan, initial_weights(plan), train, [], ctx)
     assert result.metrics["dp_steps"] == 4.0
     assert dp_sgd.read_steps(ctx.work_dir) == 4
+
+
+def test_every_noise_draw_is_made_in_opacus_secure_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One Gaussian draw per value leaks, through the floating-point values it can take, the
+    value the noise was added to; the secure mode sums four draws. The draws themselves are
+    Opacus's: this checks that every one of the round's noise additions asks for that mode."""
+    from opacus.optimizers import optimizer as opacus_optimizer
+
+    real = opacus_optimizer._generate_noise
+    modes: list[bool] = []
+
+    def recorded(*args: object, **kwargs: object) -> torch.Tensor:
+        modes.append(bool(kwargs.get("secure_mode")))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(opacus_optimizer, "_generate_noise", recorded)
+    plan = parse_plan(tiny_plan_dict(privacy=_dp(noise_multiplier=1.0)))
+    train, _ = make_blob_items(tmp_path / "data", train=4, val=0)
+    result = train_round(plan, initial_weights(plan), train, [], context(tmp_path, dp_seed=5))
+    steps = int(result.metrics["dp_steps"])
+    assert steps > 0 and len(modes) >= steps, (steps, len(modes))  # a draw per tensor and step
+    assert all(modes), modes
