@@ -17,8 +17,11 @@
 - secure aggregation: a task of kind `secagg` is one protocol step of a secure round (its plan
   is {round_id, step, message}); the poll thread answers it at once through the same
   `SiteService.secagg_*` methods as the push API's routes and commits the answer (the mask
-  step's masked update as the data). A secure round's own training task commits its result
-  without an update: that stays at the site.
+  step's masked update as the data). An answer whose upload gives up (the relay unreachable
+  for every attempt) is kept in memory and tried again by each upload pass until its lease
+  would have run out: the step has run at the site, and the other sites of the round wait for
+  its answer. A secure round's own training task commits its result without an update: that
+  stays at the site.
 
 What it was doing is in `connector_tasks` (`agent.connect.tasks`), so that a restart resumes
 it. Audit actions: connect.registered, connect.disconnected, connect.task_received,
@@ -34,6 +37,7 @@ import random
 import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -68,6 +72,25 @@ ACTOR = "relay"
 UPLOAD_PASS_S = 1.0
 # How long stop() waits for each thread.
 STOP_WAIT_S = 8.0
+# The relay's lease until its registration answer says otherwise (the relay's own default).
+DEFAULT_LEASE_S = 90.0
+
+
+@dataclass(frozen=True)
+class SecaggAnswer:
+    """One secure-aggregation step's answer, computed at the site and not yet committed."""
+
+    task_id: str
+    lease_id: str
+    round_id: str
+    step: str
+    data: bytes
+    sha256: str | None
+    answer: dict[str, Any]
+    # time.monotonic() after which the lease has run out: a retry would only be refused.
+    deadline: float
+
+
 MAX_REASON_CHARS = 2000
 # The shortest interval between two polls that found nothing.
 MIN_POLL_S = 1.0
@@ -103,6 +126,9 @@ class Connector:
         # Updates read from the egress gate, per lease: a retry in the next pass sends the same
         # bytes without a second egress read.
         self._updates: dict[str, Update] = {}
+        # Secure-aggregation answers whose upload gave up, per lease: each upload pass retries them.
+        self._secagg_pending: dict[str, SecaggAnswer] = {}
+        self.lease_s = DEFAULT_LEASE_S
         self.heartbeat_s = self.cfg.heartbeat_s
         self.chunk_bytes = self.cfg.chunk_bytes
         self.poll_wait_s = self.cfg.poll_wait_s
@@ -210,6 +236,7 @@ class Connector:
         running = [t.task_id for t in self.tasks.active()]
         reg: Registration = self.client.register(self.service.info(), running)
         self.heartbeat_s = reg.heartbeat_s
+        self.lease_s = reg.lease_s
         self.chunk_bytes = max(1, min(self.cfg.chunk_bytes, reg.chunk_bytes))
         self.poll_wait_s = min(self.cfg.poll_wait_s, reg.max_wait_s)
         self._outage_audited = False
@@ -329,8 +356,9 @@ class Connector:
         """One secure-aggregation step, answered at once through the same SiteService methods as
         the push API's routes: the JSON answer is committed as the task's result, the masked
         update (mask) as its data. A refusal goes back with code secagg_refused and the site's
-        reason (audited by the service as secagg.refused). Not kept in connector_tasks: a step
-        whose commit is lost is failed by the relay when its lease runs out, never handed out again."""
+        reason (audited by the service as secagg.refused). Not kept in connector_tasks: an answer
+        whose upload gives up is retried from memory while its lease lasts (`_commit_secagg`);
+        one lost with the agent is failed by the relay when the lease runs out, never handed out again."""
         plan = task.plan
         round_id, step, message = plan.get("round_id"), plan.get("step"), plan.get("message")
         steps = {
@@ -369,22 +397,57 @@ class Connector:
         except (InvalidRequest, NotFound) as exc:
             self._refuse_raw(task.task_id, task.lease_id, "invalid_task", str(exc), None)
             return
-        outcome = self._uploader(task.lease_id).upload(
-            task.task_id, task.lease_id, data, sha256, self.chunk_bytes, {"metrics": {"answer": answer}}
+        self._commit_secagg(
+            SecaggAnswer(
+                task.task_id,
+                task.lease_id,
+                round_id,
+                str(step),
+                data,
+                sha256,
+                answer,
+                time.monotonic() + self.lease_s,
+            )
         )
+
+    def _commit_secagg(self, pending: SecaggAnswer) -> None:
+        """Upload and commit one secure-aggregation answer. One that gave up while its lease
+        lasts waits in `_secagg_pending` for the next upload pass; any other outcome is final
+        and audited (connect.commit, or connect.commit_refused with the outcome)."""
+        outcome = self._uploader(pending.lease_id).upload(
+            pending.task_id,
+            pending.lease_id,
+            pending.data,
+            pending.sha256,
+            self.chunk_bytes,
+            {"metrics": {"answer": pending.answer}},
+        )
+        if (
+            outcome.outcome == UploadOutcome.GAVE_UP
+            and not self.stopping.is_set()
+            and time.monotonic() < pending.deadline
+        ):
+            self._secagg_pending[pending.lease_id] = pending
+            log.warning(
+                "connect: secure aggregation %s of %s not committed yet (%s); retried while the lease lasts",
+                pending.step,
+                pending.round_id,
+                outcome.detail,
+            )
+            return
         self.audit.append(
             "connect.commit" if outcome.outcome == UploadOutcome.COMMITTED else "connect.commit_refused",
             actor=ACTOR,
             details={
-                "task_id": task.task_id,
-                "lease_id": task.lease_id,
-                "step": step,
-                "sha256": sha256,
-                "bytes": len(data),
+                "task_id": pending.task_id,
+                "lease_id": pending.lease_id,
+                "step": pending.step,
+                "sha256": pending.sha256,
+                "bytes": len(pending.data),
                 "outcome": str(outcome.outcome),
             },
         )
-        log.info("connect: secure aggregation %s of %s: %s", step, round_id, outcome.outcome)
+        log.info("connect: secure aggregation %s of %s: %s", pending.step, pending.round_id, outcome.outcome)
 
     def _plan_hash(self, plan_text: str) -> str | None:
         try:
@@ -565,6 +628,10 @@ class Connector:
             if job is None or job.status != JobStatus.COMPLETED:
                 continue
             self._deliver(row, job)
+        for lease_id in list(self._secagg_pending):
+            if self.stopping.is_set():
+                return
+            self._commit_secagg(self._secagg_pending.pop(lease_id))
 
     def _uploader(self, lease_id: str) -> Uploader:
         """An uploader for one task's result, which stops once LEASE_ID is reported lost."""
