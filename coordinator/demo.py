@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.errors import AgentError, DemoError, FederationError, LocalAgentError, RoundFailed, RunError
@@ -107,7 +108,9 @@ def run_demo(
             except LocalAgentError as exc:
                 raise DemoError(f"starting the agents: {exc}") from None
             for s in layout.sites:
-                console.print(f"{s.site_id}: {agents[s.site_id].url}  (log: {agents[s.site_id].log_path})")
+                console.print(
+                    f"{s.site_id}: {agents[s.site_id].url}  (log: {agents[s.site_id].log_path})", markup=False
+                )
             result = _federate(console, out, layout, agents, rounds=rounds)
         finally:
             console.print("stopping the agents")
@@ -133,7 +136,7 @@ def _generate(console: Console, out: Path, *, sites: int, counts: list[int], siz
         raise DemoError(f"generating the data: {exc}") from None
     table = Table("site", "institution (made up)", "subjects", "data", box=None)
     for s in layout.sites:
-        table.add_row(s.site_id, s.institution, str(len(s.subjects)), str(s.data_dir))
+        table.add_row(s.site_id, s.institution, str(len(s.subjects)), escape(str(s.data_dir)))
     console.print(table)
     return layout
 
@@ -152,7 +155,8 @@ def _tokens(console: Console, layout: Any) -> None:
         raise DemoError(f"creating tokens: {exc}") from None
     for s in layout.sites:
         console.print(
-            f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)"
+            f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)",
+            markup=False,
         )
 
 
@@ -177,8 +181,10 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
     plan.update(DEMO_PLAN_OVERRIDES)
     plan["data"] = {**plan.get("data", {}), "samples_per_subject": 16}
     console.rule(f"[bold]4. FedAvg: {rounds} round(s) over {len(layout.sites)} sites")
-    console.print(f"federation file: {fed_path}")
-    console.print(f"plan: {layout.plan_path} with {json.dumps(DEMO_PLAN_OVERRIDES)}", highlight=False)
+    console.print(f"federation file: {fed_path}", markup=False)
+    console.print(
+        f"plan: {layout.plan_path} with {json.dumps(DEMO_PLAN_OVERRIDES)}", highlight=False, markup=False
+    )
     try:
         fed = load_federation(fed_path)
         return run_strategy(
@@ -207,18 +213,18 @@ def _verify_audit(console: Console, layout: Any) -> tuple[dict[str, str], dict[s
         except LocalAgentError as exc:
             raise DemoError(f"audit verification: {exc}") from None
         reports[s.site_id] = text.strip()
-        console.print(f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}")
+        console.print(f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}", markup=False)
     return dbs, reports
 
 
 def _summary(console: Console, out: Path, result: RunResult, dbs: dict[str, str], duration: float) -> None:
     console.rule("[bold]Done")
     console.print(dice_table(result.rounds))
-    console.print(f"results.json:  {result.results_path}")
+    console.print(f"results.json:  {result.results_path}", markup=False)
     if result.plot_path is not None:
-        console.print(f"Dice plot:     {result.plot_path}")
-    console.print(f"final model:   {result.final_model_path}")
+        console.print(f"Dice plot:     {result.plot_path}", markup=False)
+    console.print(f"final model:   {result.final_model_path}", markup=False)
     for site, url in dbs.items():
-        console.print(f"audit database of {site}: {url.removeprefix('sqlite:///')}")
-    console.print(f"agent logs:    {out / 'logs'}")
+        console.print(f"audit database of {site}: {url.removeprefix('sqlite:///')}", markup=False)
+    console.print(f"agent logs:    {out / 'logs'}", markup=False)
     console.print(f"demo took {duration:.0f} s")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -74,7 +75,7 @@ class Reporter:
         self._progress = Progress(
             TextColumn("{task.fields[site]:<14}"),
             BarColumn(bar_width=28),
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
@@ -95,11 +96,12 @@ class Reporter:
             kwargs["completed"] = fraction
         self._progress.update(self._tasks[site], **kwargs)
 
+    # Messages carry the sites' own words (reasons, paths): printed as text, never as markup.
     def info(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False)
 
     def warning(self, message: str) -> None:
-        self.console.print(f"[yellow]warning:[/yellow] {message}")
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}")
 
     def round_done(self, record: dict[str, Any]) -> None:
         dice = record.get("weighted_dice")
@@ -110,7 +112,8 @@ class Reporter:
             f"{record['label']}: weighted Dice {dice_s} over {len(record.get('evaluation', {}))} site(s); "
             f"trained at {', '.join(record['participants']) or 'no site'}{left_s} "
             f"({record['duration_s']:.1f} s, sent {_mb(record['bytes_sent'])}, "
-            f"received {_mb(record['bytes_received'])})"
+            f"received {_mb(record['bytes_received'])})",
+            markup=False,
         )
 
 

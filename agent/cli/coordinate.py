@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from coordinator.errors import AgentError, FederationError, RoundFailed, RunError
 from coordinator.federation import Federation, load_federation, split_listen
@@ -55,10 +56,10 @@ def load_plan(path: Path) -> dict[str, Any]:
 def print_summary(console: Console, result: RunResult) -> None:
     """The Dice table of every round and where the results, the plot and the final model are."""
     console.print(dice_table(result.rounds))
-    console.print(f"results:      {result.results_path}")
+    console.print(f"results:      {result.results_path}", markup=False, soft_wrap=True)
     if result.plot_path is not None:
-        console.print(f"Dice plot:    {result.plot_path}")
-    console.print(f"final model:  {result.final_model_path}")
+        console.print(f"Dice plot:    {result.plot_path}", markup=False, soft_wrap=True)
+    console.print(f"final model:  {result.final_model_path}", markup=False, soft_wrap=True)
 
 
 @coordinate_app.command("coordinate")
@@ -112,7 +113,9 @@ def coordinate(
     from coordinator.report import QuietReporter
     from coordinator.weights import initial_weights, load_file
 
-    console = Console(stderr=True)
+    # Messages name files and sites' reasons: never wrapped (a path cut by a line break cannot be
+    # pasted) and never read as markup (a "[...]" in them would vanish, or stop the command).
+    console = Console(stderr=True, soft_wrap=True)
     if strategy not in STRATEGIES:
         console.print(f"--strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
         raise typer.Exit(2)
@@ -158,11 +161,11 @@ def coordinate(
             relay_store=relay.store if relay is not None else None,
         )
     except (AgentError, RunError, RoundFailed) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        console.print(f"partial results: {out / 'results.json'}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"partial results: {out / 'results.json'}", markup=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.print("interrupted; partial results in " + str(out / "results.json"))
+        console.print("interrupted; partial results in " + str(out / "results.json"), markup=False)
         raise typer.Exit(130) from None
     finally:
         if relay is not None:
@@ -191,5 +194,7 @@ def _start_relay(fed: Federation, serve: str | None, console: Console) -> RelayS
         store.close()
         raise
     pull = ", ".join(fed.pull_names) or "none yet"
-    console.print(f"relay: serving {server.url} for pull sites ({pull}); database in {store.root}")
+    console.print(
+        f"relay: serving {server.url} for pull sites ({pull}); database in {store.root}", markup=False
+    )
     return server

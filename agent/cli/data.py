@@ -35,6 +35,12 @@ def _range(lo: list[Any] | None, hi: list[Any] | None, fmt: str) -> str:
     return a if a == b else f"{a} .. {b}"
 
 
+def _row(table: Table, *cells: str) -> None:
+    """One table row of values: rich reads a str cell as markup, and a folder or file named
+    like a tag ("[anon]") would be shown without it, or stop the command."""
+    table.add_row(*(escape(c) for c in cells))
+
+
 def _summary_table(db: Database) -> Table:
     table = Table(title="datasets")
     for col in (
@@ -52,7 +58,8 @@ def _summary_table(db: Database) -> Table:
     ):
         table.add_column(col)
     for s in dataset_summaries(db):
-        table.add_row(
+        _row(
+            table,
             s.name,
             s.format,
             ",".join(s.modalities),
@@ -69,9 +76,9 @@ def _summary_table(db: Database) -> Table:
 
 
 def _warning_text(entry: dict[str, str]) -> str:
-    """One stored warning as `[category] source: message` (source: the modality or "label"), escaped
-    for rich, which would otherwise read the bracketed category as markup."""
-    return escape(f"[{entry['category']}] {entry['source']}: {entry['message']}")
+    """One stored warning as `[category] source: message` (source: the modality or "label"); plain
+    text, which rich reads as markup unless escaped where it is printed."""
+    return f"[{entry['category']}] {entry['source']}: {entry['message']}"
 
 
 @data_app.command("scan")
@@ -113,12 +120,15 @@ def scan(
             f"{d.volumes_read} volume(s) read, {d.volumes_reused} reused"
         )
     for sk in report.skipped:
-        console.print(f"[yellow]skipped[/] {sk.dataset}/{sk.subject}: {sk.reason}", highlight=False)
+        console.print(
+            f"[yellow]skipped[/] {escape(sk.dataset)}/{escape(sk.subject)}: {escape(sk.reason)}",
+            highlight=False,
+        )
     for w in report.warned:
         verdict = "[red]excluded[/]" if w.excluded else "[yellow]warning[/]"
         for entry in w.warnings:
             console.print(
-                f"{verdict} {escape(w.dataset)}/{escape(w.subject)} {_warning_text(entry)}",
+                f"{verdict} {escape(w.dataset)}/{escape(w.subject)} {escape(_warning_text(entry))}",
                 highlight=False,
             )
     if any(w.excluded for w in report.warned):
@@ -127,10 +137,13 @@ def scan(
             "(the dataset's exclude_warnings in the config)"
         )
     for name in report.removed_datasets:
-        console.print(f"removed dataset {name} (no longer in the config)")
+        console.print(f"removed dataset {name} (no longer in the config)", markup=False)
     failed = [d for d in report.datasets if d.error is not None]
     for d in failed:
-        err.print(f"[red]error[/] {d.name}: {d.error} (its catalog entries were kept)", highlight=False)
+        err.print(
+            f"[red]error[/] {escape(d.name)}: {escape(str(d.error))} (its catalog entries were kept)",
+            highlight=False,
+        )
     if failed:
         raise typer.Exit(1)
 
@@ -184,7 +197,7 @@ def list_(
         return
     console = Console()
     if not summaries:
-        console.print(f"the catalog is empty; run `fedsite data scan --config {config}`")
+        console.print(f"the catalog is empty; run `fedsite data scan --config {config}`", markup=False)
         return
     for s in summaries:
         table = Table(
@@ -194,7 +207,8 @@ def list_(
         for col in ("subject key", "split", "shape", "spacing (mm)", "label", "images", "warnings"):
             table.add_column(col, overflow="fold")
         for it in items[s.name]:
-            table.add_row(
+            _row(
+                table,
                 it["subject_key"],
                 it["split"],
                 "x".join(str(v) for v in it["shape"]),
@@ -239,12 +253,15 @@ def _fmt_tuple(values: list[Any]) -> str:
 
 def _print_tables(view: FolderView, path: Path) -> None:
     console = Console()
-    table = Table(title=f"Volumes in {path}")
+    # The folder as a line of its own, not the table's title, which would wrap it at the table's width.
+    console.print(f"Volumes in {path}", markup=False, soft_wrap=True)
+    table = Table()
     for column in ("#", "source", "modality", "shape", "spacing (mm)", "orient.", "files", "warnings"):
         table.add_column(column, overflow="fold")
     for index, volume in enumerate(view.volumes):
         info = volume_summary(index, volume)
-        table.add_row(
+        _row(
+            table,
             str(index),
             info["source"],
             info["modality"] or "-",
@@ -260,11 +277,11 @@ def _print_tables(view: FolderView, path: Path) -> None:
         skipped.add_column("path", overflow="fold")
         skipped.add_column("reason", overflow="fold")
         for entry in view.skipped:
-            skipped.add_row(str(entry.path), entry.reason)
+            _row(skipped, str(entry.path), entry.reason)
         console.print(skipped)
     if view.non_image:
         listing = ", ".join(f"{name}: {count}" for name, count in view.non_image.items())
-        console.print(f"Non-image DICOM objects skipped: {listing}")
+        console.print(f"Non-image DICOM objects skipped: {listing}", markup=False)
     console.print(
         f"{view.files_seen} file(s) read: {len(view.volumes)} volume(s), {len(view.skipped)} skipped, "
         f"{sum(view.non_image.values())} non-image object(s)."

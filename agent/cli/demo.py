@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from agent.data.synthetic.rendering import MODALITIES
 from agent.data.synthetic.writers import Format
@@ -189,7 +190,7 @@ def demo(
     try:
         run_demo(out, sites=sites, rounds=rounds, subjects=subjects, size=size, seed=seed)
     except DemoError as exc:
-        Console(stderr=True).print(f"[red]demo failed:[/red] {exc}", highlight=False)
+        Console(stderr=True).print(f"[red]demo failed:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("demo interrupted; every agent it started has been stopped")

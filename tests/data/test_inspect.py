@@ -223,3 +223,15 @@ def test_convert_json_explains_why_nothing_was_converted(tmp_path: Path) -> None
     inspect_missing = CliRunner().invoke(data_app, ["inspect", str(tmp_path / "nowhere"), "--json"])
     assert inspect_missing.exit_code == 2
     assert "no such file or folder" in json.loads(inspect_missing.stdout)["error"]
+
+
+def test_inspect_shows_names_that_look_like_markup_as_they_are(tmp_path: Path) -> None:
+    """Folder and file names are values: "[anon]" is shown, and "[/anon]" (a closing tag to rich,
+    which stopped the command) is shown too."""
+    root = tmp_path / "export [/anon]"
+    write_series(root / "series [t1]", n_slices=4, seed=3)
+    (root / "notes [v2].txt").write_text("hello\n")
+    result = CliRunner().invoke(data_app, ["inspect", str(root), "--workers", "1"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"Volumes in {root}" in result.output
+    assert f"{root / 'notes [v2].txt'}" in result.output

@@ -125,7 +125,8 @@ def test_coordinate_serve_needs_a_relay_section(tmp_path: Path) -> None:
     plan.write_text(json.dumps(tiny_plan()))
     args = ["coordinate", "--federation", str(path), "--plan", str(plan), "--out", str(tmp_path / "out")]
     res = runner.invoke(app, [*args, "--serve", "127.0.0.1:0"])
-    assert res.exit_code == 2 and "has no 'relay:' section" in res.output
+    # On one line whatever the path's length: a path cut by a line break cannot be pasted.
+    assert res.exit_code == 2 and f"{path} has no 'relay:' section" in res.output
 
 
 def test_coordinate_with_a_standalone_relay(tmp_path: Path) -> None:
