@@ -41,7 +41,7 @@ from agent.privacy.mia import AttackResult, membership_report, write_roc
 from agent.training.engine import EngineContext, evaluate, train_round
 from agent.training.plan import parse_plan
 from agent.training.registry import build_model, exchanged_state
-from benchmarks.pooled import site_splits
+from benchmarks.pooled import fix_site_secret, site_splits
 
 
 def make_plan(args: argparse.Namespace, epsilon: float | None, seed: int) -> dict[str, Any]:
@@ -169,6 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.data_seed,
         force=True,
     )
+    # The split follows the site's secret: derived from the data seed, as in the paper reproduction,
+    # so that a rerun trains and attacks on the same subjects.
+    fix_site_secret(layout.sites[0].config_path, args.data_seed)
     [split] = site_splits([layout.sites[0].config_path], "brain", args.out / "catalog")
     cache = args.out / "cache"
     settings: list[float | None] = [None, *(float(x) for x in args.epsilons.split(",") if x.strip())]

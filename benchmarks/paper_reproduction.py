@@ -40,7 +40,6 @@ Prints a table like the study's and a JSON summary; writes OUT/results.json and 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import random
@@ -57,7 +56,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.pooled import SiteSplit, evaluate_in_process, site_splits, train_pooled
+from benchmarks.pooled import SiteSplit, evaluate_in_process, fix_site_secret, site_splits, train_pooled
 from coordinator.client import AgentClient
 from coordinator.federation import Federation, load_federation, write_federation
 from coordinator.local import LocalFederation, add_static_token, terminate_on_sigterm, write_secret
@@ -284,24 +283,6 @@ def _outside_sites_evaluate_everything(config: Path) -> None:
     if "val_fraction: 0.25" not in text:
         raise RuntimeError(f"{config}: expected 'val_fraction: 0.25' in the generated config")
     config.write_text(text.replace("val_fraction: 0.25", "val_fraction: 0.95"))
-
-
-def fix_site_secret(config: Path, data_seed: int) -> None:
-    """Give a generated site a secret derived from the data seed, before its agent starts.
-
-    The secret keys the subject pseudonyms, and the pseudonyms pick each subject's split:
-    with the random secret an agent creates for itself, two runs on the same data would
-    validate on different subjects and differ by a few Dice points for that alone.
-    """
-    from agent.config import load_config
-
-    cfg = load_config(config)
-    path = cfg.site.secret_file or (cfg.work_dir / "site.secret")
-    if cfg.site.secret is not None:
-        raise RuntimeError(f"{config}: has an inline site.secret; expected a generated site")
-    digest = hashlib.sha256(f"fedsite-paper-reproduction:{data_seed}:{cfg.site.id}".encode()).hexdigest()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(digest)
 
 
 DP_DELTA = 1e-5

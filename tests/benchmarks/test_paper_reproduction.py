@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.paper_reproduction import (
     _outside_sites_evaluate_everything,
     budget_lines,
-    fix_site_secret,
     fl_label,
     fl_run_label,
     parse_args,
@@ -28,6 +27,7 @@ from benchmarks.paper_reproduction import (
     shuffled,
     table_rows,
 )
+from benchmarks.pooled import fix_site_secret
 
 
 def test_scaled_split_keeps_every_site_trainable() -> None:
