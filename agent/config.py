@@ -369,6 +369,10 @@ class ConsoleConfig(StrictModel):
     idle_minutes: int = Field(default=30, ge=1, le=7 * 24 * 60)
     # Failed logins an address may make per window; past it the login answers 429 until the window ends.
     login_failures: int = Field(default=5, ge=1, le=1000)
+    # Failed logins for one account name per window, from any address: a guesser with many
+    # addresses is held back too. Past it, that name's login answers 429 until the window ends
+    # (`fedsite admin-users` on the host still works).
+    login_failures_per_name: int = Field(default=20, ge=1, le=100_000)
     login_window_seconds: int = Field(default=900, ge=1, le=86_400)
 
 

@@ -3,8 +3,9 @@
 Every page but the login needs a session (an anonymous request is redirected to /login).
 Every form carries a CSRF token: the session's for the forms of a logged-in admin, a
 pre-session cookie's for the login form; a POST without the right one is answered 403 and
-changes nothing. Failed logins are throttled per client address (`agent.api.throttle`'s
-guard, with the console's own limits) and audited in bounded, coalesced events. Every action
+changes nothing. Failed logins are throttled per client address and per account name
+(`agent.api.throttle`'s guard, with the console's own limits) and audited in bounded,
+coalesced events. Every action
 (login, logout, approve, revoke, verify, a preview of a subject) is an audit event whose actor
 is `console:<admin>`. Live progress is a `<meta http-equiv="refresh">` while a job runs.
 
@@ -52,6 +53,8 @@ HERE = Path(__file__).parent
 SESSION_COOKIE = "fedsite_console"
 LOGIN_COOKIE = "fedsite_console_login"
 LOGIN_REFUSED_ACTION = "console.login_refused"
+# The longest name counted per account name: longer ones cannot be accounts, and share a count.
+MAX_NAME_KEY = 128
 # Live pages reload themselves this often while a job is queued or running.
 REFRESH_SECONDS = 2
 
@@ -75,6 +78,12 @@ class _SecurityHeaders(BaseHTTPMiddleware):
         return response
 
 
+def _longest(*waits: int | None) -> int | None:
+    """The longest of the throttles' waits that apply, or None when none does."""
+    given = [w for w in waits if w is not None]
+    return max(given) if given else None
+
+
 def create_console_app(service: SiteService, config: ConsoleConfig | None = None) -> FastAPI:
     """The console of SERVICE's site; CONFIG defaults to the service config's `console`."""
     cfg = config or service.cfg.console
@@ -86,6 +95,14 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
     guard = RefusalGuard(
         service.audit,
         RefusalsConfig(max_per_client=cfg.login_failures, window_seconds=cfg.login_window_seconds),
+        action=LOGIN_REFUSED_ACTION,
+    )
+    # The same count per account name, whatever the address: guesses at one account spread over
+    # many addresses (or arriving through one proxy's) are held back as well. Every name typed is
+    # counted, so that a 429 does not tell which names exist. Its refusals are audited by GUARD.
+    names = RefusalGuard(
+        service.audit,
+        RefusalsConfig(max_per_client=cfg.login_failures_per_name, window_seconds=cfg.login_window_seconds),
         action=LOGIN_REFUSED_ACTION,
     )
     previews = Previews(service.db)
@@ -179,8 +196,9 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
         if not expected or not csrf_matches(expected, csrf_token):
             raise CsrfRefused()
         client = client_of(request)
+        account = name[:MAX_NAME_KEY]
         guard.flush_due()
-        wait = guard.retry_after(client)
+        wait = _longest(guard.retry_after(client), names.retry_after(account))
         if wait is None and verify_login(service.db, name, password):
             try:
                 token, session = create_session(service.db, name, lifetime)
@@ -203,7 +221,7 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
                 response.delete_cookie(LOGIN_COOKIE, path="/login")
                 return response
         if wait is None:
-            wait = guard.charge(client)
+            wait = _longest(guard.charge(client), names.charge(account))
             if wait is None:
                 guard.refused(
                     client,
@@ -217,7 +235,7 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
         headers: dict[str, str] = {}
         if wait is not None:
             status = 429
-            error = f"Too many failed logins from this address; try again in {wait} s."
+            error = f"Too many failed logins from this address or for this name; try again in {wait} s."
             headers = {"Retry-After": str(wait)}
         refused = page(
             request, "login.html", None, status, login_csrf=expected, next=safe_next(next), error=error

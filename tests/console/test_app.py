@@ -33,11 +33,13 @@ def service(tmp_path: Path) -> Iterator[SiteService]:
         svc.db.dispose()
 
 
-def _login(client: TestClient, next_: str = "/", password: str = PASSWORD) -> httpx.Response:
+def _login(
+    client: TestClient, next_: str = "/", password: str = PASSWORD, name: str = "alice"
+) -> httpx.Response:
     page = client.get("/login")
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
     assert token is not None
-    data = {"name": "alice", "password": password, "csrf_token": token.group(1), "next": next_}
+    data = {"name": name, "password": password, "csrf_token": token.group(1), "next": next_}
     return client.post("/login", data=data, follow_redirects=False)
 
 
@@ -119,3 +121,37 @@ def test_unknown_pages_and_subjects_are_404_without_a_path(service: SiteService)
             r = client.get(path)
             assert r.status_code == 404, path
             assert str(service.cfg.work_dir) not in r.text
+
+
+def test_failed_logins_for_one_name_from_many_addresses_are_throttled_per_name(service: SiteService) -> None:
+    add_admin(service.db, service.audit, "bob", PASSWORD, "cli:test")
+    app = create_console_app(
+        service, ConsoleConfig(enabled=True, login_failures=3, login_failures_per_name=4)
+    )
+
+    def from_address(host: str) -> TestClient:
+        return TestClient(app, client=(host, 40000))
+
+    # Two guesses from each of two addresses: under each address's limit of 3, at the name's 4.
+    for host in ("10.0.0.1", "10.0.0.2"):
+        with from_address(host) as client:
+            for _ in range(2):
+                assert _login(client, password="a wrong guess at it").status_code == 401
+    with from_address("10.0.0.3") as client:
+        refused = _login(client)  # the right password, from a fresh address: not even checked
+        assert refused.status_code == 429 and "for this name" in refused.text
+        assert 1 <= int(refused.headers["Retry-After"]) <= 900
+        assert SESSION_COOKIE not in client.cookies
+        # Another account from the same address is not held back.
+        assert _login(client, name="bob").status_code == 303
+    # A name with no account is counted the same way: a 429 does not tell which names exist.
+    with from_address("10.0.0.4") as client:
+        for _ in range(2):
+            assert _login(client, name="mallory", password="x" * 12).status_code == 401
+    with from_address("10.0.0.5") as client:
+        for _ in range(2):
+            assert _login(client, name="mallory", password="x" * 12).status_code == 401
+        assert _login(client, name="mallory", password="x" * 12).status_code == 429
+    refusals = service.audit.events(action="console.login_refused")
+    assert [e["details"]["reason"] for e in refusals].count("wrong name or password") == 8
+    assert [e["details"]["reason"] for e in refusals].count("too many refused requests") == 2
