@@ -1,12 +1,14 @@
 """The relay's store without HTTP: tokens, queue, leases and their expiry, chunks and commits.
 
-Leases expire when the test moves the store's clock (`FakeClock`), never by waiting.
+Leases expire when the test moves the store's clock (`FakeClock`), never by waiting. The tests
+on the `store` fixture run on SQLite and on PostgreSQL (skipped without a server, except in CI).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -38,8 +40,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: FakeClock) -> Iterator[RelayStore]:
-    s = RelayStore(tmp_path / "relay", limits=LIMITS, clock=clock)
+def store(tmp_path: Path, clock: FakeClock, blank_db_url: str) -> Iterator[RelayStore]:
+    """A relay on SQLite and on PostgreSQL (`relay.database_url`), its tables made by the store."""
+    s = RelayStore(tmp_path / "relay", database_url=blank_db_url, limits=LIMITS, clock=clock)
     s.add_site("a", token="token-a")
     s.add_site("b", token="token-b")
     yield s
@@ -432,3 +435,34 @@ def test_keep_files_s_must_be_positive(tmp_path: Path) -> None:
         Federation.model_validate(doc)
     relay = Federation.model_validate({**doc, "relay": {"keep_files_s": 3600}}).relay
     assert relay is not None and relay.keep_files_s == 3600
+
+
+def test_two_relay_processes_on_one_database_never_lease_a_task_twice(
+    tmp_path: Path, clock: FakeClock, blank_db_url: str
+) -> None:
+    """Two stores on one database (two relay processes behind a load balancer, or a restart that
+    overlaps): their polls race for the same site's queue, and each task is leased exactly once."""
+    first = RelayStore(tmp_path / "relay-1", database_url=blank_db_url, limits=LIMITS, clock=clock)
+    second = RelayStore(tmp_path / "relay-2", database_url=blank_db_url, limits=LIMITS, clock=clock)
+    try:
+        first.add_site("a", token="token-a")
+        queued = {first.queue_task("a", "train", f"j{i}", PLAN, b"weights").task_id for i in range(12)}
+        leased: list[str] = []
+        lock = threading.Lock()
+
+        def poll(store: RelayStore) -> None:
+            while (task := store.next_task("a", 0)) is not None:
+                with lock:
+                    leased.append(task["task_id"])
+
+        threads = [threading.Thread(target=poll, args=(s,)) for s in (first, second, first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert sorted(leased) == sorted(queued)  # every task once, none twice
+        assert {task_row(second, t).status for t in queued} == {"leased"}
+    finally:
+        first.close()
+        second.close()
