@@ -116,6 +116,13 @@ done
   || { tail -30 /tmp/fedsite-e2e-build.log >&2; echo "image build failed; log: /tmp/fedsite-e2e-build.log" >&2; exit 1; }
 # Dangling images from earlier builds of this tag only take disk (vfs stores full copies).
 docker image prune -f >/dev/null 2>&1 || true
+# Every build adds a copy of the image's layers to BuildKit's cache (the context changes with
+# each commit), and nothing removes them: dozens of runs left 53 GB of it. The engine's
+# cache is trimmed to its newest E2E_BUILD_CACHE (10 GB unless set); E2E_BUILD_CACHE=keep
+# leaves it alone.
+if [ "${E2E_BUILD_CACHE:-10GB}" != keep ]; then
+  docker builder prune -f --keep-storage "${E2E_BUILD_CACHE:-10GB}" >/dev/null 2>&1 || true
+fi
 step "image $image built with ${build[*]:0:3} ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
 
 # 4. the admin guide, followed as written (deploy/README.md's sh blocks, in order)
