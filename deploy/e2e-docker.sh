@@ -15,6 +15,8 @@
 # an engine started here is stopped here. Prints the duration of each step.
 #
 #   IMAGE=fedsite:e2e BASE_IMAGE=fedsite-base:bookworm deploy/e2e-docker.sh [pytest args]
+#   E2E_BUILD_CACHE=10GB (default): the engine's build cache is trimmed to this after the build;
+#   E2E_BUILD_CACHE=keep leaves it as it is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
