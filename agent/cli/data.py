@@ -95,8 +95,9 @@ def scan(
     from agent.audit.chain import AuditLog
 
     cfg = load(config)
-    console = Console()
-    err = Console(stderr=True)
+    # One line per skipped or warned subject, never wrapped: a script (or grep) reads them by line.
+    console = Console(soft_wrap=True)
+    err = Console(stderr=True, soft_wrap=True)
     with database(cfg) as db:
         try:
             report = scan_datasets(

@@ -159,13 +159,23 @@ def _write_config(tmp_path: Path, ds: dict[str, Any]) -> Path:
     return path
 
 
+def test_a_scan_line_stays_one_line_however_long(tmp_path: Path) -> None:
+    """A script (or grep) reads the scan's report by line: a long subject name is not wrapped."""
+    _dicom_dataset(tmp_path / "data")
+    long_name = f"{MISPLACED}-exported-from-the-pacs-with-its-accession-number-and-a-long-series-description"
+    (tmp_path / "data" / MISPLACED).rename(tmp_path / "data" / long_name)
+    config = _write_config(tmp_path, _dicom_ds(tmp_path / "data"))
+    scan = CliRunner().invoke(app, ["data", "scan", "--config", str(config), "--no-progress"])
+    assert scan.exit_code == 0, scan.output
+    [line] = [ln for ln in scan.output.splitlines() if long_name in ln]
+    assert line.startswith("excluded") and "[geometry] t1: non-uniform slice spacing" in line
+
+
 def test_data_scan_and_list_show_warnings_and_exclusions(tmp_path: Path) -> None:
     _dicom_dataset(tmp_path / "data")
     config = _write_config(tmp_path, _dicom_ds(tmp_path / "data"))
     runner = CliRunner()
-    scan = runner.invoke(
-        app, ["data", "scan", "--config", str(config), "--no-progress"], env={"COLUMNS": "200"}
-    )
+    scan = runner.invoke(app, ["data", "scan", "--config", str(config), "--no-progress"])
     assert scan.exit_code == 0, scan.output
     lines = [line for line in scan.output.splitlines() if f"scans/{MISPLACED}" in line]
     assert len(lines) == 1
