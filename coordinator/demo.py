@@ -157,6 +157,7 @@ def _tokens(console: Console, layout: Any) -> None:
         console.print(
             f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)",
             markup=False,
+            soft_wrap=True,
         )
 
 
@@ -181,7 +182,7 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
     plan.update(DEMO_PLAN_OVERRIDES)
     plan["data"] = {**plan.get("data", {}), "samples_per_subject": 16}
     console.rule(f"[bold]4. FedAvg: {rounds} round(s) over {len(layout.sites)} sites")
-    console.print(f"federation file: {fed_path}", markup=False)
+    console.print(f"federation file: {fed_path}", markup=False, soft_wrap=True)
     console.print(
         f"plan: {layout.plan_path} with {json.dumps(DEMO_PLAN_OVERRIDES)}", highlight=False, markup=False
     )
@@ -213,18 +214,24 @@ def _verify_audit(console: Console, layout: Any) -> tuple[dict[str, str], dict[s
         except LocalAgentError as exc:
             raise DemoError(f"audit verification: {exc}") from None
         reports[s.site_id] = text.strip()
-        console.print(f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}", markup=False)
+        console.print(
+            f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}",
+            markup=False,
+            soft_wrap=True,
+        )
     return dbs, reports
 
 
 def _summary(console: Console, out: Path, result: RunResult, dbs: dict[str, str], duration: float) -> None:
     console.rule("[bold]Done")
     console.print(dice_table(result.rounds))
-    console.print(f"results.json:  {result.results_path}", markup=False)
+    console.print(f"results.json:  {result.results_path}", markup=False, soft_wrap=True)
     if result.plot_path is not None:
-        console.print(f"Dice plot:     {result.plot_path}", markup=False)
-    console.print(f"final model:   {result.final_model_path}", markup=False)
+        console.print(f"Dice plot:     {result.plot_path}", markup=False, soft_wrap=True)
+    console.print(f"final model:   {result.final_model_path}", markup=False, soft_wrap=True)
     for site, url in dbs.items():
-        console.print(f"audit database of {site}: {url.removeprefix('sqlite:///')}", markup=False)
-    console.print(f"agent logs:    {out / 'logs'}", markup=False)
+        console.print(
+            f"audit database of {site}: {url.removeprefix('sqlite:///')}", markup=False, soft_wrap=True
+        )
+    console.print(f"agent logs:    {out / 'logs'}", markup=False, soft_wrap=True)
     console.print(f"demo took {duration:.0f} s")
