@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 
 from agent.connect.models import ACTIVE_STATES, ConnectorTask, TaskState
 from agent.db.base import utcnow
@@ -95,17 +96,22 @@ class TaskStore:
     ) -> bool:
         """Change the task, only while LEASE_ID is still its lease (a newer lease wins) and, with
         ONLY_ACTIVE, while it is still accepted or uploading (a heartbeat answered after the
-        commit must not undo it); True if changed."""
+        commit must not undo it); True if changed.
+
+        One conditional UPDATE, so that the check and the write are one step. Read first and
+        written after, a heartbeat that saw the row uploading wrote `lost` over the `committed`
+        the upload thread stored in between: the SQLite driver reads outside any transaction.
+        """
+        conditions = [ConnectorTask.task_id == task_id, ConnectorTask.lease_id == lease_id]
+        if only_active:
+            conditions.append(ConnectorTask.state.in_([str(st) for st in ACTIVE_STATES]))
+        values: dict[str, object] = {"last_error": error, "updated_at": utcnow()}
+        if state is not None:
+            values["state"] = str(state)
+        if update_sha256 is not None:
+            values["update_sha256"] = update_sha256
         with self.db.session() as s:
-            row = s.get(ConnectorTask, task_id)
-            if row is None or row.lease_id != lease_id:
-                return False
-            if only_active and row.state not in ACTIVE_STATES:
-                return False
-            if state is not None:
-                row.state = state
-            if update_sha256 is not None:
-                row.update_sha256 = update_sha256
-            row.last_error = error
-            row.updated_at = utcnow()
-            return True
+            result = cast(
+                "CursorResult[Any]", s.execute(update(ConnectorTask).where(*conditions).values(**values))
+            )
+            return result.rowcount == 1
