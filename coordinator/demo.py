@@ -24,7 +24,7 @@ from coordinator.errors import AgentError, DemoError, FederationError, LocalAgen
 from coordinator.federation import load_federation, write_federation
 from coordinator.local import LocalFederation, create_token, run_fedsite, terminate_on_sigterm, write_secret
 from coordinator.options import RunOptions
-from coordinator.report import Reporter, dice_table
+from coordinator.report import Reporter, print_outputs, print_text
 from coordinator.runner import RunResult, run_strategy
 
 MARKER = ".fedsite-demo"
@@ -108,8 +108,8 @@ def run_demo(
             except LocalAgentError as exc:
                 raise DemoError(f"starting the agents: {exc}") from None
             for s in layout.sites:
-                console.print(
-                    f"{s.site_id}: {agents[s.site_id].url}  (log: {agents[s.site_id].log_path})", markup=False
+                print_text(
+                    console, f"{s.site_id}: {agents[s.site_id].url}  (log: {agents[s.site_id].log_path})"
                 )
             result = _federate(console, out, layout, agents, rounds=rounds)
         finally:
@@ -154,10 +154,8 @@ def _tokens(console: Console, layout: Any) -> None:
     except LocalAgentError as exc:
         raise DemoError(f"creating tokens: {exc}") from None
     for s in layout.sites:
-        console.print(
-            f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)",
-            markup=False,
-            soft_wrap=True,
+        print_text(
+            console, f"{s.site_id}: token stored in {s.token_file} (only its hash is in the site's database)"
         )
 
 
@@ -182,7 +180,7 @@ def _federate(console: Console, out: Path, layout: Any, agents: dict[str, Any], 
     plan.update(DEMO_PLAN_OVERRIDES)
     plan["data"] = {**plan.get("data", {}), "samples_per_subject": 16}
     console.rule(f"[bold]4. FedAvg: {rounds} round(s) over {len(layout.sites)} sites")
-    console.print(f"federation file: {fed_path}", markup=False, soft_wrap=True)
+    print_text(console, f"federation file: {fed_path}")
     console.print(
         f"plan: {layout.plan_path} with {json.dumps(DEMO_PLAN_OVERRIDES)}", highlight=False, markup=False
     )
@@ -214,24 +212,14 @@ def _verify_audit(console: Console, layout: Any) -> tuple[dict[str, str], dict[s
         except LocalAgentError as exc:
             raise DemoError(f"audit verification: {exc}") from None
         reports[s.site_id] = text.strip()
-        console.print(
-            f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}",
-            markup=False,
-            soft_wrap=True,
-        )
+        print_text(console, f"{s.site_id}: {text.strip().splitlines()[-1] if text.strip() else 'OK'}")
     return dbs, reports
 
 
 def _summary(console: Console, out: Path, result: RunResult, dbs: dict[str, str], duration: float) -> None:
     console.rule("[bold]Done")
-    console.print(dice_table(result.rounds))
-    console.print(f"results.json:  {result.results_path}", markup=False, soft_wrap=True)
-    if result.plot_path is not None:
-        console.print(f"Dice plot:     {result.plot_path}", markup=False, soft_wrap=True)
-    console.print(f"final model:   {result.final_model_path}", markup=False, soft_wrap=True)
+    print_outputs(console, result)
     for site, url in dbs.items():
-        console.print(
-            f"audit database of {site}: {url.removeprefix('sqlite:///')}", markup=False, soft_wrap=True
-        )
-    console.print(f"agent logs:    {out / 'logs'}", markup=False, soft_wrap=True)
+        print_text(console, f"audit database of {site}: {url.removeprefix('sqlite:///')}")
+    print_text(console, f"agent logs:    {out / 'logs'}")
     console.print(f"demo took {duration:.0f} s")

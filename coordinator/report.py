@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +26,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agent.fileio import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from coordinator.runner import RunResult
 
 
 def progress_fraction(progress: Any) -> float | None:
@@ -233,6 +236,21 @@ def plot_dice_curves(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def print_text(console: Console, text: str) -> None:
+    """TEXT as it is: never read as markup (a "[...]" in a path or in a site's words would vanish,
+    or stop the command) and never wrapped (a path cut by a line break cannot be pasted)."""
+    console.print(text, markup=False, soft_wrap=True)
+
+
+def print_outputs(console: Console, result: RunResult) -> None:
+    """The Dice table of every round and where the results, the plot and the final model are."""
+    console.print(dice_table(result.rounds))
+    print_text(console, f"results.json:  {result.results_path}")
+    if result.plot_path is not None:
+        print_text(console, f"Dice plot:     {result.plot_path}")
+    print_text(console, f"final model:   {result.final_model_path}")
 
 
 def dice_table(rounds: Sequence[dict[str, Any]]) -> Table:

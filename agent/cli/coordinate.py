@@ -22,8 +22,8 @@ from rich.markup import escape
 from coordinator.errors import AgentError, FederationError, RoundFailed, RunError
 from coordinator.federation import Federation, load_federation, split_listen
 from coordinator.options import RunOptions
-from coordinator.report import Reporter, dice_table
-from coordinator.runner import RunResult, run_strategy
+from coordinator.report import Reporter, print_outputs, print_text
+from coordinator.runner import run_strategy
 from coordinator.strategies import STRATEGIES
 
 if TYPE_CHECKING:
@@ -51,15 +51,6 @@ def load_plan(path: Path) -> dict[str, Any]:
         raise ValueError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
     assert isinstance(raw, dict)
     return raw
-
-
-def print_summary(console: Console, result: RunResult) -> None:
-    """The Dice table of every round and where the results, the plot and the final model are."""
-    console.print(dice_table(result.rounds))
-    console.print(f"results:      {result.results_path}", markup=False, soft_wrap=True)
-    if result.plot_path is not None:
-        console.print(f"Dice plot:    {result.plot_path}", markup=False, soft_wrap=True)
-    console.print(f"final model:  {result.final_model_path}", markup=False, soft_wrap=True)
 
 
 @coordinate_app.command("coordinate")
@@ -162,16 +153,16 @@ def coordinate(
         )
     except (AgentError, RunError, RoundFailed) as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
-        console.print(f"partial results: {out / 'results.json'}", markup=False)
+        print_text(console, f"partial results: {out / 'results.json'}")
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.print("interrupted; partial results in " + str(out / "results.json"), markup=False)
+        print_text(console, f"interrupted; partial results in {out / 'results.json'}")
         raise typer.Exit(130) from None
     finally:
         if relay is not None:
             relay.stop()
             relay.store.close()
-    print_summary(Console(), result)
+    print_outputs(Console(), result)
 
 
 def _start_relay(fed: Federation, serve: str | None, console: Console) -> RelayServer | None:
@@ -194,7 +185,5 @@ def _start_relay(fed: Federation, serve: str | None, console: Console) -> RelayS
         store.close()
         raise
     pull = ", ".join(fed.pull_names) or "none yet"
-    console.print(
-        f"relay: serving {server.url} for pull sites ({pull}); database in {store.root}", markup=False
-    )
+    print_text(console, f"relay: serving {server.url} for pull sites ({pull}); database in {store.root}")
     return server
