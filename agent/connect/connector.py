@@ -74,6 +74,9 @@ UPLOAD_PASS_S = 1.0
 STOP_WAIT_S = 8.0
 # The relay's lease until its registration answer says otherwise (the relay's own default).
 DEFAULT_LEASE_S = 90.0
+MAX_REASON_CHARS = 2000
+# The shortest interval between two polls that found nothing.
+MIN_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,6 @@ class SecaggAnswer:
     answer: dict[str, Any]
     # time.monotonic() after which the lease has run out: a retry would only be refused.
     deadline: float
-
-
-MAX_REASON_CHARS = 2000
-# The shortest interval between two polls that found nothing.
-MIN_POLL_S = 1.0
 
 
 class Connector:
