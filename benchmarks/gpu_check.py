@@ -52,6 +52,7 @@ from agent.config import load_config  # noqa: E402
 from agent.db.engine import Database  # noqa: E402
 from agent.jobs.models import RoundJob  # noqa: E402
 from agent.jobs.states import JobKind  # noqa: E402
+from agent.training.plan import MAX_EPOCHS  # noqa: E402
 from benchmarks import round_overhead  # noqa: E402
 from coordinator.client import AgentClient  # noqa: E402
 from coordinator.demo_federation import default_plan, generate_federation  # noqa: E402
@@ -193,14 +194,29 @@ def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path) -> dict[str, A
     }
 
 
+def _training_progress(client: AgentClient, job: str, deadline: float) -> dict[str, Any]:
+    """Wait until JOB reports a training step; its progress then."""
+    while time.monotonic() < deadline:
+        status = client.round_status(job)
+        if status.status != "running":
+            raise RuntimeError(f"round {job} is {status.status} before it reported a training step")
+        if isinstance(status.progress, dict) and status.progress.get("step"):
+            return dict(status.progress)
+        time.sleep(0.2)
+    raise RuntimeError(f"round {job} reported no training step in time")
+
+
 def _fresh_worker_and_cancel(site: Site, plan: dict[str, Any], device: str) -> dict[str, Any]:
-    long_plan = {**plan, "local_epochs": 50, "round_id": "gpu-cancel"}
+    # As many epochs as a plan may ask: the round must still be training when the cancel comes,
+    # however fast the GPU (50 epochs of the small CPU plan finished within 3 s).
+    long_plan = {**plan, "local_epochs": MAX_EPOCHS, "round_id": "gpu-cancel"}
     weights = encode(initial_weights(plan))
     with site.client() as client:
         job = client.start_round(long_plan, weights)
         worker = _worker_of(site, job, time.monotonic() + 300)
-        # Let it train a little: a cancel of a job that is still loading data proves less.
-        time.sleep(3.0)
+        # Cancel once it reports a training step: a cancel of a job that is still loading data
+        # proves less.
+        progress = _training_progress(client, job, time.monotonic() + 300)
         t0 = time.monotonic()
         client.cancel_round(job)
         final = "running"
@@ -216,6 +232,7 @@ def _fresh_worker_and_cancel(site: Site, plan: dict[str, Any], device: str) -> d
     expected_fresh = device == "cuda"
     return {
         **worker,
+        "progress_at_cancel": progress,
         "fresh_interpreter": fresh,
         "fresh_interpreter_expected": expected_fresh,
         "cancel_status": final,

@@ -40,6 +40,8 @@ MAX_PLAN_DEPTH = 16
 # rather than killed by the kernel in the worker hours later. A 3D batch of 4 x 4 x 256^3
 # is exactly at the limit.
 MAX_BATCH_VALUES = 2**28
+# The most epochs one job may train (local epochs of a round, or early stopping's ceiling).
+MAX_EPOCHS = 10000
 
 
 class ModelSpec(BaseModel):
@@ -171,13 +173,13 @@ class EarlyStopping(StrictModel):
     (institutional incremental learning). ``local_epochs`` is then not used."""
 
     patience: int = Field(ge=1, le=1000)
-    max_epochs: int = Field(ge=1, le=10000)
+    max_epochs: int = Field(ge=1, le=MAX_EPOCHS)
 
 
 class Plan(StrictModel):
     dataset: str = Field(min_length=1, max_length=64)
     model: ModelSpec
-    local_epochs: int = Field(ge=1, le=10000)
+    local_epochs: int = Field(ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(ge=1, le=4096)
     optimizer: OptimizerSpec
     loss: Literal["dice", "dice_ce", "log_dice"]

@@ -1,0 +1,36 @@
+"""The GPU check's own dry run (`--allow-cpu`): every step runs small on the CPU, so a change that
+breaks the script is found here, not in the few minutes of a lent GPU. Its timings are not
+asserted; what must hold is that each step ran and the cancelled round was still training when
+the cancel came (a round that ended first used to fail the step on a fast device)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# The benchmarks are scripts next to the packages, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.gpu_check import main
+
+
+@pytest.mark.timeout(600)
+def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--allow-cpu", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["environment"]["device"] == "cpu" and report["small"] is True
+    assert report["amp_overhead"]["ok"] is True and report["amp_overhead"]["amp"] is False
+    round_3d = report["agent_round_3d"]
+    assert round_3d["ok"] is True and round_3d["training_volumes"] > 0 and round_3d["channels"] == 4
+    cancel = report["fresh_worker_and_cancel"]
+    assert cancel["ok"] is True and cancel["cancel_status"] == "cancelled"
+    # On the CPU the worker is forked from the fork server; the GPU run expects a fresh interpreter.
+    assert cancel["fresh_interpreter"] is False and cancel["fresh_interpreter_expected"] is False
+    assert cancel["progress_at_cancel"]["step"] >= 1
+    assert report["cuda_wheelhouse"]["ok"] is None
+    assert report["all_ok"] is True
+    assert (tmp_path / "gpu_check.png").stat().st_size > 0
