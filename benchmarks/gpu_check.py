@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -57,7 +58,7 @@ from benchmarks import round_overhead  # noqa: E402
 from coordinator.client import AgentClient  # noqa: E402
 from coordinator.demo_federation import default_plan, generate_federation  # noqa: E402
 from coordinator.federation import parse_federation  # noqa: E402
-from coordinator.local import LocalFederation, add_static_token  # noqa: E402
+from coordinator.local import THREAD_ENV_VARS, LocalFederation, add_static_token  # noqa: E402
 from coordinator.options import RunOptions  # noqa: E402
 from coordinator.report import QuietReporter  # noqa: E402
 from coordinator.runner import run_strategy  # noqa: E402
@@ -121,7 +122,11 @@ class Site:
         doc["device"] = device
         self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.token = add_static_token(self.config)
-        self.local = LocalFederation(root / "logs")
+        # One agent alone on the machine, as at a site with a GPU: its worker loads and augments
+        # volumes on the CPU with every core, not with the one thread a local federation of
+        # many agents gives each.
+        self.threads = os.cpu_count() or 1
+        self.local = LocalFederation(root / "logs", env={key: str(self.threads) for key in THREAD_ENV_VARS})
         self.agent = self.local.start_many({"site-1": self.config}, ready_timeout=300)["site-1"]
         self.fed = parse_federation(
             {
@@ -191,6 +196,7 @@ def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path) -> dict[str, A
         "roi": plan["data"]["roi_size"],
         "channels": len(MODALITIES),
         "model_channels": plan["model"]["channels"],
+        "cpu_threads": site.threads,
     }
 
 

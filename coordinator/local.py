@@ -34,10 +34,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The variables that set how many threads the numeric libraries compute with.
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+
 def agent_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for an agent subprocess: one compute thread each, so that many fit on few cores."""
+    """The environment for an agent subprocess: one compute thread each, so that many fit on few
+    cores (EXTRA, applied last, can give one agent more)."""
     env = dict(os.environ)
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    for key in THREAD_ENV_VARS:
         env[key] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
     if extra:
