@@ -4,19 +4,25 @@ Steps, each bounded in time and reported on its own (a failed step does not hide
 
 1. ``environment``: torch and CUDA versions, the GPU's name and memory.
 2. ``amp_overhead``: the engine's AMP round against a bare MONAI AMP loop on the same data and
-   model (`benchmarks/round_overhead.py`'s 2D U-Net at 128x128, on CUDA): the ratio engine/bare
-   of wall time (target at most 1.05).
-3. ``agent_round_3d``: one FedAvg round through a real agent (`fedsite serve`, device cuda) of a 3D
-   U-Net at 128^3 with four channels (the study's input: FLAIR, T1, T1Gd, T2), with throughput in
-   training volumes per second over the site's round as the coordinator saw it (plan sent to
-   update received).
+   model, for both of `benchmarks/round_overhead.py`'s configurations (2D U-Net at 128x128, 3D
+   U-Net at 64^3; on the GPU with five times their epochs): the ratio engine/bare of wall time
+   (target at most 1.05).
+3. ``agent_round_3d``: FedAvg rounds through a real agent (`fedsite serve`, device cuda) of a 3D
+   U-Net at 128^3 with four channels (the study's input: FLAIR, T1, T1Gd, T2), timed as the
+   coordinator saw the site (plan sent to update received): the first round (cold) in training
+   volumes per second; then two warm rounds of E and 3E epochs, whose difference gives the
+   training rate alone and the fixed cost of a round (worker start, loading, validation, the
+   egress gate); and, as the ceiling, bare training steps of the same model on batches already
+   on the GPU.
 4. ``fresh_worker_and_cancel``: a long 3D round; its worker (the pid in the site's job table) must
    be a fresh interpreter (``python -m agent.jobs.worker``), never a fork of a process that touched
    CUDA; once it trains it is cancelled, and the seconds from the cancel request to the status
    ``cancelled`` are measured (target: within 10 s).
-5. ``cuda_wheelhouse`` (with ``--wheelhouse DIR``): a fresh virtual environment installs torch
-   from DIR (`make wheelhouse TORCH_VARIANT=cuda`, built where the package index is reachable)
-   with ``--no-index`` and sees the GPU. Without DIR the step is reported as not run.
+5. ``cuda_wheelhouse`` (with ``--wheelhouse DIR``): what the Dockerfile does with a wheelhouse
+   of `make wheelhouse TORCH_VARIANT=cuda` (built where the package index is reachable): a fresh
+   virtual environment installs torch from DIR alone (pip's configuration of this machine left
+   out), then the package from source against it, offline; its interpreter imports the engine,
+   and on a GPU computes on it. Without DIR the step is reported as not run.
 
 It prints JSON, writes ``gpu_check.json`` and ``gpu_check.png`` to --out, and exits 1 when a step
 failed. Without a CUDA device it refuses to run, unless ``--allow-cpu``: then every step runs
@@ -53,7 +59,9 @@ from agent.config import load_config  # noqa: E402
 from agent.db.engine import Database  # noqa: E402
 from agent.jobs.models import RoundJob  # noqa: E402
 from agent.jobs.states import JobKind  # noqa: E402
-from agent.training.plan import MAX_EPOCHS  # noqa: E402
+from agent.training.losses import log_dice_loss  # noqa: E402
+from agent.training.plan import MAX_EPOCHS, parse_plan  # noqa: E402
+from agent.training.registry import build_model  # noqa: E402
 from benchmarks import round_overhead  # noqa: E402
 from coordinator.client import AgentClient  # noqa: E402
 from coordinator.demo_federation import default_plan, generate_federation  # noqa: E402
@@ -67,6 +75,8 @@ from coordinator.weights import encode, initial_weights  # noqa: E402
 MODALITIES = ("flair", "t1", "t1gd", "t2")
 CANCEL_TARGET_S = 10.0
 AMP_TARGET_RATIO = 1.05
+# On the GPU, round_overhead's configurations train this many times their epochs.
+GPU_EPOCH_FACTOR = 5
 
 
 def _environment(device: str) -> dict[str, Any]:
@@ -87,11 +97,15 @@ def _environment(device: str) -> dict[str, Any]:
 
 
 def _amp_overhead(device: str, small: bool, root: Path) -> dict[str, Any]:
-    cfg = round_overhead._configs(quick=small)[0]  # the 2D U-Net at 128x128
-    res = round_overhead.run_config(cfg, 1 if small else 3, device, root / "amp")
-    res["target_ratio"] = AMP_TARGET_RATIO
-    res["amp"] = device == "cuda"
-    return res
+    """`round_overhead`'s two configurations (2D U-Net at 128x128, 3D U-Net at 64^3). On the GPU
+    with five times its epochs: its own two epochs last a fifth of a second there, and a ratio of
+    such rounds measures the round's fixed costs (validation, the egress gate), not its steps."""
+    out: dict[str, Any] = {"amp": device == "cuda", "target_ratio": AMP_TARGET_RATIO, "configs": []}
+    for cfg in round_overhead._configs(quick=small):
+        if not small:
+            cfg = {**cfg, "epochs": cfg["epochs"] * GPU_EPOCH_FACTOR}
+        out["configs"].append(round_overhead.run_config(cfg, 1 if small else 3, device, root / "amp"))
+    return out
 
 
 def _plan_3d(size: int, small: bool) -> dict[str, Any]:
@@ -131,7 +145,7 @@ class Site:
         self.fed = parse_federation(
             {
                 "agents": [{"name": "site-1", "url": self.agent.url, "token": self.token}],
-                "poll_interval": 0.5,
+                "poll_interval": 0.1,
                 "timeouts": {"connect": 10, "read": 120, "round": 900, "evaluation": 900},
             },
             source=root / "federation.yaml",
@@ -172,32 +186,99 @@ def _worker_of(site: Site, job: str, deadline: float) -> dict[str, Any]:
     raise RuntimeError(f"round {job} never ran with a worker process in sight")
 
 
-def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path) -> dict[str, Any]:
-    options = RunOptions(strategy="fedavg", rounds=1, run_id="gpu-3d", evaluate=False, evaluate_final=False)
-    t0 = time.monotonic()
+def _site_round(site: Site, plan: dict[str, Any], root: Path, run_id: str, epochs: int) -> dict[str, Any]:
+    """One FedAvg round of PLAN with EPOCHS local epochs through the site's agent."""
+    plan = {**plan, "local_epochs": epochs}
+    options = RunOptions(strategy="fedavg", rounds=1, run_id=run_id, evaluate=False, evaluate_final=False)
     result = run_strategy(
         site.fed,
         plan,
-        root / "run-3d",
+        root / run_id,
         options,
         initial_weights=initial_weights(plan),
         reporter=QuietReporter(),
     )
-    wall = time.monotonic() - t0
     record = result.rounds[0]["training"]["site-1"]
-    volumes = int(record["num_samples"]) * plan["data"]["samples_per_subject"] * plan["local_epochs"]
+    volumes = int(record["num_samples"]) * plan["data"]["samples_per_subject"] * epochs
+    # The site's job as the coordinator saw it: plan sent to update received.
+    seconds = float(record["duration_s"])
+    return {"epochs": epochs, "site_round_s": seconds, "training_volumes": volumes}
+
+
+def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -> dict[str, Any]:
+    """The first round (cold: worker start, CUDA start, preprocessing into the site's cache), then
+    two warm rounds of E and 3E epochs: their difference is the training alone, in volumes per
+    second, and the rest of the warm round is what a round costs besides (the fixed cost)."""
+    short = plan["local_epochs"]
+    first = _site_round(site, plan, root, "gpu-3d-first", short)
+    warm = _site_round(site, plan, root, "gpu-3d-warm", short)
+    long = _site_round(site, plan, root, "gpu-3d-long", short * 3)
+    extra_s = long["site_round_s"] - warm["site_round_s"]
+    extra_volumes = long["training_volumes"] - warm["training_volumes"]
+    training_rate = extra_volumes / extra_s if extra_s > 0 else None
+    fixed_s = warm["site_round_s"] - warm["training_volumes"] / training_rate if training_rate else None
+    bare = _bare_3d_rate(plan, small)
     return {
-        "round_s": float(result.rounds[0]["duration_s"]),
-        "run_s": round(wall, 2),
-        # The site's job as the coordinator saw it: plan sent to update received.
-        "site_round_s": float(record["duration_s"]),
-        "training_volumes": volumes,
-        "volumes_per_s": round(volumes / float(record["duration_s"]), 3),
+        "first_round": first,
+        "warm_round": warm,
+        "long_round": long,
+        # The first round as a whole, as a site sees it.
+        "volumes_per_s": round(first["training_volumes"] / first["site_round_s"], 3),
+        "training_volumes_per_s": round(training_rate, 3) if training_rate else None,
+        "fixed_round_s": round(fixed_s, 2) if fixed_s is not None else None,
+        "bare_volumes_per_s": bare["volumes_per_s"],
+        "training_vs_bare": round(training_rate / bare["volumes_per_s"], 3) if training_rate else None,
+        "bare": bare,
         "roi": plan["data"]["roi_size"],
         "channels": len(MODALITIES),
+        "batch_size": plan["batch_size"],
         "model_channels": plan["model"]["channels"],
         "cpu_threads": site.threads,
     }
+
+
+def _bare_3d_rate(plan_doc: dict[str, Any], small: bool) -> dict[str, Any]:
+    """The GPU's ceiling for the same model: training steps on batches already on the device (no
+    loading, no augmentation), same loss, optimizer and mixed precision as the engine."""
+    plan = parse_plan({**plan_doc, "round_id": "gpu-bare"})
+    dev = torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
+    amp = dev.type == "cuda"
+    torch.manual_seed(plan.seed)
+    model = build_model(plan).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=plan.optimizer.lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    roi = tuple(plan.data.roi_size)
+    x = torch.randn((plan.batch_size, plan.model.argument("in_channels"), *roi), device=dev)
+    labels = torch.rand((plan.batch_size, plan.model.argument("out_channels"), *roi), device=dev)
+    y = (labels > 0.5).float()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
+            loss = log_dice_loss(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    warmup, steps = (1, 2) if small else (5, 30)
+    for _ in range(warmup):
+        step()
+    if amp:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if amp:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    out = {
+        "steps": steps,
+        "seconds": round(seconds, 3),
+        "volumes_per_s": round(steps * plan.batch_size / seconds, 3),
+    }
+    if amp:
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
 
 
 def _training_progress(client: AgentClient, job: str, deadline: float) -> dict[str, Any]:
@@ -248,35 +329,62 @@ def _fresh_worker_and_cancel(site: Site, plan: dict[str, Any], device: str) -> d
     }
 
 
+def _offline_pip_env() -> dict[str, str]:
+    """The environment for pip in the fresh venv: this machine's pip configuration left out (its
+    find-links or extra indexes would let pip take a wheel from elsewhere than the wheelhouse)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    return env
+
+
+def _project_source(dest: Path) -> Path:
+    """The package's sources, copied: pip builds in the tree it is given, and that is not ours."""
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    for package in ("agent", "coordinator"):
+        shutil.copytree(REPO / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
 def _cuda_wheelhouse(wheelhouse: Path, root: Path, device: str) -> dict[str, Any]:
-    venv = root / "venv-cuda"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
+    """What the Dockerfile does with a `TORCH_VARIANT=cuda` wheelhouse, in a fresh venv: torch
+    from the wheelhouse alone, then the package built from source against it, offline; then the
+    venv's interpreter imports the training engine and, on a GPU, computes on it."""
     torch_wheels = sorted(wheelhouse.glob("torch-*.whl"))
     if not torch_wheels:
         raise RuntimeError(
             f"{wheelhouse}: no torch wheel (build it with `make wheelhouse TORCH_VARIANT=cuda`)"
         )
+    venv = root / "venv-cuda"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse)]
+    env = _offline_pip_env()
     t0 = time.monotonic()
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse), "torch"],
-        check=True,
-        timeout=420,
-    )
-    install_s = time.monotonic() - t0
+    subprocess.run([*pip, "torch"], check=True, timeout=900, env=env)
+    torch_s = time.monotonic() - t0
+    source = _project_source(Path(tempfile.mkdtemp(prefix="src-", dir=root)))
+    t0 = time.monotonic()
+    subprocess.run([*pip, str(source)], check=True, timeout=900, env=env)
+    project_s = time.monotonic() - t0
     probe = (
-        "import json, torch; "
-        "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.is_available()]))"
+        "import json, torch, agent.training.engine; "
+        "ok = torch.cuda.is_available() and float((torch.ones(8, device='cuda') * 2).sum()) == 16.0; "
+        "print(json.dumps([torch.__version__, torch.version.cuda, torch.cuda.is_available(), ok]))"
     )
-    out = subprocess.run([str(py), "-c", probe], check=True, timeout=120, capture_output=True, text=True)
-    version, cuda, available = json.loads(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([py, "-I", "-c", probe], check=True, timeout=300, capture_output=True, text=True)
+    version, cuda, available, computed = json.loads(out.stdout.strip().splitlines()[-1])
     return {
         "wheel": torch_wheels[-1].name,
-        "install_s": round(install_s, 1),
+        "wheels": len(list(wheelhouse.glob("*.whl"))),
+        "wheelhouse_gib": round(sum(w.stat().st_size for w in wheelhouse.glob("*.whl")) / 2**30, 2),
+        "install_torch_s": round(torch_s, 1),
+        "install_project_s": round(project_s, 1),
         "torch": version,
         "cuda_build": cuda,
         "cuda_available": available,
-        "ok": bool(available) or device != "cuda",
+        "computed_on_gpu": computed,
+        "ok": cuda is not None and (bool(computed) or device != "cuda"),
     }
 
 
@@ -303,17 +411,22 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     amp = report.get("amp_overhead", {})
     if amp.get("ok"):
-        axes[0].bar(
-            ["engine", "bare MONAI"],
-            [amp["engine_wall_s"], amp["bare_wall_s"]],
-            color=["tab:blue", "tab:gray"],
+        names = [c["config"] for c in amp["configs"]]
+        x = range(len(names))
+        axes[0].bar([i - 0.2 for i in x], [c["engine_wall_s"] for c in amp["configs"]], 0.4, label="engine")
+        axes[0].bar([i + 0.2 for i in x], [c["bare_wall_s"] for c in amp["configs"]], 0.4, label="bare MONAI")
+        axes[0].set_xticks(
+            list(x), [f"{n}\nratio {c['ratio_wall']:.2f}" for n, c in zip(names, amp["configs"], strict=True)]
         )
-        axes[0].set_title(f"2D round, AMP: ratio {amp['ratio_wall']:.3f}")
-        axes[0].set_ylabel("seconds (median)")
+        axes[0].set_title("a round, AMP (median wall time)")
+        axes[0].set_ylabel("seconds")
+        axes[0].legend()
     r3 = report.get("agent_round_3d", {})
     if r3.get("ok"):
-        axes[1].bar(["3D U-Net 128^3 x4"], [r3["volumes_per_s"]], color="tab:green")
-        axes[1].set_title("through the agent")
+        labels = ["first round\n(whole)", "training\n(warm rounds)", "bare steps\n(data on GPU)"]
+        values = [r3["volumes_per_s"], r3["training_volumes_per_s"] or 0.0, r3["bare_volumes_per_s"]]
+        axes[1].bar(labels, values, color=["tab:green", "tab:olive", "tab:gray"])
+        axes[1].set_title("3D U-Net 128^3 x4 through the agent")
         axes[1].set_ylabel("training volumes per second")
     fig.suptitle(f"gpu_check on {report['environment'].get('gpu', report['environment']['device'])}")
     fig.tight_layout()
@@ -348,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             site = Site(root / "site", size, subjects=3 if small else 6, device=device)
             started = site
-            _step(report, "agent_round_3d", lambda: _agent_round_3d(started, plan, root))
+            _step(report, "agent_round_3d", lambda: _agent_round_3d(started, plan, root, small))
             _step(report, "fresh_worker_and_cancel", lambda: _fresh_worker_and_cancel(started, plan, device))
         except Exception as exc:
             report["agent_round_3d"] = {

@@ -23,9 +23,15 @@ def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     capsys.readouterr()
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["environment"]["device"] == "cpu" and report["small"] is True
-    assert report["amp_overhead"]["ok"] is True and report["amp_overhead"]["amp"] is False
+    amp = report["amp_overhead"]
+    assert amp["ok"] is True and amp["amp"] is False
+    assert [c["config"] for c in amp["configs"]] == ["unet2d_128", "unet3d_64"]
     round_3d = report["agent_round_3d"]
-    assert round_3d["ok"] is True and round_3d["training_volumes"] > 0 and round_3d["channels"] == 4
+    assert round_3d["ok"] is True and round_3d["channels"] == 4
+    first, warm, long = (round_3d[k] for k in ("first_round", "warm_round", "long_round"))
+    assert first["epochs"] == warm["epochs"] and long["epochs"] == 3 * warm["epochs"]
+    assert long["training_volumes"] == 3 * warm["training_volumes"] > 0
+    assert round_3d["bare"]["steps"] > 0 and round_3d["bare_volumes_per_s"] > 0
     cancel = report["fresh_worker_and_cancel"]
     assert cancel["ok"] is True and cancel["cancel_status"] == "cancelled"
     # On the CPU the worker is forked from the fork server; the GPU run expects a fresh interpreter.
