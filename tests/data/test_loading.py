@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,89 @@ def test_same_seed_same_batches(items: list[ItemRef], tmp_path: Path) -> None:
         assert all(torch.equal(x, y) for x, y in zip(ea, eb, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a[0], a[1], strict=True))  # epochs differ
     assert not all(torch.equal(x, y) for x, y in zip(a[0], c[0], strict=True))  # seeds differ
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_loader_threads_give_the_same_batches_in_the_same_order(
+    items: list[ItemRef], tmp_path: Path, dims: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loader_threads` is a site's choice of speed: it must not change what a round trains on."""
+    settings = DataSettings(spatial_dims=dims, roi_size=[16] * dims, samples_per_subject=3)
+    loaded_on: set[str] = set()
+    real = loading.TrainSamples._region
+
+    def recording(self: loading.TrainSamples, index: int) -> Any:
+        loaded_on.add(threading.current_thread().name)
+        return real(self, index)
+
+    monkeypatch.setattr(loading.TrainSamples, "_region", recording)
+
+    def run(threads: int) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for _epoch in range(2):
+            loader = build_train_loader(
+                items, settings, batch_size=4, seed=5, cache_dir=tmp_path, threads=threads
+            )
+            out += list(loading.batches(loader, ahead=threads > 0))
+        return out
+
+    alone = run(0)
+    assert loaded_on == {threading.current_thread().name}
+    loaded_on.clear()
+    with_two = run(2)
+    # A batch's samples were loaded by two threads, neither of them this one.
+    assert len(loaded_on) >= 2 and threading.current_thread().name not in loaded_on
+    assert len(alone) == len(with_two) == 2 * 4  # 15 samples an epoch, in batches of 4
+    for a, b in zip(alone, with_two, strict=True):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize(
+    ("dims", "roi"), [(2, [16, 16]), (3, [16, 16, 16]), (2, [64, 40]), (3, [12, 64, 20])]
+)
+def test_a_batch_is_its_samples_stacked(
+    items: list[ItemRef], tmp_path: Path, dims: int, roi: list[int]
+) -> None:
+    """The loader places each window straight into the batch (one copy, not two); the batch must
+    be what stacking the samples gives, padding included (rois past the volume's size)."""
+    settings = DataSettings(spatial_dims=dims, roi_size=roi, samples_per_subject=3)
+    loader = build_train_loader(items, settings, batch_size=4, seed=3, cache_dir=tmp_path, threads=2)
+    samples = loader.dataset
+    assert isinstance(samples, loading.TrainSamples)
+    indices = [7, 0, 14, 3]
+    batch = samples.__getitems__(indices)
+    one_by_one = [samples[i] for i in indices]
+    for key in ("image", "label"):
+        assert torch.equal(batch[key], torch.stack([sample[key] for sample in one_by_one])), key
+    assert batch["image"].shape == (4, 2, *roi) and batch["label"].shape == (4, 1, *roi)
+
+
+def test_batches_loaded_ahead_raise_the_loading_error_and_stop_when_closed(
+    items: list[ItemRef], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = DataSettings(roi_size=[16, 16], samples_per_subject=3)
+    loader = build_train_loader(items, settings, batch_size=2, seed=5, cache_dir=tmp_path, threads=2)
+    stream = loading.batches(loader, ahead=True)
+    next(stream)
+    stream.close()  # as a cancelled epoch does
+    assert not [t for t in threading.enumerate() if t.name == "fedsite-batches"]
+
+    calls = {"n": 0}
+    real = loading.TrainSamples._region
+
+    def failing(self: loading.TrainSamples, index: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise DataLoadError("subject PAT-0003: cache entry unreadable")
+        return real(self, index)
+
+    monkeypatch.setattr(loading.TrainSamples, "_region", failing)
+    got = []
+    with pytest.raises(DataLoadError, match="PAT-0003: cache entry unreadable"):
+        for batch in loading.batches(loader, ahead=True):
+            got.append(batch)
+    assert len(got) == 2  # the batches before the failing one arrived, in order
+    assert not [t for t in threading.enumerate() if t.name == "fedsite-batches"]
 
 
 def test_val_volumes_are_centre_cropped(items: list[ItemRef], tmp_path: Path) -> None:
