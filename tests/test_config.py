@@ -101,6 +101,21 @@ def test_bad_environment_override_is_named(tmp_path: Path) -> None:
         load_config(_write(tmp_path, _base()), environ={"FEDSITE_API__PORT": "not-a-port"})
 
 
+def test_loader_threads_default_to_auto_and_take_a_number(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, _base()), environ={}).loader_threads == "auto"
+    assert load_config(_write(tmp_path, {**_base(), "loader_threads": 6}), environ={}).loader_threads == 6
+    env = {"FEDSITE_LOADER_THREADS": "2"}
+    assert load_config(_write(tmp_path, _base()), environ=env).loader_threads == 2
+
+
+@pytest.mark.parametrize("value", [-1, 65, "many", True, 2.5, "4"])
+def test_loader_threads_out_of_range_or_not_a_number_is_named(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError, match=r"loader_threads.*auto or a whole number from 0 to 64") as err:
+        load_config(_write(tmp_path, {**_base(), "loader_threads": value}), environ={})
+    # One reason, not one per member of the union.
+    assert str(err.value).count("loader_threads:") == 1
+
+
 def test_not_yaml(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("site: [unclosed\n")

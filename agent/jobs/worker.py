@@ -154,6 +154,7 @@ def run_job(cfg: AgentConfig, db: Database, store: JobStore, audit: AuditLog, jo
     progress = ProgressWriter(store, job.id)
     ctx = EngineContext(
         device=cfg.device,
+        loader_threads=cfg.loader_threads,
         work_dir=job_dir,
         cache_dir=cfg.work_dir / "cache",
         progress=progress,

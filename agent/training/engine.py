@@ -37,16 +37,18 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -69,6 +71,8 @@ if TYPE_CHECKING:
 
 # Progress is reported at most this often (plus at every epoch's end); the consumer persists it.
 PROGRESS_INTERVAL_S = 1.0
+# The most batch-loading threads `loader_threads: auto` gives a GPU job.
+AUTO_LOADER_THREADS = 4
 
 
 def _no_progress(_: dict[str, Any]) -> None:
@@ -102,6 +106,9 @@ class EngineContext:
     # worker never sets it, so a site's noise is drawn from the operating system and no
     # coordinator can predict it.
     dp_seed: int | None = None
+    # Threads that load training batches beside the one that trains: the site's
+    # `loader_threads` (auto: `loader_threads` below decides by the device).
+    loader_threads: int | Literal["auto"] = 0
 
 
 @dataclass
@@ -133,6 +140,22 @@ class _RunState:
     # 1.0 when `optimizer.keep_state` found state of an earlier round to start from: decided
     # when the round first started, and kept, since a resumed round starts from the checkpoint.
     kept_state_restored: float = 0.0
+
+
+def loader_threads(setting: int | Literal["auto"], device: torch.device) -> int:
+    """How many threads load training batches for a job on DEVICE (with any, the next batch is
+    loaded while the current one trains).
+
+    auto: none on the CPU, whose cores the training itself uses; on a GPU up to
+    `AUTO_LOADER_THREADS`, half the cores this process may run on, at least one (one thread
+    loads 128^3 volumes with four channels at about 36 per second, a third of what an H200
+    trains a 3D U-Net on).
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type == "cpu":
+        return 0
+    return max(1, min(AUTO_LOADER_THREADS, len(os.sched_getaffinity(0)) // 2))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -370,12 +393,15 @@ class _Trainer:
         """Train one epoch (1-based); returns the epoch's mean loss and its step count."""
         seed = _epoch_seed(self.plan.seed, epoch)
         _seed_all(seed)
+        threads = loader_threads(self.ctx.loader_threads, self.device)
         loader = loading.build_train_loader(
             list(items),
             self.plan.data,
             batch_size=self.plan.batch_size,
             seed=seed,
             cache_dir=self.ctx.cache_dir,
+            threads=threads,
+            pin_memory=self.device.type == "cuda",
         )
         try:
             steps: int | None = len(loader)
@@ -385,31 +411,33 @@ class _Trainer:
         model.train()
         total = torch.zeros((), device=self.device)
         step = 0
-        for step, batch in enumerate(loader, 1):
-            if self.ctx.should_stop():
-                raise TrainingCancelled(f"cancelled in epoch {epoch} at step {step}")
-            x = batch["image"].to(self.device, non_blocking=True)
-            y = batch["label"].to(self.device, non_blocking=True)
-            if x.shape[1] != in_channels:
-                raise EngineError(
-                    f"the data has {x.shape[1]} image channels (modalities) "
-                    f"but model.in_channels is {in_channels}"
-                )
-            opt.zero_grad(set_to_none=True)
-            with self.autocast():
-                loss = self.loss_fn(model(x), y)
-            if prox:
-                loss = loss + (self.plan.fedprox_mu / 2.0) * sum(((p - g) ** 2).sum() for p, g in prox)
-            if self.amp:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            total += loss.detach()
-            if time.monotonic() - self.last_report >= PROGRESS_INTERVAL_S:
-                self.report(epoch, step, steps, float(total) / step, force=True)
+        # A cancel raised in the loop closes the stream, which stops its loading thread.
+        with contextlib.closing(loading.batches(loader, ahead=threads > 0)) as stream:
+            for step, batch in enumerate(stream, 1):
+                if self.ctx.should_stop():
+                    raise TrainingCancelled(f"cancelled in epoch {epoch} at step {step}")
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                if x.shape[1] != in_channels:
+                    raise EngineError(
+                        f"the data has {x.shape[1]} image channels (modalities) "
+                        f"but model.in_channels is {in_channels}"
+                    )
+                opt.zero_grad(set_to_none=True)
+                with self.autocast():
+                    loss = self.loss_fn(model(x), y)
+                if prox:
+                    loss = loss + (self.plan.fedprox_mu / 2.0) * sum(((p - g) ** 2).sum() for p, g in prox)
+                if self.amp:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                total += loss.detach()
+                if time.monotonic() - self.last_report >= PROGRESS_INTERVAL_S:
+                    self.report(epoch, step, steps, float(total) / step, force=True)
         if step == 0:
             raise EngineError("the training split gave no batches: no training subjects or samples")
         mean = float(total) / step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import torch
 
 from agent.errors import EngineError, TrainingCancelled, WeightError
 from agent.exchange.codec import decode_weights, encode_weights
-from agent.training.engine import CHECKPOINT_NAME, evaluate, train_round
+from agent.training import engine as engine_module
+from agent.training.engine import AUTO_LOADER_THREADS, CHECKPOINT_NAME, evaluate, loader_threads, train_round
 from agent.training.registry import exchanged_state, expected_shapes
 from tests.fixtures.training import context, initial_weights, make_blob_items, make_items, tiny_plan
 
@@ -119,6 +121,47 @@ def test_same_seed_gives_identical_updates_and_diff_plus_global_is_weights(
     assert not _equal(first.update, other_seed.update)
 
 
+def test_loader_threads_leave_the_update_unchanged(
+    tmp_path: Path, items: tuple[list, list], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[int] = []
+    streams: list[bool] = []
+    real_loader, real_batches = engine_module.loading.build_train_loader, engine_module.loading.batches
+
+    def recording_loader(*args: Any, **kwargs: Any) -> Any:
+        built.append(kwargs["threads"])
+        return real_loader(*args, **kwargs)
+
+    def recording_batches(loader: Any, *, ahead: bool) -> Any:
+        streams.append(ahead)
+        return real_batches(loader, ahead=ahead)
+
+    monkeypatch.setattr(engine_module.loading, "build_train_loader", recording_loader)
+    monkeypatch.setattr(engine_module.loading, "batches", recording_batches)
+    plan = tiny_plan(optimizer={"name": "sgd", "lr": 0.05}, local_epochs=2)
+    start = initial_weights(plan)
+    alone = train_round(plan, start, *items, context(tmp_path, "alone"))
+    with_two = train_round(plan, start, *items, context(tmp_path, "two", loader_threads=2))
+    assert built == [0, 0, 2, 2]  # a loader per epoch
+    assert streams == [False, False, True, True]  # with threads, the next batch loads ahead
+    assert _equal(alone.update, with_two.update) and alone.metrics == with_two.metrics
+
+
+def test_loader_threads_auto_gives_a_gpu_job_helpers_and_a_cpu_job_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert loader_threads("auto", cpu) == 0
+    assert loader_threads("auto", gpu) == AUTO_LOADER_THREADS == 4
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5})
+    assert loader_threads("auto", gpu) == 3
+    monkeypatch.setattr(engine_module.os, "sched_getaffinity", lambda _pid: {0})
+    assert loader_threads("auto", gpu) == 1
+    # A number is the site's choice, on either device.
+    assert loader_threads(0, gpu) == 0 and loader_threads(6, cpu) == 6
+
+
 def test_the_model_after_each_epoch_is_what_a_run_of_that_length_returns(
     tmp_path: Path, items: tuple[list, list]
 ) -> None:
@@ -215,10 +258,14 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(
         )
 
 
-def test_cancel_stops_between_steps(tmp_path: Path, items: tuple[list, list]) -> None:
+@pytest.mark.parametrize("threads", [0, 2])
+def test_cancel_stops_between_steps(tmp_path: Path, items: tuple[list, list], threads: int) -> None:
     plan = tiny_plan()
+    ctx = context(tmp_path, should_stop=lambda: True, loader_threads=threads)
     with pytest.raises(TrainingCancelled):
-        train_round(plan, initial_weights(plan), *items, context(tmp_path, should_stop=lambda: True))
+        train_round(plan, initial_weights(plan), *items, ctx)
+    # A cancelled epoch leaves no thread loading batches behind.
+    assert not [t for t in threading.enumerate() if t.name == "fedsite-batches"]
 
 
 def test_fedprox_keeps_the_update_closer_to_the_global_weights(
