@@ -131,16 +131,24 @@ class Site:
         layout = generate_federation(
             root / "data", sites=1, subjects_per_site=[subjects], modalities=MODALITIES, size=size, seed=0
         )
+        self.root = root
         self.config = layout.sites[0].config_path
-        doc = yaml.safe_load(self.config.read_text())
-        doc["device"] = device
-        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
         self.token = add_static_token(self.config)
         # One agent alone on the machine, as at a site with a GPU: its worker loads and augments
         # volumes on the CPU with every core, not with the one thread a local federation of
         # many agents gives each.
         self.threads = os.cpu_count() or 1
         self.local = LocalFederation(root / "logs", env={key: str(self.threads) for key in THREAD_ENV_VARS})
+        self.loader_threads: int | str = 0
+        self.restart(device=device, loader_threads=0)
+
+    def restart(self, **settings: Any) -> None:
+        """(Re)start the agent with these top-level config SETTINGS changed."""
+        self.local.stop()
+        doc = yaml.safe_load(self.config.read_text())
+        doc.update(settings)
+        self.config.write_text(yaml.safe_dump(doc, sort_keys=False))
+        self.loader_threads = doc.get("loader_threads", "auto")
         self.agent = self.local.start_many({"site-1": self.config}, ready_timeout=300)["site-1"]
         self.fed = parse_federation(
             {
@@ -148,7 +156,7 @@ class Site:
                 "poll_interval": 0.1,
                 "timeouts": {"connect": 10, "read": 120, "round": 900, "evaluation": 900},
             },
-            source=root / "federation.yaml",
+            source=self.root / "federation.yaml",
         )
 
     def client(self) -> AgentClient:
@@ -205,29 +213,50 @@ def _site_round(site: Site, plan: dict[str, Any], root: Path, run_id: str, epoch
     return {"epochs": epochs, "site_round_s": seconds, "training_volumes": volumes}
 
 
-def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -> dict[str, Any]:
-    """The first round (cold: worker start, CUDA start, preprocessing into the site's cache), then
-    two warm rounds of E and 3E epochs: their difference is the training alone, in volumes per
-    second, and the rest of the warm round is what a round costs besides (the fixed cost)."""
+def _training_rate(site: Site, plan: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Two warm rounds of E and 3E epochs: their difference is the training alone, in volumes per
+    second, and the rest of the shorter round is what a round costs besides (the fixed cost)."""
     short = plan["local_epochs"]
-    first = _site_round(site, plan, root, "gpu-3d-first", short)
-    warm = _site_round(site, plan, root, "gpu-3d-warm", short)
-    long = _site_round(site, plan, root, "gpu-3d-long", short * 3)
+    tag = f"w{site.loader_threads}"
+    warm = _site_round(site, plan, root, f"gpu-3d-warm-{tag}", short)
+    long = _site_round(site, plan, root, f"gpu-3d-long-{tag}", short * 3)
     extra_s = long["site_round_s"] - warm["site_round_s"]
     extra_volumes = long["training_volumes"] - warm["training_volumes"]
-    training_rate = extra_volumes / extra_s if extra_s > 0 else None
-    fixed_s = warm["site_round_s"] - warm["training_volumes"] / training_rate if training_rate else None
+    rate = extra_volumes / extra_s if extra_s > 0 else None
+    fixed_s = warm["site_round_s"] - warm["training_volumes"] / rate if rate else None
+    return {
+        "loader_threads": site.loader_threads,
+        "warm_round": warm,
+        "long_round": long,
+        "training_volumes_per_s": round(rate, 3) if rate else None,
+        "fixed_round_s": round(fixed_s, 2) if fixed_s is not None else None,
+    }
+
+
+def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -> dict[str, Any]:
+    """The first round (cold: worker start, CUDA start, preprocessing into the site's cache); the
+    training rate with batches loaded by the training process alone (`loader_threads: 0`), then,
+    after a restart and a round that starts the new worker, with the default (`auto`); and bare
+    training steps of the same model on batches already on the GPU, the ceiling."""
+    first = _site_round(site, plan, root, "gpu-3d-first", plan["local_epochs"])
+    alone = _training_rate(site, plan, root)
+    site.restart(loader_threads="auto")
+    restarted = _site_round(site, plan, root, "gpu-3d-restarted", plan["local_epochs"])
+    auto = _training_rate(site, plan, root)
     bare = _bare_3d_rate(plan, small)
     return {
         "first_round": first,
-        "warm_round": warm,
-        "long_round": long,
         # The first round as a whole, as a site sees it.
         "volumes_per_s": round(first["training_volumes"] / first["site_round_s"], 3),
-        "training_volumes_per_s": round(training_rate, 3) if training_rate else None,
-        "fixed_round_s": round(fixed_s, 2) if fixed_s is not None else None,
+        "loader_alone": alone,
+        "round_after_restart": restarted,
+        "loader_auto": auto,
         "bare_volumes_per_s": bare["volumes_per_s"],
-        "training_vs_bare": round(training_rate / bare["volumes_per_s"], 3) if training_rate else None,
+        "training_vs_bare": {
+            key: round(rates["training_volumes_per_s"] / bare["volumes_per_s"], 3)
+            for key, rates in (("loader_alone", alone), ("loader_auto", auto))
+            if rates["training_volumes_per_s"]
+        },
         "bare": bare,
         "roi": plan["data"]["roi_size"],
         "channels": len(MODALITIES),
@@ -423,9 +452,19 @@ def _chart(report: dict[str, Any], path: Path) -> None:
         axes[0].legend()
     r3 = report.get("agent_round_3d", {})
     if r3.get("ok"):
-        labels = ["first round\n(whole)", "training\n(warm rounds)", "bare steps\n(data on GPU)"]
-        values = [r3["volumes_per_s"], r3["training_volumes_per_s"] or 0.0, r3["bare_volumes_per_s"]]
-        axes[1].bar(labels, values, color=["tab:green", "tab:olive", "tab:gray"])
+        labels = [
+            "first round\n(whole)",
+            "training,\nloader 0",
+            "training,\nloader auto",
+            "bare steps\n(on GPU)",
+        ]
+        values = [
+            r3["volumes_per_s"],
+            r3["loader_alone"]["training_volumes_per_s"] or 0.0,
+            r3["loader_auto"]["training_volumes_per_s"] or 0.0,
+            r3["bare_volumes_per_s"],
+        ]
+        axes[1].bar(labels, values, color=["tab:green", "tab:olive", "tab:blue", "tab:gray"])
         axes[1].set_title("3D U-Net 128^3 x4 through the agent")
         axes[1].set_ylabel("training volumes per second")
     fig.suptitle(f"gpu_check on {report['environment'].get('gpu', report['environment']['device'])}")

@@ -28,9 +28,14 @@ def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     assert [c["config"] for c in amp["configs"]] == ["unet2d_128", "unet3d_64"]
     round_3d = report["agent_round_3d"]
     assert round_3d["ok"] is True and round_3d["channels"] == 4
-    first, warm, long = (round_3d[k] for k in ("first_round", "warm_round", "long_round"))
-    assert first["epochs"] == warm["epochs"] and long["epochs"] == 3 * warm["epochs"]
-    assert long["training_volumes"] == 3 * warm["training_volumes"] > 0
+    first = round_3d["first_round"]
+    assert first["training_volumes"] > 0
+    for setting, workers in (("loader_alone", 0), ("loader_auto", "auto")):
+        rates = round_3d[setting]
+        warm, long = rates["warm_round"], rates["long_round"]
+        assert rates["loader_threads"] == workers
+        assert first["epochs"] == warm["epochs"] and long["epochs"] == 3 * warm["epochs"]
+        assert long["training_volumes"] == 3 * warm["training_volumes"] == 3 * first["training_volumes"]
     assert round_3d["bare"]["steps"] > 0 and round_3d["bare_volumes_per_s"] > 0
     cancel = report["fresh_worker_and_cancel"]
     assert cancel["ok"] is True and cancel["cancel_status"] == "cancelled"
