@@ -63,6 +63,7 @@ from agent.training.losses import log_dice_loss  # noqa: E402
 from agent.training.plan import MAX_EPOCHS, parse_plan  # noqa: E402
 from agent.training.registry import build_model  # noqa: E402
 from benchmarks import round_overhead  # noqa: E402
+from benchmarks.pooled import fix_site_secret  # noqa: E402
 from coordinator.client import AgentClient  # noqa: E402
 from coordinator.demo_federation import default_plan, generate_federation  # noqa: E402
 from coordinator.federation import parse_federation  # noqa: E402
@@ -133,6 +134,8 @@ class Site:
         )
         self.root = root
         self.config = layout.sites[0].config_path
+        # The split (hence the number of training volumes) is then the same in every run.
+        fix_site_secret(self.config, data_seed=0)
         self.token = add_static_token(self.config)
         # One agent alone on the machine, as at a site with a GPU: its worker loads and augments
         # volumes on the CPU with every core, not with the one thread a local federation of
