@@ -387,7 +387,7 @@ class AgentConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Threads that load training batches while the current batch trains. On a GPU one thread
     # cannot load 3D volumes as fast as the GPU trains on them (a 128^3 U-Net with four
-    # channels: 36 volumes per second against 118 on an H200), so auto gives a GPU job up to
+    # channels: 40 volumes per second against 120 on an H200), so auto gives a GPU job up to
     # four; on the CPU the training itself uses every core, and auto gives none. The batches,
     # and so the updates, are the same whatever the number.
     loader_threads: Literal["auto"] | int = "auto"

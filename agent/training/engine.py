@@ -148,7 +148,7 @@ def loader_threads(setting: int | Literal["auto"], device: torch.device) -> int:
 
     auto: none on the CPU, whose cores the training itself uses; on a GPU up to
     `AUTO_LOADER_THREADS`, half the cores this process may run on, at least one (one thread
-    loads 128^3 volumes with four channels at about 36 per second, a third of what an H200
+    loads 128^3 volumes with four channels at about 40 per second, a third of what an H200
     trains a 3D U-Net on).
     """
     if setting != "auto":
