@@ -59,7 +59,6 @@ from agent.config import load_config  # noqa: E402
 from agent.db.engine import Database  # noqa: E402
 from agent.jobs.models import RoundJob  # noqa: E402
 from agent.jobs.states import JobKind  # noqa: E402
-from agent.training.losses import log_dice_loss  # noqa: E402
 from agent.training.plan import MAX_EPOCHS, parse_plan  # noqa: E402
 from agent.training.registry import build_model  # noqa: E402
 from benchmarks import round_overhead  # noqa: E402
@@ -284,22 +283,14 @@ def _bare_3d_rate(plan_doc: dict[str, Any], small: bool) -> dict[str, Any]:
     labels = torch.rand((plan.batch_size, plan.model.argument("out_channels"), *roi), device=dev)
     y = (labels > 0.5).float()
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-            loss = log_dice_loss(model(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
     warmup, steps = (1, 2) if small else (5, 30)
     for _ in range(warmup):
-        step()
+        round_overhead.bare_step(model, opt, scaler, x, y)
     if amp:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        round_overhead.bare_step(model, opt, scaler, x, y)
     if amp:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

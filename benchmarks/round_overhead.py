@@ -192,6 +192,22 @@ def _engine_round(
     return {"dice": result.metrics["dice"], "bytes": released.nbytes}
 
 
+def bare_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """One plain training step, with float16 autocast and the scaler on CUDA (as the engine)."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device_type=x.device.type, dtype=torch.float16, enabled=x.device.type == "cuda"):
+        loss = log_dice_loss(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
 def _bare_round(
     plan: Plan,
     start: dict[str, torch.Tensor],
@@ -212,13 +228,7 @@ def _bare_round(
     for _ in range(plan.local_epochs):
         model.train()
         for batch in loader:
-            x, y = batch["image"].to(dev), batch["label"].to(dev)
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=amp):
-                loss = log_dice_loss(model(x), y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            bare_step(model, opt, scaler, batch["image"].to(dev), batch["label"].to(dev))
     model.eval()
     scores = []
     roi = list(plan.data.roi_size)
