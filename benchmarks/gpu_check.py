@@ -10,10 +10,10 @@ Steps, each bounded in time and reported on its own (a failed step does not hide
 3. ``agent_round_3d``: FedAvg rounds through a real agent (`fedsite serve`, device cuda) of a 3D
    U-Net at 128^3 with four channels (the study's input: FLAIR, T1, T1Gd, T2), timed as the
    coordinator saw the site (plan sent to update received): the first round (cold) in training
-   volumes per second; then two warm rounds of E and 3E epochs, whose difference gives the
-   training rate alone and the fixed cost of a round (worker start, loading, validation, the
-   egress gate); and, as the ceiling, bare training steps of the same model on batches already
-   on the GPU.
+   volumes per second; then, for `loader_threads` 0, auto and twice auto's most, two warm rounds
+   of E and 3E epochs, whose difference gives the training rate alone and the fixed cost of a
+   round (worker start, loading, validation, the egress gate); and, as the ceiling, bare
+   training steps of the same model on batches already on the GPU.
 4. ``fresh_worker_and_cancel``: a long 3D round; its worker (the pid in the site's job table) must
    be a fresh interpreter (``python -m agent.jobs.worker``), never a fork of a process that touched
    CUDA; once it trains it is cancelled, and the seconds from the cancel request to the status
@@ -59,6 +59,7 @@ from agent.config import load_config  # noqa: E402
 from agent.db.engine import Database  # noqa: E402
 from agent.jobs.models import RoundJob  # noqa: E402
 from agent.jobs.states import JobKind  # noqa: E402
+from agent.training.engine import AUTO_LOADER_THREADS  # noqa: E402
 from agent.training.plan import MAX_EPOCHS, parse_plan  # noqa: E402
 from agent.training.registry import build_model  # noqa: E402
 from benchmarks import round_overhead  # noqa: E402
@@ -238,14 +239,20 @@ def _training_rate(site: Site, plan: dict[str, Any], root: Path) -> dict[str, An
 def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -> dict[str, Any]:
     """The first round (cold: worker start, CUDA start, preprocessing into the site's cache); the
     training rate with batches loaded by the training process alone (`loader_threads: 0`), then,
-    after a restart and a round that starts the new worker, with the default (`auto`); and bare
-    training steps of the same model on batches already on the GPU, the ceiling."""
+    after a restart and a round that starts the new worker, with the default (`auto`) and with
+    twice auto's most threads; and bare training steps of the same model on batches already on
+    the GPU, the ceiling."""
     first = _site_round(site, plan, root, "gpu-3d-first", plan["local_epochs"])
     alone = _training_rate(site, plan, root)
     site.restart(loader_threads="auto")
     restarted = _site_round(site, plan, root, "gpu-3d-restarted", plan["local_epochs"])
     auto = _training_rate(site, plan, root)
+    # Twice auto's most threads: whether its cap leaves speed unused on this machine.
+    site.restart(loader_threads=2 * AUTO_LOADER_THREADS)
+    _site_round(site, plan, root, "gpu-3d-restarted-more", plan["local_epochs"])
+    more = _training_rate(site, plan, root)
     bare = _bare_3d_rate(plan, small)
+    settings = (("loader_alone", alone), ("loader_auto", auto), ("loader_more", more))
     return {
         "first_round": first,
         # The first round as a whole, as a site sees it.
@@ -253,10 +260,11 @@ def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -
         "loader_alone": alone,
         "round_after_restart": restarted,
         "loader_auto": auto,
+        "loader_more": more,
         "bare_volumes_per_s": bare["volumes_per_s"],
         "training_vs_bare": {
             key: round(rates["training_volumes_per_s"] / bare["volumes_per_s"], 3)
-            for key, rates in (("loader_alone", alone), ("loader_auto", auto))
+            for key, rates in settings
             if rates["training_volumes_per_s"]
         },
         "bare": bare,
@@ -431,7 +439,7 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     amp = report.get("amp_overhead", {})
     if amp.get("ok"):
         names = [c["config"] for c in amp["configs"]]
@@ -450,15 +458,17 @@ def _chart(report: dict[str, Any], path: Path) -> None:
             "first round\n(whole)",
             "training,\nloader 0",
             "training,\nloader auto",
+            f"training,\nloader {r3['loader_more']['loader_threads']}",
             "bare steps\n(on GPU)",
         ]
         values = [
             r3["volumes_per_s"],
             r3["loader_alone"]["training_volumes_per_s"] or 0.0,
             r3["loader_auto"]["training_volumes_per_s"] or 0.0,
+            r3["loader_more"]["training_volumes_per_s"] or 0.0,
             r3["bare_volumes_per_s"],
         ]
-        axes[1].bar(labels, values, color=["tab:green", "tab:olive", "tab:blue", "tab:gray"])
+        axes[1].bar(labels, values, color=["tab:green", "tab:olive", "tab:blue", "tab:cyan", "tab:gray"])
         axes[1].set_title("3D U-Net 128^3 x4 through the agent")
         axes[1].set_ylabel("training volumes per second")
     fig.suptitle(f"gpu_check on {report['environment'].get('gpu', report['environment']['device'])}")

@@ -30,7 +30,7 @@ def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     assert round_3d["ok"] is True and round_3d["channels"] == 4
     first = round_3d["first_round"]
     assert first["training_volumes"] > 0
-    for setting, workers in (("loader_alone", 0), ("loader_auto", "auto")):
+    for setting, workers in (("loader_alone", 0), ("loader_auto", "auto"), ("loader_more", 8)):
         rates = round_3d[setting]
         warm, long = rates["warm_round"], rates["long_round"]
         assert rates["loader_threads"] == workers
