@@ -5,8 +5,9 @@ round and the admin an afternoon. Each check here answers one question with one 
 something is wrong, the fix): can the agent's uid read every dataset, does the folder still hold
 the subjects the catalog knows, are the TLS files usable for the names the coordinator will use,
 what the approval policy means, is the database reachable and migrated, is there disk in the work
-volume, is the clock sane (certificate validity depends on it), and in outbound mode does the
-coordinator's relay answer and accept the site's token.
+volume, will rounds train on the site's GPU (or fail for want of one), is the clock sane
+(certificate validity depends on it), and in outbound mode does the coordinator's relay answer
+and accept the site's token.
 
 The checks read; they never migrate, scan or write (the relay check sends one empty heartbeat,
 which only updates the relay's last-seen time). As root they check data as the agent's uid
@@ -19,6 +20,7 @@ import datetime as dt
 import ipaddress
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,7 @@ from agent.data.catalog import MAX_SHRINK_FRACTION, DatasetSummary, dataset_summ
 from agent.db.engine import Database, safe_url, schema_revisions, sqlite_file
 from agent.errors import FedsiteError
 from agent.fsaccess import check_tree, file_unreadable
+from agent.jobs.launch import GPU_DEVICE_NODES
 from agent.tls.contexts import client_ssl_context
 from agent.tls.files import check_tls_files, load_certificate, load_certificates
 
@@ -320,6 +323,75 @@ def check_disk(cfg: AgentConfig) -> Check:
     return Check("disk", "ok", text)
 
 
+@dataclass(frozen=True)
+class GpuProbe:
+    """What torch, in this process, makes of the GPU: whether CUDA is usable, the first device's
+    name and memory, and torch's version and CUDA build (None: a CPU build)."""
+
+    available: bool
+    name: str | None
+    memory_gib: float | None
+    torch: str
+    cuda_build: str | None
+
+
+def probe_gpu() -> GpuProbe:
+    """Ask torch (imported here: only where a GPU's device files exist, as it takes seconds)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return GpuProbe(False, None, None, torch.__version__, torch.version.cuda)
+    props = torch.cuda.get_device_properties(0)
+    return GpuProbe(True, props.name, props.total_memory / 2**30, torch.__version__, torch.version.cuda)
+
+
+def check_device(
+    cfg: AgentConfig,
+    *,
+    device_nodes: Sequence[str] = GPU_DEVICE_NODES,
+    probe: Callable[[], GpuProbe] = probe_gpu,
+) -> Check:
+    """Where rounds will train: the GPU (its name, and the threads that load its batches) or the
+    CPU, and why. `device: cuda` on a machine, or in a container, that shows no usable GPU fails
+    here instead of in the first round."""
+    cores = len(os.sched_getaffinity(0))
+    on_cpu = f"training on the CPU ({cores} cores)"
+    if cfg.device == "cpu":
+        return Check("device", "ok", f"cpu (set in the config): {on_cpu}; a GPU, if any, is not used")
+    gpu_fix = (
+        "fix: give the agent the GPU (Compose: add docker-compose.gpu.yml to COMPOSE_FILE; docker run: "
+        "--gpus all) in the CUDA image (`make wheelhouse TORCH_VARIANT=cuda`), or set device: auto"
+    )
+    if not any(Path(node).exists() for node in device_nodes):
+        if cfg.device == "cuda":
+            return Check(
+                "device",
+                "fail",
+                f"cuda, but no GPU is visible here (none of {', '.join(device_nodes)}): "
+                "every round would fail",
+                [gpu_fix],
+            )
+        return Check("device", "ok", f"auto: no GPU visible: {on_cpu}")
+    gpu = probe()
+    if not gpu.available:
+        build = f"CUDA build {gpu.cuda_build}" if gpu.cuda_build else "a CPU build"
+        why = f"torch {gpu.torch} ({build}) cannot use the GPU whose device files are here"
+        if cfg.device == "cuda":
+            return Check("device", "fail", f"cuda, but {why}: every round would fail", [gpu_fix])
+        return Check("device", "warn", f"auto, but {why}: {on_cpu}", [gpu_fix])
+    from torch import device as torch_device
+
+    from agent.training.engine import loader_threads
+
+    threads = loader_threads(cfg.loader_threads, torch_device("cuda"))
+    return Check(
+        "device",
+        "ok",
+        f"{cfg.device}: {gpu.name} ({gpu.memory_gib:.0f} GiB), mixed precision, "
+        f"{threads} loader thread{'s' if threads != 1 else ''}",
+    )
+
+
 def check_clock(cfg: AgentConfig, db: Database | None, now: dt.datetime) -> Check:
     """The clock against what cannot be in the future: the certificates' start of validity and the
     newest audit event. A clock behind them makes TLS refuse valid certificates."""
@@ -362,8 +434,8 @@ def run_doctor(
     now: dt.datetime | None = None,
     sample: int = 20,
 ) -> DoctorReport:
-    """Every check, in the order an admin fixes things: data, TLS, approval, database, disk, clock,
-    and the relay in outbound mode."""
+    """Every check, in the order an admin fixes things: data, TLS, approval, database, disk, the
+    device training will use, clock, and the relay in outbound mode."""
     now = now or dt.datetime.now(dt.UTC)
     uid = agent_uid(cfg, as_uid)
     report = DoctorReport()
@@ -383,6 +455,7 @@ def run_doctor(
         report.checks.append(check_approval(cfg))
         report.checks.append(db_check)
         report.checks.append(check_disk(cfg))
+        report.checks.append(check_device(cfg))
         report.checks.append(check_clock(cfg, db, now))
         relay = check_connect(cfg, uid)
         if relay is not None:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from agent import doctor
 from agent.cli import app
 from agent.config import load_config
-from agent.doctor import check_clock, check_disk, check_tls, free_space, run_doctor
+from agent.doctor import check_clock, check_device, check_disk, check_tls, free_space, run_doctor
 from agent.tls.issue import init_certificates
 from tests.fixtures.agents import make_site
 from tests.fixtures.ownership import AGENT_UID, give_away, needs_root, open_tmp, run_as
@@ -240,3 +240,67 @@ def test_approval_policy_is_explained(tmp_path: Path) -> None:
     manual = load_config(_site(tmp_path, approval={"policy": "manual"}))
     [check] = [c for c in run_doctor(manual).checks if c.name == "approval"]
     assert check.summary.startswith("manual:") and "approved" in check.summary
+
+
+def _gpu(available: bool) -> doctor.GpuProbe:
+    if available:
+        return doctor.GpuProbe(True, "NVIDIA H200", 139.8, "2.11.0+cu130", "13.0")
+    return doctor.GpuProbe(False, None, None, "2.13.0+cpu", None)
+
+
+def _no_probe() -> doctor.GpuProbe:
+    raise AssertionError("torch was asked although no GPU device file exists")
+
+
+def test_device_check_without_a_gpu_never_imports_torch_and_fails_only_when_cuda_is_required(
+    tmp_path: Path,
+) -> None:
+    absent = [str(tmp_path / "nvidia0")]
+    auto = check_device(load_config(_site(tmp_path)), device_nodes=absent, probe=_no_probe)
+    assert auto.status == "ok" and "no GPU visible: training on the CPU" in auto.summary
+    cpu = check_device(load_config(_site(tmp_path / "c", device="cpu")), device_nodes=absent, probe=_no_probe)
+    assert cpu.status == "ok" and cpu.summary.startswith("cpu (set in the config): training on the CPU")
+    cuda = check_device(
+        load_config(_site(tmp_path / "g", device="cuda")), device_nodes=absent, probe=_no_probe
+    )
+    assert cuda.status == "fail" and "no GPU is visible here" in cuda.summary
+    assert "docker-compose.gpu.yml" in cuda.details[0] and "TORCH_VARIANT=cuda" in cuda.details[0]
+
+
+def test_device_check_with_a_gpu_names_it_or_says_why_torch_cannot_use_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = tmp_path / "nvidia0"
+    node.touch()
+    present = [str(node)]
+    auto_cfg = load_config(_site(tmp_path))
+    cuda_cfg = load_config(_site(tmp_path / "g", device="cuda"))
+    monkeypatch.setattr(doctor.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    from agent.training import engine
+
+    monkeypatch.setattr(engine.os, "sched_getaffinity", lambda _pid: set(range(16)))
+    ok = check_device(auto_cfg, device_nodes=present, probe=lambda: _gpu(True))
+    assert ok.status == "ok" and ok.summary == (
+        "auto: NVIDIA H200 (140 GiB), mixed precision, 4 loader threads"
+    )
+    auto_cfg.loader_threads = 1
+    assert check_device(auto_cfg, device_nodes=present, probe=lambda: _gpu(True)).summary.endswith(
+        "1 loader thread"
+    )
+    # A CPU build of torch in a GPU container: training would silently run on the CPU.
+    unusable = check_device(auto_cfg, device_nodes=present, probe=lambda: _gpu(False))
+    assert unusable.status == "warn"
+    assert (
+        unusable.summary
+        == "auto, but torch 2.13.0+cpu (a CPU build) cannot use the GPU whose device files are here: "
+        "training on the CPU (16 cores)"
+    )
+    failing = check_device(cuda_cfg, device_nodes=present, probe=lambda: _gpu(False))
+    assert failing.status == "fail" and "every round would fail" in failing.summary
+
+
+def test_the_doctor_reports_the_device(tmp_path: Path) -> None:
+    [device] = [
+        c for c in run_doctor(load_config(_site(tmp_path, device="cpu"))).checks if c.name == "device"
+    ]
+    assert device.status == "ok" and "training on the CPU" in device.summary
