@@ -55,8 +55,10 @@ ADMIN = "alice"
 PASSWORD = "correct horse battery staple"
 LOGIN_FAILURES = 3
 PAGES = ("/", "/datasets", "/plans", "/rounds", "/egress", "/audit")
-# Long enough (a few seconds) that the round page is seen refreshing itself while it runs.
-LIVE_EPOCHS = 300
+# Long enough that the round page is seen refreshing itself (every 2 s) while it runs: 300 epochs
+# of this plan once lasted a few seconds, and ended before the first refresh once batches
+# were loaded with one copy instead of two.
+LIVE_EPOCHS = 1200
 
 
 @dataclass
