@@ -273,19 +273,15 @@ class _Entry:
 def _pad_to(array: np.ndarray, roi: Sequence[int]) -> torch.Tensor:
     """Zero-pad the spatial axes symmetrically up to `roi` (same placement as MONAI's
     SpatialPad(method="symmetric")). Done by hand: it runs once per sample, where MONAI's
-    metadata tracking costs more than the copy itself."""
-    spatial = array.shape[1:]
-    if tuple(spatial) == tuple(roi):
-        return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy, never the memory map
-    out = np.zeros((array.shape[0], *roi), dtype=np.float32)
-    offsets = [(r - n) // 2 for n, r in zip(spatial, roi, strict=True)]
-    region = tuple(slice(o, o + n) for o, n in zip(offsets, spatial, strict=True))
-    out[(slice(None), *region)] = array
+    metadata tracking costs more than the copy itself. Always a copy, never the memory map."""
+    out = np.empty((array.shape[0], *roi), dtype=np.float32)
+    _place(array, out)
     return torch.from_numpy(out)
 
 
 def _place(region: np.ndarray, out: np.ndarray) -> None:
-    """Write REGION into OUT (C, *roi) as `_pad_to` would give it: centred, zeros around."""
+    """Write REGION into OUT (C, *roi), centred, zeros around: a sample's one copy out of the
+    memory map, into its own array (`_pad_to`) or its place in a batch."""
     spatial = region.shape[1:]
     if tuple(spatial) == tuple(out.shape[1:]):
         out[...] = region
