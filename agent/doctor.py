@@ -35,7 +35,7 @@ from agent.data.catalog import MAX_SHRINK_FRACTION, DatasetSummary, dataset_summ
 from agent.db.engine import Database, safe_url, schema_revisions, sqlite_file
 from agent.errors import FedsiteError
 from agent.fsaccess import check_tree, file_unreadable
-from agent.jobs.launch import GPU_DEVICE_NODES
+from agent.jobs.launch import GPU_DEVICE_NODES, workers_may_use_gpu
 from agent.tls.contexts import client_ssl_context
 from agent.tls.files import check_tls_files, load_certificate, load_certificates
 
@@ -362,7 +362,7 @@ def check_device(
         "fix: give the agent the GPU (Compose: add docker-compose.gpu.yml to COMPOSE_FILE; docker run: "
         "--gpus all) in the CUDA image (`make wheelhouse TORCH_VARIANT=cuda`), or set device: auto"
     )
-    if not any(Path(node).exists() for node in device_nodes):
+    if not workers_may_use_gpu(cfg.device, device_nodes):
         if cfg.device == "cuda":
             return Check(
                 "device",
