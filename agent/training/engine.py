@@ -14,7 +14,9 @@ Decisions worth knowing:
   the CPU (where deterministic algorithms are switched on for the round).
 - Checkpoints: after every epoch ``work_dir/checkpoint.safetensors`` holds the full model
   state, the optimizer state and the epoch (plus the best weights so far under early
-  stopping), written atomically. ``resume_from_checkpoint=True`` continues from it: this is
+  stopping), written atomically by a background thread while the next epoch trains
+  (`agent.training.checkpoint_writer`; the last one is on disk before the round returns or
+  raises). ``resume_from_checkpoint=True`` continues from it: this is
   how a round interrupted by a crash resumes (`agent.jobs.recovery`). The checkpoint holds no
   RNG state on purpose: every RNG, and the loader's sampling and augmentation, is seeded
   afresh from ``(plan.seed, epoch)`` when an epoch starts, so the state at the end of epoch
@@ -53,15 +55,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from agent.data import loading
 from agent.errors import CheckpointError, EngineError, TrainingCancelled, WeightError
 from agent.exchange.codec import check_names_and_shapes
-from agent.fileio import atomic_write_bytes
 from agent.training import dp as dp_sgd
 from agent.training.checkpoint import CHECKPOINT_NAME
+from agent.training.checkpoint_writer import CheckpointWriter, snapshot, write_checkpoint
 from agent.training.losses import make_loss
 from agent.training.plan import Plan, plan_hash
 from agent.training.registry import build_model, exchanged_state, expected_shapes
@@ -231,7 +233,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str
             if value is None:
                 continue
             tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            out[f"{names[id(p)]}::{slot}"] = tensor.detach().cpu().clone()
+            out[f"{names[id(p)]}::{slot}"] = snapshot(tensor)
     return out
 
 
@@ -251,10 +253,6 @@ def _restore_optimizer(
         state.setdefault(index[pname], {})[slot] = tensor
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
     return True
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def _weights_digest(weights: Mapping[str, torch.Tensor] | None) -> str:
@@ -290,6 +288,7 @@ class _Trainer:
         self.amp = device.type == "cuda"
         self.loss_fn = make_loss(plan.loss)
         self.checkpoint = ctx.work_dir / CHECKPOINT_NAME
+        self.writer = CheckpointWriter(self.checkpoint)
         self.total_epochs = plan.early_stopping.max_epochs if plan.early_stopping else plan.local_epochs
         self.last_report = 0.0
         # The last progress reported: kept in the checkpoint, and reported again by a round
@@ -307,7 +306,7 @@ class _Trainer:
         run: _RunState,
         tag: str,
     ) -> None:
-        tensors = {f"model.{n}": t.detach().cpu().clone() for n, t in model.state_dict().items()}
+        tensors = {f"model.{n}": snapshot(t) for n, t in model.state_dict().items()}
         tensors.update({f"optim.{k}": v for k, v in _optimizer_tensors(opt, model).items()})
         if run.best_state is not None:
             tensors.update({f"best.{n}": t for n, t in run.best_state.items()})
@@ -325,7 +324,7 @@ class _Trainer:
             "kept_state_restored": repr(run.kept_state_restored),
             "progress": json.dumps(self.last_progress),
         }
-        _atomic_save(tensors, self.checkpoint, meta)
+        self.writer.submit(tensors, meta)
 
     def load_checkpoint(
         self, model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, tag: str
@@ -491,43 +490,46 @@ def train_round(
         if plan.fedprox_mu > 0 and start is not None:
             prox = [(p, start[n].to(device)) for n, p in model.named_parameters()]
         private = _dp_trainer(plan, ctx, model, opt, train, device, trainer) if plan.privacy.dp else None
-        while run.epoch < trainer.total_epochs:
-            if run.since_best >= (plan.early_stopping.patience if plan.early_stopping else math.inf):
-                break
-            epoch = run.epoch + 1
-            if private is not None:
+        # Each epoch's checkpoint is written while the next trains (and the last while the
+        # round evaluates); leaving the block waits for it, so it is on disk when this returns.
+        with trainer.writer:
+            while run.epoch < trainer.total_epochs:
+                if run.since_best >= (plan.early_stopping.patience if plan.early_stopping else math.inf):
+                    break
+                epoch = run.epoch + 1
+                if private is not None:
 
-                def progress(step: int, of: int, loss: float, e: int = epoch) -> None:
-                    trainer.report(e, step, of, loss, force=False)
+                    def progress(step: int, of: int, loss: float, e: int = epoch) -> None:
+                        trainer.report(e, step, of, loss, force=False)
 
-                mean, steps = private.run_epoch(epoch, ctx.should_stop, progress)
-                trainer.report(epoch, steps, private.per_epoch, mean, force=True)
-            else:
-                mean, steps = trainer.run_epoch(epoch, model, opt, scaler, train, prox)
-            run.epoch, run.steps = epoch, run.steps + steps
-            run.epoch_losses.append(mean)
-            if plan.early_stopping is not None:
-                metrics = _evaluate_model(plan, model, val, ctx, device).metrics
-                if metrics["dice"] > run.best_dice:
-                    run.best_dice, run.best_epoch, run.best_metrics = metrics["dice"], epoch, metrics
-                    run.best_state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
-                    run.since_best = 0
+                    mean, steps = private.run_epoch(epoch, ctx.should_stop, progress)
+                    trainer.report(epoch, steps, private.per_epoch, mean, force=True)
                 else:
-                    run.since_best += 1
-            trainer.save_checkpoint(model, opt, scaler, run, tag)
-            ctx.on_epoch_end(epoch, model)
-        if plan.optimizer.keep_state:
-            _save_kept_state(plan, ctx, opt, model)
-        if plan.early_stopping is not None and run.best_state is not None:
-            model.load_state_dict(run.best_state)
-            metrics = dict(run.best_metrics)
-            metrics["best_epoch"] = float(run.best_epoch)
-        elif val:
-            if ctx.should_stop():
-                raise TrainingCancelled("cancelled before evaluation")
-            metrics = _evaluate_model(plan, model, val, ctx, device).metrics
-        else:
-            metrics = {}
+                    mean, steps = trainer.run_epoch(epoch, model, opt, scaler, train, prox)
+                run.epoch, run.steps = epoch, run.steps + steps
+                run.epoch_losses.append(mean)
+                if plan.early_stopping is not None:
+                    metrics = _evaluate_model(plan, model, val, ctx, device).metrics
+                    if metrics["dice"] > run.best_dice:
+                        run.best_dice, run.best_epoch, run.best_metrics = metrics["dice"], epoch, metrics
+                        run.best_state = {n: snapshot(t) for n, t in model.state_dict().items()}
+                        run.since_best = 0
+                    else:
+                        run.since_best += 1
+                trainer.save_checkpoint(model, opt, scaler, run, tag)
+                ctx.on_epoch_end(epoch, model)
+            if plan.optimizer.keep_state:
+                _save_kept_state(plan, ctx, opt, model)
+            if plan.early_stopping is not None and run.best_state is not None:
+                model.load_state_dict(run.best_state)
+                metrics = dict(run.best_metrics)
+                metrics["best_epoch"] = float(run.best_epoch)
+            elif val:
+                if ctx.should_stop():
+                    raise TrainingCancelled("cancelled before evaluation")
+                metrics = _evaluate_model(plan, model, val, ctx, device).metrics
+            else:
+                metrics = {}
     metrics.update(
         {
             "train_loss": run.epoch_losses[-1] if run.epoch_losses else float("nan"),
@@ -583,8 +585,8 @@ def _load_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer,
 
 
 def _save_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> None:
-    _atomic_save(
-        _optimizer_tensors(opt, model), _optimizer_state_path(plan, ctx), {"plan_hash": plan_hash(plan)}
+    write_checkpoint(
+        _optimizer_state_path(plan, ctx), _optimizer_tensors(opt, model), {"plan_hash": plan_hash(plan)}
     )
 
 
