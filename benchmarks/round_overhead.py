@@ -15,7 +15,9 @@ median of --repeats runs:
 Configurations: a 2D U-Net on 128x128 slices and a small 3D U-Net on 64^3 patches. The
 ratio engine / bare (target: at most 1.05) is reported for wall-clock time and for the
 process's CPU time (on a shared machine the wall clock also measures the neighbours), with
-training samples per second of each. It prints JSON and writes ``round_overhead.png`` to --out.
+training samples per second of each, and ``checkpoint_wait_ms``: how long each epoch's
+checkpoint holds the engine's training thread (the write itself runs beside the next epoch).
+It prints JSON and writes ``round_overhead.png`` to --out.
 
     .venv/bin/python benchmarks/round_overhead.py --out bench-out/round_overhead [--quick] [--repeats 3]
 """
@@ -23,6 +25,7 @@ training samples per second of each. It prints JSON and writes ``round_overhead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ from agent.data.synthetic.subjects import generate_subject  # noqa: E402
 from agent.data.synthetic.writers import write_nifti_subject  # noqa: E402
 from agent.exchange.codec import decode_weights, encode_weights  # noqa: E402
 from agent.exchange.egress import EgressGate  # noqa: E402
+from agent.training import engine  # noqa: E402
 from agent.training.engine import EngineContext, resolve_device, train_round  # noqa: E402
 from agent.training.losses import log_dice_loss  # noqa: E402
 from agent.training.plan import Plan, parse_plan  # noqa: E402
@@ -266,6 +270,30 @@ def _timed(fn: Callable[[], dict[str, Any]], device: str) -> tuple[float, float,
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+@contextlib.contextmanager
+def _checkpoint_waits() -> Iterator[list[float]]:
+    """The seconds each epoch's checkpoint step holds the training thread, while the block runs.
+
+    The step snapshots the model and optimizer state and hands them to the background writer
+    (`agent.training.checkpoint_writer`); what the writer then spends is off the training path.
+    """
+    waits: list[float] = []
+    original = engine._Trainer.save_checkpoint
+
+    def timed(self: Any, *args: Any, **kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    engine._Trainer.save_checkpoint = timed  # type: ignore[method-assign]
+    try:
+        yield waits
+    finally:
+        engine._Trainer.save_checkpoint = original  # type: ignore[method-assign]
+
+
 def run_config(cfg: dict[str, Any], repeats: int, device: str, root: Path) -> dict[str, Any]:
     data = root / cfg["name"] / "data"
     cache = root / cfg["name"] / "cache"
@@ -280,14 +308,17 @@ def run_config(cfg: dict[str, Any], repeats: int, device: str, root: Path) -> di
     samples = len(train) * cfg["samples"] * cfg["epochs"]
     runs: dict[str, list[tuple[float, float]]] = {"engine": [], "bare": []}
     dice: dict[str, float] = {}
+    waits: list[float] = []
     for i in range(repeats):
         work = root / cfg["name"] / f"run{i}"
         order = ("engine", "bare") if i % 2 == 0 else ("bare", "engine")
         for which in order:
             if which == "engine":
-                wall, cpu, out = _timed(
-                    functools.partial(_engine_round, plan, blob, train, val, work, cache, device), device
-                )
+                with _checkpoint_waits() as round_waits:
+                    wall, cpu, out = _timed(
+                        functools.partial(_engine_round, plan, blob, train, val, work, cache, device), device
+                    )
+                waits.extend(round_waits)
             else:
                 wall, cpu, out = _timed(lambda: _bare_round(plan, start, train, val, cache, device), device)
             runs[which].append((wall, cpu))
@@ -313,6 +344,9 @@ def run_config(cfg: dict[str, Any], repeats: int, device: str, root: Path) -> di
         "ratio_cpu": round(med["engine"][1] / med["bare"][1], 3) if med["bare"][1] > 0 else None,
         "engine_samples_per_s": round(samples / med["engine"][0], 2),
         "bare_samples_per_s": round(samples / med["bare"][0], 2),
+        # What the engine's per-epoch checkpoint costs the training thread (the write itself
+        # runs beside the next epoch).
+        "checkpoint_wait_ms": round(1000 * statistics.median(waits), 2),
         "dice_engine": round(dice["engine"], 4),
         "dice_bare": round(dice["bare"], 4),
         "runs_wall_s": {k: [round(w, 3) for w, _ in v] for k, v in runs.items()},

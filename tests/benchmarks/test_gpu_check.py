@@ -26,6 +26,8 @@ def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     amp = report["amp_overhead"]
     assert amp["ok"] is True and amp["amp"] is False
     assert [c["config"] for c in amp["configs"]] == ["unet2d_128", "unet3d_64"]
+    # Every engine round's epochs were checkpointed, and the wait for it measured.
+    assert all(c["checkpoint_wait_ms"] > 0 for c in amp["configs"])
     round_3d = report["agent_round_3d"]
     assert round_3d["ok"] is True and round_3d["channels"] == 4
     first = round_3d["first_round"]
