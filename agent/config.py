@@ -376,6 +376,10 @@ class ConsoleConfig(StrictModel):
     # (`fedsite admin-users` on the host still works).
     login_failures_per_name: int = Field(default=20, ge=1, le=100_000)
     login_window_seconds: int = Field(default=900, ge=1, le=86_400)
+    # A browser that logged in as an admin keeps a signed cookie for this many days; its logins
+    # as that admin are counted per browser, so a throttled name does not lock it out
+    # (`agent.console.known_browsers`). 0: no such cookie, every login counts per name.
+    known_browser_days: int = Field(default=30, ge=0, le=365)
 
 
 class AgentConfig(StrictModel):

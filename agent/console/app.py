@@ -4,7 +4,8 @@ Every page but the login needs a session (an anonymous request is redirected to 
 Every form carries a CSRF token: the session's for the forms of a logged-in admin, a
 pre-session cookie's for the login form; a POST without the right one is answered 403 and
 changes nothing. Failed logins are throttled per client address and per account name
-(`agent.api.throttle`'s guard, with the console's own limits) and audited in bounded,
+(`agent.api.throttle`'s guard, with the console's own limits), or per browser for a browser
+that logged in as that name before (`agent.console.known_browsers`), and audited in bounded,
 coalesced events. Every action
 (login, logout, approve, revoke, verify, a preview of a subject) is an audit event whose actor
 is `console:<admin>`. Live progress is a `<meta http-equiv="refresh">` while a job runs.
@@ -42,6 +43,7 @@ from agent.console.auth import (
     session_of,
     verify_login,
 )
+from agent.console.known_browsers import KNOWN_BROWSER_COOKIE, KnownBrowsers
 from agent.console.thumbnails import Previews
 from agent.errors import AdminUserError, ApprovalError, CsrfRefused, LoginRequired, NotFound, PreviewError
 from agent.jobs.states import JobKind
@@ -103,6 +105,14 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
     names = RefusalGuard(
         service.audit,
         RefusalsConfig(max_per_client=cfg.login_failures_per_name, window_seconds=cfg.login_window_seconds),
+        action=LOGIN_REFUSED_ACTION,
+    )
+    # A browser that logged in as the name it types is counted on its own, at the per-address
+    # limit: the name's count cannot lock that admin out (`agent.console.known_browsers`).
+    browsers = KnownBrowsers(service.cfg.site_secret(), cfg.known_browser_days)
+    per_browser = RefusalGuard(
+        service.audit,
+        RefusalsConfig(max_per_client=cfg.login_failures, window_seconds=cfg.login_window_seconds),
         action=LOGIN_REFUSED_ACTION,
     )
     previews = Previews(service.db)
@@ -197,8 +207,12 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
             raise CsrfRefused()
         client = client_of(request)
         account = name[:MAX_NAME_KEY]
+        browser = browsers.browser_of(request.cookies.get(KNOWN_BROWSER_COOKIE), name)
         guard.flush_due()
-        wait = _longest(guard.retry_after(client), names.retry_after(account))
+        if browser is not None:
+            wait = per_browser.retry_after(browser)
+        else:
+            wait = _longest(guard.retry_after(client), names.retry_after(account))
         if wait is None and verify_login(service.db, name, password):
             try:
                 token, session = create_session(service.db, name, lifetime)
@@ -219,23 +233,35 @@ def create_console_app(service: SiteService, config: ConsoleConfig | None = None
                     path="/",
                 )
                 response.delete_cookie(LOGIN_COOKIE, path="/login")
+                if browsers.enabled:
+                    response.set_cookie(
+                        KNOWN_BROWSER_COOKIE,
+                        browsers.issue(name),
+                        max_age=browsers.lifetime_s,
+                        httponly=True,
+                        samesite="strict",
+                        secure=secure,
+                        path="/login",
+                    )
                 return response
         if wait is None:
-            wait = _longest(guard.charge(client), names.charge(account))
+            if browser is not None:
+                wait = per_browser.charge(browser)
+            else:
+                wait = _longest(guard.charge(client), names.charge(account))
             if wait is None:
-                guard.refused(
-                    client,
-                    actor="anonymous",
-                    reason="wrong name or password",
-                    details={"reason": "wrong name or password", "client": client},
-                )
+                details = {"reason": "wrong name or password", "client": client}
+                if browser is not None:
+                    details["browser"] = "known"
+                guard.refused(client, actor="anonymous", reason="wrong name or password", details=details)
         else:
             guard.throttled(client, method="POST", path="/login")
         status, error = 401, "Wrong name or password."
         headers: dict[str, str] = {}
         if wait is not None:
             status = 429
-            error = f"Too many failed logins from this address or for this name; try again in {wait} s."
+            where = "from this browser" if browser is not None else "from this address or for this name"
+            error = f"Too many failed logins {where}; try again in {wait} s."
             headers = {"Retry-After": str(wait)}
         refused = page(
             request, "login.html", None, status, login_csrf=expected, next=safe_next(next), error=error

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from agent.config import ConsoleConfig, TlsConfig, parse_config
 from agent.console.app import SECURITY_HEADERS, SESSION_COOKIE, create_console_app
 from agent.console.auth import add_admin
+from agent.console.known_browsers import KNOWN_BROWSER_COOKIE
 from agent.service import SiteService
 
 PASSWORD = "a long enough passphrase"
@@ -155,3 +156,66 @@ def test_failed_logins_for_one_name_from_many_addresses_are_throttled_per_name(s
     refusals = service.audit.events(action="console.login_refused")
     assert [e["details"]["reason"] for e in refusals].count("wrong name or password") == 8
     assert [e["details"]["reason"] for e in refusals].count("too many refused requests") == 2
+
+
+def test_a_browser_that_logged_in_before_is_not_locked_out_by_a_throttled_name(service: SiteService) -> None:
+    app = create_console_app(
+        service, ConsoleConfig(enabled=True, login_failures=3, login_failures_per_name=4)
+    )
+
+    def from_address(host: str, browser: str | None = None) -> TestClient:
+        client = TestClient(app, client=(host, 40000))
+        if browser is not None:
+            client.cookies.set(KNOWN_BROWSER_COOKIE, browser, path="/login")
+        return client
+
+    with from_address("10.0.0.9") as client:
+        assert _login(client).status_code == 303
+        browser = client.cookies.get(KNOWN_BROWSER_COOKIE)
+    assert browser
+    # Someone fails on purpose with alice's name: their address is held back (3), then the name (4).
+    with from_address("10.0.0.1") as client:
+        for _ in range(3):
+            assert _login(client, password="a wrong guess at it").status_code == 401
+        assert _login(client, password="a wrong guess at it").status_code == 429
+    with from_address("10.0.0.2") as client:
+        assert _login(client, password="a wrong guess at it").status_code == 401
+    with from_address("10.0.0.3") as client:
+        assert _login(client).status_code == 429  # the name is held back for a new browser
+    # Alice's browser is not, even from the guesser's (throttled) address, e.g. one proxy's.
+    with from_address("10.0.0.1", browser) as client:
+        assert _login(client).status_code == 303
+    # Its own failures are counted per browser, at the per-address limit.
+    with from_address("10.0.0.9", browser) as client:
+        for _ in range(3):
+            assert _login(client, password="alice mistyped it").status_code == 401
+        refused = _login(client)
+        assert refused.status_code == 429 and "from this browser" in refused.text
+        assert SESSION_COOKIE not in client.cookies
+    # The cookie is alice's alone: typed with bob's name it counts as any browser's.
+    add_admin(service.db, service.audit, "bob", PASSWORD, "cli:test")
+    with from_address("10.0.0.5", browser) as client:
+        assert _login(client, name="bob").status_code == 303
+    known = [
+        e
+        for e in service.audit.events(action="console.login_refused")
+        if e["details"].get("browser") == "known"
+    ]
+    assert len(known) == 3 and all(e["details"]["client"] == "10.0.0.9" for e in known)
+
+
+@pytest.mark.parametrize("days", [30, 0])
+def test_the_known_browser_cookie_is_httponly_strict_scoped_to_the_login_and_can_be_off(
+    service: SiteService, days: int
+) -> None:
+    app = create_console_app(service, ConsoleConfig(enabled=True, known_browser_days=days))
+    with TestClient(app) as client:
+        r = _login(client)
+        assert r.status_code == 303
+        cookies = [c for c in r.headers.get_list("set-cookie") if c.startswith(f"{KNOWN_BROWSER_COOKIE}=")]
+        if days == 0:
+            assert cookies == []
+            return
+        [cookie] = cookies
+        attributes = {a.strip().lower() for a in cookie.split(";")[1:]}
+        assert {"httponly", "samesite=strict", "path=/login", f"max-age={days * 86400}"} <= attributes

@@ -46,6 +46,8 @@ def test_the_console_is_off_and_on_loopback_unless_configured() -> None:
         ({"enabled": True, "port": 0}, {}, "console.port"),
         ({"enabled": True, "login_failures": 0}, {}, "console.login_failures"),
         ({"enabled": True, "login_failures_per_name": 0}, {}, "console.login_failures_per_name"),
+        ({"enabled": True, "known_browser_days": -1}, {}, "console.known_browser_days"),
+        ({"enabled": True, "known_browser_days": 366}, {}, "console.known_browser_days"),
         ({"enabled": True, "session_minutes": 0}, {}, "console.session_minutes"),
         ({"enabled": "yes please"}, {}, "console.enabled"),
         ({"enabled": True, "listen": "0.0.0.0"}, {}, "console.listen"),
