@@ -249,7 +249,7 @@ def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -
     auto = _training_rate(site, plan, root)
     # Twice auto's most threads: whether its cap leaves speed unused on this machine.
     site.restart(loader_threads=2 * AUTO_LOADER_THREADS)
-    _site_round(site, plan, root, "gpu-3d-restarted-more", plan["local_epochs"])
+    restarted_more = _site_round(site, plan, root, "gpu-3d-restarted-more", plan["local_epochs"])
     more = _training_rate(site, plan, root)
     bare = _bare_3d_rate(plan, small)
     settings = (("loader_alone", alone), ("loader_auto", auto), ("loader_more", more))
@@ -258,7 +258,9 @@ def _agent_round_3d(site: Site, plan: dict[str, Any], root: Path, small: bool) -
         # The first round as a whole, as a site sees it.
         "volumes_per_s": round(first["training_volumes"] / first["site_round_s"], 3),
         "loader_alone": alone,
+        # The rounds that started the restarted agents' workers (a cold worker, a warm cache).
         "round_after_restart": restarted,
+        "round_after_restart_more": restarted_more,
         "loader_auto": auto,
         "loader_more": more,
         "bare_volumes_per_s": bare["volumes_per_s"],

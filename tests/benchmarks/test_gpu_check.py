@@ -32,6 +32,8 @@ def test_the_dry_run_passes_every_step(tmp_path: Path, capsys: pytest.CaptureFix
     assert round_3d["ok"] is True and round_3d["channels"] == 4
     first = round_3d["first_round"]
     assert first["training_volumes"] > 0
+    for key in ("round_after_restart", "round_after_restart_more"):
+        assert round_3d[key]["training_volumes"] == first["training_volumes"]
     for setting, workers in (("loader_alone", 0), ("loader_auto", "auto"), ("loader_more", 8)):
         rates = round_3d[setting]
         warm, long = rates["warm_round"], rates["long_round"]
