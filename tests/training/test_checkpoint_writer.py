@@ -76,26 +76,25 @@ def _full_disk(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_failed_write_is_raised_at_the_next_submit_and_at_the_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every checkpoint write fails as on a full disk; the path to give the writer."""
     monkeypatch.setattr(checkpoint_writer, "write_checkpoint", _full_disk)
-    path = tmp_path / CHECKPOINT_NAME
-    with pytest.raises(OSError, match="No space left"), CheckpointWriter(path) as writer:
+    return tmp_path / CHECKPOINT_NAME
+
+
+def test_a_failed_write_is_raised_at_the_next_submit_and_at_the_end(full_disk: Path) -> None:
+    with pytest.raises(OSError, match="No space left"), CheckpointWriter(full_disk) as writer:
         writer.submit({"w": torch.zeros(1)}, {"epoch": "1"})
         with pytest.raises(OSError, match="No space left"):
             writer.submit({"w": torch.zeros(1)}, {"epoch": "2"})
         # Raised once: the next write is taken, and its failure ends the block.
         writer.submit({"w": torch.zeros(1)}, {"epoch": "3"})
-    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    assert not full_disk.exists()
 
 
-def test_an_exception_that_ends_the_block_is_kept_over_a_failed_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(checkpoint_writer, "write_checkpoint", _full_disk)
-    path = tmp_path / CHECKPOINT_NAME
-    with pytest.raises(KeyError, match="the round's own error"), CheckpointWriter(path) as writer:
+def test_an_exception_that_ends_the_block_is_kept_over_a_failed_write(full_disk: Path) -> None:
+    with pytest.raises(KeyError, match="the round's own error"), CheckpointWriter(full_disk) as writer:
         writer.submit({"w": torch.zeros(1)}, {"epoch": "1"})
         raise KeyError("the round's own error")
 
