@@ -334,3 +334,49 @@ def test_data_with_other_channel_count_is_refused(tmp_path: Path, items: tuple[l
     plan = tiny_plan(model=model)
     with pytest.raises(EngineError, match=r"1 image channels .* model.in_channels is 2"):
         train_round(plan, initial_weights(plan), *items, context(tmp_path))
+
+
+def _plan_in(dims: int, **overrides: Any) -> Any:
+    if dims == 2:
+        return tiny_plan(**overrides)
+    return tiny_plan(
+        model={
+            "name": "unet",
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": [4, 8],
+            "strides": [2],
+            "norm": "instance",
+        },
+        batch_size=2,
+        data={
+            "spatial_dims": 3,
+            "roi_size": [16, 16, 16],
+            "samples_per_subject": 2,
+            "label_slice_fraction": 0.5,
+        },
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_a_cpu_round_leaves_the_nan_fill_off_and_gives_the_update_it_gives_with_it_on(
+    tmp_path: Path, items: tuple[list, list], monkeypatch: pytest.MonkeyPatch, dims: int
+) -> None:
+    fill = torch.utils.deterministic  # type: ignore[attr-defined]
+    plan = _plan_in(dims, local_epochs=2)
+    start = initial_weights(plan)
+    during: list[bool] = []
+    before = fill.fill_uninitialized_memory
+
+    def look(_epoch: int, _model: torch.nn.Module) -> None:
+        during.append(fill.fill_uninitialized_memory)
+
+    off = train_round(plan, start, *items, context(tmp_path, f"off{dims}", on_epoch_end=look))
+    assert during == [False, False]
+    assert fill.fill_uninitialized_memory is before
+    monkeypatch.setattr(engine_module, "FILL_UNINITIALIZED_MEMORY", True)
+    on = train_round(plan, start, *items, context(tmp_path, f"on{dims}", on_epoch_end=look))
+    assert during == [False, False, True, True]
+    assert _equal(off.update, on.update) and off.metrics == on.metrics
