@@ -236,6 +236,8 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_result(
     with pytest.raises(TrainingCancelled):
         train_round(plan, start, *items, ctx)
     assert (ctx.work_dir / CHECKPOINT_NAME).is_file()
+    # The thread that wrote epoch 1's checkpoint ended with the round.
+    assert not [t for t in threading.enumerate() if t.name.startswith("checkpoint-writer")]
     resumed = train_round(plan, start, *items, context(tmp_path, "interrupted"), resume_from_checkpoint=True)
     assert _equal(resumed.update, whole.update)
     assert resumed.metrics == whole.metrics
