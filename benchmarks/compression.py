@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.rule(f"[bold]FL with {name} updates")
                 res, summary = runner.run_over_agents(
                     f"fl-{name}",
+                    args.seed,
                     plan,
                     RunOptions(
                         strategy="fedavg",

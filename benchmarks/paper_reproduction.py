@@ -138,6 +138,9 @@ class Settings:
     # Each site derives its own noise from a per-round target ε (plan privacy.dp.target_epsilon)
     # instead of one noise multiplier for all sites.
     dp_per_site: bool = False
+    # Each run samples (batches, crops, the epochs' seeds) with seed + this, while its initial
+    # weights and CIIL/IIL site order still come from the seed: another draw of the data alone.
+    sampling_seed_offset: int = 0
 
     @property
     def epochs_per_site(self) -> int:
@@ -245,6 +248,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dp_max_grad_norm=args.dp_max_grad_norm,
         dp_subject_slices=args.dp_subject_slices,
         dp_per_site=bool(args.dp_per_site),
+        sampling_seed_offset=args.sampling_seed_offset,
     )
 
 
@@ -479,7 +483,12 @@ class MethodRunner:
         self.cache = s.out / "cds" / "cache"
 
     def seeded(self, seed: int) -> dict[str, Any]:
-        return {**self.plan, "seed": seed}
+        """The plan of a run with seed SEED: its sampling seed is SEED plus the offset."""
+        return {**self.plan, "seed": seed + self.s.sampling_seed_offset}
+
+    def start(self, seed: int) -> dict[str, torch.Tensor]:
+        """The initial weights of a run with seed SEED, whatever its sampling seed."""
+        return initial_weights({**self.plan, "seed": seed})
 
     def curve_from_models(self, res: Any, summary: dict[str, Any]) -> None:
         if not summary["curve"]:
@@ -489,22 +498,22 @@ class MethodRunner:
             summary["curve_source"] = "agents (POST /v1/evaluations)"
 
     def run_over_agents(
-        self, label: str, plan: dict[str, Any], opts: RunOptions
+        self, label: str, seed: int, plan: dict[str, Any], opts: RunOptions
     ) -> tuple[Any, dict[str, Any]]:
         """One strategy through the coordinator, results under OUT/<label>-seed<seed>; its summary."""
-        seed = int(plan["seed"])
         res = run_strategy(
             self.fed,
             plan,
             self.s.out / f"{label}-seed{seed}",
             opts,
-            initial_weights=initial_weights(plan),
+            initial_weights=self.start(seed),
             reporter=self.reporter,
         )
         final = res.doc.get("final", {})
         require_every_site(label, final.get("evaluation") or {}, final.get("outside_evaluation") or {})
         summary = summarise_run(res.doc)
         summary["seed"] = seed
+        summary["sampling_seed"] = int(plan["seed"])
         return res, summary
 
     def fl(self, seed: int, strategy: str = "fedavg") -> dict[str, Any]:
@@ -534,6 +543,7 @@ class MethodRunner:
         strategy_name, server_settings = parse_fl_strategy(strategy)
         res, summary = self.run_over_agents(
             label,
+            seed,
             plan,
             RunOptions(
                 strategy=strategy_name,
@@ -587,7 +597,7 @@ class MethodRunner:
             plan,
             self.splits,
             epochs=n,
-            initial=initial_weights(plan),
+            initial=self.start(seed),
             work_dir=out / "work",
             cache_dir=self.cache,
             progress=not s.quick,
@@ -618,6 +628,7 @@ class MethodRunner:
         )
         return {
             "seed": seed,
+            "sampling_seed": int(plan["seed"]),
             "inside": inside_dice,
             "outside": outside_dice,
             "per_site": {k: v.get("dice") for k, v in per_site.items()},
@@ -645,6 +656,7 @@ class MethodRunner:
         self.console.rule(f"[bold]{name} seed {seed}: {what}; order {', '.join(order)}")
         res, summary = self.run_over_agents(
             strategy,
+            seed,
             plan,
             RunOptions(
                 strategy=strategy,
@@ -872,6 +884,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="Slices per batch (default 16; quick 8).")
     ap.add_argument("--lr", type=float, help="Adam learning rate (default 3e-3; quick 1e-2).")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument(
+        "--sampling-seed-offset",
+        type=int,
+        default=0,
+        help="Every run samples its data with its seed plus this, keeping the seed's initial "
+        "weights: how much a result moves with the draw of the data alone (default 0).",
+    )
     ap.add_argument(
         "--fl-strategy",
         help=f"FL run with these coordinator strategies, comma-separated ({', '.join(FL_STRATEGIES)}); "

@@ -7,18 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from coordinator.options import RunOptions
 from coordinator.strategies import STRATEGIES
+from coordinator.weights import initial_weights
 
 # The benchmarks are scripts next to the packages, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.paper_reproduction import (
+    MethodRunner,
     _outside_sites_evaluate_everything,
     budget_lines,
     fl_label,
     fl_run_label,
+    make_plan,
     parse_args,
     parse_fl_strategy,
     require_every_site,
@@ -177,3 +181,22 @@ def test_a_site_whose_final_evaluation_failed_stops_the_reproduction_naming_it()
     ):
         require_every_site("cds-seed0", inside, outside)
     require_every_site("cds-seed0", {"site-1": {"dice": 0.8}}, outside)  # all answered: goes on
+
+
+def _runner(offset: int) -> MethodRunner:
+    """A runner's seeding alone: no agents, no data."""
+    s = settings_from(parse_args(["--quick", "--sampling-seed-offset", str(offset)]))
+    runner = object.__new__(MethodRunner)
+    runner.s, runner.plan = s, make_plan(s)
+    return runner
+
+
+def test_a_sampling_seed_offset_draws_other_data_from_the_same_initial_weights() -> None:
+    assert settings_from(parse_args([])).sampling_seed_offset == 0
+    plain, other = _runner(0), _runner(1000)
+    assert plain.seeded(2)["seed"] == 2 and other.seeded(2)["seed"] == 1002
+    start = plain.start(2)
+    # The same initial weights either way, those of seed 2 (not of the sampling seed).
+    for weights in (other.start(2), initial_weights(plain.seeded(2))):
+        assert weights.keys() == start.keys() and all(torch.equal(weights[k], start[k]) for k in start)
+    assert any(not torch.equal(initial_weights(other.seeded(2))[k], start[k]) for k in start)
