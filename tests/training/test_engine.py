@@ -16,7 +16,14 @@ from agent.exchange.codec import decode_weights, encode_weights
 from agent.training import engine as engine_module
 from agent.training.engine import AUTO_LOADER_THREADS, CHECKPOINT_NAME, evaluate, loader_threads, train_round
 from agent.training.registry import exchanged_state, expected_shapes
-from tests.fixtures.training import context, initial_weights, make_blob_items, make_items, tiny_plan
+from tests.fixtures.training import (
+    context,
+    initial_weights,
+    make_blob_items,
+    make_items,
+    smallest_unet,
+    tiny_plan,
+)
 
 LIMIT = 1 << 26
 
@@ -325,15 +332,7 @@ def test_random_init_is_seeded(tmp_path: Path, items: tuple[list, list]) -> None
 
 
 def test_data_with_other_channel_count_is_refused(tmp_path: Path, items: tuple[list, list]) -> None:
-    model = {
-        "name": "unet",
-        "spatial_dims": 2,
-        "in_channels": 2,
-        "out_channels": 1,
-        "channels": [4, 8],
-        "strides": [2],
-    }
-    plan = tiny_plan(model=model)
+    plan = tiny_plan(model=smallest_unet(2, in_channels=2))
     with pytest.raises(EngineError, match=r"1 image channels .* model.in_channels is 2"):
         train_round(plan, initial_weights(plan), *items, context(tmp_path))
 
@@ -342,15 +341,7 @@ def _plan_in(dims: int, **overrides: Any) -> Any:
     if dims == 2:
         return tiny_plan(**overrides)
     return tiny_plan(
-        model={
-            "name": "unet",
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": [4, 8],
-            "strides": [2],
-            "norm": "instance",
-        },
+        model=smallest_unet(3, norm="instance"),
         batch_size=2,
         data={
             "spatial_dims": 3,
