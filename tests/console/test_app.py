@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from agent.config import ConsoleConfig, TlsConfig, parse_config
@@ -124,21 +125,26 @@ def test_unknown_pages_and_subjects_are_404_without_a_path(service: SiteService)
             assert str(service.cfg.work_dir) not in r.text
 
 
+def _from_address(app: FastAPI, host: str, browser: str | None = None) -> TestClient:
+    """A client of APP at HOST; with BROWSER, holding that known-browser cookie."""
+    client = TestClient(app, client=(host, 40000))
+    if browser is not None:
+        client.cookies.set(KNOWN_BROWSER_COOKIE, browser, path="/login")
+    return client
+
+
 def test_failed_logins_for_one_name_from_many_addresses_are_throttled_per_name(service: SiteService) -> None:
     add_admin(service.db, service.audit, "bob", PASSWORD, "cli:test")
     app = create_console_app(
         service, ConsoleConfig(enabled=True, login_failures=3, login_failures_per_name=4)
     )
 
-    def from_address(host: str) -> TestClient:
-        return TestClient(app, client=(host, 40000))
-
     # Two guesses from each of two addresses: under each address's limit of 3, at the name's 4.
     for host in ("10.0.0.1", "10.0.0.2"):
-        with from_address(host) as client:
+        with _from_address(app, host) as client:
             for _ in range(2):
                 assert _login(client, password="a wrong guess at it").status_code == 401
-    with from_address("10.0.0.3") as client:
+    with _from_address(app, "10.0.0.3") as client:
         refused = _login(client)  # the right password, from a fresh address: not even checked
         assert refused.status_code == 429 and "for this name" in refused.text
         assert 1 <= int(refused.headers["Retry-After"]) <= 900
@@ -146,10 +152,10 @@ def test_failed_logins_for_one_name_from_many_addresses_are_throttled_per_name(s
         # Another account from the same address is not held back.
         assert _login(client, name="bob").status_code == 303
     # A name with no account is counted the same way: a 429 does not tell which names exist.
-    with from_address("10.0.0.4") as client:
+    with _from_address(app, "10.0.0.4") as client:
         for _ in range(2):
             assert _login(client, name="mallory", password="x" * 12).status_code == 401
-    with from_address("10.0.0.5") as client:
+    with _from_address(app, "10.0.0.5") as client:
         for _ in range(2):
             assert _login(client, name="mallory", password="x" * 12).status_code == 401
         assert _login(client, name="mallory", password="x" * 12).status_code == 429
@@ -163,30 +169,24 @@ def test_a_browser_that_logged_in_before_is_not_locked_out_by_a_throttled_name(s
         service, ConsoleConfig(enabled=True, login_failures=3, login_failures_per_name=4)
     )
 
-    def from_address(host: str, browser: str | None = None) -> TestClient:
-        client = TestClient(app, client=(host, 40000))
-        if browser is not None:
-            client.cookies.set(KNOWN_BROWSER_COOKIE, browser, path="/login")
-        return client
-
-    with from_address("10.0.0.9") as client:
+    with _from_address(app, "10.0.0.9") as client:
         assert _login(client).status_code == 303
         browser = client.cookies.get(KNOWN_BROWSER_COOKIE)
     assert browser
     # Someone fails on purpose with alice's name: their address is held back (3), then the name (4).
-    with from_address("10.0.0.1") as client:
+    with _from_address(app, "10.0.0.1") as client:
         for _ in range(3):
             assert _login(client, password="a wrong guess at it").status_code == 401
         assert _login(client, password="a wrong guess at it").status_code == 429
-    with from_address("10.0.0.2") as client:
+    with _from_address(app, "10.0.0.2") as client:
         assert _login(client, password="a wrong guess at it").status_code == 401
-    with from_address("10.0.0.3") as client:
+    with _from_address(app, "10.0.0.3") as client:
         assert _login(client).status_code == 429  # the name is held back for a new browser
     # Alice's browser is not, even from the guesser's (throttled) address, e.g. one proxy's.
-    with from_address("10.0.0.1", browser) as client:
+    with _from_address(app, "10.0.0.1", browser) as client:
         assert _login(client).status_code == 303
     # Its own failures are counted per browser, at the per-address limit.
-    with from_address("10.0.0.9", browser) as client:
+    with _from_address(app, "10.0.0.9", browser) as client:
         for _ in range(3):
             assert _login(client, password="alice mistyped it").status_code == 401
         refused = _login(client)
@@ -194,7 +194,7 @@ def test_a_browser_that_logged_in_before_is_not_locked_out_by_a_throttled_name(s
         assert SESSION_COOKIE not in client.cookies
     # The cookie is alice's alone: typed with bob's name it counts as any browser's.
     add_admin(service.db, service.audit, "bob", PASSWORD, "cli:test")
-    with from_address("10.0.0.5", browser) as client:
+    with _from_address(app, "10.0.0.5", browser) as client:
         assert _login(client, name="bob").status_code == 303
     known = [
         e
