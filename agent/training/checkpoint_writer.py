@@ -2,12 +2,13 @@
 
 After every epoch the engine (`agent.training.engine`) checkpoints the model, the optimizer
 state and the round's bookkeeping, so that a round interrupted by a crash resumes where it
-was. Serialising that (three times the model's size with Adam) and writing it with an fsync
-took 3 to 4 ms per epoch of a small 2D U-Net on a 2-core machine, and was the larger part of
-the 15 ms per epoch by which the engine trailed a bare training loop on an H200, where an
-epoch of that model lasts 50 ms. The step that follows does not need the file, only a copy
-of the tensors it is about to change. So the engine takes that copy (`snapshot`) and this
-writer serialises and writes it while the next epoch trains.
+was. Serialising that (model and Adam state: 2.5 MB for `benchmarks/round_overhead.py`'s 2D
+U-Net) and writing it with an fsync held the training thread about 9 ms per epoch on a 2-core
+machine, and was most likely the larger part of the 15 ms per epoch by which the engine
+trailed a bare training loop on an H200, where an epoch of that model lasts 50 ms. The step
+that follows does not need the file, only a copy of the tensors it is about to change. So
+the engine takes that copy (`snapshot`) and this writer serialises and writes it while the
+next epoch trains.
 
 What a round can rely on:
 
