@@ -65,7 +65,7 @@ from agent.jobs.states import JobKind, JobStatus, is_terminal
 from agent.jobs.store import JobStore, JobView
 from agent.privacy.ledger import JobState, PrivacyLedger, verify_ledger
 from agent.training.dp import ROUND_FILE
-from agent.training.plan import Plan, check_channels, parse_plan, plan_hash, stored_form
+from agent.training.plan import Plan, check_channels, check_round, parse_plan, plan_hash, stored_form
 from agent.training.registry import expected_shapes
 
 log = logging.getLogger("fedsite.service")
@@ -470,6 +470,10 @@ class SiteService:
         plan = self._parse_plan(plan_text)
         self._check_dataset(plan, kind)
         if kind == JobKind.TRAIN:
+            try:
+                check_round(plan)
+            except PlanError as exc:
+                raise InvalidRequest(f"plan.{exc}") from None
             self.secure.check_plan(plan, actor)
         digest = plan_hash(plan)
         try:

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from agent.training.plan import job_plan
 from coordinator.aggregate import UpdateKind
 from coordinator.client import RemoteJobStatus, SiteClient
 from coordinator.errors import AgentError, AgentTlsError, JobTimeout, RunError
@@ -107,7 +108,9 @@ class Coordinator:
             raise RunError(f"rounds must be at least 1, got {options.rounds}")
         self.fed = federation
         self.plan = dict(plan)
+        # The coordinator names every job and its run itself (a plan's own would collide).
         self.plan.pop("round_id", None)
+        self.plan.pop("run_id", None)
         self.out_dir = out_dir
         self.opts = options
         self.run_id = options.run_id or new_run_id()
@@ -315,7 +318,7 @@ class Coordinator:
         sent0, recv0 = client.transfer.snapshot()
         t0 = time.monotonic()
         self.reporter.site(site, "sending plan and weights", 0.0)
-        job = client.start_round({**plan, "round_id": round_id}, weights)
+        job = client.start_round(job_plan(plan, round_id, self.run_id), weights)
 
         def show(status: RemoteJobStatus) -> None:
             text = progress_text(status.progress)
@@ -383,7 +386,7 @@ class Coordinator:
         t0 = time.monotonic()
         plan = {k: v for k, v in self.plan.items() if k != "early_stopping"}
         self.reporter.site(site, "evaluating", None)
-        job = client.start_evaluation({**plan, "round_id": eval_id}, weights)
+        job = client.start_evaluation(job_plan(plan, eval_id, self.run_id), weights)
         status = client.wait(
             "evaluation", job, timeout=self.fed.timeouts.evaluation, should_stop=self._stop.is_set
         )

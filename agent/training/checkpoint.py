@@ -27,7 +27,17 @@ def checkpoint_path(job_dir: Path | str) -> Path:
 
 
 def read_checkpoint_metadata(path: Path) -> dict[str, str]:
-    """The metadata of the checkpoint at PATH once its layout is whole; CheckpointError if not."""
+    """The metadata of the epoch checkpoint at PATH once its layout is whole and it records its
+    epoch; CheckpointError if not."""
+    meta = read_state_metadata(path)
+    if not str(meta.get("epoch", "")).isdigit():
+        raise CheckpointError("the checkpoint does not record its epoch")
+    return meta
+
+
+def read_state_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a state file the engine wrote (a checkpoint, kept optimizer state) once
+    its layout is whole; CheckpointError if not."""
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -64,6 +74,4 @@ def read_checkpoint_metadata(path: Path) -> dict[str, str]:
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError("the checkpoint's metadata is not a map of strings")
-    if not str(meta.get("epoch", "")).isdigit():
-        raise CheckpointError("the checkpoint does not record its epoch")
     return {str(k): v for k, v in meta.items()}

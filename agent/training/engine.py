@@ -26,8 +26,13 @@ Decisions worth knowing:
   resumed round's metrics equal the uninterrupted round's too.
 - Optimizer state starts fresh each round. With ``optimizer.keep_state`` it is saved at
   the end of a round to ``work_dir/../optimizer_state/<key>.safetensors`` (the key hashes
-  the dataset, the model and the optimizer name, so state never crosses models) and
-  restored at the start of the next round of the same kind, if the shapes still fit.
+  the dataset, the model and the optimizer name, so state never crosses models, and one
+  file per key bounds the disk) with the plan's ``run_id``, and restored at the start of
+  the next round if that round is of the same run and the shapes still fit. A new run starts
+  fresh: the state of a run's last round would otherwise move the first round of the next,
+  and two runs with one seed would train differently. Two runs at once with one key take
+  turns overwriting the file, so each of their rounds starts fresh
+  (``optimizer_state_restored`` 0).
 - Mixed precision: on CUDA, float16 autocast with a gradient scaler; the losses compute
   their sums in float32.
 - Evaluation: whole validation volumes. A 2D model predicts every axial slice (along the
@@ -42,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -55,21 +61,24 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from agent.data import loading
-from agent.errors import CheckpointError, EngineError, TrainingCancelled, WeightError
+from agent.errors import CheckpointError, EngineError, PlanError, TrainingCancelled, WeightError
 from agent.exchange.codec import check_names_and_shapes
 from agent.training import dp as dp_sgd
-from agent.training.checkpoint import CHECKPOINT_NAME
+from agent.training.checkpoint import CHECKPOINT_NAME, read_state_metadata
 from agent.training.checkpoint_writer import CheckpointWriter, snapshot, write_checkpoint
 from agent.training.losses import make_loss
-from agent.training.plan import Plan, plan_hash
+from agent.training.plan import Plan, check_round, plan_hash
 from agent.training.registry import build_model, exchanged_state, expected_shapes
 
 if TYPE_CHECKING:
     from agent.data.catalog import ItemRef
+
+log = logging.getLogger("fedsite.training")
 
 # Progress is reported at most this often (plus at every epoch's end); the consumer persists it.
 PROGRESS_INTERVAL_S = 1.0
@@ -476,6 +485,10 @@ def train_round(
         raise EngineError(f"dataset {plan.dataset!r} has no training subjects")
     if plan.early_stopping is not None and not val:
         raise EngineError("early_stopping needs validation subjects, and the validation split is empty")
+    try:
+        check_round(plan)
+    except PlanError as exc:
+        raise EngineError(str(exc)) from None
     device = resolve_device(ctx.device)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(plan, ctx, device)
@@ -591,15 +604,29 @@ def _dp_trainer(
 
 
 def _load_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> bool:
+    """Restore the state an earlier round of this plan's run kept; False (a fresh start) when
+    there is none, it is another run's, or it cannot be read."""
     path = _optimizer_state_path(plan, ctx)
     if not path.exists():
         return False
-    return _restore_optimizer(opt, model, load_file(str(path)))
+    try:
+        if read_state_metadata(path).get("run_id") != plan.run_id:
+            return False
+        tensors = load_file(str(path))
+    except (CheckpointError, SafetensorError) as exc:
+        # The next save replaces it; failing every round of the site until someone deletes a
+        # file would cost more than one round's fresh moments.
+        log.warning("kept optimizer state %s cannot be read (%s); starting fresh", path.name, exc)
+        return False
+    return _restore_optimizer(opt, model, tensors)
 
 
 def _save_kept_state(plan: Plan, ctx: EngineContext, opt: torch.optim.Optimizer, model: nn.Module) -> None:
+    assert plan.run_id is not None  # check_round refused keep_state without it
     write_checkpoint(
-        _optimizer_state_path(plan, ctx), _optimizer_tensors(opt, model), {"plan_hash": plan_hash(plan)}
+        _optimizer_state_path(plan, ctx),
+        _optimizer_tensors(opt, model),
+        {"plan_hash": plan_hash(plan), "run_id": plan.run_id},
     )
 
 

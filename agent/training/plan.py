@@ -7,8 +7,10 @@ checked against the model registry: exactly the MONAI constructor's arguments, a
 model that can actually process the plan's patch size.
 
 The plan hash (what a site approves under ``approval.policy: manual``) is SHA-256 of the
-canonical JSON of the validated plan, defaults filled in, without ``round_id``: two plans
-that train the same thing have the same hash whatever their round and key order.
+canonical JSON of the validated plan, defaults filled in, without ``round_id`` and ``run_id``:
+two plans that train the same thing have the same hash whatever their run, round and key
+order. ``run_id`` names the coordinator's run a round belongs to; it scopes what a site keeps
+between rounds (``optimizer.keep_state``), so that a new run never starts from another's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,8 +73,8 @@ class OptimizerSpec(StrictModel):
     # SGD only; defaults to 0.9 there ("SGD with momentum").
     momentum: float | None = Field(default=None, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
-    # Carry the optimizer's state (Adam moments, SGD momentum) from round to round at this
-    # site instead of starting fresh each round.
+    # Carry the optimizer's state (Adam moments, SGD momentum) from round to round of one run
+    # (the plan's run_id) at this site instead of starting fresh each round.
     keep_state: bool = False
 
     @model_validator(mode="after")
@@ -184,6 +186,7 @@ class Plan(StrictModel):
     optimizer: OptimizerSpec
     loss: Literal["dice", "dice_ce", "log_dice"]
     round_id: str | None = Field(default=None, pattern=ROUND_ID_PATTERN)
+    run_id: str | None = Field(default=None, pattern=ROUND_ID_PATTERN)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     init: Literal["global", "random"] = "global"
     fedprox_mu: float = Field(default=0.0, ge=0)
@@ -413,7 +416,7 @@ _OPTIONAL_ADDITIONS: tuple[str, ...] = ("aggregation", "privacy.dp", "compressio
 
 
 def canonical_json(plan: Plan) -> str:
-    body = plan.model_dump(mode="json", exclude={"round_id"})
+    body = plan.model_dump(mode="json", exclude={"round_id", "run_id"})
     for dotted in _OPTIONAL_ADDITIONS:
         *parents, leaf = dotted.split(".")
         node: Any = body
@@ -426,3 +429,26 @@ def canonical_json(plan: Plan) -> str:
 
 def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(canonical_json(plan).encode()).hexdigest()
+
+
+def check_round(plan: Plan) -> None:
+    """Refuse, with PlanError, what PLAN lacks as a training round though the coordinator's
+    template of it may: the run the round belongs to, where it keeps state between rounds."""
+    if plan.optimizer.keep_state and plan.run_id is None:
+        raise PlanError(
+            "optimizer.keep_state needs run_id (the coordinator's run, which the coordinator "
+            "sets): kept state is restored only in a later round of the run that saved it"
+        )
+
+
+def job_plan(plan: Mapping[str, Any], round_id: str, run_id: str) -> dict[str, Any]:
+    """PLAN (JSON) as the job ROUND_ID of the coordinator's run RUN_ID. ``run_id`` goes only into
+    a plan that keeps state between rounds (``optimizer.keep_state``), the one thing it scopes:
+    an agent older than ``run_id`` then still takes every other plan, where an unknown key
+    would be refused."""
+    job = {**plan, "round_id": round_id}
+    job.pop("run_id", None)
+    optimizer = plan.get("optimizer")
+    if isinstance(optimizer, Mapping) and optimizer.get("keep_state"):
+        job["run_id"] = run_id
+    return job

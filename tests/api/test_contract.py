@@ -490,6 +490,12 @@ BAD_PLANS: list[tuple[str, str, int, str]] = [
     ),
     ("unknown dataset", json.dumps(tiny_plan(init="random", dataset="nope")), 422, "unknown dataset 'nope'"),
     ("bad round id", json.dumps(tiny_plan(init="random", round_id="../etc")), 422, "plan.round_id"),
+    (
+        "kept state without its run",
+        json.dumps(tiny_plan(init="random", optimizer={"name": "adam", "lr": 0.01, "keep_state": True})),
+        422,
+        "plan.optimizer.keep_state needs run_id",
+    ),
 ]
 
 

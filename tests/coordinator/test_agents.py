@@ -126,6 +126,28 @@ def test_two_runs_with_the_same_seed_give_the_same_models_and_dice_in_any_site_o
     assert a["final"]["weighted_dice"] == b["final"]["weighted_dice"]
 
 
+def test_kept_optimizer_state_carries_within_a_run_and_not_into_the_next(
+    fed3: RealFederation, tmp_path: Path
+) -> None:
+    """With `optimizer.keep_state`, round 2 of a run starts from the sites' moments of round 1,
+    and a second run over the same agents starts fresh, so it trains exactly as the first."""
+    plan = tiny_plan(optimizer={"name": "adam", "lr": 0.01, "keep_state": True})
+    fed = fed3.federation(min_sites=3)
+    kwargs: dict[str, Any] = {"rounds": 2, "reseed_rounds": True}
+    first = _run(fed, plan, tmp_path / "a", run_id="keep-a", **kwargs)
+    second = _run(fed, plan, tmp_path / "b", run_id="keep-b", **kwargs)
+    a, b = results(tmp_path / "a"), results(tmp_path / "b")
+    for doc in (a, b):
+        restored = [
+            {site: job["metrics"]["optimizer_state_restored"] for site, job in r["training"].items()}
+            for r in doc["rounds"]
+        ]
+        assert restored == [dict.fromkeys(fed3.names, 0.0), dict.fromkeys(fed3.names, 1.0)]
+    assert [r["model_sha256"] for r in a["rounds"]] == [r["model_sha256"] for r in b["rounds"]]
+    for name, tensor in first.final_weights.items():
+        assert torch.equal(tensor, second.final_weights[name]), name
+
+
 def test_tampered_update_is_refused_by_hash(fed3: RealFederation, tmp_path: Path) -> None:
     proxy = TamperingProxy(fed3.agents["site-2"].url).start()
     try:

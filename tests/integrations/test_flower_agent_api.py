@@ -29,7 +29,7 @@ from fedsite_flower.agent_api import (
 )
 
 from agent.errors import PlanNotApproved
-from agent.training.plan import ROUND_ID_PATTERN
+from agent.training.plan import ROUND_ID_PATTERN, job_plan
 
 HASH = "ab" * 32
 URL = "http://agent.test"
@@ -172,6 +172,30 @@ def test_bridge_train_returns_the_released_update() -> None:
     assert all(np.array_equal(out.arrays[k], v) for k, v in update.items())
     assert out.bytes_to_agent > len(arrays.encode(_weights())) and out.bytes_from_agent >= len(data)
     assert cancelled == []
+
+
+def test_bridge_names_the_run_as_the_coordinator_does(tmp_path: Path) -> None:
+    """run_id goes to the agent only with a plan that keeps optimizer state (an older agent
+    refuses the key), with the job's plan as the fedsite coordinator would send it."""
+    data = arrays.encode({"w": np.zeros(4, dtype=np.float32)})
+    sent: list[dict[str, Any]] = []
+    script = _scripted_agent("completed", data, [])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST" and request.url.path == "/v1/rounds":
+            part = re.search(rb'name="plan"\r\n.*?\r\n\r\n(.*?)\r\n--', request.read(), re.S)
+            assert part is not None
+            sent.append(json.loads(part.group(1)))
+        return script(request)
+
+    run = bridge.run_name(3)
+    assert re.fullmatch(ROUND_ID_PATTERN, run)
+    keep = {"dataset": "d", "optimizer": {"name": "adam", "lr": 0.01, "keep_state": True}}
+    for plan in ({"dataset": "d", "run_id": "theirs"}, keep):
+        api = _api(handler, poll_interval=0)
+        bridge.train(api, plan, _weights(), "flwr-3-r001-n7-train", run_id=run)
+        assert sent[-1] == job_plan(plan, "flwr-3-r001-n7-train", run)
+    assert "run_id" not in sent[0] and sent[1]["run_id"] == "flwr-3"
 
 
 def test_bridge_train_of_a_failed_job_keeps_the_agents_reason() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from agent.errors import EngineError, TrainingCancelled, WeightError
 from agent.exchange.codec import decode_weights, encode_weights
 from agent.training import engine as engine_module
+from agent.training.checkpoint import read_state_metadata
 from agent.training.engine import AUTO_LOADER_THREADS, CHECKPOINT_NAME, evaluate, loader_threads, train_round
 from agent.training.registry import exchanged_state, expected_shapes
 from tests.fixtures.training import (
@@ -290,7 +292,7 @@ def test_fedprox_keeps_the_update_closer_to_the_global_weights(
 
 
 def test_optimizer_state_is_fresh_each_round_unless_kept(tmp_path: Path, items: tuple[list, list]) -> None:
-    keep = tiny_plan(optimizer={"name": "adam", "lr": 0.003, "keep_state": True})
+    keep = tiny_plan(optimizer={"name": "adam", "lr": 0.003, "keep_state": True}, run_id="run-a")
     start = initial_weights(keep)
     first = train_round(keep, start, *items, context(tmp_path, "r1"))
     second = train_round(keep, first.update, *items, context(tmp_path, "r2"))
@@ -300,6 +302,49 @@ def test_optimizer_state_is_fresh_each_round_unless_kept(tmp_path: Path, items: 
     fresh_second = train_round(fresh, first.update, *items, context(tmp_path, "r3"))
     assert "optimizer_state_restored" not in fresh_second.metrics
     assert not _equal(second.update, fresh_second.update)
+
+
+def test_kept_optimizer_state_stays_in_its_run(tmp_path: Path, items: tuple[list, list]) -> None:
+    """A new run starts fresh at the same site: run b's first round trains as run a's did, though
+    run a's last round left its state in the same file; run b's second round then takes it."""
+    optimizer = {"name": "adam", "lr": 0.003, "keep_state": True}
+    run_a, run_b = (tiny_plan(optimizer=optimizer, run_id=run) for run in ("run-a", "run-b"))
+    start = initial_weights(run_a)
+    a1 = train_round(run_a, start, *items, context(tmp_path, "a1"))
+    train_round(run_a, a1.update, *items, context(tmp_path, "a2"))
+    b1 = train_round(run_b, start, *items, context(tmp_path, "b1"))
+    assert b1.metrics["optimizer_state_restored"] == 0.0
+    assert _equal(b1.update, a1.update)
+    b2 = train_round(run_b, b1.update, *items, context(tmp_path, "b2"))
+    assert b2.metrics["optimizer_state_restored"] == 1.0
+    [kept] = (tmp_path / "rounds" / "optimizer_state").iterdir()
+    assert read_state_metadata(kept)["run_id"] == "run-b"
+
+
+def test_a_round_that_keeps_optimizer_state_without_its_run_is_refused(
+    tmp_path: Path, items: tuple[list, list]
+) -> None:
+    plan = tiny_plan(optimizer={"name": "adam", "lr": 0.003, "keep_state": True})
+    with pytest.raises(EngineError, match=r"optimizer\.keep_state needs run_id"):
+        train_round(plan, initial_weights(plan), *items, context(tmp_path))
+    assert not (tmp_path / "rounds" / "optimizer_state").exists()
+
+
+def test_unreadable_kept_optimizer_state_starts_the_round_fresh(
+    tmp_path: Path, items: tuple[list, list], caplog: pytest.LogCaptureFixture
+) -> None:
+    plan = tiny_plan(optimizer={"name": "adam", "lr": 0.003, "keep_state": True}, run_id="run-a")
+    start = initial_weights(plan)
+    first = train_round(plan, start, *items, context(tmp_path, "r1"))
+    [kept] = (tmp_path / "rounds" / "optimizer_state").iterdir()
+    kept.write_bytes(kept.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="fedsite.training"):
+        second = train_round(plan, first.update, *items, context(tmp_path, "r2"))
+    assert second.metrics["optimizer_state_restored"] == 0.0
+    assert "cannot be read" in caplog.text and "starting fresh" in caplog.text
+    # The round's end wrote whole state again, which the next round takes.
+    third = train_round(plan, second.update, *items, context(tmp_path, "r3"))
+    assert third.metrics["optimizer_state_restored"] == 1.0
 
 
 def test_early_stopping_returns_the_best_epoch(tmp_path: Path, items: tuple[list, list]) -> None:

@@ -17,6 +17,8 @@ from agent.training.plan import (
     MAX_BATCH_VALUES,
     Plan,
     check_channels,
+    check_round,
+    job_plan,
     load_stored_plan,
     parse_plan,
     plan_hash,
@@ -81,6 +83,7 @@ def test_missing_required_key_is_refused_naming_it(key: str) -> None:
         (("local_epochs",), 0, "local_epochs:"),
         (("send",), "everything", "send:"),
         (("round_id",), "../../etc/passwd", "round_id:"),
+        (("run_id",), "run/../x", "run_id:"),
         (("privacy", "noise"), 1.0, "privacy.noise: unknown key"),
         (("data", "roi_size"), [32, 32, 32], "roi_size has 3 values"),
         (("early_stopping",), {"patience": 0, "max_epochs": 3}, "early_stopping.patience:"),
@@ -114,10 +117,11 @@ def test_plan_text_errors() -> None:
     assert "not UTF-8" in _refused(b"\xff\xfe")
 
 
-def test_hash_ignores_round_id_and_key_order_but_not_content() -> None:
-    raw = tiny_plan_dict(round_id="r-1")
+def test_hash_ignores_round_id_run_id_and_key_order_but_not_content() -> None:
+    raw = tiny_plan_dict(round_id="r-1", run_id="run-1")
     reordered = json.loads(json.dumps(dict(reversed(list(raw.items())))))
     reordered["round_id"] = "r-2"
+    del reordered["run_id"]
     assert plan_hash(parse_plan(raw)) == plan_hash(parse_plan(json.dumps(reordered)))
     # Defaults are part of the hash: spelling one out changes nothing.
     assert plan_hash(parse_plan(raw)) == plan_hash(parse_plan({**raw, "seed": raw["seed"], "init": "global"}))
@@ -302,3 +306,27 @@ def test_a_model_that_passed_is_not_built_again_and_one_that_failed_always_is(
         with pytest.raises(PlanError, match="model"):
             parse_plan(json.dumps(broken))
     assert len(checked) == 4
+
+
+def test_job_plan_names_the_run_only_where_the_plan_keeps_state_between_rounds() -> None:
+    """An agent older than run_id refuses it as an unknown key: it goes only where it scopes
+    something, and the coordinator's names replace any the plan brought."""
+    plain = tiny_plan_dict(round_id="theirs", run_id="theirs")
+    assert job_plan(plain, "run-7-r001-a", "run-7") == {
+        **tiny_plan_dict(),
+        "round_id": "run-7-r001-a",
+    }
+    keep = tiny_plan_dict(optimizer={"name": "adam", "lr": 0.01, "keep_state": True})
+    job = job_plan(keep, "run-7-r001-a", "run-7")
+    assert (job["round_id"], job["run_id"]) == ("run-7-r001-a", "run-7")
+    assert parse_plan(job).run_id == "run-7"
+    assert "run_id" not in keep
+
+
+def test_a_round_that_keeps_optimizer_state_needs_its_run() -> None:
+    """The coordinator's template may lack run_id (the coordinator sets it per job); a round may not."""
+    template = parse_plan(tiny_plan_dict(optimizer={"name": "adam", "lr": 0.01, "keep_state": True}))
+    with pytest.raises(PlanError, match=r"optimizer\.keep_state needs run_id"):
+        check_round(template)
+    check_round(template.model_copy(update={"run_id": "run-1"}))
+    check_round(parse_plan(tiny_plan_dict()))

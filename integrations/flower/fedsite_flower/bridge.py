@@ -24,15 +24,21 @@ from fedsite_flower.agent_api import AgentAPI, AgentApiError, JobEnded
 DEFAULT_JOB_TIMEOUT_S = 3600.0
 
 
+def run_name(run_id: int) -> str:
+    """The plan's `run_id` for a Flower run: what the agent scopes kept optimizer state by."""
+    return f"flwr-{int(run_id)}"
+
+
 def job_id_for(kind: str, run_id: int, server_round: int, node_id: int) -> str:
     """The agent job id of one Flower message: the same message always maps to the same job."""
     if kind not in ("train", "eval"):
         raise ValueError(f"kind must be 'train' or 'eval', got {kind!r}")
-    return f"flwr-{int(run_id)}-r{int(server_round):03d}-n{int(node_id)}-{kind}"
+    return f"{run_name(run_id)}-r{int(server_round):03d}-n{int(node_id)}-{kind}"
 
 
 def plan_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The fedsite plan in a message's config (`plan`, JSON text); any `round_id` in it is dropped."""
+    """The fedsite plan in a message's config (`plan`, JSON text); any `round_id` and `run_id` in
+    it are dropped (the bridge names the job and the run)."""
     text = config.get("plan")
     if not isinstance(text, str) or not text.strip():
         raise AgentApiError("the message's config has no 'plan' (the fedsite plan as JSON text)")
@@ -43,7 +49,20 @@ def plan_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(plan, dict):
         raise AgentApiError("the message's 'plan' is not a JSON object")
     plan.pop("round_id", None)
+    plan.pop("run_id", None)
     return plan
+
+
+def _job_plan(plan: Mapping[str, Any], job_id: str, run_id: str | None) -> dict[str, Any]:
+    """PLAN as the agent's job JOB_ID: with `run_id` only where the plan keeps optimizer state
+    between rounds, as the fedsite coordinator sends it (`agent.training.plan.job_plan`, which
+    this side, without the agent's package, cannot import)."""
+    job = {**plan, "round_id": job_id}
+    job.pop("run_id", None)
+    optimizer = plan.get("optimizer")
+    if run_id is not None and isinstance(optimizer, Mapping) and optimizer.get("keep_state"):
+        job["run_id"] = run_id
+    return job
 
 
 def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -86,12 +105,14 @@ def train(
     weights: Mapping[str, np.ndarray],
     round_id: str,
     *,
+    run_id: str | None = None,
     timeout: float = DEFAULT_JOB_TIMEOUT_S,
 ) -> TrainOutcome:
-    """Train at the agent from WEIGHTS; the released update, hash-checked, with its sample count."""
+    """Train at the agent from WEIGHTS (a round of the run RUN_ID); the released update,
+    hash-checked, with its sample count."""
     t0 = time.monotonic()
     sent0, recv0 = api.transfer.sent, api.transfer.received
-    job = api.start_round({**plan, "round_id": round_id}, codec.encode(weights))
+    job = api.start_round(_job_plan(plan, round_id, run_id), codec.encode(weights))
     try:
         status = api.wait("round", job, timeout=timeout)
     except JobEnded:
@@ -120,13 +141,14 @@ def evaluate(
     weights: Mapping[str, np.ndarray],
     evaluation_id: str,
     *,
+    run_id: str | None = None,
     timeout: float = DEFAULT_JOB_TIMEOUT_S,
 ) -> EvaluateOutcome:
     """Evaluate WEIGHTS on the site's validation split; its Dice and subject count."""
     t0 = time.monotonic()
     sent0, recv0 = api.transfer.sent, api.transfer.received
     body = {k: v for k, v in plan.items() if k != "early_stopping"}
-    job = api.start_evaluation({**body, "round_id": evaluation_id}, codec.encode(weights))
+    job = api.start_evaluation(_job_plan(body, evaluation_id, run_id), codec.encode(weights))
     try:
         status = api.wait("evaluation", job, timeout=timeout)
     except JobEnded:

@@ -83,7 +83,8 @@ def _train_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
     config = _config(msg)
     plan = bridge.plan_from_config(config)
     round_id = bridge.job_id_for("train", context.run_id, _server_round(config), context.node_id)
-    out = bridge.train(api, plan, _weights(msg), round_id, timeout=_job_timeout(context))
+    run = bridge.run_name(context.run_id)
+    out = bridge.train(api, plan, _weights(msg), round_id, run_id=run, timeout=_job_timeout(context))
     return RecordDict(
         {
             "arrays": ArrayRecord({name: Array(value) for name, value in out.arrays.items()}),
@@ -108,7 +109,8 @@ def _evaluate_job(api: AgentAPI, msg: Message, context: Context) -> RecordDict:
     config = _config(msg)
     plan = bridge.plan_from_config(config)
     eval_id = bridge.job_id_for("eval", context.run_id, _server_round(config), context.node_id)
-    out = bridge.evaluate(api, plan, _weights(msg), eval_id, timeout=_job_timeout(context))
+    run = bridge.run_name(context.run_id)
+    out = bridge.evaluate(api, plan, _weights(msg), eval_id, run_id=run, timeout=_job_timeout(context))
     return RecordDict(
         {
             "metrics": MetricRecord({"dice": out.dice, "num-examples": out.num_examples}),
