@@ -179,19 +179,35 @@ def split_listen(v: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class RelaySettings(StrictModel):
-    """Where and how the coordinator serves the relay that pull sites connect to."""
+class RelayLimits(StrictModel):
+    """The relay protocol's timings and sizes: the register answer carries them to the agent,
+    and a federation file's `relay:` section sets them (`RelaySettings`)."""
 
-    listen: str = "127.0.0.1:8700"
-    dir: Path = Path("relay")
-    database_url: str | None = None
-    lease_s: float = Field(default=90.0, gt=0)
     heartbeat_s: float = Field(default=30.0, gt=0)
+    lease_s: float = Field(default=90.0, gt=0)
     chunk_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
     max_wait_s: float = Field(default=25.0, ge=0, le=300)
     max_requeues: int = Field(default=3, ge=0, le=100)
     # Files of an ended task (its update; weights no other task needs) are deleted after this.
     keep_files_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> RelayLimits:
+        if self.lease_s <= self.heartbeat_s:
+            raise ValueError(
+                f"lease_s ({self.lease_s:g}) must be longer than heartbeat_s ({self.heartbeat_s:g}), "
+                "or every lease expires between two heartbeats"
+            )
+        return self
+
+
+class RelaySettings(RelayLimits):
+    """Where and how the coordinator serves the relay that pull sites connect to, and the
+    protocol's limits it serves it with."""
+
+    listen: str = "127.0.0.1:8700"
+    dir: Path = Path("relay")
+    database_url: str | None = None
     register_wait_s: float = Field(default=60.0, ge=0)
     tls: RelayTls | None = None
 
@@ -199,15 +215,6 @@ class RelaySettings(StrictModel):
     @classmethod
     def _listen_shape(cls, v: str) -> str:
         return check_listen(v)
-
-    @model_validator(mode="after")
-    def _lease_outlives_heartbeat(self) -> RelaySettings:
-        if self.lease_s <= self.heartbeat_s:
-            raise ValueError(
-                f"lease_s ({self.lease_s:g}) must be longer than heartbeat_s ({self.heartbeat_s:g}), "
-                "or every lease expires between two heartbeats"
-            )
-        return self
 
 
 class Federation(StrictModel):

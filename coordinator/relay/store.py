@@ -58,7 +58,7 @@ from sqlalchemy.pool import StaticPool
 
 from agent.config import check_name
 from agent.errors import Conflict, InvalidRequest, NotFound
-from coordinator.federation import RelaySettings
+from coordinator.federation import RelayLimits, RelaySettings
 from coordinator.relay.models import (
     RELAY_SCHEMA,
     RelayBase,
@@ -105,34 +105,6 @@ def check_sha256(value: str, what: str) -> str:
     if not isinstance(value, str) or not _HEX64.fullmatch(value):
         raise InvalidRequest(f"{what} must be 64 lowercase hex digits (a SHA-256), got {str(value)[:80]!r}")
     return value
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """The protocol's timings and sizes (the register answer carries them to the agent)."""
-
-    heartbeat_s: float = 30.0
-    lease_s: float = 90.0
-    chunk_bytes: int = 4 * 1024 * 1024
-    max_wait_s: float = 25.0
-    max_requeues: int = 3
-    # How long the files of an ended task (its update, weights no other task needs) are kept.
-    keep_files_s: float = 7 * 24 * 3600.0
-
-    def __post_init__(self) -> None:
-        if self.heartbeat_s <= 0 or self.lease_s <= 0 or self.max_wait_s < 0:
-            raise ValueError("heartbeat_s and lease_s must be > 0, max_wait_s >= 0")
-        if self.keep_files_s <= 0:
-            raise ValueError(f"keep_files_s must be > 0, got {self.keep_files_s:g}")
-        if self.lease_s <= self.heartbeat_s:
-            raise ValueError(
-                f"lease_s ({self.lease_s:g}) must be longer than heartbeat_s ({self.heartbeat_s:g}), "
-                "or every lease expires between two heartbeats"
-            )
-        if self.chunk_bytes < 1024:
-            raise ValueError(f"chunk_bytes must be at least 1024, got {self.chunk_bytes}")
-        if self.max_requeues < 0:
-            raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues}")
 
 
 @dataclass
@@ -246,15 +218,7 @@ class RelayStore:
     @classmethod
     def from_settings(cls, settings: RelaySettings, **kwargs: Any) -> RelayStore:
         """The store of a federation file's `relay:` section (its dir already resolved)."""
-        limits = RelayLimits(
-            heartbeat_s=settings.heartbeat_s,
-            lease_s=settings.lease_s,
-            chunk_bytes=settings.chunk_bytes,
-            max_wait_s=settings.max_wait_s,
-            max_requeues=settings.max_requeues,
-            keep_files_s=settings.keep_files_s,
-        )
-        return cls(settings.dir, database_url=settings.database_url, limits=limits, **kwargs)
+        return cls(settings.dir, database_url=settings.database_url, limits=settings, **kwargs)
 
     def __repr__(self) -> str:
         return f"RelayStore({str(self.root)!r})"

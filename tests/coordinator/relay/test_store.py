@@ -10,7 +10,6 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import pytest
 from pydantic import ValidationError
 
 from agent.errors import Conflict, InvalidRequest, NotFound
-from coordinator.federation import Federation
+from coordinator.federation import Federation, RelayLimits
 from coordinator.relay.models import RelaySite, RelayTask
-from coordinator.relay.store import RelayLimits, RelayStore
+from coordinator.relay.store import RelayStore
 from tests.fixtures.relay import FakeClock, sha256, split_chunks
 
 LIMITS = RelayLimits(heartbeat_s=0.5, lease_s=2.0, chunk_bytes=64 * 1024, max_wait_s=1.0, max_requeues=3)
@@ -363,7 +362,9 @@ def _commit(store: RelayStore, site: str, data: bytes) -> str:
 def test_files_of_ended_tasks_are_deleted_after_keep_files_s_and_rows_stay(
     tmp_path: Path, clock: FakeClock
 ) -> None:
-    store = RelayStore(tmp_path / "relay", limits=replace(LIMITS, keep_files_s=100), clock=clock)
+    store = RelayStore(
+        tmp_path / "relay", limits=LIMITS.model_copy(update={"keep_files_s": 100}), clock=clock
+    )
     try:
         store.add_site("a", token="token-a")
         store.add_site("b", token="token-b")
@@ -408,7 +409,7 @@ def test_files_of_ended_tasks_are_deleted_after_keep_files_s_and_rows_stay(
 
 
 def test_the_sweep_deletes_old_files_at_most_once_a_minute(tmp_path: Path, clock: FakeClock) -> None:
-    store = RelayStore(tmp_path / "relay", limits=replace(LIMITS, keep_files_s=10), clock=clock)
+    store = RelayStore(tmp_path / "relay", limits=LIMITS.model_copy(update={"keep_files_s": 10}), clock=clock)
     try:
         store.add_site("a", token="token-a")
         store.queue_task("a", "train", "j1", PLAN, b"w1")
@@ -425,8 +426,8 @@ def test_the_sweep_deletes_old_files_at_most_once_a_minute(tmp_path: Path, clock
 
 
 def test_keep_files_s_must_be_positive(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="keep_files_s must be > 0, got 0"):
-        replace(LIMITS, keep_files_s=0)
+    with pytest.raises(ValidationError, match="keep_files_s"):
+        RelayLimits(**{**LIMITS.model_dump(), "keep_files_s": 0})
     doc = {
         "agents": [{"name": "a", "pull": True}],
         "relay": {"dir": str(tmp_path / "relay"), "keep_files_s": -1},
