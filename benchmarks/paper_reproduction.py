@@ -32,7 +32,8 @@ every federation site's training subjects against their validation subjects.
     python -m benchmarks.paper_reproduction --fl-strategy fedavg,fednova,fedadam --methods fl,cds
 
 ``--fl-strategy`` runs FL with each of the named coordinator strategies (FedAvg and its server
-optimisers: same rounds, same budget), each in its own row; ``--methods`` runs a subset.
+optimisers: same rounds, same budget), each in its own row; ``--methods`` runs a subset. An
+entry's ``keep_state=1`` keeps each site's Adam state from round to round of the run.
 
 Prints a table like the study's and a JSON summary; writes OUT/results.json and PNGs.
 """
@@ -75,24 +76,31 @@ FL_STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fednova")
 
 # The server optimisers' settings an --fl-strategy entry may give (RunOptions' fields).
 SERVER_SETTINGS = ("server_lr", "server_momentum", "server_beta1", "server_beta2", "server_tau")
+# An entry's setting for the sites: keep_state=1 carries each site's Adam state from round to
+# round of the run (the plan's optimizer.keep_state), as CDS's one Adam carries its own.
+KEEP_STATE = "keep_state"
 
 
 def parse_fl_strategy(entry: str) -> tuple[str, dict[str, float]]:
-    """One --fl-strategy entry, ``name`` or ``name:setting=value:...``: the name and its settings."""
+    """One --fl-strategy entry, ``name`` or ``name:setting=value:...``: the name and its settings
+    (the server optimiser's, and keep_state as 0 or 1)."""
     name, *pairs = entry.split(":")
     if name not in FL_STRATEGIES:
         raise ValueError(f"{entry!r}: {name!r} is not one of {', '.join(FL_STRATEGIES)}")
     settings: dict[str, float] = {}
     for pair in pairs:
         key, eq, value = pair.partition("=")
-        if key not in SERVER_SETTINGS or not eq:
+        if key not in (*SERVER_SETTINGS, KEEP_STATE) or not eq:
             raise ValueError(
-                f"{entry!r}: {pair!r} is not setting=value with one of {', '.join(SERVER_SETTINGS)}"
+                f"{entry!r}: {pair!r} is not setting=value with one of "
+                f"{', '.join((*SERVER_SETTINGS, KEEP_STATE))}"
             )
         try:
             settings[key] = float(value)
         except ValueError:
             raise ValueError(f"{entry!r}: {key}={value!r} is not a number") from None
+        if key == KEEP_STATE and settings[key] not in (0.0, 1.0):
+            raise ValueError(f"{entry!r}: {KEEP_STATE} is 0 or 1, not {value!r}")
     return name, settings
 
 
@@ -541,6 +549,9 @@ class MethodRunner:
         self.console.rule(f"[bold]{name} seed {seed}: {what}")
         label = fl_run_label(strategy)
         strategy_name, server_settings = parse_fl_strategy(strategy)
+        keep_state = bool(server_settings.pop(KEEP_STATE, 0.0))
+        if keep_state:
+            plan["optimizer"] = {**plan["optimizer"], "keep_state": True}
         res, summary = self.run_over_agents(
             label,
             seed,
@@ -556,6 +567,7 @@ class MethodRunner:
         )
         summary["strategy"] = strategy_name
         summary["strategy_settings"] = res.doc.get("strategy_settings", {})
+        summary["keep_optimizer_state"] = keep_state
         summary["dp"] = dp
         summary["mia"] = self.mia(plan, res.final_model_path)
         self.curve_from_models(res, summary)
@@ -896,7 +908,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"FL run with these coordinator strategies, comma-separated ({', '.join(FL_STRATEGIES)}); "
         "default fedavg (the study's). Each gets its own row. An entry may set the server "
         "optimiser: fedavgm:server_lr=1:server_momentum=0.5 (settings: "
-        f"{', '.join(SERVER_SETTINGS)}).",
+        f"{', '.join(SERVER_SETTINGS)}), and keep_state=1 keeps each site's Adam state from "
+        "round to round of the run.",
     )
     ap.add_argument(
         "--dp-epsilon",

@@ -119,6 +119,7 @@ def test_fl_strategies_and_methods_are_checked() -> None:
         ("fedavgm:momentum=0.5", "'momentum=0.5' is not setting=value with one of server_lr, "),
         ("fedavgm:server_lr", "'server_lr' is not setting=value"),
         ("fedadam:server_lr=fast", "server_lr='fast' is not a number"),
+        ("fedavg:keep_state=2", "keep_state is 0 or 1"),
     ):
         with pytest.raises(SystemExit, match=why):
             settings_from(parse_args(["--fl-strategy", bad]))
@@ -139,6 +140,8 @@ def test_an_fl_strategy_entry_sets_its_server_optimiser_and_names_its_own_run() 
         "fl-fedavgm-server_lr0.7-server_momentum0.3",
         "fl-fedavgm",
     ]
+    assert parse_fl_strategy("fedavg:keep_state=1") == ("fedavg", {"keep_state": 1.0})
+    assert fl_run_label("fedavg:keep_state=1") == "fl-fedavg-keep_state1"
     # The settings reach the strategy: its recorded settings are the entry's.
     name, settings = parse_fl_strategy(entry)
     strategy = STRATEGIES[name](RunOptions(strategy=name, **settings), ["a", "b"])  # type: ignore[arg-type]
