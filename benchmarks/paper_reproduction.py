@@ -222,6 +222,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             f"--ciil-epochs {ciil_epochs} must divide the epoch budget rounds x local epochs = {budget}"
         )
     n_seeds = args.seeds or base["seeds"]
+    if args.first_seed < 0:
+        raise SystemExit(f"--first-seed must be 0 or more, got {args.first_seed}")
     fl_strategies = [x.strip() for x in (args.fl_strategy or "fedavg").split(",") if x.strip()]
     try:
         for entry in fl_strategies:
@@ -241,7 +243,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         rounds=rounds,
         local_epochs=epochs,
         ciil_epochs=ciil_epochs,
-        seeds=list(range(n_seeds)),
+        seeds=list(range(args.first_seed, args.first_seed + n_seeds)),
         patience=args.patience or base["patience"],
         max_epochs=args.max_epochs or rounds * epochs,
         samples_per_subject=args.samples_per_subject or base["samples"],
@@ -867,6 +869,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--seeds", type=int, help="Runs of every method, one per seed (their spread); default 3 (quick: 1)."
+    )
+    ap.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="The seeds are this and the next --seeds - 1 (default 0): more seeds of a table "
+        "without rerunning the ones it has.",
     )
     ap.add_argument(
         "--rounds", type=int, help="FL rounds; the budget is rounds x local epochs per site (CDS: in all)."

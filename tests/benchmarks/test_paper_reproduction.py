@@ -69,6 +69,13 @@ def test_a_count_or_size_of_zero_is_refused_not_taken_for_the_default(option: st
         settings_from(parse_args([option, value]))
 
 
+def test_first_seed_extends_a_table_without_its_seeds() -> None:
+    assert settings_from(parse_args(["--seeds", "2", "--first-seed", "3"])).seeds == [3, 4]
+    assert settings_from(parse_args([])).seeds == [0, 1, 2]
+    with pytest.raises(SystemExit, match="--first-seed must be 0 or more, got -1"):
+        settings_from(parse_args(["--first-seed", "-1"]))
+
+
 def test_orders_differ_by_seed_but_are_reproducible() -> None:
     names = [f"site-{i}" for i in range(1, 11)]
     assert shuffled(names, 0) == shuffled(names, 0)
