@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 
 import torch
 
-from agent.training.plan import job_plan
 from coordinator.aggregate import UpdateKind
 from coordinator.client import RemoteJobStatus, SiteClient
 from coordinator.errors import AgentError, AgentTlsError, JobTimeout, RunError
@@ -311,6 +310,13 @@ class Coordinator:
 
     # -- one site, one job -----------------------------------------------------------------
 
+    def _job_plan(self, plan: dict[str, Any], job_id: str) -> dict[str, Any]:
+        # Imported here: the plan module brings MONAI (the model registry), which every
+        # `fedsite` command would otherwise load at start.
+        from agent.training.plan import job_plan
+
+        return job_plan(plan, job_id, self.run_id)
+
     def _train_job(self, site: str, plan: dict[str, Any], weights: bytes, round_id: str) -> _SiteJob:
         """Start a training job at SITE and wait for its end, showing its progress; the job's
         final status with what the transfer counters and the clock read at its start."""
@@ -318,7 +324,7 @@ class Coordinator:
         sent0, recv0 = client.transfer.snapshot()
         t0 = time.monotonic()
         self.reporter.site(site, "sending plan and weights", 0.0)
-        job = client.start_round(job_plan(plan, round_id, self.run_id), weights)
+        job = client.start_round(self._job_plan(plan, round_id), weights)
 
         def show(status: RemoteJobStatus) -> None:
             text = progress_text(status.progress)
@@ -386,7 +392,7 @@ class Coordinator:
         t0 = time.monotonic()
         plan = {k: v for k, v in self.plan.items() if k != "early_stopping"}
         self.reporter.site(site, "evaluating", None)
-        job = client.start_evaluation(job_plan(plan, eval_id, self.run_id), weights)
+        job = client.start_evaluation(self._job_plan(plan, eval_id), weights)
         status = client.wait(
             "evaluation", job, timeout=self.fed.timeouts.evaluation, should_stop=self._stop.is_set
         )
