@@ -174,7 +174,7 @@ def test_bridge_train_returns_the_released_update() -> None:
     assert cancelled == []
 
 
-def test_bridge_names_the_run_as_the_coordinator_does(tmp_path: Path) -> None:
+def test_bridge_names_the_run_as_the_coordinator_does() -> None:
     """run_id goes to the agent only with a plan that keeps optimizer state (an older agent
     refuses the key), with the job's plan as the fedsite coordinator would send it."""
     data = arrays.encode({"w": np.zeros(4, dtype=np.float32)})
