@@ -193,10 +193,12 @@ def test_loader_threads_give_the_same_batches_in_the_same_order(
     """`loader_threads` is a site's choice of speed: it must not change what a round trains on."""
     settings = DataSettings(spatial_dims=dims, roi_size=[16] * dims, samples_per_subject=3)
     loaded_on: set[str] = set()
+    loaders: set[threading.Thread] = set()
     real = loading.TrainSamples._region
 
     def recording(self: loading.TrainSamples, index: int) -> Any:
         loaded_on.add(threading.current_thread().name)
+        loaders.add(threading.current_thread())
         return real(self, index)
 
     monkeypatch.setattr(loading.TrainSamples, "_region", recording)
@@ -208,14 +210,19 @@ def test_loader_threads_give_the_same_batches_in_the_same_order(
                 items, settings, batch_size=4, seed=5, cache_dir=tmp_path, threads=threads
             )
             out += list(loading.batches(loader, ahead=threads > 0))
+            # The loader lives on (the engine's does until the epoch's end), its threads do not.
+            assert not [t for t in threading.enumerate() if t.name.startswith("fedsite-load")]
         return out
 
     alone = run(0)
     assert loaded_on == {threading.current_thread().name}
     loaded_on.clear()
+    loaders.clear()
     with_two = run(2)
-    # A batch's samples were loaded by two threads, neither of them this one.
+    # A batch's samples were loaded by two threads, neither of them this one; an epoch's batches
+    # share those two (four batches an epoch, two epochs).
     assert len(loaded_on) >= 2 and threading.current_thread().name not in loaded_on
+    assert len(loaders) <= 2 * 2
     assert len(alone) == len(with_two) == 2 * 4  # 15 samples an epoch, in batches of 4
     for a, b in zip(alone, with_two, strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
