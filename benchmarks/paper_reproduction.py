@@ -57,6 +57,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from agent.training.plan import MAX_SEED
 from benchmarks.pooled import SiteSplit, evaluate_in_process, fix_site_secret, site_splits, train_pooled
 from coordinator.client import AgentClient
 from coordinator.federation import Federation, load_federation, write_federation
@@ -224,6 +225,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
     n_seeds = args.seeds or base["seeds"]
     if args.first_seed < 0:
         raise SystemExit(f"--first-seed must be 0 or more, got {args.first_seed}")
+    if args.data_seed < 0:
+        raise SystemExit(f"--data-seed must be 0 or more, got {args.data_seed}")
+    # Checked here, not by the first plan an agent refuses after minutes of set-up.
+    lowest = args.first_seed + args.sampling_seed_offset
+    highest = args.first_seed + n_seeds - 1 + args.sampling_seed_offset
+    if lowest < 0 or highest > MAX_SEED:
+        raise SystemExit(
+            f"--sampling-seed-offset {args.sampling_seed_offset}: the sampling seeds would run from "
+            f"{lowest} to {highest}; a plan's seed is 0 to {MAX_SEED}"
+        )
     fl_strategies = [x.strip() for x in (args.fl_strategy or "fedavg").split(",") if x.strip()]
     try:
         for entry in fl_strategies:

@@ -178,6 +178,10 @@ class EarlyStopping(StrictModel):
     max_epochs: int = Field(ge=1, le=MAX_EPOCHS)
 
 
+# A plan's seed fits in a signed 32-bit integer, which every generator it seeds accepts.
+MAX_SEED = 2**31 - 1
+
+
 class Plan(StrictModel):
     dataset: str = Field(min_length=1, max_length=64)
     model: ModelSpec
@@ -187,7 +191,7 @@ class Plan(StrictModel):
     loss: Literal["dice", "dice_ce", "log_dice"]
     round_id: str | None = Field(default=None, pattern=ROUND_ID_PATTERN)
     run_id: str | None = Field(default=None, pattern=ROUND_ID_PATTERN)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     init: Literal["global", "random"] = "global"
     fedprox_mu: float = Field(default=0.0, ge=0)
     send: Literal["weights", "diff"] = "weights"

@@ -74,6 +74,32 @@ def test_first_seed_extends_a_table_without_its_seeds() -> None:
     assert settings_from(parse_args([])).seeds == [0, 1, 2]
     with pytest.raises(SystemExit, match="--first-seed must be 0 or more, got -1"):
         settings_from(parse_args(["--first-seed", "-1"]))
+    with pytest.raises(SystemExit, match="--data-seed must be 0 or more, got -2"):
+        settings_from(parse_args(["--data-seed", "-2"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "lowest", "highest"),
+    [
+        (["--sampling-seed-offset", "-1"], -1, 1),
+        (["--first-seed", "2", "--seeds", "2", "--sampling-seed-offset", "-3"], -1, 0),
+        (["--seeds", "3", "--sampling-seed-offset", str(2**31 - 2)], 2**31 - 2, 2**31),
+    ],
+)
+def test_sampling_seeds_outside_a_plans_range_are_refused_before_anything_starts(
+    args: list[str], lowest: int, highest: int
+) -> None:
+    with pytest.raises(
+        SystemExit, match=f"seeds would run from {lowest} to {highest}; a plan's seed is 0 to {2**31 - 1}"
+    ):
+        settings_from(parse_args(args))
+
+
+def test_sampling_seeds_at_the_ends_of_a_plans_range_are_taken() -> None:
+    top = settings_from(parse_args(["--seeds", "2", "--sampling-seed-offset", str(2**31 - 2)]))
+    assert top.sampling_seed_offset == 2**31 - 2 and top.seeds == [0, 1]
+    bottom = settings_from(parse_args(["--first-seed", "3", "--seeds", "2", "--sampling-seed-offset", "-3"]))
+    assert bottom.sampling_seed_offset == -3 and bottom.seeds == [3, 4]
 
 
 def test_orders_differ_by_seed_but_are_reproducible() -> None:
