@@ -15,8 +15,9 @@ Steps and checks:
 3. Flower: SuperLink + one SuperNode per agent (node config: agent URL, token file, site),
    `flwr run` of ROUNDS FedAvg rounds. Checks: exit 0, results.json completed; every agent's
    audit log holds exactly one `egress.sent` per Flower round, whose SHA-256 equals what the
-   ServerApp logged for that site and round (received_updates.jsonl); the final weighted Dice is
-   within 0.01 of the reference's;
+   ServerApp logged for that site and round (received_updates.jsonl); the final model is the
+   reference's, byte for byte (the same updates, averaged the coordinator's way), and the final
+   weighted Dice within 0.01 of the reference's;
 4. one site restarted with `approval.policy: manual` and the plan not approved, one more
    `flwr run` (one round): that site is reported as left out with the agent's reason naming the
    plan's hash (the agent's own hash of the plan), the other two complete.
@@ -434,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                 f_round = mean([float(r["duration_s"]) for r in flower_rounds])
                 r_round = mean([float(r["duration_s"]) for r in ref_rounds])
                 report["dice"] = {"flower": flower_dice, "coordinate": ref_dice}
-                report["same_final_model"] = results.get("final", {}).get("model_sha256") == ref.doc[
-                    "final"
-                ].get("model_sha256")
+                # One trainer and one mean (fedsite_flower.aggregate), whoever drives the rounds.
+                checks["same_final_model_as_coordinate"] = results.get("final", {}).get(
+                    "model_sha256"
+                ) == ref.doc["final"].get("model_sha256")
                 report["round_time"] = {
                     "flower_round_s_mean": round(f_round, 3),
                     "coordinate_round_s_mean": round(r_round, 3),

@@ -4,8 +4,8 @@
 - The ClientApp and the ServerApp import flwr but neither torch nor the agent's or the
   coordinator's code.
 - End to end (integrations/flower/e2e.py): three agents, a SuperLink, three SuperNodes, two
-  FedAvg rounds with `flwr run`; audit log against what the ServerApp received, Dice against
-  `fedsite coordinate`, and a site with manual approval reported with the plan's hash.
+  FedAvg rounds with `flwr run`; audit log against what the ServerApp received, the final model
+  and its Dice against `fedsite coordinate`'s, and a site with manual approval reported with the plan's hash.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def test_two_fedavg_rounds_under_flower(tmp_path: Path) -> None:
         "results_json_has_the_coordinators_keys",
         "dice_plot_written",
         "audit_anchors_kept",
+        "same_final_model_as_coordinate",
         "manual_flwr_run_exit_0",
         "manual_site_reported_with_plan_hash",
         "other_sites_completed",

@@ -1,4 +1,4 @@
-"""The ServerApp: Flower's own FedAvg over fedsite sites, recorded like `fedsite coordinate`.
+"""The ServerApp: Flower's FedAvg over fedsite sites, averaged and recorded like `fedsite coordinate`.
 
 Run config (`flwr run ... --run-config "..."`; defaults in this app's pyproject.toml):
 
@@ -12,7 +12,9 @@ Run config (`flwr run ... --run-config "..."`; defaults in this app's pyproject.
 
 Every round trains at every connected site, evaluates the new global model at every site and
 records the round; a site whose agent refused (plan not approved, ...) is listed under
-`left_out` with the agent's reason, which names the plan hash.
+`left_out` with the agent's reason, which names the plan hash. The round's mean is the
+coordinator's (`fedsite_flower.aggregate`): whatever order the sites answer in, the run releases
+the model `fedsite coordinate` releases from the same sites, plan and seed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
+from fedsite_flower import aggregate
 from fedsite_flower import arrays as codec
 from fedsite_flower.results import RunRecorder, weighted_dice
 
@@ -65,7 +68,7 @@ def _fed(msg: Message, key: str, default: Any = 0) -> Any:
 
 
 class FedsiteFedAvg(FedAvg):
-    """Flower's FedAvg, recording each round as the reference coordinator does."""
+    """Flower's FedAvg, averaging and recording each round as the reference coordinator does."""
 
     def __init__(self, recorder: RunRecorder, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -123,7 +126,7 @@ class FedsiteFedAvg(FedAvg):
                 "bytes_received": int(_fed(msg, "bytes-from-agent")),
                 "duration_s": float(_fed(msg, "seconds", 0.0)),
             }
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = self._fedavg(replies)
         if arrays is None:
             reasons = "; ".join(f"{x['site']}: {x['reason']}" for x in left_out) or "no site answered"
             self.recorder.add_round(
@@ -140,6 +143,31 @@ class FedsiteFedAvg(FedAvg):
         self.global_arrays = arrays
         self._round.update(training=training, left_out=left_out)
         return arrays, metrics
+
+    def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAvg step with the coordinator's mean (`fedsite_flower.aggregate`): the
+        same checks of the replies and the same metrics, the arrays averaged in float64 over the
+        sites in name order instead of in float32 in the order they answered."""
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        valid = sorted(valid, key=_site_of)
+        mean = aggregate.weighted_mean(
+            [
+                aggregate.SiteArrays(
+                    site=_site_of(msg),
+                    arrays=_numpy(msg.content.array_records[self.arrayrecord_key]),
+                    num_samples=int(
+                        _number(
+                            msg.content.metric_records["metrics"][self.weighted_by_key], self.weighted_by_key
+                        )
+                    ),
+                )
+                for msg in valid
+            ]
+        )
+        contents = [msg.content for msg in valid]
+        return _record(mean), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
