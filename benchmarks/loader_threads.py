@@ -110,11 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per repeat (a new loader each)")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
-    for name in ("threads", "subjects", "epochs", "repeats"):
-        if getattr(args, name) < (2 if name == "threads" else 1):
-            raise SystemExit(
-                f"--{name} is {getattr(args, name)}; it must be at least {2 if name == 'threads' else 1}"
-            )
+    for name, least in {"threads": 2, "subjects": 1, "epochs": 1, "repeats": 1}.items():
+        if getattr(args, name) < least:
+            raise SystemExit(f"--{name} is {getattr(args, name)}; it must be at least {least}")
 
     work = Path(tempfile.mkdtemp(prefix="fedsite-loader-bench-"))
     try:
